@@ -1,0 +1,1 @@
+//! The software key store (in progress).

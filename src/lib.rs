@@ -1,0 +1,13 @@
+//! devicekey: one device-bound ECDSA P-256 key behind a PKCS#11 module and a JSON-RPC server.
+//!
+//! Data flows one way: [`pkcs11`] (the C ABI) → [`token`] (plain Rust) → [`backend`] (key stores).
+//! [`rpc`] is a PKCS#11 client of any module; [`proof`] is shared by `rpc` and `token`.
+
+pub mod backend;
+pub mod config;
+pub mod logging;
+pub mod pkcs11;
+pub mod proof;
+pub mod rpc;
+pub mod token;
+pub mod vendor;

@@ -1,0 +1,1 @@
+//! proof (in progress).

@@ -1,0 +1,325 @@
+//! Unit tests of the proof layer: the protocol's two byte vectors and every validation rule.
+
+use super::*;
+use sha2::{Digest, Sha256};
+
+const NONCE: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+const HASH: &str = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU";
+
+const CONNECTION_VECTOR: &str = r#"{"domain":"codex-device-key-sign-payload/v1","payload":{"accountUserId":"account-user-1","audience":"remote_control_client_websocket","clientId":"cli_123","nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","scopes":["remote_control_controller_websocket"],"sessionId":"wssess_123","targetOrigin":"https://chatgpt.com","targetPath":"/api/codex/remote/control/client","tokenExpiresAt":1700000000,"tokenSha256Base64url":"47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU","type":"remoteControlClientConnection"}}"#;
+const ENROLLMENT_VECTOR: &str = r#"{"domain":"codex-device-key-sign-payload/v1","payload":{"accountUserId":"account-user-1","audience":"remote_control_client_enrollment","challengeExpiresAt":1700000060,"challengeId":"rch_123","clientId":"cli_123","deviceIdentitySha256Base64url":"47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU","nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","targetOrigin":"https://chatgpt.com","targetPath":"/wham/remote/control/client/enroll","type":"remoteControlClientEnrollment"}}"#;
+
+fn connection(expires_at: i64) -> ConnectionPayload {
+    ConnectionPayload {
+        nonce: NONCE.into(),
+        audience: ConnectionAudience::RemoteControlClientWebsocket,
+        session_id: "wssess_123".into(),
+        target_origin: "https://chatgpt.com".into(),
+        target_path: "/api/codex/remote/control/client".into(),
+        account_user_id: "account-user-1".into(),
+        client_id: "cli_123".into(),
+        token_sha256_base64url: HASH.into(),
+        token_expires_at: expires_at,
+        scopes: vec![CONTROLLER_WEBSOCKET_SCOPE.into()],
+    }
+}
+
+fn enrollment(expires_at: i64) -> EnrollmentPayload {
+    EnrollmentPayload {
+        nonce: NONCE.into(),
+        audience: EnrollmentAudience::RemoteControlClientEnrollment,
+        challenge_id: "rch_123".into(),
+        target_origin: "https://chatgpt.com".into(),
+        target_path: "/wham/remote/control/client/enroll".into(),
+        account_user_id: "account-user-1".into(),
+        client_id: "cli_123".into(),
+        device_identity_sha256_base64url: HASH.into(),
+        challenge_expires_at: expires_at,
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn connection_vector_byte_for_byte() {
+    let bytes = signing_bytes(&SignPayload::RemoteControlClientConnection(connection(
+        1_700_000_000,
+    )))
+    .unwrap();
+    assert_eq!(std::str::from_utf8(&bytes).unwrap(), CONNECTION_VECTOR);
+    assert_eq!(bytes.len(), 505);
+    assert_eq!(
+        sha256_hex(&bytes),
+        "2eeb7cf9fd9a0ec59a85d2761af7467443dad792a400d684f0d3271c032052cc"
+    );
+}
+
+#[test]
+fn enrollment_vector_byte_for_byte() {
+    let bytes = signing_bytes(&SignPayload::RemoteControlClientEnrollment(enrollment(
+        1_700_000_060,
+    )))
+    .unwrap();
+    assert_eq!(std::str::from_utf8(&bytes).unwrap(), ENROLLMENT_VECTOR);
+    assert_eq!(bytes.len(), 471);
+    assert_eq!(
+        sha256_hex(&bytes),
+        "635bc6fcd31d88fa633de6ae6a1d0c24e133a8bf7874bd605541e539b7c40c42"
+    );
+}
+
+#[test]
+fn payload_from_wire_json_round_trips_to_vector() {
+    let wire: serde_json::Value = serde_json::from_str(CONNECTION_VECTOR).unwrap();
+    let payload: SignPayload = serde_json::from_value(wire["payload"].clone()).unwrap();
+    assert_eq!(
+        signing_bytes(&payload).unwrap(),
+        CONNECTION_VECTOR.as_bytes()
+    );
+}
+
+#[test]
+fn canonical_form_keeps_non_ascii_and_slash() {
+    let value = serde_json::json!({"b": "é/ü\u{1F600}", "a": [{"z": 1, "y": "\"\\\n"}], "A": null});
+    let bytes = to_canonical_vec(&value).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&bytes).unwrap(),
+        "{\"A\":null,\"a\":[{\"y\":\"\\\"\\\\\\n\",\"z\":1}],\"b\":\"é/ü\u{1F600}\"}"
+    );
+}
+
+#[test]
+fn vectors_pass_validate_signing_bytes_at_their_time() {
+    let policy = ProofPolicy::default();
+    validate_signing_bytes(CONNECTION_VECTOR.as_bytes(), &policy, 1_700_000_000 - 60).unwrap();
+    validate_signing_bytes(ENROLLMENT_VECTOR.as_bytes(), &policy, 1_700_000_000).unwrap();
+    // Expired now.
+    let err =
+        validate_signing_bytes(CONNECTION_VECTOR.as_bytes(), &policy, 1_700_000_000).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid device key payload: remote-control token is expired"
+    );
+}
+
+#[test]
+fn validate_signing_bytes_refuses_non_canonical_and_foreign_bytes() {
+    let policy = ProofPolicy::default();
+    let now = 1_700_000_000 - 60;
+    let not_canonical = [
+        // Whitespace.
+        CONNECTION_VECTOR.replacen(",", ", ", 1),
+        // Keys out of order.
+        CONNECTION_VECTOR.replacen(
+            r#"{"domain":"codex-device-key-sign-payload/v1","payload":"#,
+            r#"{"payload":"#,
+            1,
+        )[..CONNECTION_VECTOR.len() - 52]
+            .to_string(),
+        // Extra field in the payload.
+        CONNECTION_VECTOR.replacen(r#""accountUserId""#, r#""extra":1,"accountUserId""#, 1),
+        // Extra top-level field.
+        CONNECTION_VECTOR.replacen(r#"{"domain""#, r#"{"a":1,"domain""#, 1),
+        // Escaped slash.
+        CONNECTION_VECTOR.replacen("https://", "https:\\/\\/", 1),
+        // Trailing newline.
+        format!("{CONNECTION_VECTOR}\n"),
+        // Wrong domain.
+        CONNECTION_VECTOR.replacen("payload/v1", "payload/v2", 1),
+        // Not JSON at all.
+        "hello".to_string(),
+        String::new(),
+        // A bare SHA-256 digest.
+        "0123456789abcdef0123456789abcdef".to_string(),
+    ];
+    for bytes in not_canonical {
+        let err = validate_signing_bytes(bytes.as_bytes(), &policy, now).unwrap_err();
+        assert!(
+            matches!(err, ProofError::InvalidPayload(_)),
+            "{bytes}: {err}"
+        );
+    }
+    let huge = vec![b' '; MAX_SIGNING_BYTES + 1];
+    assert!(validate_signing_bytes(&huge, &policy, now).is_err());
+}
+
+fn check_conn(f: impl FnOnce(&mut ConnectionPayload)) -> Result<(), String> {
+    let now = 1_800_000_000u64;
+    let mut p = connection(now as i64 + 60);
+    f(&mut p);
+    validate_payload(
+        &SignPayload::RemoteControlClientConnection(p),
+        &ProofPolicy::default(),
+        now,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn check_enroll(f: impl FnOnce(&mut EnrollmentPayload)) -> Result<(), String> {
+    let now = 1_800_000_000u64;
+    let mut p = enrollment(now as i64 + 60);
+    f(&mut p);
+    validate_payload(
+        &SignPayload::RemoteControlClientEnrollment(p),
+        &ProofPolicy::default(),
+        now,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn reason(r: &str) -> Result<(), String> {
+    Err(format!("invalid device key payload: {r}"))
+}
+
+#[test]
+fn connection_rules() {
+    let now = 1_800_000_000i64;
+    assert_eq!(check_conn(|_| {}), Ok(()));
+    let nonce = "nonce must be at least 32 random bytes encoded as unpadded base64url";
+    assert_eq!(check_conn(|p| p.nonce = "AAAA".into()), reason(nonce));
+    assert_eq!(check_conn(|p| p.nonce = format!("{NONCE}=")), reason(nonce));
+    assert_eq!(
+        check_conn(|p| p.nonce = NONCE.replace('A', "+")),
+        reason(nonce)
+    );
+    assert_eq!(check_conn(|p| p.nonce = "A".repeat(64)), Ok(()));
+    let origin = "targetOrigin must be an allowed remote-control backend origin";
+    assert_eq!(
+        check_conn(|p| p.target_origin = "http://chatgpt.com".into()),
+        reason(origin)
+    );
+    assert_eq!(
+        check_conn(|p| p.target_origin = "https://ab.chatgpt.com".into()),
+        Ok(())
+    );
+    let path = "targetPath must match the signed payload type's remote-control endpoint";
+    assert_eq!(
+        check_conn(|p| p.target_path = "/wham/remote/control/client/enroll".into()),
+        reason(path)
+    );
+    assert_eq!(
+        check_conn(|p| p.target_path = "/wham/remote/control/client".into()),
+        Ok(())
+    );
+    assert_eq!(
+        check_conn(|p| p.session_id.clear()),
+        reason("sessionId must not be empty")
+    );
+    assert_eq!(
+        check_conn(|p| p.account_user_id.clear()),
+        reason("accountUserId must not be empty")
+    );
+    assert_eq!(
+        check_conn(|p| p.client_id.clear()),
+        reason("clientId must not be empty")
+    );
+    assert_eq!(
+        check_conn(|p| p.token_sha256_base64url = "AAAA".into()),
+        reason("tokenSha256Base64url must be a SHA-256 digest encoded as unpadded base64url")
+    );
+    let scopes = "scopes must contain exactly remote_control_controller_websocket";
+    assert_eq!(check_conn(|p| p.scopes.clear()), reason(scopes));
+    assert_eq!(
+        check_conn(|p| p.scopes.push(CONTROLLER_WEBSOCKET_SCOPE.into())),
+        reason(scopes)
+    );
+    assert_eq!(check_conn(|p| p.scopes = vec!["x".into()]), reason(scopes));
+    let expired = "remote-control token is expired";
+    assert_eq!(check_conn(|p| p.token_expires_at = now), reason(expired));
+    assert_eq!(check_conn(|p| p.token_expires_at = -5), reason(expired));
+    assert_eq!(check_conn(|p| p.token_expires_at = now + 1), Ok(()));
+    assert_eq!(check_conn(|p| p.token_expires_at = now + 900), Ok(()));
+    assert_eq!(
+        check_conn(|p| p.token_expires_at = now + 901),
+        reason("remote-control token expires too far in the future")
+    );
+    assert_eq!(
+        check_conn(|p| p.token_expires_at = i64::MAX),
+        reason("remote-control token expires too far in the future")
+    );
+    // Order: the first broken rule wins.
+    assert_eq!(
+        check_conn(|p| {
+            p.nonce.clear();
+            p.target_origin.clear();
+        }),
+        reason(nonce)
+    );
+    assert_eq!(
+        check_conn(|p| {
+            p.session_id.clear();
+            p.target_path.clear();
+        }),
+        reason(path)
+    );
+    assert_eq!(
+        check_conn(|p| {
+            p.scopes.clear();
+            p.token_expires_at = 0;
+        }),
+        reason(scopes)
+    );
+}
+
+#[test]
+fn enrollment_rules() {
+    let now = 1_800_000_000i64;
+    assert_eq!(check_enroll(|_| {}), Ok(()));
+    assert_eq!(
+        check_enroll(|p| p.target_path = "/api/codex/remote/control/client/enroll".into()),
+        Ok(())
+    );
+    assert_eq!(
+        check_enroll(|p| p.target_path = "/api/codex/remote/control/client".into()),
+        reason("targetPath must match the signed payload type's remote-control endpoint")
+    );
+    assert_eq!(
+        check_enroll(|p| p.target_origin = "https://chatgpt.com/backend-api".into()),
+        reason("targetOrigin must be an allowed remote-control backend origin")
+    );
+    assert_eq!(
+        check_enroll(|p| p.challenge_id.clear()),
+        reason("challengeId must not be empty")
+    );
+    assert_eq!(
+        check_enroll(|p| p.device_identity_sha256_base64url = format!("{HASH}A")),
+        reason(
+            "deviceIdentitySha256Base64url must be a SHA-256 digest encoded as unpadded base64url"
+        )
+    );
+    assert_eq!(
+        check_enroll(|p| p.challenge_expires_at = now - 1),
+        reason("enrollment challenge is expired")
+    );
+    assert_eq!(
+        check_enroll(|p| p.challenge_expires_at = now + 901),
+        reason("enrollment challenge expires too far in the future")
+    );
+}
+
+#[test]
+fn policy_comes_from_config() {
+    let config = crate::config::Config::from_toml(
+        "[server]\nallowed_origin_hosts = [\"example.org\"]\nmax_proof_ttl_seconds = 60\n",
+    )
+    .unwrap();
+    let policy = ProofPolicy::from_config(&config.server);
+    assert_eq!(policy.max_ttl_seconds, 60);
+    let now = 1_800_000_000u64;
+    let mut p = connection(now as i64 + 61);
+    p.target_origin = "https://x.example.org".into();
+    let payload = SignPayload::RemoteControlClientConnection(p.clone());
+    assert!(validate_payload(&payload, &policy, now).is_err());
+    p.token_expires_at = now as i64 + 60;
+    let payload = SignPayload::RemoteControlClientConnection(p);
+    assert_eq!(validate_payload(&payload, &policy, now), Ok(()));
+    assert_eq!(
+        ProofPolicy::from_config(&Default::default()),
+        ProofPolicy::default()
+    );
+}

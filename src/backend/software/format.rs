@@ -1,0 +1,217 @@
+//! On-disk formats of the software key store: one JSON document per key (`<name>.key`) and per
+//! stored object (`<name>.obj`), each with a `format` name and a `version`.
+//!
+//! Every buffer that holds private scalar bytes (the file contents, the hex text, the decoded
+//! scalar) is a [`Zeroizing`] buffer.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::backend::KeyPurpose;
+
+/// The `format` value of a key file.
+pub const KEY_FORMAT: &str = "devicekey-software-key";
+/// The `format` value of an object file.
+pub const OBJECT_FORMAT: &str = "devicekey-software-object";
+/// The only version written and read so far.
+pub const VERSION: u32 = 1;
+
+/// A P-256 private scalar, big-endian, 32 bytes; hex in the file.
+pub struct Scalar(pub Zeroizing<[u8; 32]>);
+
+/// Bytes written as lowercase hex.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hex(pub Vec<u8>);
+
+/// One key file.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// Always [`KEY_FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// CKA_ID.
+    pub id: Hex,
+    /// CKA_LABEL.
+    pub label: String,
+    /// What the key may be used for.
+    pub purpose: KeyPurpose,
+    /// SEC1 uncompressed public point (65 bytes).
+    pub public_point: Hex,
+    /// The private scalar.
+    pub private_scalar: Scalar,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// One stored non-key object.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectFile {
+    /// Always [`OBJECT_FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// `(attribute type, value)` pairs.
+    pub attributes: Vec<(u64, Hex)>,
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes`.
+pub fn hex_encode(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes hex into `out`, which must be exactly half as long as `text`.
+fn hex_decode_into(text: &[u8], out: &mut [u8]) -> bool {
+    if text.len() != out.len() * 2 {
+        return false;
+    }
+    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => *o = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Decodes hex; `None` for odd lengths or non-hex characters.
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let mut out = vec![0u8; text.len() / 2];
+    hex_decode_into(text.as_bytes(), &mut out).then_some(out)
+}
+
+impl Serialize for Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex_encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Hex;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a hex string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Hex, E> {
+                hex_decode(v)
+                    .map(Hex)
+                    .ok_or_else(|| E::custom("invalid hex"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl Serialize for Scalar {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut text = Zeroizing::new([0u8; 64]);
+        for (i, b) in self.0.iter().enumerate() {
+            text[2 * i] = HEX[usize::from(b >> 4)];
+            text[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        // Only hex digits were written, so this never fails.
+        let r = match std::str::from_utf8(&text[..]) {
+            Ok(t) => s.serialize_str(t),
+            Err(_) => Err(serde::ser::Error::custom("hex is ASCII")),
+        };
+        text.zeroize();
+        r
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("64 hex digits")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                let mut out = Zeroizing::new([0u8; 32]);
+                if hex_decode_into(v.as_bytes(), &mut out[..]) {
+                    Ok(Scalar(out))
+                } else {
+                    Err(E::custom("private scalar is not 64 hex digits"))
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl KeyFile {
+    /// The JSON text, in a buffer that is wiped when dropped.
+    pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+        // Reserve enough up front that the buffer never reallocates (a reallocation would leave
+        // an unwiped copy of the scalar behind).
+        let cap = 512 + self.label.len() * 6 + self.id.0.len() * 2;
+        let mut buf = Zeroizing::new(Vec::with_capacity(cap));
+        serde_json::to_writer_pretty(&mut *buf, self)?;
+        buf.push(b'\n');
+        Ok(buf)
+    }
+
+    /// Parses and checks a key file.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let k: KeyFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if k.format != KEY_FORMAT {
+            return Err(format!("format is {:?}, not {KEY_FORMAT:?}", k.format));
+        }
+        if k.version != VERSION {
+            return Err(format!("unsupported version {}", k.version));
+        }
+        if k.public_point.0.len() != 65 || k.public_point.0[0] != 4 {
+            return Err("public point is not 65-byte uncompressed SEC1".into());
+        }
+        Ok(k)
+    }
+}
+
+impl ObjectFile {
+    /// The JSON text.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut v = serde_json::to_vec(self)?;
+        v.push(b'\n');
+        Ok(v)
+    }
+
+    /// Parses and checks an object file.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let o: ObjectFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if o.format != OBJECT_FORMAT {
+            return Err(format!("format is {:?}, not {OBJECT_FORMAT:?}", o.format));
+        }
+        if o.version != VERSION {
+            return Err(format!("unsupported version {}", o.version));
+        }
+        Ok(o)
+    }
+}

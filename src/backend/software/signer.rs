@@ -1,0 +1,153 @@
+//! The software signer: ECDSA P-256 over a caller-supplied digest with system OpenSSL.
+//!
+//! The private key is parsed into an OpenSSL `EC_KEY` once per key, on the first signature (so
+//! loading many keys stays cheap), and then reused. The raw scalar bytes are wiped as soon as the
+//! `EC_KEY` exists; OpenSSL frees its private `BIGNUM` with `BN_clear_free`.
+
+use std::sync::{Mutex, OnceLock};
+
+use openssl::bn::{BigNum, BigNumContext};
+use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
+use openssl::ecdsa::EcdsaSig;
+use openssl::nid::Nid;
+use openssl::pkey::Private;
+use zeroize::Zeroizing;
+
+use crate::backend::{BackendError, Result, Signer};
+
+fn crypto(what: &str, e: openssl::error::ErrorStack) -> BackendError {
+    BackendError::Crypto(format!("{what}: {e}"))
+}
+
+/// The P-256 group, built once.
+fn group() -> Result<&'static EcGroup> {
+    static GROUP: OnceLock<EcGroup> = OnceLock::new();
+    if let Some(g) = GROUP.get() {
+        return Ok(g);
+    }
+    let g =
+        EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(|e| crypto("P-256 group", e))?;
+    Ok(GROUP.get_or_init(|| g))
+}
+
+/// Signs with one software key.
+pub struct SoftwareSigner {
+    public_point: [u8; 65],
+    key: OnceLock<EcKey<Private>>,
+    /// The scalar until `key` is built; `None` afterwards.
+    scalar: Mutex<Option<Zeroizing<[u8; 32]>>>,
+}
+
+/// A freshly generated key pair.
+pub struct Generated {
+    /// The signer, with its key already parsed.
+    pub signer: SoftwareSigner,
+    /// SEC1 uncompressed public point.
+    pub public_point: [u8; 65],
+    /// The private scalar, for writing to the key file.
+    pub scalar: Zeroizing<[u8; 32]>,
+}
+
+impl SoftwareSigner {
+    /// A signer that parses `scalar` on its first signature (and checks it against the point).
+    pub fn deferred(public_point: [u8; 65], scalar: Zeroizing<[u8; 32]>) -> Self {
+        Self {
+            public_point,
+            key: OnceLock::new(),
+            scalar: Mutex::new(Some(scalar)),
+        }
+    }
+
+    /// Generates a new P-256 key pair.
+    pub fn generate() -> Result<Generated> {
+        let group = group()?;
+        let key = EcKey::generate(group).map_err(|e| crypto("generating a P-256 key", e))?;
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        {
+            let bytes = Zeroizing::new(
+                key.private_key()
+                    .to_vec_padded(32)
+                    .map_err(|e| crypto("encoding the private key", e))?,
+            );
+            scalar.copy_from_slice(&bytes);
+        }
+        let public_point = encode_point(group, &key)?;
+        let signer = Self {
+            public_point,
+            key: OnceLock::from(key),
+            scalar: Mutex::new(None),
+        };
+        Ok(Generated {
+            signer,
+            public_point,
+            scalar,
+        })
+    }
+
+    /// The parsed key, built on first use.
+    fn key(&self) -> Result<&EcKey<Private>> {
+        if let Some(k) = self.key.get() {
+            return Ok(k);
+        }
+        let mut slot = self
+            .scalar
+            .lock()
+            .map_err(|_| BackendError::Crypto("signer lock poisoned".into()))?;
+        if let Some(k) = self.key.get() {
+            return Ok(k);
+        }
+        let scalar = slot
+            .as_ref()
+            .ok_or_else(|| BackendError::Crypto("private key unavailable".into()))?;
+        let key = build_key(&self.public_point, scalar)?;
+        *slot = None;
+        Ok(self.key.get_or_init(|| key))
+    }
+}
+
+fn encode_point(group: &EcGroup, key: &EcKey<Private>) -> Result<[u8; 65]> {
+    let mut ctx = BigNumContext::new().map_err(|e| crypto("BN_CTX", e))?;
+    let bytes = key
+        .public_key()
+        .to_bytes(group, PointConversionForm::UNCOMPRESSED, &mut ctx)
+        .map_err(|e| crypto("encoding the public point", e))?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| BackendError::Crypto("public point is not 65 bytes".into()))
+}
+
+/// Builds an `EC_KEY` from the scalar and checks that it matches the stored public point.
+fn build_key(public_point: &[u8; 65], scalar: &[u8; 32]) -> Result<EcKey<Private>> {
+    let group = group()?;
+    let mut ctx = BigNumContext::new().map_err(|e| crypto("BN_CTX", e))?;
+    let point = EcPoint::from_bytes(group, public_point, &mut ctx)
+        .map_err(|e| crypto("stored public point is invalid", e))?;
+    let mut d = BigNum::from_slice(scalar).map_err(|e| crypto("private scalar", e))?;
+    // EC_KEY_set_private_key copies `d`; wipe our copy whatever happens.
+    let key = EcKey::from_private_components(group, &d, &point);
+    d.clear();
+    let key = key.map_err(|e| crypto("private key is invalid", e))?;
+    key.check_key()
+        .map_err(|e| crypto("private key does not match its public point", e))?;
+    Ok(key)
+}
+
+impl Signer for SoftwareSigner {
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let key = self.key()?;
+        let sig = EcdsaSig::sign(digest, key).map_err(|e| crypto("ECDSA signing", e))?;
+        let r = sig
+            .r()
+            .to_vec_padded(32)
+            .map_err(|e| crypto("encoding r", e))?;
+        let s = sig
+            .s()
+            .to_vec_padded(32)
+            .map_err(|e| crypto("encoding s", e))?;
+        let mut out = [0u8; 64];
+        out[..32].copy_from_slice(&r);
+        out[32..].copy_from_slice(&s);
+        Ok(out)
+    }
+}

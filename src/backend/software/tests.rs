@@ -1,0 +1,441 @@
+//! Tests of the software key store: persistence, atomicity, permissions, several processes,
+//! signatures checked with an independent implementation (p256).
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::{Signature, VerifyingKey};
+
+use super::*;
+use crate::backend::{KeyPurpose, Signer};
+
+fn new_key(label: &str, persistent: bool) -> NewKey {
+    NewKey {
+        id: label.as_bytes().to_vec(),
+        label: label.to_string(),
+        purpose: KeyPurpose::General,
+        persistent,
+    }
+}
+
+fn verify(point: &[u8; 65], digest: &[u8; 32], sig: &[u8; 64]) {
+    let vk = VerifyingKey::from_sec1_bytes(point).expect("valid public point");
+    let sig = Signature::from_slice(sig).expect("64-byte signature");
+    vk.verify_prehash(digest, &sig).expect("signature verifies");
+}
+
+fn sign_and_verify(key: &KeyRecord) {
+    let digest: [u8; 32] = Sha256::digest(key.name.as_bytes()).into();
+    let sig = key.signer.sign_digest(&digest).expect("signs");
+    assert_eq!(sig.len(), 64);
+    verify(&key.public_point, &digest, &sig);
+}
+
+fn store_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("keys");
+    (tmp, dir)
+}
+
+#[test]
+fn creates_dir_0700_and_reports_info() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("devicekey", Some(&dir)).unwrap();
+    let meta = fs::metadata(&dir).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    let info = store.info();
+    assert_eq!(info.backend, "software");
+    assert_eq!(info.manufacturer, "devicekey");
+    assert_eq!(info.label, "devicekey");
+    assert_eq!(info.serial.len(), 16);
+    assert_eq!(
+        info.protection_class,
+        ProtectionClass::OsProtectedNonextractable
+    );
+    // Stable across instances.
+    let again = SoftwareStore::open("devicekey", Some(&dir)).unwrap();
+    assert_eq!(again.info().serial, info.serial);
+}
+
+#[test]
+fn roundtrip_persist_and_reload() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let a = store.generate_key(&new_key("a", true)).unwrap();
+    let mut req = new_key("b", true);
+    req.purpose = KeyPurpose::Proof;
+    req.id = vec![0, 1, 2, 255];
+    let b = store.generate_key(&req).unwrap();
+    let s = store.generate_key(&new_key("session", false)).unwrap();
+    assert!(!s.persistent);
+    sign_and_verify(&a);
+    sign_and_verify(&s);
+
+    let key_path = dir.join(format!("{}.key", a.name));
+    assert_eq!(fs::metadata(&key_path).unwrap().mode() & 0o777, 0o600);
+    // Session keys are never written.
+    let files: Vec<_> = fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(
+        files
+            .iter()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
+            .count(),
+        2
+    );
+
+    let reopened = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let keys = reopened.load_keys().unwrap();
+    assert_eq!(keys.len(), 2);
+    let la = keys.iter().find(|k| k.name == a.name).unwrap();
+    let lb = keys.iter().find(|k| k.name == b.name).unwrap();
+    assert_eq!(la.label, "a");
+    assert_eq!(la.id, b"a");
+    assert_eq!(la.public_point, a.public_point);
+    assert_eq!(la.purpose, KeyPurpose::General);
+    assert!(la.persistent);
+    assert_eq!(lb.id, vec![0, 1, 2, 255]);
+    assert_eq!(lb.purpose, KeyPurpose::Proof);
+    assert_eq!(lb.public_point, b.public_point);
+    sign_and_verify(la);
+    sign_and_verify(lb);
+    // The same loaded signer signs repeatedly (the parsed key is cached).
+    sign_and_verify(la);
+}
+
+#[test]
+fn signatures_are_padded_raw_r_s() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    store.generate_key(&new_key("k", true)).unwrap();
+    // A loaded key (deferred parse) and a fresh one.
+    let key = store.load_keys().unwrap().remove(0);
+    let mut padded = 0;
+    let mut checked = 0;
+    for i in 0u32..20_000 {
+        let digest: [u8; 32] = Sha256::digest(i.to_le_bytes()).into();
+        let sig = key.signer.sign_digest(&digest).unwrap();
+        let short = sig[0] == 0 || sig[32] == 0;
+        if short || i < 50 {
+            verify(&key.public_point, &digest, &sig);
+            checked += 1;
+        }
+        if short {
+            padded += 1;
+            if padded >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(
+        padded >= 5,
+        "saw only {padded} signatures with a leading zero byte"
+    );
+    assert!(checked >= 55);
+}
+
+#[test]
+fn wrong_scalar_fails_to_sign_without_panic() {
+    let g1 = SoftwareSigner::generate().unwrap();
+    let g2 = SoftwareSigner::generate().unwrap();
+    let mixed = SoftwareSigner::deferred(g1.public_point, g2.scalar);
+    assert!(matches!(
+        mixed.sign_digest(&[7u8; 32]),
+        Err(BackendError::Crypto(_))
+    ));
+}
+
+#[test]
+fn temp_and_damaged_files_are_never_keys() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let good = store.generate_key(&new_key("good", true)).unwrap();
+    let text = fs::read(dir.join(format!("{}.key", good.name))).unwrap();
+
+    // A leftover temporary file with a complete key inside.
+    let tmp_name = format!(".{}.key.0123.tmp", "ab".repeat(16));
+    fs::write(dir.join(&tmp_name), &text).unwrap();
+    // Truncated, empty, garbage, wrong-version and wrongly named files.
+    fs::write(
+        dir.join(format!("{}.key", "11".repeat(16))),
+        &text[..text.len() / 2],
+    )
+    .unwrap();
+    fs::write(dir.join(format!("{}.key", "22".repeat(16))), b"").unwrap();
+    fs::write(
+        dir.join(format!("{}.key", "33".repeat(16))),
+        b"\x00\xff garbage",
+    )
+    .unwrap();
+    let v2 = String::from_utf8(text.clone())
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 2");
+    fs::write(dir.join(format!("{}.key", "44".repeat(16))), v2).unwrap();
+    fs::write(dir.join("notakey.key"), &text).unwrap();
+    fs::write(dir.join(format!("{}.key.bak", "55".repeat(16))), &text).unwrap();
+    fs::write(
+        dir.join(format!("{}.obj", "66".repeat(16))),
+        b"{\"format\":",
+    )
+    .unwrap();
+
+    let keys = store.load_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].name, good.name);
+    assert!(store.load_objects().unwrap().is_empty());
+
+    // Opening the store again removes the stale temporary file (nobody holds the lock).
+    let _again = SoftwareStore::open("t", Some(&dir)).unwrap();
+    assert!(!dir.join(&tmp_name).exists());
+    assert!(dir.join(format!("{}.key", good.name)).exists());
+}
+
+#[test]
+fn refuses_group_writable_dir() {
+    let (_tmp, dir) = store_dir();
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+    let err = SoftwareStore::open("t", Some(&dir)).unwrap_err();
+    match err {
+        BackendError::Unusable(msg) => {
+            assert!(msg.contains("writable by group or others"), "{msg}");
+            assert!(msg.contains("chmod 700"), "{msg}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o707)).unwrap();
+    assert!(SoftwareStore::open("t", Some(&dir)).is_err());
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(SoftwareStore::open("t", Some(&dir)).is_ok());
+}
+
+#[test]
+fn refuses_dir_owned_by_someone_else() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root to chown");
+        return;
+    }
+    let (_tmp, dir) = store_dir();
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    match SoftwareStore::open("t", Some(&dir)).unwrap_err() {
+        BackendError::Unusable(msg) => {
+            assert!(msg.contains("owned by uid 65534"), "{msg}");
+            assert!(msg.contains("chown"), "{msg}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn refuses_a_file_as_dir() {
+    let (tmp, _) = store_dir();
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        SoftwareStore::open("t", Some(&file)),
+        Err(BackendError::Unusable(_))
+    ));
+}
+
+#[test]
+fn update_and_destroy_keys() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let k = store.generate_key(&new_key("old", true)).unwrap();
+    store.update_key(&k.name, "new label", &[9, 9]).unwrap();
+    let loaded = SoftwareStore::open("t", Some(&dir))
+        .unwrap()
+        .load_keys()
+        .unwrap();
+    assert_eq!(loaded[0].label, "new label");
+    assert_eq!(loaded[0].id, vec![9, 9]);
+    assert_eq!(loaded[0].public_point, k.public_point);
+    sign_and_verify(&loaded[0]);
+    assert_eq!(
+        fs::metadata(dir.join(format!("{}.key", k.name)))
+            .unwrap()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    store.destroy_key(&k.name).unwrap();
+    assert!(store.load_keys().unwrap().is_empty());
+    assert!(matches!(
+        store.destroy_key(&k.name),
+        Err(BackendError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.update_key(&k.name, "x", b""),
+        Err(BackendError::NotFound(_))
+    ));
+    for bad in ["../x", "", ".lock", "session-nope", "ZZ"] {
+        assert!(matches!(
+            store.destroy_key(bad),
+            Err(BackendError::NotFound(_))
+        ));
+    }
+
+    // Session keys: update and destroy in memory.
+    let s = store.generate_key(&new_key("s", false)).unwrap();
+    store.update_key(&s.name, "s2", b"id").unwrap();
+    store.destroy_key(&s.name).unwrap();
+    assert!(matches!(
+        store.destroy_key(&s.name),
+        Err(BackendError::NotFound(_))
+    ));
+}
+
+#[test]
+fn store_update_destroy_objects() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let attrs: Vec<RawAttribute> = vec![
+        (0, vec![1, 0, 0, 0, 0, 0, 0, 0]),
+        (3, b"cert".to_vec()),
+        (0x11, vec![0u8; 3000]),
+    ];
+    let name = store.store_object(&attrs).unwrap();
+    assert!(valid_name(&name));
+    assert_eq!(
+        fs::metadata(dir.join(format!("{name}.obj")))
+            .unwrap()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let other = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let objs = other.load_objects().unwrap();
+    assert_eq!(objs.len(), 1);
+    assert_eq!(objs[0].name, name);
+    assert_eq!(objs[0].attributes, attrs);
+
+    let new_attrs: Vec<RawAttribute> = vec![(3, b"renamed".to_vec()), (0x102, vec![])];
+    store.update_object(&name, &new_attrs).unwrap();
+    assert_eq!(other.load_objects().unwrap()[0].attributes, new_attrs);
+    // Objects are not keys and keys are not objects.
+    assert!(other.load_keys().unwrap().is_empty());
+
+    store.destroy_object(&name).unwrap();
+    assert!(other.load_objects().unwrap().is_empty());
+    assert!(matches!(
+        store.destroy_object(&name),
+        Err(BackendError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.update_object(&name, &new_attrs),
+        Err(BackendError::NotFound(_))
+    ));
+}
+
+#[test]
+fn change_marker_sees_other_instances() {
+    let (_tmp, dir) = store_dir();
+    let a = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let b = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let m0 = a.change_marker().unwrap();
+    assert_eq!(a.change_marker(), Some(m0));
+    let k = b.generate_key(&new_key("k", true)).unwrap();
+    let m1 = a.change_marker().unwrap();
+    assert_ne!(m0, m1);
+    b.update_key(&k.name, "x", b"x").unwrap();
+    let m2 = a.change_marker().unwrap();
+    assert_ne!(m1, m2);
+    b.store_object(&[(0, vec![])]).unwrap();
+    assert_ne!(a.change_marker().unwrap(), m2);
+    // Session keys change nothing on disk.
+    let m3 = a.change_marker().unwrap();
+    b.generate_key(&new_key("s", false)).unwrap();
+    assert_eq!(a.change_marker().unwrap(), m3);
+}
+
+#[test]
+fn loads_ten_thousand_keys_quickly() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let k = store.generate_key(&new_key("k", true)).unwrap();
+    let text = fs::read(dir.join(format!("{}.key", k.name))).unwrap();
+    for i in 0u32..9_999 {
+        let name = format::hex_encode(&Sha256::digest(i.to_le_bytes())[..16]);
+        fs::write(dir.join(format!("{name}.key")), &text).unwrap();
+    }
+    let start = Instant::now();
+    let keys = store.load_keys().unwrap();
+    let took = start.elapsed();
+    assert_eq!(keys.len(), 10_000);
+    eprintln!("loaded 10000 keys in {took:?}");
+    // Release builds take a fraction of this; debug builds are slower.
+    let limit = if cfg!(debug_assertions) { 3 } else { 1 };
+    assert!(took < Duration::from_secs(limit), "{took:?}");
+    sign_and_verify(&keys[5000]);
+}
+
+const CHILD_ENV: &str = "DEVICEKEY_TEST_SOFTWARE_CHILD_DIR";
+const CHILD_KEYS: usize = 25;
+const CHILDREN: usize = 4;
+
+/// Not a test on its own: the body of each child process of `processes_create_keys_at_once`.
+#[test]
+fn child_creates_keys() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let go = dir.join("go");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Wait for the starting signal so the children really run at the same time.
+    while !go.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let store = SoftwareStore::open("t", Some(&dir.join("keys"))).unwrap();
+    for i in 0..CHILD_KEYS {
+        let k = store
+            .generate_key(&new_key(&format!("p{}-{i}", std::process::id()), true))
+            .unwrap();
+        sign_and_verify(&k);
+    }
+}
+
+#[test]
+fn processes_create_keys_at_once() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..CHILDREN)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "backend::software::tests::child_creates_keys",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD_ENV, tmp.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    fs::write(tmp.path().join("go"), b"").unwrap();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let store = SoftwareStore::open("t", Some(&tmp.path().join("keys"))).unwrap();
+    let keys = store.load_keys().unwrap();
+    assert_eq!(keys.len(), CHILDREN * CHILD_KEYS);
+    let labels: std::collections::HashSet<_> = keys.iter().map(|k| k.label.clone()).collect();
+    assert_eq!(labels.len(), CHILDREN * CHILD_KEYS);
+    for k in &keys {
+        sign_and_verify(k);
+    }
+    // No temporary file is left behind.
+    for e in fs::read_dir(tmp.path().join("keys")).unwrap().flatten() {
+        assert!(!e.file_name().to_string_lossy().ends_with(".tmp"));
+    }
+}

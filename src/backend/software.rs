@@ -52,10 +52,7 @@ struct SessionKey {
 pub struct SoftwareStore {
     info: StoreInfo,
     dir: PathBuf,
-    /// The `.lock` file, locked with `flock` around every change (the mutex serializes the
-    /// threads of this process, which share one open file description).
-    lock: Mutex<File>,
-    /// A second handle on `.lock` to read the change counter without waiting for the lock.
+    /// A handle on `.lock` to read the change counter without taking the lock.
     counter: File,
     sessions: Mutex<HashMap<String, SessionKey>>,
 }
@@ -201,6 +198,18 @@ fn read_limited(path: &Path, max: u64) -> std::io::Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
+/// Opens (creating it 0600 if missing) the lock file.
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err("cannot open the lock file", path, &e))
+}
+
 fn flock(file: &File, op: rustix::fs::FlockOperation) -> std::io::Result<()> {
     loop {
         match rustix::fs::flock(file, op) {
@@ -220,16 +229,7 @@ impl SoftwareStore {
         };
         let dir = prepare_dir(&wanted)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| io_err("cannot open the lock file", &lock_path, &e))?;
-        let counter = File::open(&lock_path)
-            .map_err(|e| io_err("cannot open the lock file", &lock_path, &e))?;
+        let counter = open_lock_file(&lock_path)?;
         let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
         let serial = format::hex_encode(&digest[..8]);
         let store = SoftwareStore {
@@ -241,7 +241,6 @@ impl SoftwareStore {
                 protection_class: ProtectionClass::OsProtectedNonextractable,
             },
             dir,
-            lock: Mutex::new(lock),
             counter,
             sessions: Mutex::new(HashMap::new()),
         };
@@ -262,26 +261,26 @@ impl SoftwareStore {
         &self.dir
     }
 
-    /// Runs `f` holding the store's lock (this process's threads and other processes), then
-    /// bumps the change counter.
+    /// Runs `f` holding the store's lock, then bumps the change counter. The lock file is
+    /// opened afresh each time, so the `flock` excludes other threads of this process, other
+    /// processes and forked children alike (they never share the open file description).
     fn with_lock<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let guard = self.lock.lock().map_err(|_| poisoned())?;
         let lock_path = self.dir.join(LOCK_FILE);
-        flock(&guard, rustix::fs::FlockOperation::LockExclusive)
+        let lock = open_lock_file(&lock_path)?;
+        flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io_err("cannot lock", &lock_path, &e))?;
         let result = f();
         let mut count = [0u8; 8];
-        let n = guard.read_at(&mut count, 0).unwrap_or(0);
+        let n = lock.read_at(&mut count, 0).unwrap_or(0);
         let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
-        if let Err(e) = guard.write_all_at(&next.to_le_bytes(), 0) {
+        if let Err(e) = lock.write_all_at(&next.to_le_bytes(), 0) {
             log::warn!(
                 "cannot update the change counter {}: {e}",
                 lock_path.display()
             );
         }
-        if let Err(e) = flock(&guard, rustix::fs::FlockOperation::Unlock) {
-            log::warn!("cannot unlock {}: {e}", lock_path.display());
-        }
+        // Closing the file releases the lock.
+        drop(lock);
         result
     }
 

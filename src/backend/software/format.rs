@@ -172,7 +172,7 @@ impl KeyFile {
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
         // Reserve enough up front that the buffer never reallocates (a reallocation would leave
         // an unwiped copy of the scalar behind).
-        let cap = 512 + self.label.len() * 6 + self.id.0.len() * 2;
+        let cap = 1024 + self.label.len() * 6 + self.id.0.len() * 2;
         let mut buf = Zeroizing::new(Vec::with_capacity(cap));
         serde_json::to_writer_pretty(&mut *buf, self)?;
         buf.push(b'\n');

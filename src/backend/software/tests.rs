@@ -439,3 +439,79 @@ fn processes_create_keys_at_once() {
         assert!(!e.file_name().to_string_lossy().ends_with(".tmp"));
     }
 }
+
+#[test]
+fn key_file_format_is_pinned() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let mut req = new_key("label \"quoted\" é", true);
+    req.id = vec![0xde, 0xad];
+    req.purpose = KeyPurpose::Proof;
+    let k = store.generate_key(&req).unwrap();
+    let text = fs::read_to_string(dir.join(format!("{}.key", k.name))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["format"], "devicekey-software-key");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["id"], "dead");
+    assert_eq!(v["label"], "label \"quoted\" é");
+    assert_eq!(v["purpose"], "proof");
+    assert_eq!(v["public_point"], format::hex_encode(&k.public_point));
+    assert_eq!(v["private_scalar"].as_str().unwrap().len(), 64);
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    // The key file buffer is sized so that it never reallocates (no unwiped copies).
+    let file = KeyFile::parse(text.as_bytes()).unwrap();
+    let bytes = file.to_bytes().unwrap();
+    assert!(bytes.len() < 1024 + file.label.len() * 6);
+    let long = KeyFile {
+        label: "\u{1}".repeat(300),
+        id: Hex(vec![1; 300]),
+        ..KeyFile::parse(text.as_bytes()).unwrap()
+    };
+    let cap = 1024 + long.label.len() * 6 + long.id.0.len() * 2;
+    assert_eq!(long.to_bytes().unwrap().capacity(), cap);
+}
+
+#[test]
+fn one_signer_signs_from_many_threads() {
+    let (_tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    store.generate_key(&new_key("k", true)).unwrap();
+    // Loaded (deferred parse): the threads race to build the key.
+    let key = store.load_keys().unwrap().remove(0);
+    std::thread::scope(|s| {
+        for t in 0u8..4 {
+            let key = &key;
+            s.spawn(move || {
+                for i in 0u8..50 {
+                    let digest = [t ^ i; 32];
+                    let sig = key.signer.sign_digest(&digest).unwrap();
+                    verify(&key.public_point, &digest, &sig);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn threads_with_separate_instances_create_keys() {
+    let (_tmp, dir) = store_dir();
+    SoftwareStore::open("t", Some(&dir)).unwrap();
+    let shared = SoftwareStore::open("t", Some(&dir)).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let dir = &dir;
+            let shared = &shared;
+            s.spawn(move || {
+                let own = SoftwareStore::open("t", Some(dir)).unwrap();
+                for i in 0..5 {
+                    own.generate_key(&new_key(&format!("own{t}-{i}"), true))
+                        .unwrap();
+                    shared
+                        .generate_key(&new_key(&format!("shared{t}-{i}"), true))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(shared.load_keys().unwrap().len(), 30);
+}

@@ -244,7 +244,8 @@ impl SoftwareStore {
             counter,
             sessions: Mutex::new(HashMap::new()),
         };
-        store.with_lock(|| {
+        // Cleaning up changes nothing visible, so it leaves the change counter alone.
+        store.locked(false, || {
             store.remove_stale_temp_files();
             Ok(())
         })?;
@@ -265,19 +266,26 @@ impl SoftwareStore {
     /// opened afresh each time, so the `flock` excludes other threads of this process, other
     /// processes and forked children alike (they never share the open file description).
     fn with_lock<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.locked(true, f)
+    }
+
+    /// Runs `f` holding the store's lock; bumps the change counter when `bump`.
+    fn locked<T>(&self, bump: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let lock_path = self.dir.join(LOCK_FILE);
         let lock = open_lock_file(&lock_path)?;
         flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io_err("cannot lock", &lock_path, &e))?;
         let result = f();
-        let mut count = [0u8; 8];
-        let n = lock.read_at(&mut count, 0).unwrap_or(0);
-        let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
-        if let Err(e) = lock.write_all_at(&next.to_le_bytes(), 0) {
-            log::warn!(
-                "cannot update the change counter {}: {e}",
-                lock_path.display()
-            );
+        if bump {
+            let mut count = [0u8; 8];
+            let n = lock.read_at(&mut count, 0).unwrap_or(0);
+            let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
+            if let Err(e) = lock.write_all_at(&next.to_le_bytes(), 0) {
+                log::warn!(
+                    "cannot update the change counter {}: {e}",
+                    lock_path.display()
+                );
+            }
         }
         // Closing the file releases the lock.
         drop(lock);

@@ -132,7 +132,7 @@ fn signatures_are_padded_raw_r_s() {
         padded >= 5,
         "saw only {padded} signatures with a leading zero byte"
     );
-    assert!(checked >= 55);
+    assert!(checked >= 50);
 }
 
 #[test]
@@ -337,6 +337,9 @@ fn change_marker_sees_other_instances() {
     let a = SoftwareStore::open("t", Some(&dir)).unwrap();
     let b = SoftwareStore::open("t", Some(&dir)).unwrap();
     let m0 = a.change_marker().unwrap();
+    assert_eq!(a.change_marker(), Some(m0));
+    // Opening the store (another process starting) is not a change.
+    SoftwareStore::open("t", Some(&dir)).unwrap();
     assert_eq!(a.change_marker(), Some(m0));
     let k = b.generate_key(&new_key("k", true)).unwrap();
     let m1 = a.change_marker().unwrap();

@@ -6,6 +6,8 @@
 //! ever returns a private scalar.
 
 pub mod software;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use std::sync::Arc;
 

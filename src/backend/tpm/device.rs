@@ -1,0 +1,839 @@
+//! The one owner of the TPM connection.
+//!
+//! A [`Device`] holds an ESAPI context behind a mutex: callers queue for it, and the TPM sees one
+//! command at a time. Each connection derives the storage root key (SRK) once, from the standard
+//! ECC P-256 storage template in the owner hierarchy, and keeps a small LRU of loaded signing
+//! keys. Every transient object we create is flushed: on eviction, on `destroy`, and when the
+//! connection is dropped. Without a resource manager (swtpm, `/dev/tpm0`) the TPM has only three
+//! object slots, so the cache holds at most [`CACHE_SIZE`] keys besides the SRK.
+//!
+//! The connection belongs to the process that opened it: after `fork()` the child never touches
+//! (or flushes) the parent's objects, it opens its own connection. When the connection drops (a
+//! TCTI error), the next call reconnects once and retries.
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use sha2::{Digest as _, Sha256};
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::constants::response_code::Tss2ResponseCode;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
+use tss_esapi::constants::{CapabilityType, PropertyTag, StartupType};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{
+    CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
+    KeyDerivationFunctionScheme, Private, Public, PublicBuilder, PublicEccParameters,
+    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinitionObject,
+};
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::{Context, TctiNameConf};
+
+use super::keyfile::KeyBlob;
+use crate::backend::{BackendError, Result};
+
+/// Signing keys kept loaded besides the SRK (swtpm without a resource manager has 3 slots).
+pub const CACHE_SIZE: usize = 2;
+
+/// TPM_RC_OBJECT_MEMORY: out of object slots.
+const RC_OBJECT_MEMORY: u32 = 0x902;
+/// TPM_RC_SESSION_MEMORY and TPM_RC_MEMORY.
+const RC_SESSION_MEMORY: u32 = 0x903;
+const RC_MEMORY: u32 = 0x904;
+/// TPM_RC_INITIALIZE: TPM2_Startup has not been run.
+const RC_INITIALIZE: u32 = 0x100;
+/// TPM_RC_LOCKOUT: dictionary-attack lockout.
+const RC_LOCKOUT: u32 = 0x921;
+/// TPM_RC_REFERENCE_H0: the handle references no loaded object.
+const RC_REFERENCE_H0: u32 = 0x910;
+/// The TCTI layer of TSS2 return codes (bits 16..24).
+const LAYER_TCTI: u32 = 0x0A;
+/// The resource-manager layers (tabrmd).
+const LAYER_RESMGR: u32 = 0x0B;
+
+/// A key the TPM can load: its public and (parent-encrypted) private areas.
+#[derive(Debug)]
+pub struct TpmKey {
+    /// The store's name of the key; the cache is keyed by it.
+    pub name: String,
+    /// TPMT_PUBLIC.
+    pub public: Public,
+    /// TPM2B_PRIVATE contents.
+    pub private: Private,
+}
+
+impl TpmKey {
+    /// Reads a key from its blob.
+    pub fn from_blob(name: &str, blob: &KeyBlob) -> std::result::Result<Self, String> {
+        let public = blob
+            .public
+            .get(2..)
+            .ok_or("short public area")
+            .and_then(|b| Public::unmarshall(b).map_err(|_| "bad public area"))?;
+        let private = blob
+            .private
+            .get(2..)
+            .ok_or("short private area")
+            .and_then(|b| Private::try_from(b.to_vec()).map_err(|_| "bad private area"))?;
+        Ok(Self {
+            name: name.to_string(),
+            public,
+            private,
+        })
+    }
+
+    /// The key's blob (TPM2B_PUBLIC, TPM2B_PRIVATE).
+    pub fn to_blob(&self) -> std::result::Result<KeyBlob, String> {
+        let public = self
+            .public
+            .marshall()
+            .map_err(|e| format!("cannot marshal the public area: {e}"))?;
+        Ok(KeyBlob {
+            public: tpm2b(&public)?,
+            private: tpm2b(self.private.value())?,
+        })
+    }
+
+    /// The public point `04‖X‖Y` of a P-256 signing key; `None` for any other kind of key.
+    pub fn public_point(&self) -> Option<[u8; 65]> {
+        public_point(&self.public)
+    }
+}
+
+fn tpm2b(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let len = u16::try_from(bytes.len()).map_err(|_| "TPM structure too large".to_string())?;
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(out)
+}
+
+fn public_point(public: &Public) -> Option<[u8; 65]> {
+    let Public::Ecc {
+        object_attributes,
+        parameters,
+        unique,
+        ..
+    } = public
+    else {
+        return None;
+    };
+    if parameters.ecc_curve() != EccCurve::NistP256
+        || !object_attributes.sign_encrypt()
+        || object_attributes.restricted()
+    {
+        return None;
+    }
+    let mut point = [0u8; 65];
+    point[0] = 4;
+    point[1..33].copy_from_slice(&fixed32(unique.x().value())?);
+    point[33..].copy_from_slice(&fixed32(unique.y().value())?);
+    p256::PublicKey::from_sec1_bytes(&point).ok()?;
+    Some(point)
+}
+
+/// A big-endian integer as exactly 32 bytes: leading zeros stripped, then left-padded.
+pub fn fixed32(v: &[u8]) -> Option<[u8; 32]> {
+    let skip = v.iter().take_while(|b| **b == 0).count();
+    let v = &v[skip..];
+    if v.len() > 32 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    out[32 - v.len()..].copy_from_slice(v);
+    Some(out)
+}
+
+/// What the TPM says about itself.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// TPM2_PT_MANUFACTURER as text (`IFX`, `STM`, `IBM`...).
+    pub manufacturer: String,
+    /// The four vendor strings, blanks collapsed (`SW TPM` for swtpm).
+    pub vendor: String,
+    /// TPM2_PT_FIRMWARE_VERSION_1/2 as four 16-bit numbers.
+    pub firmware: String,
+    /// A simulator (swtpm, the reference simulator, or a simulator TCTI).
+    pub simulator: bool,
+    /// The first 8 bytes of SHA-256 over the SRK's public point: stable while the owner
+    /// hierarchy is not cleared.
+    pub srk_fingerprint: [u8; 8],
+}
+
+/// Why a TPM operation failed, before it becomes a [`BackendError`].
+enum Fail {
+    Tss(&'static str, tss_esapi::Error),
+    Other(BackendError),
+}
+
+type Op<T> = std::result::Result<T, Fail>;
+
+fn tss<T>(what: &'static str, r: tss_esapi::Result<T>) -> Op<T> {
+    r.map_err(|e| Fail::Tss(what, e))
+}
+
+/// The raw TSS2 return code of an error (0 for wrapper errors).
+fn raw_rc(e: &tss_esapi::Error) -> u32 {
+    let tss_esapi::Error::Tss2Error(code) = e else {
+        return 0;
+    };
+    // The crate keeps the raw value private; its Display is "Response code value: 0x...".
+    let text = match code {
+        Tss2ResponseCode::FormatZero(c) => c.to_string(),
+        Tss2ResponseCode::FormatOne(c) => c.to_string(),
+        Tss2ResponseCode::Success => return 0,
+    };
+    text.rsplit("0x")
+        .next()
+        .and_then(|h| u32::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+fn layer(rc: u32) -> u32 {
+    (rc >> 16) & 0xff
+}
+
+/// The TPM-level code (format-zero codes whole, format-one codes without parameter bits).
+fn tpm_code(rc: u32) -> u32 {
+    if layer(rc) != 0 {
+        return 0;
+    }
+    if rc & 0x80 != 0 {
+        0x80 | (rc & 0x3f)
+    } else {
+        rc & 0xfff
+    }
+}
+
+fn is_connection_error(e: &Fail) -> bool {
+    match e {
+        Fail::Tss(_, e) => matches!(layer(raw_rc(e)), LAYER_TCTI | LAYER_RESMGR),
+        Fail::Other(BackendError::Unreachable(_)) => true,
+        Fail::Other(_) => false,
+    }
+}
+
+fn is_stale_handle(e: &Fail) -> bool {
+    match e {
+        // TPM_RC_HANDLE (format one, error 0x0B) or TPM_RC_REFERENCE_H0.
+        Fail::Tss(_, e) => {
+            let rc = raw_rc(e);
+            tpm_code(rc) == 0x8b || tpm_code(rc) == RC_REFERENCE_H0
+        }
+        Fail::Other(_) => false,
+    }
+}
+
+fn is_out_of_memory(e: &tss_esapi::Error) -> bool {
+    matches!(
+        tpm_code(raw_rc(e)),
+        RC_OBJECT_MEMORY | RC_SESSION_MEMORY | RC_MEMORY
+    )
+}
+
+/// The public template of the SRK: the TCG standard ECC P-256 storage key (AES-128-CFB, no
+/// unique data), the same that the tpm2 OpenSSL provider and engine derive for parent 0x40000001.
+fn srk_template() -> tss_esapi::Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+/// The public template of a signing key: P-256, unrestricted, no fixed scheme (the scheme is
+/// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign.
+fn key_template() -> tss_esapi::Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(PublicEccParameters::new(
+            SymmetricDefinitionObject::Null,
+            EccScheme::Null,
+            EccCurve::NistP256,
+            KeyDerivationFunctionScheme::Null,
+        ))
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+/// One connection, owned by the process that opened it.
+struct Conn {
+    pid: u32,
+    ctx: Option<Context>,
+    srk: Option<KeyHandle>,
+    srk_fingerprint: [u8; 8],
+    /// Loaded signing keys, most recently used first.
+    loaded: VecDeque<(String, KeyHandle)>,
+    /// The connection failed: do not send it anything more.
+    dead: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(mut ctx) = self.ctx.take() else {
+            return;
+        };
+        if self.pid != std::process::id() {
+            // A forked child: the objects and the socket are the parent's. Dropping the context
+            // would flush the parent's keys and end its TPM session, so leak it instead.
+            std::mem::forget(ctx);
+            return;
+        }
+        if self.dead {
+            // Forget the handles locally so that dropping the context sends no flush to a dead
+            // connection.
+            let handles = self
+                .srk
+                .take()
+                .into_iter()
+                .chain(self.loaded.drain(..).map(|(_, h)| h));
+            for h in handles {
+                let mut object = ObjectHandle::from(h);
+                let _ = ctx.tr_close(&mut object);
+            }
+        }
+        // Dropping the context flushes the SRK and every loaded key.
+        drop(ctx);
+    }
+}
+
+impl Conn {
+    fn ctx(&mut self) -> Op<&mut Context> {
+        self.ctx
+            .as_mut()
+            .ok_or_else(|| Fail::Other(BackendError::Unreachable("TPM connection closed".into())))
+    }
+
+    fn srk(&self) -> Op<KeyHandle> {
+        self.srk
+            .ok_or_else(|| Fail::Other(BackendError::Unreachable("no storage root key".into())))
+    }
+
+    fn flush(&mut self, handle: KeyHandle) {
+        if let Ok(ctx) = self.ctx() {
+            if let Err(e) = ctx.flush_context(handle.into()) {
+                log::warn!("tpm: flushing a transient object failed: {e}");
+            }
+        }
+    }
+
+    /// Flushes transient objects left by earlier clients. Behind a resource manager we only
+    /// see our own (none); on a bare TPM or swtpm we are the only client, so any object there
+    /// was leaked by a process that died before flushing it.
+    fn flush_stale(&mut self) -> Op<()> {
+        if self.srk.is_some() || !self.loaded.is_empty() {
+            // Only before we load anything of our own.
+            return Ok(());
+        }
+        let ctx = self.ctx()?;
+        let (data, _) = tss(
+            "listing transient objects",
+            ctx.execute_without_session(|c| {
+                c.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+            }),
+        )?;
+        let CapabilityData::Handles(list) = data else {
+            return Ok(());
+        };
+        for handle in list.iter() {
+            if !matches!(handle, TpmHandle::Transient(_)) {
+                continue;
+            }
+            let result = ctx
+                .tr_from_tpm_public(*handle)
+                .and_then(|object| ctx.flush_context(object));
+            match result {
+                Ok(()) => log::info!("tpm: flushed a stale transient object {handle:?}"),
+                Err(e) => log::warn!("tpm: cannot flush stale object {handle:?}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn create_srk(&mut self) -> Op<()> {
+        let template = tss("building the SRK template", srk_template())?;
+        let ctx = self.ctx()?;
+        let result = tss(
+            "creating the storage root key (TPM2_CreatePrimary, owner hierarchy)",
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            }),
+        )?;
+        let mut hasher = Sha256::new();
+        if let Public::Ecc { unique, .. } = &result.out_public {
+            hasher.update(unique.x().value());
+            hasher.update(unique.y().value());
+        }
+        let digest = hasher.finalize();
+        self.srk_fingerprint.copy_from_slice(&digest[..8]);
+        self.srk = Some(result.key_handle);
+        Ok(())
+    }
+
+    fn identity(&mut self, tcti: &str) -> Op<Identity> {
+        let ctx = self.ctx()?;
+        let (data, _) = tss(
+            "reading TPM properties",
+            ctx.execute_without_session(|c| {
+                c.get_capability(
+                    CapabilityType::TpmProperties,
+                    tss_esapi::constants::tss::TPM2_PT_MANUFACTURER,
+                    8,
+                )
+            }),
+        )?;
+        let CapabilityData::TpmProperties(props) = data else {
+            return Err(Fail::Other(BackendError::Refused(
+                "the TPM answered GetCapability with the wrong kind of data".into(),
+            )));
+        };
+        let get = |tag| props.find(tag).map(|p| p.value()).unwrap_or(0);
+        let manufacturer = ascii4(get(PropertyTag::Manufacturer)).trim().to_string();
+        let vendor_raw: String = [
+            PropertyTag::VendorString1,
+            PropertyTag::VendorString2,
+            PropertyTag::VendorString3,
+            PropertyTag::VendorString4,
+        ]
+        .into_iter()
+        .map(|t| ascii4(get(t)))
+        .collect();
+        let vendor = vendor_raw.split_whitespace().collect::<Vec<_>>().join(" ");
+        let fw1 = get(PropertyTag::FirmwareVersion1);
+        let fw2 = get(PropertyTag::FirmwareVersion2);
+        let firmware = format!(
+            "{}.{}.{}.{}",
+            fw1 >> 16,
+            fw1 & 0xffff,
+            fw2 >> 16,
+            fw2 & 0xffff
+        );
+        Ok(Identity {
+            simulator: is_simulator(&manufacturer, &vendor, tcti),
+            manufacturer,
+            vendor,
+            firmware,
+            srk_fingerprint: self.srk_fingerprint,
+        })
+    }
+
+    /// The handle of a loaded key, loading it (and evicting the least recently used) if needed.
+    fn ensure_loaded(&mut self, key: &TpmKey) -> Op<KeyHandle> {
+        if let Some(pos) = self.loaded.iter().position(|(n, _)| *n == key.name) {
+            if let Some(entry) = self.loaded.remove(pos) {
+                let handle = entry.1;
+                self.loaded.push_front(entry);
+                return Ok(handle);
+            }
+        }
+        while self.loaded.len() >= CACHE_SIZE {
+            match self.loaded.pop_back() {
+                Some((_, h)) => self.flush(h),
+                None => break,
+            }
+        }
+        let srk = self.srk()?;
+        let load = |ctx: &mut Context| {
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(srk, key.private.clone(), key.public.clone())
+            })
+        };
+        let handle = match load(self.ctx()?) {
+            Ok(h) => h,
+            Err(e) if is_out_of_memory(&e) => {
+                // Someone else's objects fill the TPM: drop all of ours and try once more.
+                log::warn!("tpm: out of object memory while loading a key; flushing the cache");
+                while let Some((_, h)) = self.loaded.pop_back() {
+                    self.flush(h);
+                }
+                tss("loading the key (TPM2_Load)", load(self.ctx()?))?
+            }
+            Err(e) => return Err(Fail::Tss("loading the key (TPM2_Load)", e)),
+        };
+        self.loaded.push_front((key.name.clone(), handle));
+        Ok(handle)
+    }
+
+    fn forget(&mut self, name: &str) {
+        if let Some(pos) = self.loaded.iter().position(|(n, _)| n == name) {
+            if let Some((_, h)) = self.loaded.remove(pos) {
+                self.flush(h);
+            }
+        }
+    }
+
+    fn sign_once(&mut self, key: &TpmKey, digest: &[u8; 32]) -> Op<[u8; 64]> {
+        let handle = self.ensure_loaded(key)?;
+        let digest = tss("preparing the digest", Digest::try_from(digest.to_vec()))?;
+        let ticket = tss(
+            "preparing the null ticket",
+            HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+                tag: TPM2_ST_HASHCHECK,
+                hierarchy: TPM2_RH_NULL,
+                digest: Default::default(),
+            }),
+        )?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let ctx = self.ctx()?;
+        let signature = tss(
+            "signing (TPM2_Sign)",
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.sign(handle, digest, scheme, ticket)
+            }),
+        )?;
+        let Signature::EcDsa(sig) = signature else {
+            return Err(Fail::Other(BackendError::Crypto(
+                "the TPM returned a non-ECDSA signature".into(),
+            )));
+        };
+        let (Some(r), Some(s)) = (
+            fixed32(sig.signature_r().value()),
+            fixed32(sig.signature_s().value()),
+        ) else {
+            return Err(Fail::Other(BackendError::Crypto(
+                "the TPM returned an oversized signature".into(),
+            )));
+        };
+        let mut out = [0u8; 64];
+        out[..32].copy_from_slice(&r);
+        out[32..].copy_from_slice(&s);
+        Ok(out)
+    }
+
+    fn sign(&mut self, key: &TpmKey, digest: &[u8; 32]) -> Op<[u8; 64]> {
+        match self.sign_once(key, digest) {
+            Err(e) if is_stale_handle(&e) => {
+                // The cached handle no longer names our key: reload and try once more.
+                log::warn!("tpm: cached key handle went stale; reloading the key");
+                self.forget(&key.name);
+                self.sign_once(key, digest)
+            }
+            other => other,
+        }
+    }
+
+    fn create(&mut self) -> Op<(Public, Private)> {
+        let template = tss("building the key template", key_template())?;
+        let srk = self.srk()?;
+        let ctx = self.ctx()?;
+        let result = tss(
+            "creating a key (TPM2_Create)",
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.create(srk, template, None, None, None, None)
+            }),
+        )?;
+        Ok((result.out_public, result.out_private))
+    }
+}
+
+fn ascii4(v: u32) -> String {
+    v.to_be_bytes()
+        .iter()
+        .filter(|b| **b != 0)
+        .map(|b| {
+            if b.is_ascii_graphic() || *b == b' ' {
+                char::from(*b)
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// True for TPMs that are software: swtpm and the reference simulator report manufacturer
+/// "IBM" (no TPM chip carries it) and vendor "SW TPM"; the swtpm and mssim TCTIs only talk to
+/// simulators.
+pub fn is_simulator(manufacturer: &str, vendor: &str, tcti: &str) -> bool {
+    let tcti_kind = tcti.split(':').next().unwrap_or("");
+    manufacturer.eq_ignore_ascii_case("IBM")
+        || vendor.eq_ignore_ascii_case("SW TPM")
+        || matches!(tcti_kind, "swtpm" | "mssim")
+}
+
+/// The TPM, shared by every key of one store.
+pub struct Device {
+    tcti: String,
+    conn: Mutex<Option<Conn>>,
+    signatures: AtomicU64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("tcti", &self.tcti)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// A device for a TCTI string; connects on first use.
+    pub fn new(tcti: &str) -> Self {
+        Self {
+            tcti: tcti.to_string(),
+            conn: Mutex::new(None),
+            signatures: AtomicU64::new(0),
+        }
+    }
+
+    /// The TCTI string.
+    pub fn tcti(&self) -> &str {
+        &self.tcti
+    }
+
+    /// How many TPM2_Sign commands this device sent.
+    pub fn signatures(&self) -> u64 {
+        self.signatures.load(Ordering::Relaxed)
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        let conf = TctiNameConf::from_str(&self.tcti).map_err(|_| {
+            BackendError::Unusable(format!(
+                "bad TPM TCTI {:?}; use device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd",
+                self.tcti
+            ))
+        })?;
+        if let Some(path) = self.tcti.strip_prefix("device:") {
+            let path = if path.is_empty() { "/dev/tpm0" } else { path };
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(BackendError::Unreachable(format!(
+                    "TPM not reachable at {}: {path}: {e}; fix: enable the TPM in the firmware setup and load the kernel driver (tpm_crb or tpm_tis), or set tcti / DEVICEKEY_TPM_TCTI",
+                    self.tcti
+                )));
+            }
+        }
+        let ctx = Context::new(conf).map_err(|e| {
+            let hint = if self.tcti.starts_with("device:") {
+                "fix: check that you may open the device (add the user to the tss group)"
+            } else if self.tcti.starts_with("swtpm") || self.tcti.starts_with("mssim") {
+                "fix: start the simulator (scripts/swtpm.sh start) and check host and port"
+            } else {
+                "fix: check that the resource manager runs"
+            };
+            BackendError::Unreachable(format!("TPM not reachable at {}: {e}; {hint}", self.tcti))
+        })?;
+        let mut conn = Conn {
+            pid: std::process::id(),
+            ctx: Some(ctx),
+            srk: None,
+            srk_fingerprint: [0; 8],
+            loaded: VecDeque::new(),
+            dead: false,
+        };
+        let setup = |conn: &mut Conn| -> Op<()> {
+            if let Err(Fail::Tss(_, e)) = conn.flush_stale() {
+                if tpm_code(raw_rc(&e)) != RC_INITIALIZE {
+                    return Err(Fail::Tss("listing transient objects", e));
+                }
+                // A TPM that was never started (a bare simulator): start it.
+                log::info!("tpm: running TPM2_Startup(CLEAR)");
+                let ctx = conn.ctx()?;
+                tss("TPM2_Startup", ctx.startup(StartupType::Clear))?;
+            }
+            conn.create_srk()
+        };
+        match setup(&mut conn) {
+            Ok(()) => Ok(conn),
+            Err(e) => {
+                conn.dead = is_connection_error(&e);
+                Err(self.error(e))
+            }
+        }
+    }
+
+    fn error(&self, e: Fail) -> BackendError {
+        let (what, e) = match e {
+            Fail::Other(e) => return e,
+            Fail::Tss(what, e) => (what, e),
+        };
+        let rc = raw_rc(&e);
+        let code = tpm_code(rc);
+        match layer(rc) {
+            LAYER_TCTI | LAYER_RESMGR => {
+                return BackendError::Unreachable(format!(
+                    "TPM not reachable at {}: {what}: {e} ({rc:#x})",
+                    self.tcti
+                ))
+            }
+            _ => {}
+        }
+        let msg = format!("{what}: {e} ({rc:#x})");
+        match code {
+            RC_OBJECT_MEMORY | RC_SESSION_MEMORY | RC_MEMORY => BackendError::Full(msg),
+            RC_LOCKOUT => BackendError::Refused(format!(
+                "{msg}; the TPM is in dictionary-attack lockout, wait or reset it (tpm2_dictionarylockout)"
+            )),
+            // TPM_RC_AUTH_FAIL, TPM_RC_BAD_AUTH (format one).
+            0x8e | 0xa2 => BackendError::Auth(format!(
+                "{msg}; the owner hierarchy has a password, which this store does not support"
+            )),
+            // TPM_RC_INTEGRITY: the blob was made under another SRK (another TPM, or a cleared one).
+            0x9f => BackendError::Refused(format!(
+                "{msg}; the key blob does not belong to this TPM (was the TPM cleared?)"
+            )),
+            _ => BackendError::Refused(msg),
+        }
+    }
+
+    /// Runs `op` on the connection, connecting first if needed; a dropped connection is
+    /// reopened once and `op` retried.
+    fn with_conn<T>(&self, mut op: impl FnMut(&mut Conn) -> Op<T>) -> Result<T> {
+        let mut guard = self
+            .conn
+            .lock()
+            .map_err(|_| BackendError::Unusable("the TPM connection lock is poisoned".into()))?;
+        let pid = std::process::id();
+        if guard.as_ref().is_some_and(|c| c.pid != pid) {
+            log::info!("tpm: new process after fork; opening a new TPM connection");
+            *guard = None;
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn = match guard.as_mut() {
+                Some(conn) => conn,
+                None => guard.insert(self.connect()?),
+            };
+            match op(conn) {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) => {
+                    conn.dead = true;
+                    *guard = None;
+                    if attempt >= 2 {
+                        return Err(self.error(e));
+                    }
+                    log::warn!(
+                        "tpm: connection to {} lost ({}); reconnecting",
+                        self.tcti,
+                        match &e {
+                            Fail::Tss(what, err) => format!("{what}: {err}"),
+                            Fail::Other(err) => err.to_string(),
+                        }
+                    );
+                }
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+    }
+
+    /// What the TPM says about itself (connects if needed).
+    pub fn identity(&self) -> Result<Identity> {
+        let tcti = self.tcti.clone();
+        self.with_conn(|c| c.identity(&tcti))
+    }
+
+    /// Creates a P-256 signing key under the SRK.
+    pub fn create(&self, name: &str) -> Result<TpmKey> {
+        let (public, private) = self.with_conn(|c| c.create())?;
+        Ok(TpmKey {
+            name: name.to_string(),
+            public,
+            private,
+        })
+    }
+
+    /// Signs a digest (ECDSA, SHA-256 scheme); returns raw `r‖s`.
+    pub fn sign(&self, key: &TpmKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let start = Instant::now();
+        let sig = self.with_conn(|c| c.sign(key, digest))?;
+        self.signatures.fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "tpm: signed with {} in {:.1} ms",
+            key.name,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(sig)
+    }
+
+    /// Flushes a key from the cache, if it is loaded; never connects.
+    pub fn forget(&self, name: &str) {
+        if let Ok(mut guard) = self.conn.lock() {
+            if let Some(conn) = guard.as_mut() {
+                if conn.pid == std::process::id() && !conn.dead {
+                    conn.forget(name);
+                }
+            }
+        }
+    }
+
+    /// Closes the connection (flushing our objects); the next call reconnects.
+    pub fn disconnect(&self) {
+        if let Ok(mut guard) = self.conn.lock() {
+            *guard = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed32_pads_and_strips() {
+        assert_eq!(fixed32(&[1]).unwrap()[31], 1);
+        let mut long = vec![0, 0];
+        long.extend([9u8; 32]);
+        assert_eq!(fixed32(&long).unwrap(), [9u8; 32]);
+        assert!(fixed32(&[1u8; 33]).is_none());
+    }
+
+    #[test]
+    fn simulator_detection() {
+        assert!(is_simulator("IBM", "SW TPM", "device:/dev/tpmrm0"));
+        assert!(is_simulator("XYZ", "", "swtpm:port=1"));
+        assert!(!is_simulator("IFX", "SLB9670", "device:/dev/tpmrm0"));
+        assert!(!is_simulator("MSFT", "", "tabrmd"));
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(tpm_code(0x902), RC_OBJECT_MEMORY);
+        assert_eq!(tpm_code(0x18b), 0x8b);
+        assert_eq!(tpm_code(0x9a2), 0xa2);
+        assert_eq!(tpm_code(0xa000a), 0);
+        assert_eq!(layer(0xa000a), LAYER_TCTI);
+        assert_eq!(ascii4(0x4942_4D00), "IBM");
+    }
+
+    #[test]
+    fn templates_build() {
+        srk_template().unwrap();
+        let t = key_template().unwrap();
+        assert!(t.object_attributes().sign_encrypt());
+        assert!(t.object_attributes().fixed_tpm());
+    }
+}

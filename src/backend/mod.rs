@@ -5,6 +5,7 @@
 //! signs a 32-byte digest. Every backend keeps private keys inside itself: nothing in this trait
 //! ever returns a private scalar.
 
+pub mod pkcs11;
 pub mod software;
 #[cfg(feature = "tpm")]
 pub mod tpm;
@@ -268,5 +269,26 @@ pub trait Backend: Send + Sync {
     /// (a directory mtime, a counter...). `None` when the store cannot tell.
     fn change_marker(&self) -> Option<u128> {
         None
+    }
+}
+
+/// Opens the key store a `[[slot]]` entry describes.
+pub fn open(config: &crate::config::SlotConfig) -> Result<Arc<dyn Backend>> {
+    use crate::config::BackendKind;
+    let label = config.label.as_deref().unwrap_or("devicekey");
+    match config.backend {
+        BackendKind::Software => Ok(Arc::new(software::SoftwareStore::open(
+            label,
+            config.dir.as_deref(),
+        )?)),
+        BackendKind::Tpm => Err(BackendError::Unusable(format!(
+            "slot \"{label}\": this build has no TPM support"
+        ))),
+        BackendKind::Pkcs11 => Err(BackendError::Unusable(format!(
+            "slot \"{label}\": this build has no pkcs11 backend"
+        ))),
+        BackendKind::SecureEnclave => Err(BackendError::Unusable(format!(
+            "slot \"{label}\": the Secure Enclave exists only on macOS"
+        ))),
     }
 }

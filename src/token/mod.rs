@@ -1,1 +1,727 @@
-//! token (in progress).
+//! The token as plain Rust: slots, sessions, objects, attributes, find, and the sign, verify and
+//! digest state machines. No raw pointers here; `crate::pkcs11` turns C calls into calls on a
+//! [`Token`].
+
+pub mod attributes;
+pub mod error;
+pub mod mechanism;
+pub mod object;
+pub mod session;
+pub mod slot;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use cryptoki_sys::*;
+
+use crate::backend::{KeyPurpose, NewKey};
+use crate::config::Config;
+use crate::proof::ProofPolicy;
+use attributes::{find, Template};
+use error::fail;
+pub use error::{Error, Result};
+use object::{Lookup, Object, Origin};
+use session::Session;
+use slot::{Handles, Login, Slot, Store};
+
+/// Library version reported by C_GetInfo and the token info.
+pub const VERSION: (u8, u8) = (0, 1);
+
+/// What C_GetSlotInfo reports.
+#[derive(Clone, Debug)]
+pub struct SlotInfo {
+    /// Slot description.
+    pub description: String,
+    /// CKF_TOKEN_PRESENT etc.
+    pub flags: CK_FLAGS,
+}
+
+/// What C_GetTokenInfo reports.
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    /// Token label.
+    pub label: String,
+    /// Manufacturer.
+    pub manufacturer: String,
+    /// Model: the protection class.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// CKF_* flags.
+    pub flags: CK_FLAGS,
+    /// Open sessions.
+    pub session_count: usize,
+    /// Open read-write sessions.
+    pub rw_session_count: usize,
+}
+
+/// What C_GetSessionInfo reports.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionInfo {
+    /// The slot.
+    pub slot: CK_SLOT_ID,
+    /// CKS_*.
+    pub state: CK_STATE,
+    /// CKF_SERIAL_SESSION | CKF_RW_SESSION.
+    pub flags: CK_FLAGS,
+}
+
+/// The whole module state between C_Initialize and C_Finalize.
+pub struct Token {
+    slots: Vec<Slot>,
+    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    next_session: AtomicU64,
+    handles: Handles,
+    proof_policy: ProofPolicy,
+}
+
+fn lock(s: &Mutex<Session>) -> Result<MutexGuard<'_, Session>> {
+    s.lock().map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Token {
+    /// Builds the token from the config; stores open lazily.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            slots: config.slots.iter().cloned().map(Slot::new).collect(),
+            sessions: RwLock::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            handles: Handles::new(),
+            proof_policy: ProofPolicy::from_config(&config.server),
+        }
+    }
+
+    /// Loads the config the usual way and builds the token.
+    pub fn from_environment() -> std::result::Result<Self, crate::config::ConfigError> {
+        Ok(Self::new(&Config::load()?))
+    }
+
+    fn slot(&self, id: CK_SLOT_ID) -> Result<&Slot> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .ok_or(Error::rv(CKR_SLOT_ID_INVALID))
+    }
+
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
+        self.sessions
+            .read()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .get(&h)
+            .cloned()
+            .ok_or(Error::rv(CKR_SESSION_HANDLE_INVALID))
+    }
+
+    /// The store of a session's slot.
+    fn session_store(&self, s: &Session) -> Result<Arc<Store>> {
+        slot::require(self.slots.get(s.slot).and_then(Slot::opened))
+    }
+
+    /// Finds an object visible from a session.
+    fn object(&self, store: &Store, h: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+        store
+            .objects()?
+            .get(h)
+            .cloned()
+            .ok_or(Error::rv(CKR_OBJECT_HANDLE_INVALID))
+    }
+
+    /// C_GetSlotList.
+    pub fn slot_list(&self, token_present: bool) -> Vec<CK_SLOT_ID> {
+        (0..self.slots.len())
+            .filter(|i| !token_present || self.slots[*i].store(&self.handles).is_ok())
+            .map(|i| i as CK_SLOT_ID)
+            .collect()
+    }
+
+    /// C_GetSlotInfo.
+    pub fn slot_info(&self, id: CK_SLOT_ID) -> Result<SlotInfo> {
+        let slot = self.slot(id)?;
+        let present = slot.store(&self.handles).is_ok();
+        let mut flags = 0;
+        if present {
+            flags |= CKF_TOKEN_PRESENT;
+        }
+        if let Some(store) = slot.opened() {
+            if store.info.protection_class.is_hardware() {
+                flags |= CKF_HW_SLOT;
+            }
+        }
+        Ok(SlotInfo {
+            description: format!("devicekey {:?} slot {}", slot.config.backend, slot.label)
+                .to_lowercase(),
+            flags,
+        })
+    }
+
+    /// C_GetTokenInfo.
+    pub fn token_info(&self, id: CK_SLOT_ID) -> Result<TokenInfo> {
+        let slot = self.slot(id)?;
+        let store = slot.store(&self.handles)?;
+        let (mut count, mut rw) = (0, 0);
+        for s in self
+            .sessions
+            .read()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .values()
+        {
+            let s = lock(s)?;
+            if s.slot as CK_SLOT_ID == id {
+                count += 1;
+                if s.rw {
+                    rw += 1;
+                }
+            }
+        }
+        Ok(TokenInfo {
+            label: store.info.label.clone(),
+            manufacturer: store.info.manufacturer.clone(),
+            model: store.info.protection_class.token_model().to_string(),
+            serial: store.info.serial.clone(),
+            flags: CKF_RNG | CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED,
+            session_count: count,
+            rw_session_count: rw,
+        })
+    }
+
+    /// C_GetMechanismList.
+    pub fn mechanisms(&self, id: CK_SLOT_ID) -> Result<&'static [CK_MECHANISM_TYPE]> {
+        self.slot(id)?;
+        Ok(mechanism::MECHANISMS)
+    }
+
+    /// C_GetMechanismInfo.
+    pub fn mechanism_info(
+        &self,
+        id: CK_SLOT_ID,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<CK_MECHANISM_INFO> {
+        let slot = self.slot(id)?;
+        let hardware = slot
+            .opened()
+            .is_some_and(|s| s.info.protection_class.is_hardware());
+        mechanism::info(mech, hardware)
+    }
+
+    /// C_OpenSession.
+    pub fn open_session(&self, id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
+        let slot = self.slot(id)?;
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return fail(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+        }
+        slot.store(&self.handles)?;
+        let rw = flags & CKF_RW_SESSION != 0;
+        if !rw && slot.login_state()? == Login::So {
+            return fail(CKR_SESSION_READ_WRITE_SO_EXISTS);
+        }
+        let h = self.next_session.fetch_add(1, Ordering::Relaxed) as CK_SESSION_HANDLE;
+        let session = Session::new(h, id as usize, rw);
+        self.sessions
+            .write()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .insert(h, Arc::new(Mutex::new(session)));
+        Ok(h)
+    }
+
+    /// C_CloseSession.
+    pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let removed = self
+            .sessions
+            .write()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .remove(&h)
+            .ok_or(Error::rv(CKR_SESSION_HANDLE_INVALID))?;
+        let slot_index = lock(&removed)?.slot;
+        self.after_close(slot_index, &[h])
+    }
+
+    /// C_CloseAllSessions.
+    pub fn close_all_sessions(&self, id: CK_SLOT_ID) -> Result<()> {
+        self.slot(id)?;
+        let mut closed = Vec::new();
+        {
+            let mut sessions = self
+                .sessions
+                .write()
+                .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
+            let mine: Vec<_> = sessions
+                .iter()
+                .filter(|(_, s)| s.lock().map(|s| s.slot as CK_SLOT_ID == id).unwrap_or(true))
+                .map(|(h, _)| *h)
+                .collect();
+            for h in mine {
+                sessions.remove(&h);
+                closed.push(h);
+            }
+        }
+        self.after_close(id as usize, &closed)
+    }
+
+    /// Drops session objects, and logs out when the slot's last session closed.
+    fn after_close(&self, slot_index: usize, closed: &[CK_SESSION_HANDLE]) -> Result<()> {
+        let Some(slot) = self.slots.get(slot_index) else {
+            return Ok(());
+        };
+        if let Some(store) = slot.opened() {
+            let mut table = store.objects_mut()?;
+            for h in closed {
+                table.remove_session(*h);
+            }
+        }
+        let any_left = self
+            .sessions
+            .read()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .values()
+            .any(|s| s.lock().map(|s| s.slot == slot_index).unwrap_or(false));
+        if !any_left {
+            slot.set_login(Login::Public)?;
+        }
+        Ok(())
+    }
+
+    /// C_GetSessionInfo.
+    pub fn session_info(&self, h: CK_SESSION_HANDLE) -> Result<SessionInfo> {
+        let s = self.session(h)?;
+        let s = lock(&s)?;
+        let login = self.slots.get(s.slot).map(Slot::login_state).transpose()?;
+        let state = match (login, s.rw) {
+            (Some(Login::So), _) => CKS_RW_SO_FUNCTIONS,
+            (Some(Login::User), true) => CKS_RW_USER_FUNCTIONS,
+            (Some(Login::User), false) => CKS_RO_USER_FUNCTIONS,
+            (_, true) => CKS_RW_PUBLIC_SESSION,
+            (_, false) => CKS_RO_PUBLIC_SESSION,
+        };
+        let mut flags = CKF_SERIAL_SESSION;
+        if s.rw {
+            flags |= CKF_RW_SESSION;
+        }
+        Ok(SessionInfo {
+            slot: s.slot as CK_SLOT_ID,
+            state,
+            flags,
+        })
+    }
+
+    /// C_Login. With no PIN configured any PIN is accepted: the token needs no login, but some
+    /// tools always log in.
+    pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, _pin: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let slot_index = lock(&s)?.slot;
+        let slot = self
+            .slots
+            .get(slot_index)
+            .ok_or(Error::rv(CKR_GENERAL_ERROR))?;
+        let current = slot.login_state()?;
+        match user {
+            CKU_USER => match current {
+                Login::User => fail(CKR_USER_ALREADY_LOGGED_IN),
+                Login::So => fail(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
+                Login::Public => slot.set_login(Login::User),
+            },
+            CKU_SO => match current {
+                Login::So => fail(CKR_USER_ALREADY_LOGGED_IN),
+                Login::User => fail(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
+                Login::Public => {
+                    let ro_exists = self
+                        .sessions
+                        .read()
+                        .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+                        .values()
+                        .any(|s| {
+                            s.lock()
+                                .map(|s| s.slot == slot_index && !s.rw)
+                                .unwrap_or(false)
+                        });
+                    if ro_exists {
+                        return fail(CKR_SESSION_READ_ONLY_EXISTS);
+                    }
+                    slot.set_login(Login::So)
+                }
+            },
+            CKU_CONTEXT_SPECIFIC => fail(CKR_OPERATION_NOT_INITIALIZED),
+            _ => fail(CKR_USER_TYPE_INVALID),
+        }
+    }
+
+    /// C_Logout.
+    pub fn logout(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let s = self.session(h)?;
+        let slot_index = lock(&s)?.slot;
+        let slot = self
+            .slots
+            .get(slot_index)
+            .ok_or(Error::rv(CKR_GENERAL_ERROR))?;
+        if slot.login_state()? == Login::Public {
+            return fail(CKR_USER_NOT_LOGGED_IN);
+        }
+        slot.set_login(Login::Public)
+    }
+
+    /// C_FindObjectsInit.
+    pub fn find_init(&self, h: CK_SESSION_HANDLE, template: &Template) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        if s.find.is_some() {
+            return fail(CKR_OPERATION_ACTIVE);
+        }
+        let store = self.session_store(&s)?;
+        store.refresh(&self.handles)?;
+        let mut results: Vec<_> = store
+            .objects()?
+            .iter()
+            .filter(|(_, o)| o.attrs.matches(template))
+            .map(|(h, _)| h)
+            .collect();
+        results.sort_unstable();
+        s.find = Some(session::FindState { results, pos: 0 });
+        Ok(())
+    }
+
+    /// C_FindObjects.
+    pub fn find(&self, h: CK_SESSION_HANDLE, max: usize) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        let f = s
+            .find
+            .as_mut()
+            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let end = f.results.len().min(f.pos.saturating_add(max));
+        let out = f.results[f.pos..end].to_vec();
+        f.pos = end;
+        Ok(out)
+    }
+
+    /// C_FindObjectsFinal.
+    pub fn find_final(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.find
+            .take()
+            .map(|_| ())
+            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))
+    }
+
+    /// The object behind a handle, for C_GetAttributeValue and C_GetObjectSize.
+    pub fn get_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+        let s = self.session(h)?;
+        let store = self.session_store(&*lock(&s)?)?;
+        self.object(&store, obj)
+    }
+
+    /// C_GetObjectSize: the bytes of its attributes.
+    pub fn object_size(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<usize> {
+        let o = self.get_object(h, obj)?;
+        Ok(o.attrs.iter().map(|(_, v)| v.len()).sum())
+    }
+
+    /// C_SetAttributeValue: CKA_LABEL and CKA_ID (CKA_ID on keys and certificates).
+    pub fn set_attributes(
+        &self,
+        h: CK_SESSION_HANDLE,
+        obj: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<()> {
+        let s = self.session(h)?;
+        let (store, rw) = {
+            let s = lock(&s)?;
+            (self.session_store(&s)?, s.rw)
+        };
+        let o = self.object(&store, obj)?;
+        for (t, _) in template {
+            match *t {
+                CKA_LABEL => {}
+                CKA_ID if o.class != CKO_DATA => {}
+                t if o.lookup(t) == Lookup::Invalid => return fail(CKR_ATTRIBUTE_TYPE_INVALID),
+                _ => return fail(CKR_ATTRIBUTE_READ_ONLY),
+            }
+        }
+        if o.is_token() && !rw {
+            return fail(CKR_SESSION_READ_ONLY);
+        }
+        if !o.attrs.get_bool(CKA_MODIFIABLE) {
+            return fail(CKR_ACTION_PROHIBITED);
+        }
+        let label = find(template, CKA_LABEL);
+        let id = find(template, CKA_ID);
+        let mut table = store.objects_mut()?;
+        match &o.origin {
+            Origin::Key(name) => {
+                let label_text = match label {
+                    Some(l) => std::str::from_utf8(l)
+                        .map_err(|_| Error::rv(CKR_ATTRIBUTE_VALUE_INVALID))?
+                        .to_string(),
+                    None => {
+                        String::from_utf8_lossy(o.attrs.get(CKA_LABEL).unwrap_or_default()).into()
+                    }
+                };
+                let new_id = id.unwrap_or(o.attrs.get(CKA_ID).unwrap_or_default());
+                if o.is_token() {
+                    store.backend.update_key(name, &label_text, new_id)?;
+                }
+                // Both halves of a key pair share their label and CKA_ID.
+                let partner = table.partner(obj);
+                for handle in std::iter::once(obj).chain(partner) {
+                    if let Some(cur) = table.get(handle).cloned() {
+                        table.replace(handle, cur.relabeled(label, id));
+                    }
+                }
+            }
+            Origin::Stored(name) => {
+                let updated = o.relabeled(label, id);
+                store.backend.update_object(name, &updated.attrs.to_vec())?;
+                table.replace(obj, updated);
+            }
+            Origin::Session(_) => table.replace(obj, o.relabeled(label, id)),
+        }
+        drop(table);
+        Ok(())
+    }
+
+    /// C_CreateObject: certificates and data objects.
+    pub fn create_object(
+        &self,
+        h: CK_SESSION_HANDLE,
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let s = self.session(h)?;
+        let (store, rw) = {
+            let s = lock(&s)?;
+            (self.session_store(&s)?, s.rw)
+        };
+        let attrs = object::parse_create(template)?;
+        let class = attrs
+            .get_ulong(CKA_CLASS)
+            .ok_or(Error::rv(CKR_TEMPLATE_INCOMPLETE))?;
+        let obj = if attrs.get_bool(CKA_TOKEN) {
+            if !rw {
+                return fail(CKR_SESSION_READ_ONLY);
+            }
+            let name = store.backend.store_object(&attrs.to_vec())?;
+            object::stored(class, attrs, Origin::Stored(name))
+        } else {
+            object::stored(class, attrs, Origin::Session(h))
+        };
+        let handle = store.objects_mut()?.insert(&self.handles, obj);
+        Ok(handle)
+    }
+
+    /// C_DestroyObject. Destroying a private key deletes the key pair from the store; its public
+    /// half stays visible until the module is finalized.
+    pub fn destroy_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<()> {
+        let s = self.session(h)?;
+        let (store, rw) = {
+            let s = lock(&s)?;
+            (self.session_store(&s)?, s.rw)
+        };
+        let o = self.object(&store, obj)?;
+        if o.is_token() && !rw {
+            return fail(CKR_SESSION_READ_ONLY);
+        }
+        if !o.attrs.get_bool(CKA_DESTROYABLE) {
+            return fail(CKR_ACTION_PROHIBITED);
+        }
+        match &o.origin {
+            Origin::Key(name) if o.class == CKO_PRIVATE_KEY && o.is_token() => {
+                store.backend.destroy_key(name)?;
+            }
+            Origin::Stored(name) => store.backend.destroy_object(name)?,
+            _ => {}
+        }
+        store.objects_mut()?.remove(obj);
+        Ok(())
+    }
+
+    /// C_GenerateKeyPair (CKM_EC_KEY_PAIR_GEN, P-256). Returns (public, private).
+    pub fn generate_key_pair(
+        &self,
+        h: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        public: &Template,
+        private: &Template,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        if mech != CKM_EC_KEY_PAIR_GEN {
+            return fail(CKR_MECHANISM_INVALID);
+        }
+        let s = self.session(h)?;
+        let (store, rw) = {
+            let s = lock(&s)?;
+            (self.session_store(&s)?, s.rw)
+        };
+        let req = object::parse_keygen(public, private)?;
+        if req.persistent && !rw {
+            return fail(CKR_SESSION_READ_ONLY);
+        }
+        let id = match req.id {
+            Some(id) => id,
+            None => {
+                let mut id = vec![0u8; 16];
+                getrandom::getrandom(&mut id).map_err(|_| Error::rv(CKR_FUNCTION_FAILED))?;
+                id
+            }
+        };
+        let label = match req.label {
+            Some(l) => String::from_utf8(l).map_err(|_| Error::rv(CKR_ATTRIBUTE_VALUE_INVALID))?,
+            None => String::new(),
+        };
+        let rec = store.backend.generate_key(&NewKey {
+            id,
+            label,
+            purpose: req.purpose,
+            persistent: req.persistent,
+        })?;
+        let (mut priv_obj, mut pub_obj) =
+            object::key_pair(&rec, store.info.protection_class, store.private_flag());
+        if !req.persistent {
+            priv_obj.owner_session = Some(h);
+            pub_obj.owner_session = Some(h);
+        }
+        let mut table = store.objects_mut()?;
+        let priv_h = table.insert(&self.handles, priv_obj);
+        let pub_h = table.insert(&self.handles, pub_obj);
+        Ok((pub_h, priv_h))
+    }
+
+    fn key_for(&self, s: &Session, key: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+        let store = self.session_store(s)?;
+        self.object(&store, key)
+            .map_err(|_| Error::rv(CKR_KEY_HANDLE_INVALID))
+    }
+
+    fn proof_check(&self) -> impl Fn(&[u8]) -> Result<()> + '_ {
+        move |bytes: &[u8]| {
+            crate::proof::validate_signing_bytes(bytes, &self.proof_policy, now_unix()).map_err(
+                |e| {
+                    log::info!("proof-only key: refused to sign: {e}");
+                    Error::rv(CKR_DATA_INVALID)
+                },
+            )
+        }
+    }
+
+    /// C_SignInit.
+    pub fn sign_init(
+        &self,
+        h: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        let key = self.key_for(&s, key)?;
+        s.sign_init(mech, key)
+    }
+
+    /// C_Sign.
+    pub fn sign(&self, h: CK_SESSION_HANDLE, data: &[u8], out: Option<&mut [u8]>) -> Result<usize> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.sign(data, out, &self.proof_check())
+    }
+
+    /// C_SignUpdate.
+    pub fn sign_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.sign_update(data)
+    }
+
+    /// C_SignFinal.
+    pub fn sign_final(&self, h: CK_SESSION_HANDLE, out: Option<&mut [u8]>) -> Result<usize> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.sign_final(out, &self.proof_check())
+    }
+
+    /// C_VerifyInit.
+    pub fn verify_init(
+        &self,
+        h: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        let key = self.key_for(&s, key)?;
+        s.verify_init(mech, key)
+    }
+
+    /// C_Verify.
+    pub fn verify(&self, h: CK_SESSION_HANDLE, data: &[u8], signature: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.verify(data, signature)
+    }
+
+    /// C_VerifyUpdate.
+    pub fn verify_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.verify_update(data)
+    }
+
+    /// C_VerifyFinal.
+    pub fn verify_final(&self, h: CK_SESSION_HANDLE, signature: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.verify_final(signature)
+    }
+
+    /// C_DigestInit.
+    pub fn digest_init(&self, h: CK_SESSION_HANDLE, mech: CK_MECHANISM_TYPE) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.digest_init(mech)
+    }
+
+    /// C_Digest.
+    pub fn digest(
+        &self,
+        h: CK_SESSION_HANDLE,
+        data: &[u8],
+        out: Option<&mut [u8]>,
+    ) -> Result<usize> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.digest(data, out)
+    }
+
+    /// C_DigestUpdate.
+    pub fn digest_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.digest_update(data)
+    }
+
+    /// C_DigestFinal.
+    pub fn digest_final(&self, h: CK_SESSION_HANDLE, out: Option<&mut [u8]>) -> Result<usize> {
+        let s = self.session(h)?;
+        let mut s = lock(&s)?;
+        s.digest_final(out)
+    }
+
+    /// C_GenerateRandom.
+    pub fn generate_random(&self, h: CK_SESSION_HANDLE, out: &mut [u8]) -> Result<()> {
+        self.session(h)?;
+        getrandom::getrandom(out).map_err(|_| Error::rv(CKR_FUNCTION_FAILED))
+    }
+
+    /// C_SeedRandom: the operating system's generator takes no seed from callers.
+    pub fn seed_random(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        self.session(h)?;
+        fail(CKR_RANDOM_SEED_NOT_SUPPORTED)
+    }
+
+    /// The purpose of a key, for callers that only have the token.
+    pub fn key_purpose(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<KeyPurpose> {
+        Ok(self.get_object(h, key)?.purpose)
+    }
+}

@@ -1,0 +1,357 @@
+//! Slots: one key store each, opened on first use, with the table of its objects.
+//!
+//! The object table maps handles to immutable objects. It is filled from the store when the
+//! slot opens and merged again when the store says another process changed it, so handles stay
+//! stable for objects that did not change.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use cryptoki_sys::*;
+
+use super::attributes::Attributes;
+use super::error::{fail, Error, Result};
+use super::object::{self, Object, Origin};
+use crate::backend::{self, Backend, StoreInfo};
+use crate::config::SlotConfig;
+
+/// Module-wide object handle counter (handles are never reused within one C_Initialize).
+pub struct Handles(AtomicU64);
+
+impl Handles {
+    /// Starts at 1 (0 is CK_INVALID_HANDLE).
+    pub fn new() -> Self {
+        Self(AtomicU64::new(1))
+    }
+
+    /// The next handle.
+    pub fn next(&self) -> CK_ULONG {
+        self.0.fetch_add(1, Ordering::Relaxed) as CK_ULONG
+    }
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Handles of the two halves of a key pair.
+#[derive(Clone, Copy, Default)]
+struct PairHandles {
+    private: Option<CK_OBJECT_HANDLE>,
+    public: Option<CK_OBJECT_HANDLE>,
+}
+
+/// Every object of one slot.
+#[derive(Default)]
+pub struct ObjectTable {
+    objects: HashMap<CK_OBJECT_HANDLE, Arc<Object>>,
+    keys: HashMap<String, PairHandles>,
+    stored: HashMap<String, CK_OBJECT_HANDLE>,
+}
+
+impl ObjectTable {
+    /// One object.
+    pub fn get(&self, h: CK_OBJECT_HANDLE) -> Option<&Arc<Object>> {
+        self.objects.get(&h)
+    }
+
+    /// Every object, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (CK_OBJECT_HANDLE, &Arc<Object>)> {
+        self.objects.iter().map(|(h, o)| (*h, o))
+    }
+
+    /// Adds an object under a new handle.
+    pub fn insert(&mut self, handles: &Handles, obj: Object) -> CK_OBJECT_HANDLE {
+        let h = handles.next();
+        match &obj.origin {
+            Origin::Key(name) => {
+                let e = self.keys.entry(name.clone()).or_default();
+                if obj.class == CKO_PRIVATE_KEY {
+                    e.private = Some(h);
+                } else {
+                    e.public = Some(h);
+                }
+            }
+            Origin::Stored(name) => {
+                self.stored.insert(name.clone(), h);
+            }
+            Origin::Session(_) => {}
+        }
+        self.objects.insert(h, Arc::new(obj));
+        h
+    }
+
+    /// Replaces an object under its handle.
+    pub fn replace(&mut self, h: CK_OBJECT_HANDLE, obj: Object) {
+        self.objects.insert(h, Arc::new(obj));
+    }
+
+    /// Removes an object.
+    pub fn remove(&mut self, h: CK_OBJECT_HANDLE) -> Option<Arc<Object>> {
+        let obj = self.objects.remove(&h)?;
+        match &obj.origin {
+            Origin::Key(name) => {
+                if let Some(e) = self.keys.get_mut(name) {
+                    if e.private == Some(h) {
+                        e.private = None;
+                    }
+                    if e.public == Some(h) {
+                        e.public = None;
+                    }
+                    if e.private.is_none() && e.public.is_none() {
+                        self.keys.remove(name);
+                    }
+                }
+            }
+            Origin::Stored(name) => {
+                self.stored.remove(name);
+            }
+            Origin::Session(_) => {}
+        }
+        Some(obj)
+    }
+
+    /// The other half of a key pair.
+    pub fn partner(&self, h: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
+        let obj = self.objects.get(&h)?;
+        let Origin::Key(name) = &obj.origin else {
+            return None;
+        };
+        let pair = self.keys.get(name)?;
+        if pair.private == Some(h) {
+            pair.public
+        } else {
+            pair.private
+        }
+    }
+
+    /// Removes every object owned by a session; returns the store names of its session keys.
+    pub fn remove_session(&mut self, session: CK_SESSION_HANDLE) {
+        let gone: Vec<_> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.session_owner() == Some(session))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in gone {
+            self.remove(h);
+        }
+    }
+}
+
+/// An opened key store and its objects.
+pub struct Store {
+    /// The backend.
+    pub backend: Arc<dyn Backend>,
+    /// Its identity.
+    pub info: StoreInfo,
+    objects: RwLock<ObjectTable>,
+    marker: Mutex<Option<u128>>,
+    private_flag: bool,
+}
+
+impl Store {
+    fn open(backend: Arc<dyn Backend>, handles: &Handles) -> Result<Self> {
+        let info = backend.info().clone();
+        let store = Self {
+            info,
+            objects: RwLock::new(ObjectTable::default()),
+            marker: Mutex::new(backend.change_marker()),
+            private_flag: false,
+            backend,
+        };
+        store.reload(handles)?;
+        Ok(store)
+    }
+
+    /// Read access to the objects.
+    pub fn objects(&self) -> Result<RwLockReadGuard<'_, ObjectTable>> {
+        self.objects
+            .read()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    }
+
+    /// Write access to the objects.
+    pub fn objects_mut(&self) -> Result<RwLockWriteGuard<'_, ObjectTable>> {
+        self.objects
+            .write()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    }
+
+    /// CKA_PRIVATE of private keys: true only when the slot has a PIN.
+    pub fn private_flag(&self) -> bool {
+        self.private_flag
+    }
+
+    /// Reloads when another process changed the store.
+    pub fn refresh(&self, handles: &Handles) -> Result<()> {
+        let now = self.backend.change_marker();
+        let changed = {
+            let mut m = self
+                .marker
+                .lock()
+                .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
+            let changed = now.is_some() && *m != now;
+            *m = now;
+            changed
+        };
+        if changed {
+            self.reload(handles)?;
+        }
+        Ok(())
+    }
+
+    /// Merges the store's persistent keys and objects into the table.
+    fn reload(&self, handles: &Handles) -> Result<()> {
+        let keys = self.backend.load_keys()?;
+        let stored = self.backend.load_objects()?;
+        let class = self.info.protection_class;
+        let mut table = self.objects_mut()?;
+        let mut seen_keys = std::collections::HashSet::new();
+        for rec in keys {
+            seen_keys.insert(rec.name.clone());
+            let (private, public) = object::key_pair(&rec, class, self.private_flag);
+            match table.keys.get(&rec.name).copied() {
+                None => {
+                    table.insert(handles, private);
+                    table.insert(handles, public);
+                }
+                Some(pair) => {
+                    if let Some(h) = pair.private {
+                        table.replace(h, private);
+                    }
+                    if let Some(h) = pair.public {
+                        table.replace(h, public);
+                    }
+                }
+            }
+        }
+        let vanished: Vec<_> = table
+            .keys
+            .iter()
+            .filter(|(name, _)| !seen_keys.contains(*name))
+            .flat_map(|(_, p)| [p.private, p.public])
+            .flatten()
+            .filter(|h| table.get(*h).is_some_and(|o| o.is_token()))
+            .collect();
+        for h in vanished {
+            table.remove(h);
+        }
+        let mut seen_objects = std::collections::HashSet::new();
+        for rec in stored {
+            seen_objects.insert(rec.name.clone());
+            let attrs = Attributes::from_list(&rec.attributes);
+            let Some(class) = attrs.get_ulong(CKA_CLASS) else {
+                log::warn!("stored object {} has no CKA_CLASS; skipped", rec.name);
+                continue;
+            };
+            let obj = object::stored(class, attrs, Origin::Stored(rec.name.clone()));
+            match table.stored.get(&rec.name).copied() {
+                None => {
+                    table.insert(handles, obj);
+                }
+                Some(h) => table.replace(h, obj),
+            }
+        }
+        let vanished: Vec<_> = table
+            .stored
+            .iter()
+            .filter(|(name, _)| !seen_objects.contains(*name))
+            .map(|(_, h)| *h)
+            .collect();
+        for h in vanished {
+            table.remove(h);
+        }
+        Ok(())
+    }
+}
+
+/// Who is logged in on a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login {
+    /// Nobody.
+    Public,
+    /// The normal user.
+    User,
+    /// The security officer.
+    So,
+}
+
+/// One slot.
+pub struct Slot {
+    /// Its config.
+    pub config: SlotConfig,
+    /// Its token label.
+    pub label: String,
+    store: Mutex<Option<Arc<Store>>>,
+    /// Who is logged in.
+    pub login: Mutex<Login>,
+}
+
+impl Slot {
+    /// A slot for a config entry; the store opens on first use.
+    pub fn new(config: SlotConfig) -> Self {
+        let label = config.label.clone().unwrap_or_else(|| "devicekey".into());
+        Self {
+            config,
+            label,
+            store: Mutex::new(None),
+            login: Mutex::new(Login::Public),
+        }
+    }
+
+    /// The opened store, opening it now if needed. A store that failed to open is retried on the
+    /// next call, so a device that comes back is picked up.
+    pub fn store(&self, handles: &Handles) -> Result<Arc<Store>> {
+        let mut guard = self
+            .store
+            .lock()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let backend = backend::open(&self.config).map_err(|e| {
+            log::error!("slot \"{}\": {e}", self.label);
+            Error::rv(CKR_TOKEN_NOT_PRESENT)
+        })?;
+        let store = Arc::new(Store::open(backend, handles).map_err(|e| {
+            log::error!("slot \"{}\": cannot load its keys", self.label);
+            e
+        })?);
+        *guard = Some(store.clone());
+        Ok(store)
+    }
+
+    /// The store if it is already open.
+    pub fn opened(&self) -> Option<Arc<Store>> {
+        self.store.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Who is logged in.
+    pub fn login_state(&self) -> Result<Login> {
+        self.login
+            .lock()
+            .map(|g| *g)
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    }
+
+    /// Sets who is logged in.
+    pub fn set_login(&self, l: Login) -> Result<()> {
+        *self
+            .login
+            .lock()
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))? = l;
+        Ok(())
+    }
+}
+
+/// Fails unless the store is open.
+pub fn require(store: Option<Arc<Store>>) -> Result<Arc<Store>> {
+    match store {
+        Some(s) => Ok(s),
+        None => fail(CKR_TOKEN_NOT_PRESENT),
+    }
+}

@@ -1,1 +1,334 @@
-fn main() {}
+//! `devicekey`: the command line of the device key.
+//!
+//! Each subcommand is a variant of [`Command`] with its own `Args` struct and `run` method; to add
+//! one, add the variant, the struct and one match arm in [`Command::run`].
+//!
+//! Exit codes: 0 success, 1 platform or token failure, 2 usage error, 3 key not found,
+//! 4 request refused (invalid payload, policy not satisfiable, binding mismatch).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use devicekey_pkcs11::backend::KeyPurpose;
+use devicekey_pkcs11::config::Config;
+use devicekey_pkcs11::proof::SignPayload;
+use devicekey_pkcs11::rpc::types::{Binding, KeyInfo, ProtectionPolicy, SignParams};
+use devicekey_pkcs11::rpc::{DeviceKeyError, TokenClient};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "devicekey",
+    version,
+    about = "One device-bound ECDSA P-256 key: PKCS#11 module and device-key JSON-RPC server",
+    after_help = "Exit codes: 0 success, 1 platform or token failure, 2 usage error, 3 key not found, 4 request refused.\nConfig: $DEVICEKEY_CONFIG, else $XDG_CONFIG_HOME/devicekey/config.toml, else /etc/devicekey/config.toml.\nLogs: DEVICEKEY_LOG=level, DEVICEKEY_LOG_FILE=path (never stdout)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the device-key JSON-RPC protocol on stdin/stdout (newline-delimited JSON).
+    Serve(ServeArgs),
+    /// Create a device key bound to an account and a client.
+    Create(CreateArgs),
+    /// Show the public key of a device key.
+    Public(PublicArgs),
+    /// Sign a device-key payload (JSON from a file or stdin).
+    Sign(SignArgs),
+    /// List the keys on every token the server uses.
+    List(ListArgs),
+    /// Delete a device key and its binding.
+    Delete(DeleteArgs),
+}
+
+impl Command {
+    fn run(self) -> Result<(), CliError> {
+        match self {
+            Self::Serve(a) => a.run(),
+            Self::Create(a) => a.run(),
+            Self::Public(a) => a.run(),
+            Self::Sign(a) => a.run(),
+            Self::List(a) => a.run(),
+            Self::Delete(a) => a.run(),
+        }
+    }
+}
+
+/// Why a command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Key(#[from] DeviceKeyError),
+    #[error("{0}")]
+    Config(#[from] devicekey_pkcs11::config::ConfigError),
+    #[error("{0}")]
+    Input(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Key(DeviceKeyError::KeyNotFound) => 3,
+            Self::Key(DeviceKeyError::Platform(_) | DeviceKeyError::Crypto(_)) => 1,
+            Self::Key(_) => 4,
+            Self::Config(_) => 1,
+            Self::Input(_) => 2,
+        }
+    }
+}
+
+fn client() -> Result<TokenClient, CliError> {
+    let config = Config::load()?;
+    Ok(TokenClient::new(&config.server)?)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Input(format!("cannot encode the output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn print_key_info(info: &KeyInfo) {
+    println!("key id:           {}", info.key_id);
+    println!("protection class: {}", info.protection_class.as_str());
+    println!("algorithm:        ecdsa_p256_sha256");
+    println!("public key (SPKI DER, base64):");
+    println!("  {}", info.public_key_spki_der_base64);
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {}
+
+impl ServeArgs {
+    fn run(self) -> Result<(), CliError> {
+        let config = Config::load()?;
+        devicekey_pkcs11::rpc::serve_stdio(&config)?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PolicyArg {
+    /// Only a TPM or Secure Enclave key.
+    HardwareOnly,
+    /// Also an OS-protected, non-extractable software key.
+    AllowOsProtectedNonextractable,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PurposeArg {
+    /// Signs only device-key proofs (the default; what the server creates).
+    Proof,
+    /// Signs anything (SSH, TLS, code signing); has no binding.
+    General,
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// The account the key is bound to (required for proof keys).
+    #[arg(long)]
+    account_user_id: Option<String>,
+    /// The client the key is bound to (required for proof keys).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Which protection classes are acceptable.
+    #[arg(long, value_enum, default_value = "hardware-only")]
+    policy: PolicyArg,
+    /// What the key may sign.
+    #[arg(long, value_enum, default_value = "proof")]
+    purpose: PurposeArg,
+    /// CKA_LABEL of a general key (default: the key id).
+    #[arg(long)]
+    label: Option<String>,
+    /// Print the protocol's JSON result.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CreateArgs {
+    fn run(self) -> Result<(), CliError> {
+        let policy = match self.policy {
+            PolicyArg::HardwareOnly => ProtectionPolicy::HardwareOnly,
+            PolicyArg::AllowOsProtectedNonextractable => {
+                ProtectionPolicy::AllowOsProtectedNonextractable
+            }
+        };
+        let info = match self.purpose {
+            PurposeArg::Proof => {
+                if self.label.is_some() {
+                    return Err(CliError::Input(
+                        "--label is only for --purpose general (a proof key's label is its id)"
+                            .into(),
+                    ));
+                }
+                let (Some(account_user_id), Some(client_id)) =
+                    (self.account_user_id, self.client_id)
+                else {
+                    return Err(CliError::Input(
+                        "a proof key needs --account-user-id and --client-id".into(),
+                    ));
+                };
+                let binding = Binding {
+                    account_user_id,
+                    client_id,
+                };
+                client()?.create_key(policy, Some(&binding), KeyPurpose::Proof, None)?
+            }
+            PurposeArg::General => {
+                client()?.create_key(policy, None, KeyPurpose::General, self.label.as_deref())?
+            }
+        };
+        if self.json {
+            print_json(&info)
+        } else {
+            print_key_info(&info);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct PublicArgs {
+    /// The key id (dk_tpm_..., dk_hse_..., dk_osn_...).
+    key_id: String,
+    /// Print the protocol's JSON result.
+    #[arg(long, conflicts_with = "pem")]
+    json: bool,
+    /// Print the public key as PEM.
+    #[arg(long)]
+    pem: bool,
+}
+
+impl PublicArgs {
+    fn run(self) -> Result<(), CliError> {
+        let info = client()?.public_key(&self.key_id)?;
+        if self.json {
+            return print_json(&info);
+        }
+        if self.pem {
+            let der = STANDARD
+                .decode(&info.public_key_spki_der_base64)
+                .map_err(|e| CliError::Input(e.to_string()))?;
+            let body = STANDARD.encode(der);
+            println!("-----BEGIN PUBLIC KEY-----");
+            for chunk in body.as_bytes().chunks(64) {
+                println!("{}", String::from_utf8_lossy(chunk));
+            }
+            println!("-----END PUBLIC KEY-----");
+            return Ok(());
+        }
+        print_key_info(&info);
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+struct SignArgs {
+    /// The key id.
+    key_id: String,
+    /// The payload JSON (a DeviceKeySignPayload); `-` or absent reads stdin.
+    #[arg(long)]
+    payload: Option<PathBuf>,
+    /// Print the protocol's JSON result.
+    #[arg(long)]
+    json: bool,
+}
+
+impl SignArgs {
+    fn run(self) -> Result<(), CliError> {
+        let text = match &self.payload {
+            Some(path) if path.as_os_str() != "-" => std::fs::read(path)
+                .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?,
+            _ => {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .take(1 << 20)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| CliError::Input(format!("cannot read stdin: {e}")))?;
+                buf
+            }
+        };
+        let payload: SignPayload = serde_json::from_slice(&text).map_err(|e| {
+            CliError::Input(format!("the payload is not a device-key payload: {e}"))
+        })?;
+        let result = client()?.sign_payload(&SignParams {
+            key_id: self.key_id,
+            payload,
+        })?;
+        if self.json {
+            return print_json(&result);
+        }
+        println!("algorithm:              ecdsa_p256_sha256");
+        println!("signature (DER, base64): {}", result.signature_der_base64);
+        println!("signed bytes (base64):   {}", result.signed_payload_base64);
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ListArgs {
+    fn run(self) -> Result<(), CliError> {
+        let keys = client()?.list()?;
+        if self.json {
+            return print_json(&keys);
+        }
+        if keys.is_empty() {
+            println!("no keys");
+            return Ok(());
+        }
+        for key in keys {
+            let binding = match &key.binding {
+                Some(b) => format!("bound to {} / {}", b.account_user_id, b.client_id),
+                None => "no binding".to_string(),
+            };
+            println!(
+                "{}  {}  token {:?}  {}",
+                key.key_id,
+                key.protection_class.as_str(),
+                key.token,
+                binding
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+struct DeleteArgs {
+    /// The key id.
+    key_id: String,
+}
+
+impl DeleteArgs {
+    fn run(self) -> Result<(), CliError> {
+        client()?.delete(&self.key_id)?;
+        println!("deleted {}", self.key_id);
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    devicekey_pkcs11::logging::init();
+    let cli = Cli::parse();
+    match cli.command.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devicekey: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

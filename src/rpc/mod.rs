@@ -1,1 +1,29 @@
-//! rpc (in progress).
+//! `devicekey serve`: the device-key v2 JSON-RPC server (PROTOCOL.md) over any PKCS#11 module.
+//!
+//! - [`framing`]: bounded newline-delimited reading.
+//! - [`server`]: handshake, dispatch, concurrency bound, the [`server::KeyService`] trait.
+//! - [`client`]: the three methods (and `list`/`delete` for the CLI) as a PKCS#11 client.
+//! - [`types`]: params and results; [`error`]: codes and messages.
+
+pub mod client;
+pub mod error;
+pub mod framing;
+pub mod server;
+pub mod types;
+
+pub use client::TokenClient;
+pub use error::DeviceKeyError;
+pub use server::{serve, KeyService, ServeOptions};
+
+/// Serves stdin/stdout with the config found as the module finds it. Returns at end of input.
+pub fn serve_stdio(config: &crate::config::Config) -> Result<(), DeviceKeyError> {
+    let client = TokenClient::new(&config.server)?;
+    let options = ServeOptions::from_config(&config.server);
+    serve(
+        std::io::stdin().lock(),
+        std::io::stdout(),
+        std::sync::Arc::new(client),
+        &options,
+    )
+    .map_err(|e| DeviceKeyError::Platform(format!("reading stdin: {e}")))
+}

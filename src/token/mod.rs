@@ -271,9 +271,20 @@ impl Token {
             return Ok(());
         };
         if let Some(store) = slot.opened() {
-            let mut table = store.objects_mut()?;
-            for h in closed {
-                table.remove_session(*h);
+            let mut removed = Vec::new();
+            {
+                let mut table = store.objects_mut()?;
+                for h in closed {
+                    removed.extend(table.remove_session(*h));
+                }
+            }
+            // Session keys live in the store's memory until they are destroyed.
+            for o in removed {
+                if let (Origin::Key(name), CKO_PRIVATE_KEY) = (&o.origin, o.class) {
+                    if let Err(e) = store.backend.destroy_key(name) {
+                        log::warn!("closing a session: session key not destroyed: {e}");
+                    }
+                }
             }
         }
         let any_left = self
@@ -530,7 +541,7 @@ impl Token {
             return fail(CKR_ACTION_PROHIBITED);
         }
         match &o.origin {
-            Origin::Key(name) if o.class == CKO_PRIVATE_KEY && o.is_token() => {
+            Origin::Key(name) if o.class == CKO_PRIVATE_KEY => {
                 store.backend.destroy_key(name)?;
             }
             Origin::Stored(name) => store.backend.destroy_object(name)?,

@@ -128,17 +128,15 @@ impl ObjectTable {
         }
     }
 
-    /// Removes every object owned by a session; returns the store names of its session keys.
-    pub fn remove_session(&mut self, session: CK_SESSION_HANDLE) {
+    /// Removes every object owned by a session; returns the removed objects.
+    pub fn remove_session(&mut self, session: CK_SESSION_HANDLE) -> Vec<Arc<Object>> {
         let gone: Vec<_> = self
             .objects
             .iter()
             .filter(|(_, o)| o.session_owner() == Some(session))
             .map(|(h, _)| *h)
             .collect();
-        for h in gone {
-            self.remove(h);
-        }
+        gone.into_iter().filter_map(|h| self.remove(h)).collect()
     }
 }
 

@@ -1,0 +1,340 @@
+//! The `pkcs11` key store: keys live in another PKCS#11 token (an HSM; SoftHSM in tests), which we
+//! reach as a client through `cryptoki`.
+//!
+//! ```toml
+//! [[slot]]
+//! label = "devicekey-hsm"
+//! backend = "pkcs11"
+//! module = "/usr/lib/softhsm/libsofthsm2.so"
+//! token = "my-hsm-token"              # the wrapped token, by label (never by slot id)
+//! pin_env = "HSM_PIN"                 # or pin_file = "..."; never the PIN itself
+//! protection_class = "hardware_tpm"   # required: what the operator declares the device to be
+//! ```
+//!
+//! * One `cryptoki` context per wrapped module per process, shared ([`client`]); fork-safe.
+//! * A pool of logged-in sessions; a dropped session or token is re-established once and the call
+//!   retried once; anything else fails closed ([`errors`] has the CK_RV mapping).
+//! * Keys: P-256, generated in the wrapped token (CKA_SENSITIVE, not extractable, CKA_PRIVATE when
+//!   we log in), paired by CKA_ID, named by their public point. Signing is CKM_ECDSA on the
+//!   32-byte digest; the result is normalized to `r‖s` and checked against the public point.
+//! * Our metadata (the purpose) is a CKO_DATA object in the wrapped token (see [`keys`] for why).
+//! * Certificates and data objects go to the wrapped token as token objects.
+
+pub mod client;
+mod encoding;
+mod errors;
+mod keys;
+mod objects;
+mod pool;
+mod settings;
+
+use std::sync::Arc;
+
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+
+pub use client::{shared_module, ModuleClient};
+use encoding::normalize_signature;
+use errors::Failure;
+use pool::{lock, Inner};
+use settings::Settings;
+
+use crate::backend::{
+    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
+    Signer, StoreInfo,
+};
+use crate::config::SlotConfig;
+
+/// A key store in another PKCS#11 token.
+pub struct Pkcs11Backend {
+    inner: Arc<Inner>,
+    info: StoreInfo,
+}
+
+impl std::fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Backend")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+impl Pkcs11Backend {
+    /// Opens the slot: loads the module (shared), finds the token by label, logs in, checks that
+    /// the token can make and use P-256 keys. A failure is logged once at error level with its fix.
+    ///
+    /// Errors: `Unusable` (config incomplete, module missing or not loadable, token not usable),
+    /// `NotFound` (no token with that label), `Auth` (PIN missing, wrong or locked),
+    /// `Unreachable` (the device does not answer).
+    pub fn open(config: &SlotConfig) -> Result<Self> {
+        Self::connect(config).map_err(|f| {
+            log::error!("pkcs11 key store: {}; fix: {}", f.problem, f.fix);
+            f.error
+        })
+    }
+
+    fn connect(config: &SlotConfig) -> std::result::Result<Self, Failure> {
+        let settings = Settings::from_config(config)?;
+        let inner = Arc::new(Inner::new(settings));
+        let conn = inner.conn()?;
+        let (_, token) = inner.find_token(&conn.client)?;
+        let s = &inner.settings;
+        let name = format!("slot '{}': token '{}'", s.slot_label, s.token);
+        if !token.token_initialized() {
+            return Err(Failure::new(
+                BackendError::Unusable,
+                format!("{name} is not initialized"),
+                "initialize it (SoftHSM: softhsm2-util --init-token)",
+            ));
+        }
+        if s.pin.is_none() && token.login_required() {
+            return Err(Failure::new(
+                BackendError::Auth,
+                format!("{name} requires a login and the slot names no PIN"),
+                "add `pin_env = \"VAR\"` or `pin_file = \"/path\"` to the slot",
+            ));
+        }
+        if s.pin.is_some() && token.user_pin_locked() {
+            return Err(Failure::new(
+                BackendError::Auth,
+                format!("{name}: the user PIN is locked"),
+                "unlock it with the SO PIN (SoftHSM: softhsm2-util; an HSM: its admin tool)",
+            ));
+        }
+        if token.user_pin_final_try() {
+            log::warn!("{name}: one more wrong PIN locks the token");
+        }
+        let mechanisms = conn
+            .client
+            .context()
+            .get_mechanism_list(conn.slot)
+            .map_err(|e| {
+                Failure::from_error(errors::map(&e, "C_GetMechanismList"), "check the device")
+            })?;
+        for (m, what) in [
+            (MechanismType::ECC_KEY_PAIR_GEN, "CKM_EC_KEY_PAIR_GEN"),
+            (MechanismType::ECDSA, "CKM_ECDSA"),
+        ] {
+            if !mechanisms.contains(&m) {
+                return Err(Failure::new(
+                    BackendError::Unusable,
+                    format!("{name} does not offer {what}"),
+                    "use a token that supports ECDSA on P-256",
+                ));
+            }
+        }
+        // Log in now, so that a wrong PIN shows when the slot opens.
+        inner.run("log in", |_| Ok(())).map_err(|e| {
+            let fix = match e {
+                BackendError::Auth(_) => format!("check the PIN in {}", inner.settings.pin_source),
+                _ => "check that the device is connected and reachable".to_string(),
+            };
+            Failure::from_error(e, fix)
+        })?;
+        let info = StoreInfo {
+            label: truncate(&inner.settings.slot_label, 32),
+            backend: "pkcs11",
+            manufacturer: truncate(token.manufacturer_id().trim_end(), 32),
+            serial: truncate(token.serial_number().trim_end(), 16),
+            protection_class: inner.settings.class,
+        };
+        drop(conn);
+        Ok(Self { inner, info })
+    }
+
+    fn record(
+        &self,
+        name: String,
+        id: Vec<u8>,
+        label: String,
+        entry: &pool::KeyEntry,
+    ) -> KeyRecord {
+        KeyRecord {
+            name: name.clone(),
+            id,
+            label,
+            public_point: entry.point,
+            purpose: entry.purpose,
+            persistent: entry.persistent,
+            signer: Arc::new(Pkcs11Signer {
+                inner: self.inner.clone(),
+                name,
+                point: entry.point,
+            }),
+        }
+    }
+}
+
+impl Backend for Pkcs11Backend {
+    fn info(&self) -> &StoreInfo {
+        &self.info
+    }
+
+    fn load_keys(&self) -> Result<Vec<KeyRecord>> {
+        let scanned = self
+            .inner
+            .run("list keys", |s| self.inner.refresh_keys(s))?;
+        Ok(scanned
+            .into_iter()
+            .map(|k| {
+                let entry = pool::KeyEntry {
+                    id: k.id.clone(),
+                    point: k.point,
+                    purpose: k.purpose,
+                    persistent: true,
+                    private: None,
+                    public: None,
+                };
+                self.record(k.name, k.id, k.label, &entry)
+            })
+            .collect())
+    }
+
+    fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
+        let entry = self
+            .inner
+            .run("generate a key pair", |s| self.inner.generate(s, request))?;
+        let name = encoding::key_name(&entry.point);
+        lock(&self.inner.keys)?.insert(name.clone(), entry.clone());
+        log::info!(
+            "slot '{}': generated key {name} ({:?}) in token '{}'",
+            self.inner.settings.slot_label,
+            request.purpose,
+            self.inner.settings.token
+        );
+        Ok(self.record(name, request.id.clone(), request.label.clone(), &entry))
+    }
+
+    fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
+        self.inner
+            .run("update a key", |s| self.inner.relabel(s, name, label, id))
+    }
+
+    fn destroy_key(&self, name: &str) -> Result<()> {
+        self.inner
+            .run("destroy a key", |s| self.inner.destroy(s, name))
+    }
+
+    fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
+        let named = self
+            .inner
+            .run("list objects", |s| self.inner.scan_objects(s))?;
+        Ok(named
+            .into_iter()
+            .map(|(name, _, attributes)| ObjectRecord { name, attributes })
+            .collect())
+    }
+
+    fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
+        let raw = objects::prepare(attributes)?;
+        let template: Vec<_> = raw.iter().map(encoding::raw_to_attribute).collect();
+        self.inner
+            .run("store an object", |s| self.inner.create(s, &template))
+    }
+
+    fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
+        self.inner.run("update an object", |s| {
+            self.inner.update(s, name, attributes)
+        })
+    }
+
+    fn destroy_object(&self, name: &str) -> Result<()> {
+        self.inner
+            .run("destroy an object", |s| self.inner.destroy_named(s, name))
+    }
+}
+
+/// Signs with one key of the wrapped token.
+struct Pkcs11Signer {
+    inner: Arc<Inner>,
+    name: String,
+    point: [u8; 65],
+}
+
+impl Signer for Pkcs11Signer {
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let raw = self.inner.run("sign", |s| {
+            self.inner.with_key(s, &self.name, |private, _| {
+                s.sign(&Mechanism::Ecdsa, private, digest)
+            })
+        })?;
+        let sig = normalize_signature(&raw)?;
+        // The public half was paired by CKA_ID; make sure it really is this key's.
+        let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.point).map_err(|e| {
+            BackendError::Crypto(format!("key {}: bad public point: {e}", self.name))
+        })?;
+        let parsed = p256::ecdsa::Signature::from_slice(&sig)
+            .map_err(|e| BackendError::Crypto(e.to_string()))?;
+        verifying.verify_prehash(digest, &parsed).map_err(|_| {
+            BackendError::Crypto(format!(
+                "key {}: the wrapped token's signature does not verify with the public key of the same CKA_ID (the pair is mismatched)",
+                self.name
+            ))
+        })?;
+        Ok(sig)
+    }
+}
+
+/// What `devicekey doctor` prints for a pkcs11 slot.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    /// The slot's label.
+    pub label: String,
+    /// Always `pkcs11`.
+    pub backend: &'static str,
+    /// The declared class (`None` when the config lacks or misspells it).
+    pub protection_class: Option<ProtectionClass>,
+    /// True when the token was found, logged in and usable.
+    pub reachable: bool,
+    /// What was found (module, token, manufacturer, serial, keys), or what went wrong.
+    pub detail: String,
+    /// What to do when not reachable.
+    pub fix: Option<String>,
+}
+
+/// Opens the slot as the module would and reports, without logging errors.
+pub fn probe(config: &SlotConfig) -> ProbeReport {
+    let label = config.label.clone().unwrap_or_default();
+    let protection_class = config
+        .protection_class
+        .as_deref()
+        .and_then(ProtectionClass::parse);
+    match Pkcs11Backend::connect(config) {
+        Ok(backend) => {
+            let keys = backend
+                .load_keys()
+                .map(|k| format!("{} key(s)", k.len()))
+                .unwrap_or_else(|e| format!("keys not listed: {e}"));
+            ProbeReport {
+                label,
+                backend: "pkcs11",
+                protection_class,
+                reachable: true,
+                detail: format!(
+                    "token '{}' in {} (manufacturer '{}', serial '{}'), {keys}",
+                    backend.inner.settings.token,
+                    backend.inner.settings.module.display(),
+                    backend.info.manufacturer,
+                    backend.info.serial
+                ),
+                fix: None,
+            }
+        }
+        Err(f) => ProbeReport {
+            label,
+            backend: "pkcs11",
+            protection_class,
+            reachable: false,
+            detail: f.problem,
+            fix: Some(f.fix),
+        },
+    }
+}

@@ -386,13 +386,7 @@ impl Token {
         }
         let store = self.session_store(&s)?;
         store.refresh(&self.handles)?;
-        let mut results: Vec<_> = store
-            .objects()?
-            .iter()
-            .filter(|(_, o)| o.attrs.matches(template))
-            .map(|(h, _)| h)
-            .collect();
-        results.sort_unstable();
+        let results = store.objects()?.find(template);
         s.find = Some(session::FindState { results, pos: 0 });
         Ok(())
     }

@@ -44,15 +44,74 @@ struct PairHandles {
     public: Option<CK_OBJECT_HANDLE>,
 }
 
+/// Attributes indexed for C_FindObjectsInit, so a lookup by CKA_ID or label does not scan.
+const INDEXED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_ID, CKA_LABEL];
+
 /// Every object of one slot.
 #[derive(Default)]
 pub struct ObjectTable {
     objects: HashMap<CK_OBJECT_HANDLE, Arc<Object>>,
     keys: HashMap<String, PairHandles>,
     stored: HashMap<String, CK_OBJECT_HANDLE>,
+    index: HashMap<(CK_ATTRIBUTE_TYPE, Vec<u8>), Vec<CK_OBJECT_HANDLE>>,
 }
 
 impl ObjectTable {
+    fn index_add(&mut self, h: CK_OBJECT_HANDLE, obj: &Object) {
+        for t in INDEXED {
+            if let Some(v) = obj.attrs.get(t) {
+                self.index.entry((t, v.to_vec())).or_default().push(h);
+            }
+        }
+    }
+
+    fn index_remove(&mut self, h: CK_OBJECT_HANDLE, obj: &Object) {
+        for t in INDEXED {
+            if let Some(v) = obj.attrs.get(t) {
+                let key = (t, v.to_vec());
+                if let Some(list) = self.index.get_mut(&key) {
+                    list.retain(|x| *x != h);
+                    if list.is_empty() {
+                        self.index.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The handles of the objects that match a template, in handle order. Uses the index when
+    /// the template names an indexed attribute.
+    pub fn find(&self, template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)]) -> Vec<CK_OBJECT_HANDLE> {
+        let indexed = template
+            .iter()
+            .find(|(t, _)| INDEXED.contains(t))
+            .map(|(t, v)| {
+                self.index
+                    .get(&(*t, v.clone()))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+            });
+        let mut out: Vec<_> = match indexed {
+            Some(candidates) => candidates
+                .iter()
+                .filter(|h| {
+                    self.objects
+                        .get(h)
+                        .is_some_and(|o| o.attrs.matches(template))
+                })
+                .copied()
+                .collect(),
+            None => self
+                .objects
+                .iter()
+                .filter(|(_, o)| o.attrs.matches(template))
+                .map(|(h, _)| *h)
+                .collect(),
+        };
+        out.sort_unstable();
+        out
+    }
+
     /// One object.
     pub fn get(&self, h: CK_OBJECT_HANDLE) -> Option<&Arc<Object>> {
         self.objects.get(&h)
@@ -80,18 +139,24 @@ impl ObjectTable {
             }
             Origin::Session(_) => {}
         }
+        self.index_add(h, &obj);
         self.objects.insert(h, Arc::new(obj));
         h
     }
 
     /// Replaces an object under its handle.
     pub fn replace(&mut self, h: CK_OBJECT_HANDLE, obj: Object) {
+        if let Some(old) = self.objects.get(&h).cloned() {
+            self.index_remove(h, &old);
+        }
+        self.index_add(h, &obj);
         self.objects.insert(h, Arc::new(obj));
     }
 
     /// Removes an object.
     pub fn remove(&mut self, h: CK_OBJECT_HANDLE) -> Option<Arc<Object>> {
         let obj = self.objects.remove(&h)?;
+        self.index_remove(h, &obj);
         match &obj.origin {
             Origin::Key(name) => {
                 if let Some(e) = self.keys.get_mut(name) {

@@ -281,12 +281,13 @@ pub fn open(config: &crate::config::SlotConfig) -> Result<Arc<dyn Backend>> {
             label,
             config.dir.as_deref(),
         )?)),
+        #[cfg(feature = "tpm")]
+        BackendKind::Tpm => Ok(Arc::new(tpm::TpmBackend::from_slot(config)?)),
+        #[cfg(not(feature = "tpm"))]
         BackendKind::Tpm => Err(BackendError::Unusable(format!(
-            "slot \"{label}\": this build has no TPM support"
+            "slot \"{label}\": this build has no TPM support (build with --features tpm)"
         ))),
-        BackendKind::Pkcs11 => Err(BackendError::Unusable(format!(
-            "slot \"{label}\": this build has no pkcs11 backend"
-        ))),
+        BackendKind::Pkcs11 => Ok(Arc::new(pkcs11::Pkcs11Backend::open(config)?)),
         BackendKind::SecureEnclave => Err(BackendError::Unusable(format!(
             "slot \"{label}\": the Secure Enclave exists only on macOS"
         ))),

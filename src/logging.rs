@@ -15,7 +15,9 @@ struct Logger {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.level
+        // Only our own lines: the crates we use (cryptoki, tss-esapi) log their own view of
+        // things we already report, at levels meant for their own users.
+        metadata.level() <= self.level && metadata.target().starts_with("devicekey")
     }
 
     fn log(&self, record: &Record) {

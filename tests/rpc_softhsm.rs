@@ -15,7 +15,7 @@ fn softhsm_create_public_sign() {
     let env = Env::softhsm("");
     let mut server = env.serve();
     server.initialize();
-    create_public_sign(&env, &mut server, "dk_tpm_", "hardware_tpm");
+    create_public_sign(&env, &mut server, None, "dk_tpm_", "hardware_tpm");
     // allow_os_protected_nonextractable still prefers hardware.
     let r = server.request(
         "device/key/create",
@@ -58,7 +58,13 @@ fn softhsm_declared_secure_enclave_and_os_protected() {
     .unwrap();
     let mut server = env.serve();
     server.initialize();
-    create_public_sign(&env, &mut server, "dk_hse_", "hardware_secure_enclave");
+    create_public_sign(
+        &env,
+        &mut server,
+        Some("hardware_only"),
+        "dk_hse_",
+        "hardware_secure_enclave",
+    );
     assert_eq!(server.finish(), 0);
 
     // A module declared os_protected_nonextractable: hardware_only refuses with the exact text.

@@ -6,7 +6,7 @@
 //! Exit codes: 0 success, 1 platform or token failure, 2 usage error, 3 key not found,
 //! 4 request refused (invalid payload, policy not satisfiable, binding mismatch).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,6 +84,23 @@ impl CliError {
     }
 }
 
+/// Writes one line to stdout; a closed pipe (`devicekey list | head`) ends output quietly.
+fn emit(line: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Input(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// `println!` that returns a [`CliError`] instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
 fn client() -> Result<TokenClient, CliError> {
     let config = Config::load()?;
     Ok(TokenClient::new(&config.server)?)
@@ -92,16 +109,17 @@ fn client() -> Result<TokenClient, CliError> {
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Input(format!("cannot encode the output: {e}")))?;
-    println!("{text}");
+    out!("{text}");
     Ok(())
 }
 
-fn print_key_info(info: &KeyInfo) {
-    println!("key id:           {}", info.key_id);
-    println!("protection class: {}", info.protection_class.as_str());
-    println!("algorithm:        ecdsa_p256_sha256");
-    println!("public key (SPKI DER, base64):");
-    println!("  {}", info.public_key_spki_der_base64);
+fn print_key_info(info: &KeyInfo) -> Result<(), CliError> {
+    out!("key id:           {}", info.key_id);
+    out!("protection class: {}", info.protection_class.as_str());
+    out!("algorithm:        ecdsa_p256_sha256");
+    out!("public key (SPKI DER, base64):");
+    out!("  {}", info.public_key_spki_der_base64);
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -189,8 +207,7 @@ impl CreateArgs {
         if self.json {
             print_json(&info)
         } else {
-            print_key_info(&info);
-            Ok(())
+            print_key_info(&info)
         }
     }
 }
@@ -218,15 +235,14 @@ impl PublicArgs {
                 .decode(&info.public_key_spki_der_base64)
                 .map_err(|e| CliError::Input(e.to_string()))?;
             let body = STANDARD.encode(der);
-            println!("-----BEGIN PUBLIC KEY-----");
+            out!("-----BEGIN PUBLIC KEY-----");
             for chunk in body.as_bytes().chunks(64) {
-                println!("{}", String::from_utf8_lossy(chunk));
+                out!("{}", String::from_utf8_lossy(chunk));
             }
-            println!("-----END PUBLIC KEY-----");
+            out!("-----END PUBLIC KEY-----");
             return Ok(());
         }
-        print_key_info(&info);
-        Ok(())
+        print_key_info(&info)
     }
 }
 
@@ -266,9 +282,9 @@ impl SignArgs {
         if self.json {
             return print_json(&result);
         }
-        println!("algorithm:              ecdsa_p256_sha256");
-        println!("signature (DER, base64): {}", result.signature_der_base64);
-        println!("signed bytes (base64):   {}", result.signed_payload_base64);
+        out!("algorithm:              ecdsa_p256_sha256");
+        out!("signature (DER, base64): {}", result.signature_der_base64);
+        out!("signed bytes (base64):   {}", result.signed_payload_base64);
         Ok(())
     }
 }
@@ -287,7 +303,7 @@ impl ListArgs {
             return print_json(&keys);
         }
         if keys.is_empty() {
-            println!("no keys");
+            out!("no keys");
             return Ok(());
         }
         for key in keys {
@@ -295,7 +311,7 @@ impl ListArgs {
                 Some(b) => format!("bound to {} / {}", b.account_user_id, b.client_id),
                 None => "no binding".to_string(),
             };
-            println!(
+            out!(
                 "{}  {}  token {:?}  {}",
                 key.key_id,
                 key.protection_class.as_str(),
@@ -316,7 +332,7 @@ struct DeleteArgs {
 impl DeleteArgs {
     fn run(self) -> Result<(), CliError> {
         client()?.delete(&self.key_id)?;
-        println!("deleted {}", self.key_id);
+        out!("deleted {}", self.key_id);
         Ok(())
     }
 }

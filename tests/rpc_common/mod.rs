@@ -447,11 +447,19 @@ pub fn check_spki_with_openssl(dir: &Path, spki_b64: &str) {
 }
 
 /// create, public, sign (both payload types, non-ASCII), binding mismatch on one server.
-pub fn create_public_sign(env: &Env, server: &mut Server, expect_prefix: &str, class: &str) {
-    let r = server.request(
-        "device/key/create",
-        json!({"accountUserId": ACCOUNT, "clientId": CLIENT}),
-    );
+/// `policy` is sent as `protectionPolicy` unless `None`. Returns the key id.
+pub fn create_public_sign(
+    env: &Env,
+    server: &mut Server,
+    policy: Option<&str>,
+    expect_prefix: &str,
+    class: &str,
+) -> String {
+    let mut params = json!({"accountUserId": ACCOUNT, "clientId": CLIENT});
+    if let Some(policy) = policy {
+        params["protectionPolicy"] = json!(policy);
+    }
+    let r = server.request("device/key/create", params);
     let info = result(&r).clone();
     let key_id = info["keyId"].as_str().unwrap().to_string();
     assert!(key_id.starts_with(expect_prefix), "{info}");
@@ -501,4 +509,5 @@ pub fn create_public_sign(env: &Env, server: &mut Server, expect_prefix: &str, c
             "invalid device key payload: payload accountUserId/clientId does not match device key binding",
         );
     }
+    key_id
 }

@@ -43,10 +43,7 @@ pub fn parse_ulong(bytes: &[u8]) -> Result<CK_ULONG> {
 pub type Template = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
 
 /// Looks up one attribute in a template (the last occurrence wins, as most tokens do).
-pub fn find<'a>(
-    template: &'a [(CK_ATTRIBUTE_TYPE, Vec<u8>)],
-    t: CK_ATTRIBUTE_TYPE,
-) -> Option<&'a [u8]> {
+pub fn find(template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)], t: CK_ATTRIBUTE_TYPE) -> Option<&[u8]> {
     template
         .iter()
         .rev()

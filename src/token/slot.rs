@@ -380,9 +380,8 @@ impl Slot {
             log::error!("slot \"{}\": {e}", self.label);
             Error::rv(CKR_TOKEN_NOT_PRESENT)
         })?;
-        let store = Arc::new(Store::open(backend, handles).map_err(|e| {
+        let store = Arc::new(Store::open(backend, handles).inspect_err(|_| {
             log::error!("slot \"{}\": cannot load its keys", self.label);
-            e
         })?);
         *guard = Some(store.clone());
         Ok(store)

@@ -264,3 +264,13 @@ fn cli_against_our_module() {
     assert_eq!(code, 0);
     assert!(out.contains("bound to a / c"), "{out}");
 }
+
+#[test]
+fn ours_hundred_concurrent_signs() {
+    let Some(_) = module() else { return };
+    let env = Env::ours_software("max_concurrent_requests = 200");
+    let mut server = env.serve();
+    server.initialize();
+    concurrent_signs(&env, &mut server, "allow_os_protected_nonextractable", 100);
+    assert_eq!(server.finish(), 0);
+}

@@ -304,3 +304,15 @@ fn cli_create_public_sign_list_delete() {
         "{out}"
     );
 }
+
+#[test]
+fn softhsm_hundred_concurrent_signs() {
+    if !have_softhsm() {
+        return;
+    }
+    let env = Env::softhsm("max_concurrent_requests = 200");
+    let mut server = env.serve();
+    server.initialize();
+    concurrent_signs(&mut server, "hardware_only", 100);
+    assert_eq!(server.finish(), 0);
+}

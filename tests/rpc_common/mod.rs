@@ -511,3 +511,59 @@ pub fn create_public_sign(
     }
     key_id
 }
+
+/// One key, then `n` pipelined sign and public requests at once; every answer matches its id
+/// and every signature verifies.
+pub fn concurrent_signs(server: &mut Server, policy: &str, n: usize) {
+    use p256::ecdsa::signature::Verifier;
+    use p256::pkcs8::DecodePublicKey;
+    let r = server.request(
+        "device/key/create",
+        json!({"accountUserId": ACCOUNT, "clientId": CLIENT, "protectionPolicy": policy}),
+    );
+    let info = result(&r).clone();
+    let key_id = info["keyId"].as_str().unwrap().to_string();
+    let spki = STANDARD
+        .decode(info["publicKeySpkiDerBase64"].as_str().unwrap())
+        .unwrap();
+    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
+    let mut batch = Vec::new();
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..n {
+        let id = format!("c-{i}");
+        let message = if i % 5 == 4 {
+            json!({"id": id, "method": "device/key/public", "params": {"keyId": key_id}})
+        } else {
+            let mut payload = connection_payload();
+            payload["sessionId"] = json!(format!("session-{i}"));
+            expected.insert(id.clone(), canonical_bytes(&payload));
+            json!({"id": id, "method": "device/key/sign", "params": {"keyId": key_id, "payload": payload}})
+        };
+        batch.extend(serde_json::to_vec(&message).unwrap());
+        batch.push(b'\n');
+    }
+    server.send_raw(&batch);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let r = server.recv();
+        let id = r["id"].as_str().unwrap().to_string();
+        assert!(seen.insert(id.clone()), "repeated id {id}");
+        let res = result(&r);
+        match expected.get(&id) {
+            Some(bytes) => {
+                let signed = STANDARD
+                    .decode(res["signedPayloadBase64"].as_str().unwrap())
+                    .unwrap();
+                assert_eq!(&signed, bytes, "{id}");
+                let sig = p256::ecdsa::Signature::from_der(
+                    &STANDARD
+                        .decode(res["signatureDerBase64"].as_str().unwrap())
+                        .unwrap(),
+                )
+                .unwrap();
+                key.verify(&signed, &sig).unwrap();
+            }
+            None => assert_eq!(res, &info, "{id}"),
+        }
+    }
+}

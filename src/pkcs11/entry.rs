@@ -12,7 +12,7 @@ use super::memory::{self, pad, AbiResult};
 use super::state;
 use crate::token::attributes::CK_UNAVAILABLE_INFORMATION;
 use crate::token::object::Lookup;
-use crate::token::{self, Token};
+use crate::token::{self, Operation, Token};
 
 /// Runs an entry point's body: a panic becomes `CKR_GENERAL_ERROR`, never an unwind into C.
 fn guard(name: &str, body: impl FnOnce() -> AbiResult<()>) -> CK_RV {
@@ -29,6 +29,24 @@ fn guard(name: &str, body: impl FnOnce() -> AbiResult<()>) -> CK_RV {
 /// Runs a body that needs the token.
 fn with_token(name: &str, body: impl FnOnce(&Token) -> AbiResult<()>) -> CK_RV {
     guard(name, || body(&*state::token()?))
+}
+
+/// Runs the body of a call that belongs to a running operation: when the call fails in a way
+/// that must end the operation (anything but `CKR_BUFFER_TOO_SMALL`) before the token saw it,
+/// the operation is ended here.
+fn with_operation(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    op: Operation,
+    body: impl FnOnce(&Token) -> AbiResult<()>,
+) -> CK_RV {
+    with_token(name, |t| {
+        let r = body(t);
+        if matches!(r, Err(rv) if rv == CKR_ARGUMENTS_BAD) {
+            t.end_operation(session, op);
+        }
+        r
+    })
 }
 
 /// A token error as the CK_RV the caller gets.
@@ -547,7 +565,7 @@ pub unsafe extern "C" fn C_Sign(
     pSignature: *mut CK_BYTE,
     pulSignatureLen: *mut CK_ULONG,
 ) -> CK_RV {
-    with_token("C_Sign", |t| {
+    with_operation("C_Sign", hSession, Operation::Sign, |t| {
         // SAFETY: `ulDataLen` readable bytes per the caller.
         let data = unsafe { memory::input(pData, ulDataLen) }?;
         // SAFETY: forwarded output contract.
@@ -566,7 +584,7 @@ pub unsafe extern "C" fn C_SignUpdate(
     pPart: *mut CK_BYTE,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    with_token("C_SignUpdate", |t| {
+    with_operation("C_SignUpdate", hSession, Operation::Sign, |t| {
         // SAFETY: `ulPartLen` readable bytes per the caller.
         let data = unsafe { memory::input(pPart, ulPartLen) }?;
         rv(t.sign_update(hSession, data))
@@ -580,7 +598,7 @@ pub unsafe extern "C" fn C_SignFinal(
     pSignature: *mut CK_BYTE,
     pulSignatureLen: *mut CK_ULONG,
 ) -> CK_RV {
-    with_token("C_SignFinal", |t| {
+    with_operation("C_SignFinal", hSession, Operation::Sign, |t| {
         // SAFETY: forwarded output contract.
         unsafe {
             variable_output(pSignature, pulSignatureLen, |out| {
@@ -613,7 +631,7 @@ pub unsafe extern "C" fn C_Verify(
     pSignature: *mut CK_BYTE,
     ulSignatureLen: CK_ULONG,
 ) -> CK_RV {
-    with_token("C_Verify", |t| {
+    with_operation("C_Verify", hSession, Operation::Verify, |t| {
         // SAFETY: readable input buffers per the caller.
         let (data, sig) = unsafe {
             (
@@ -632,7 +650,7 @@ pub unsafe extern "C" fn C_VerifyUpdate(
     pPart: *mut CK_BYTE,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    with_token("C_VerifyUpdate", |t| {
+    with_operation("C_VerifyUpdate", hSession, Operation::Verify, |t| {
         // SAFETY: `ulPartLen` readable bytes per the caller.
         let data = unsafe { memory::input(pPart, ulPartLen) }?;
         rv(t.verify_update(hSession, data))
@@ -646,7 +664,7 @@ pub unsafe extern "C" fn C_VerifyFinal(
     pSignature: *mut CK_BYTE,
     ulSignatureLen: CK_ULONG,
 ) -> CK_RV {
-    with_token("C_VerifyFinal", |t| {
+    with_operation("C_VerifyFinal", hSession, Operation::Verify, |t| {
         // SAFETY: `ulSignatureLen` readable bytes per the caller.
         let sig = unsafe { memory::input(pSignature, ulSignatureLen) }?;
         rv(t.verify_final(hSession, sig))
@@ -675,7 +693,7 @@ pub unsafe extern "C" fn C_Digest(
     pDigest: *mut CK_BYTE,
     pulDigestLen: *mut CK_ULONG,
 ) -> CK_RV {
-    with_token("C_Digest", |t| {
+    with_operation("C_Digest", hSession, Operation::Digest, |t| {
         // SAFETY: `ulDataLen` readable bytes per the caller.
         let data = unsafe { memory::input(pData, ulDataLen) }?;
         // SAFETY: forwarded output contract.
@@ -690,7 +708,7 @@ pub unsafe extern "C" fn C_DigestUpdate(
     pPart: *mut CK_BYTE,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    with_token("C_DigestUpdate", |t| {
+    with_operation("C_DigestUpdate", hSession, Operation::Digest, |t| {
         // SAFETY: `ulPartLen` readable bytes per the caller.
         let data = unsafe { memory::input(pPart, ulPartLen) }?;
         rv(t.digest_update(hSession, data))
@@ -704,7 +722,7 @@ pub unsafe extern "C" fn C_DigestFinal(
     pDigest: *mut CK_BYTE,
     pulDigestLen: *mut CK_ULONG,
 ) -> CK_RV {
-    with_token("C_DigestFinal", |t| {
+    with_operation("C_DigestFinal", hSession, Operation::Digest, |t| {
         // SAFETY: forwarded output contract.
         unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest_final(hSession, out)) }
     })

@@ -67,6 +67,17 @@ pub struct SessionInfo {
     pub flags: CK_FLAGS,
 }
 
+/// The kinds of operation a session runs, for [`Token::end_operation`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// C_Sign*.
+    Sign,
+    /// C_Verify*.
+    Verify,
+    /// C_Digest*.
+    Digest,
+}
+
 /// The whole module state between C_Initialize and C_Finalize.
 pub struct Token {
     slots: Vec<Slot>,
@@ -609,6 +620,20 @@ impl Token {
                     Error::rv(CKR_DATA_INVALID)
                 },
             )
+        }
+    }
+
+    /// Ends an operation that a call rejected before it reached the token (bad arguments): per
+    /// the spec, every result but a length answer and `CKR_BUFFER_TOO_SMALL` ends it.
+    pub fn end_operation(&self, h: CK_SESSION_HANDLE, op: Operation) {
+        if let Ok(s) = self.session(h) {
+            if let Ok(mut s) = lock(&s) {
+                match op {
+                    Operation::Sign => s.sign = None,
+                    Operation::Verify => s.verify = None,
+                    Operation::Digest => s.digest = None,
+                }
+            }
         }
     }
 

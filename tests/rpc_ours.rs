@@ -271,6 +271,6 @@ fn ours_hundred_concurrent_signs() {
     let env = Env::ours_software("max_concurrent_requests = 200");
     let mut server = env.serve();
     server.initialize();
-    concurrent_signs(&env, &mut server, "allow_os_protected_nonextractable", 100);
+    concurrent_signs(&mut server, "allow_os_protected_nonextractable", 100);
     assert_eq!(server.finish(), 0);
 }

@@ -4,6 +4,7 @@
 //! [`rpc`] is a PKCS#11 client of any module; [`proof`] is shared by `rpc` and `token`.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod logging;
 pub mod pkcs11;

@@ -46,6 +46,10 @@ enum Command {
     List(ListArgs),
     /// Delete a device key and its binding.
     Delete(DeleteArgs),
+    /// Print the pkcs11: URIs of keys and their certificates.
+    Uri(devicekey_pkcs11::cli::UriArgs),
+    /// Make a self-signed certificate (stored on the token) or a CSR for a key, signed by the token.
+    Cert(devicekey_pkcs11::cli::CertArgs),
 }
 
 impl Command {
@@ -57,6 +61,8 @@ impl Command {
             Self::Sign(a) => a.run(),
             Self::List(a) => a.run(),
             Self::Delete(a) => a.run(),
+            Self::Uri(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
+            Self::Cert(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
         }
     }
 }

@@ -114,7 +114,7 @@ impl Drop for ModuleClient {
         }
         reg.remove(&key);
         if let Err(e) = self.ctx.clone().finalize() {
-            log::debug!("C_Finalize of {}: {e}", self.path.display());
+            log::debug!("{}: {}", self.path.display(), super::errors::describe(&e));
         }
     }
 }
@@ -159,7 +159,11 @@ pub(super) fn open_module(path: &Path) -> Result<Arc<ModuleClient>, Failure> {
     let owns = initialize(&ctx).map_err(|e| {
         Failure::new(
             BackendError::Unusable,
-            format!("C_Initialize of {} failed: {e}", canonical.display()),
+            format!(
+                "C_Initialize of {} failed: {}",
+                canonical.display(),
+                super::errors::describe(&e)
+            ),
             "check the module's own configuration (for SoftHSM: SOFTHSM2_CONF and its tokendir)",
         )
     })?;

@@ -32,6 +32,15 @@ pub(super) fn rv(e: &CkError) -> Option<RvError> {
     }
 }
 
+/// A short description of a module error: `C_Sign answered PinIncorrect` (cryptoki's own text
+/// quotes the whole specification paragraph).
+pub(super) fn describe(e: &CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, f) => format!("C_{f:?} answered {rv:?}"),
+        other => other.to_string(),
+    }
+}
+
 /// True when the session or the token went away and re-establishing it may help.
 pub(super) fn needs_reconnect(e: &CkError) -> bool {
     matches!(
@@ -63,7 +72,7 @@ pub(super) fn handle_stale(e: &CkError) -> bool {
 
 /// The backend error for a failed call of the wrapped module.
 pub(super) fn map(e: &CkError, context: &str) -> BackendError {
-    let msg = format!("{context}: {e}");
+    let msg = format!("{context}: {}", describe(e));
     let Some(rv) = rv(e) else {
         return match e {
             CkError::LibraryLoading(_)

@@ -21,7 +21,7 @@ use cryptoki::session::Session;
 use super::encoding::{
     decode_ec_point, hex, key_name, META_APPLICATION, META_LABEL_PREFIX, P256_EC_PARAMS,
 };
-use super::errors::{handle_stale, OpError};
+use super::errors::{describe, handle_stale, OpError};
 use super::pool::{lock, Inner, KeyEntry};
 use crate::backend::{BackendError, KeyPurpose, NewKey};
 
@@ -439,7 +439,10 @@ impl Inner {
             s.update_attributes(private, &new)?;
             if let Err(e) = s.update_attributes(public, &new) {
                 if let Err(e2) = s.update_attributes(private, &old) {
-                    log::warn!("could not restore the private key's label and id: {e2}");
+                    log::warn!(
+                        "could not restore the private key's label and id: {}",
+                        describe(&e2)
+                    );
                 }
                 return Err(e);
             }
@@ -457,7 +460,10 @@ impl Inner {
             s.destroy_object(private)?;
             if let Err(e) = s.destroy_object(public) {
                 if !handle_stale(&e) {
-                    log::warn!("key {name}: the private key is gone but the public key stays: {e}");
+                    log::warn!(
+                        "key {name}: the private key is gone but the public key stays: {}",
+                        describe(&e)
+                    );
                 }
             }
             Ok(())
@@ -465,7 +471,10 @@ impl Inner {
         lock(&self.keys)?.remove(name);
         for h in self.meta_handles(s, name)? {
             if let Err(e) = s.destroy_object(h) {
-                log::warn!("key {name}: its metadata object stays in the token: {e}");
+                log::warn!(
+                    "key {name}: its metadata object stays in the token: {}",
+                    describe(&e)
+                );
             }
         }
         Ok(())

@@ -8,6 +8,7 @@
 //! CKR_PIN_INCORRECT no further login is attempted (the token counts failures and would lock).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,9 @@ pub(super) struct Conn {
     // Field order matters: the idle sessions are closed (in Drop) before the client goes away.
     idle: Mutex<Vec<Session>>,
     freed: Condvar,
+    /// Replaced after a dropped session or token: its sessions are forgotten, never closed (their
+    /// handles may already belong to new sessions).
+    retired: AtomicBool,
     pub slot: Slot,
     pub pid: u32,
     pub client: Arc<ModuleClient>,
@@ -64,6 +68,7 @@ impl Conn {
         Self {
             idle: Mutex::new(Vec::new()),
             freed: Condvar::new(),
+            retired: AtomicBool::new(false),
             slot,
             pid: std::process::id(),
             client,
@@ -71,6 +76,9 @@ impl Conn {
     }
 
     fn put(&self, session: Session) {
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         match self.idle.lock() {
             Ok(mut idle) => {
                 idle.push(session);
@@ -85,7 +93,7 @@ impl Conn {
 fn close(session: Session, pid: u32) {
     if pid == std::process::id() {
         if let Err(e) = session.close() {
-            log::debug!("C_CloseSession: {e}");
+            log::debug!("{}", errors::describe(&e));
         }
     }
     // Sessions are opened without close-on-drop, so dropping one in a child does nothing.
@@ -94,6 +102,9 @@ fn close(session: Session, pid: u32) {
 impl Drop for Conn {
     fn drop(&mut self) {
         let sessions = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         for s in sessions {
             close(s, self.pid);
         }
@@ -182,7 +193,7 @@ impl Inner {
                         labels.push(label);
                     }
                 }
-                Err(e) => log::debug!("C_GetTokenInfo({}) of {module}: {e}", slot.id()),
+                Err(e) => log::debug!("slot {} of {module}: {}", slot.id(), errors::describe(&e)),
             }
         }
         match found.len() {
@@ -222,28 +233,32 @@ impl Inner {
     }
 
     /// Re-establishes after `err` on `old`: re-initializes the module if it was finalized under
-    /// us, finds the token again (its slot may have changed), and installs a new connection if
-    /// needed. Cached handles are forgotten.
+    /// us, finds the token again (its slot may have changed) and installs a new connection with an
+    /// empty pool. The old connection is retired: its sessions are forgotten, not closed, because
+    /// after a finalize, a removal or C_CloseAllSessions their handle numbers may be reused by the
+    /// module for new sessions. Cached object handles are forgotten.
     fn reestablish(&self, old: &Arc<Conn>, err: &CkError) -> Result<Arc<Conn>> {
         if errors::rv(err) == Some(RvError::CryptokiNotInitialized) {
             old.client.reinitialize()?;
         }
-        let (slot, _) = self.find_token(&old.client).map_err(|f| match f.error {
-            BackendError::NotFound(m) => BackendError::Unreachable(m),
-            other => other,
-        })?;
-        self.forget_handles();
         let mut guard = lock(&self.conn)?;
         if let Some(cur) = guard.as_ref() {
             if !Arc::ptr_eq(cur, old) && cur.pid == std::process::id() {
                 return Ok(cur.clone());
             }
         }
-        if slot == old.slot {
-            return Ok(old.clone());
+        let (slot, _) = self.find_token(&old.client).map_err(|f| match f.error {
+            BackendError::NotFound(m) => BackendError::Unreachable(m),
+            other => other,
+        })?;
+        old.retired.store(true, Ordering::SeqCst);
+        if let Ok(mut idle) = old.idle.lock() {
+            idle.clear();
         }
         let conn = Arc::new(Conn::new(old.client.clone(), slot));
         *guard = Some(conn.clone());
+        drop(guard);
+        self.forget_handles();
         Ok(conn)
     }
 
@@ -347,10 +362,17 @@ impl Inner {
             Ok(v) => Ok(v),
             Err(OpError::Ck(e)) if errors::needs_reconnect(&e) => {
                 log::warn!(
-                    "slot '{}': {what}: the wrapped token dropped the session ({e}); re-establishing once",
-                    self.settings.slot_label
+                    "slot '{}': {what}: the wrapped token dropped the session ({}); re-establishing once",
+                    self.settings.slot_label,
+                    errors::describe(&e)
                 );
-                let conn = self.reestablish(&conn, &e)?;
+                let conn = if errors::rv(&e) == Some(RvError::UserNotLoggedIn) {
+                    // Someone logged the application out: the sessions are fine, a fresh one
+                    // logs in again.
+                    conn
+                } else {
+                    self.reestablish(&conn, &e)?
+                };
                 self.attempt(&conn, true, &f)
                     .map_err(|e| e.into_backend(what))
             }
@@ -375,7 +397,7 @@ impl Inner {
                 Ok(v)
             }
             Err(OpError::Ck(e)) if errors::session_dead(&e) => {
-                close(s, conn.pid);
+                drop(s); // forgotten, not closed: the module already dropped it
                 Err(OpError::Ck(e))
             }
             Err(e) => {

@@ -97,7 +97,10 @@ fn generate_list_and_sign() {
     // The key was generated non-extractable and sensitive in the wrapped token.
     let out = pkcs11_tool(&token, &["--list-objects", "--type", "privkey"]);
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(listing.contains("Access:     sensitive, always sensitive, never extractable"), "{listing}");
+    assert!(
+        listing.contains("Access:     sensitive, always sensitive, never extractable"),
+        "{listing}"
+    );
     assert!(listing.contains("label:      first"), "{listing}");
 }
 
@@ -432,9 +435,22 @@ fn wrong_pin_is_auth_and_not_retried() {
             pin_file.display()
         ),
     );
-    for _ in 0..5 {
+    for attempt in 0..5 {
         let err = Pkcs11Backend::open(&config).unwrap_err();
         assert!(matches!(err, BackendError::Auth(_)), "{err:?}");
+        let expected = if attempt == 0 {
+            "rejected the PIN"
+        } else {
+            "rejected by token"
+        };
+        assert!(
+            err.to_string().contains(expected),
+            "attempt {attempt}: {err}"
+        );
+        assert!(
+            !err.to_string().contains("9999"),
+            "the PIN is never in a message"
+        );
     }
     // The same wrong PIN was presented once only: SoftHSM would have locked after a few.
     std::fs::write(&pin_file, format!("{PIN}\n")).expect("pin file");

@@ -20,6 +20,23 @@ use devicekey_pkcs11::proof::SignPayload;
 use devicekey_pkcs11::rpc::types::{Binding, KeyInfo, ProtectionPolicy, SignParams};
 use devicekey_pkcs11::rpc::{DeviceKeyError, TokenClient};
 
+/// Writes one line to stdout; a closed pipe (`devicekey list | head`) ends output quietly.
+fn emit(line: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Input(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// `println!` that returns a [`CliError`] instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "devicekey",
@@ -90,23 +107,6 @@ impl CliError {
     }
 }
 
-/// Writes one line to stdout; a closed pipe (`devicekey list | head`) ends output quietly.
-fn emit(line: std::fmt::Arguments<'_>) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{line}") {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(CliError::Input(format!("cannot write to stdout: {e}"))),
-    }
-}
-
-/// `println!` that returns a [`CliError`] instead of panicking.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        emit(format_args!($($arg)*))?
-    };
-}
-
 fn client() -> Result<TokenClient, CliError> {
     let config = Config::load()?;
     Ok(TokenClient::new(&config.server)?)
@@ -129,14 +129,51 @@ fn print_key_info(info: &KeyInfo) -> Result<(), CliError> {
 }
 
 #[derive(Args, Debug)]
-struct ServeArgs {}
+struct ServeArgs {
+    /// Listen on this Unix socket instead of stdin/stdout (Linux). Its directory must be yours
+    /// and closed to others (0700; created so if missing); only your uid may connect.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Socket mode: connections served at once.
+    #[arg(long, default_value_t = 16, requires = "socket")]
+    max_connections: usize,
+    /// Socket mode: close a connection that sends no complete line for this many milliseconds.
+    #[arg(long, default_value_t = 30_000, requires = "socket")]
+    idle_timeout_ms: u64,
+}
 
 impl ServeArgs {
     fn run(self) -> Result<(), CliError> {
         let config = Config::load()?;
-        devicekey_pkcs11::rpc::serve_stdio(&config)?;
+        match self.socket {
+            None => devicekey_pkcs11::rpc::serve_stdio(&config)?,
+            Some(path) => serve_socket(&config, path, self.max_connections, self.idle_timeout_ms)?,
+        }
         Ok(())
     }
+}
+
+#[cfg(target_os = "linux")]
+fn serve_socket(
+    config: &Config,
+    path: PathBuf,
+    max_connections: usize,
+    idle_timeout_ms: u64,
+) -> Result<(), CliError> {
+    use devicekey_pkcs11::rpc::socket::{serve_socket, SocketOptions};
+    let options = SocketOptions {
+        path,
+        max_connections: max_connections.max(1),
+        idle_timeout: std::time::Duration::from_millis(idle_timeout_ms.max(1)),
+    };
+    Ok(serve_socket(config, &options)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn serve_socket(_: &Config, _: PathBuf, _: usize, _: u64) -> Result<(), CliError> {
+    Err(CliError::Input(
+        "socket mode is only available on Linux in this build".into(),
+    ))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

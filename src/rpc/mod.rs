@@ -4,11 +4,14 @@
 //! - [`server`]: handshake, dispatch, concurrency bound, the [`server::KeyService`] trait.
 //! - [`client`]: the three methods (and `list`/`delete` for the CLI) as a PKCS#11 client.
 //! - [`types`]: params and results; [`error`]: codes and messages.
+//! - `socket` (Linux): the same protocol on an owner-only Unix socket.
 
 pub mod client;
 pub mod error;
 pub mod framing;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod socket;
 pub mod types;
 
 pub use client::TokenClient;

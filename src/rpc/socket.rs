@@ -1,0 +1,287 @@
+//! Local socket mode (`devicekey serve --socket PATH`): the same protocol, one session per
+//! connection, for a long-lived agent that keeps token keys loaded between clients.
+//!
+//! Only the owner may connect: the socket lives in a directory that must be owned by the server's
+//! user and closed to everyone else (0700), the socket itself is 0600, and each peer's uid is
+//! checked with SO_PEERCRED. Connections are capped, and a connection that sends no complete line
+//! within the idle timeout is closed, so a slow or idle client cannot hold the agent. Every request
+//! goes to the token, so deleting a key takes effect on every open connection at once. There is no
+//! network listener.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::{DeviceKeyError, INVALID_REQUEST, SERVER_OVERLOADED};
+use super::server::{serve, KeyService, ServeOptions};
+
+/// Limits of socket mode.
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    /// Where the socket is created.
+    pub path: PathBuf,
+    /// Connections served at once; past it a connection gets `-32001` and is closed.
+    pub max_connections: usize,
+    /// A connection that sends no complete line for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+fn platform(message: String) -> DeviceKeyError {
+    DeviceKeyError::Platform(message)
+}
+
+fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Creates the socket's directory (0700) if needed and refuses one that is not the user's own
+/// or that others can enter or write.
+pub fn check_socket_dir(dir: &Path) -> Result<(), DeviceKeyError> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| platform(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| platform(format!("cannot inspect {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(platform(format!(
+            "socket directory {} is not a directory (symlinks are refused)",
+            dir.display()
+        )));
+    }
+    if meta.uid() != euid() {
+        return Err(platform(format!(
+            "socket directory {} is owned by uid {}, not by this user (uid {}); use a directory of your own",
+            dir.display(),
+            meta.uid(),
+            euid()
+        )));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(platform(format!(
+            "socket directory {} has mode {mode:o}; others may reach it. Fix: chmod 700 {}",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Binds the listener: checks the directory, replaces a stale socket, refuses a live one.
+pub fn bind(path: &Path) -> Result<UnixListener, DeviceKeyError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    check_socket_dir(&dir)?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(platform(format!(
+                "{} exists and is not a socket; remove it or choose another path",
+                path.display()
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(platform(format!(
+                "another server is already listening at {}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| platform(format!("cannot remove stale {}: {e}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| platform(format!("cannot listen at {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| platform(format!("cannot restrict {}: {e}", path.display())))?;
+    Ok(listener)
+}
+
+/// Reads from a connection; fails with `TimedOut` when no newline arrived within the timeout.
+struct IdleReader {
+    stream: UnixStream,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Read for IdleReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "client idle");
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(timed_out());
+        }
+        self.stream.set_read_timeout(Some(self.deadline - now))?;
+        let n = match self.stream.read(buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(e) => return Err(e),
+        };
+        if buf[..n].contains(&b'\n') {
+            self.deadline = Instant::now() + self.timeout;
+        }
+        Ok(n)
+    }
+}
+
+fn refuse(mut stream: UnixStream, code: i64, message: &str) {
+    let line = serde_json::json!({"id": null, "error": {"code": code, "message": message}});
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = writeln!(stream, "{line}");
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves connections on `listener` forever (until accepting fails).
+pub fn serve_listener(
+    listener: UnixListener,
+    socket: &SocketOptions,
+    service: Arc<dyn KeyService>,
+    options: &ServeOptions,
+) -> Result<(), DeviceKeyError> {
+    let active = Arc::new(AtomicUsize::new(0));
+    let owner = euid();
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        let peer = match rustix::net::sockopt::socket_peercred(&stream) {
+            Ok(cred) => cred.uid.as_raw(),
+            Err(e) => {
+                log::warn!("cannot read the peer's credentials: {e}; connection refused");
+                refuse(stream, INVALID_REQUEST, "connection refused: unknown peer");
+                continue;
+            }
+        };
+        if peer != owner {
+            log::warn!("connection from uid {peer} refused (server runs as uid {owner})");
+            refuse(
+                stream,
+                INVALID_REQUEST,
+                "connection refused: only the server's own user may connect",
+            );
+            continue;
+        }
+        if active.fetch_add(1, Ordering::SeqCst) >= socket.max_connections {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!(
+                "connection refused: {} connections already open",
+                socket.max_connections
+            );
+            refuse(
+                stream,
+                SERVER_OVERLOADED,
+                "Server overloaded; too many connections",
+            );
+            continue;
+        }
+        let slot = ConnectionSlot(Arc::clone(&active));
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("cannot clone a connection: {e}");
+                continue;
+            }
+        };
+        let service = Arc::clone(&service);
+        let options = options.clone();
+        let timeout = socket.idle_timeout;
+        let spawned = std::thread::Builder::new()
+            .name("devicekey-conn".into())
+            .spawn(move || {
+                let _slot = slot;
+                let reader = IdleReader {
+                    stream: reader,
+                    timeout,
+                    deadline: Instant::now() + timeout,
+                };
+                let closer = stream.try_clone();
+                match serve(reader, stream, service, &options) {
+                    Ok(()) => log::debug!("connection closed by the client"),
+                    Err(e) => log::info!("connection closed: {e}"),
+                }
+                if let Ok(s) = closer {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `devicekey serve --socket`: binds and serves until the process is stopped.
+pub fn serve_socket(
+    config: &crate::config::Config,
+    socket: &SocketOptions,
+) -> Result<(), DeviceKeyError> {
+    let client = super::TokenClient::new(&config.server)?;
+    let options = ServeOptions::from_config(&config.server);
+    let listener = bind(&socket.path)?;
+    log::info!("listening at {}", socket.path.display());
+    serve_listener(listener, socket, Arc::new(client), &options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_rules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run/devicekey");
+        check_socket_dir(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check_socket_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("chmod 700"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(check_socket_dir(&link).is_err());
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_live_one_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let path = dir.join("dk.sock");
+        let first = bind(&path).unwrap();
+        assert!(bind(&path).is_err(), "a live socket is refused");
+        drop(first);
+        let _second = bind(&path).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(bind(&file).is_err());
+    }
+}

@@ -217,6 +217,12 @@ check_pkcs11_tool_test() {
   p11_auth --test
   expect "No errors"
   reject "error:"
+  if [ "$TARGET" = devicekey ]; then
+    # Some tools always log in: a PIN-less token accepts C_Login and keeps working.
+    p11 --login --pin 0000 --test
+    expect "No errors"
+    reject "error:"
+  fi
 }
 
 check_test_threads() {
@@ -263,6 +269,21 @@ check_engine_pkeyutl() {
   expect "Signature Verified Successfully"
   run openssl dgst -sha256 -verify pub.pem -signature sig.der data
   expect "Verified OK"
+  # The same through an openssl.cnf that names the module (no PKCS11_MODULE_PATH).
+  cat >openssl.cnf <<EOF
+openssl_conf = openssl_init
+[openssl_init]
+engines = engine_section
+[engine_section]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+MODULE_PATH = $MODULE
+EOF
+  run env -u PKCS11_MODULE_PATH OPENSSL_CONF="$PWD/openssl.cnf" openssl pkeyutl -engine pkcs11 \
+    -keyform engine -sign -inkey "$(key_uri)" -in data.sha256 -out sig2.der
+  run openssl pkeyutl -verify -pubin -inkey pub.pem -in data.sha256 -sigfile sig2.der
+  expect "Signature Verified Successfully"
 }
 
 # make_cert: a self-signed certificate for key 01 through the engine, in cert.pem and cert.der.
@@ -324,6 +345,74 @@ check_ssh_keygen_D() {
     fail "ssh-keygen -D did not print the token's key $want"
 }
 
+# start_sshd DIR AUTHORIZED_KEYS: a throwaway sshd on 127.0.0.1; sets SSHD_PORT and SSHD_PID.
+start_sshd() {
+  local dir=$1 keys=$2 port try
+  [ -x /usr/sbin/sshd ] || fail "/usr/sbin/sshd not found (package openssh-server)"
+  mkdir -p "$dir"
+  [ -d /run/sshd ] || mkdir -p /run/sshd 2>/dev/null || true
+  run ssh-keygen -q -t ed25519 -N "" -f "$dir/host_key"
+  for try in 1 2 3 4 5; do
+    port=$((20000 + RANDOM % 40000))
+    cat >"$dir/sshd_config" <<EOF
+Port $port
+ListenAddress 127.0.0.1
+HostKey $dir/host_key
+PidFile $dir/sshd.pid
+AuthorizedKeysFile $keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+LogLevel VERBOSE
+EOF
+    : >"$dir/sshd.log"
+    /usr/sbin/sshd -D -f "$dir/sshd_config" -E "$dir/sshd.log" </dev/null &
+    SSHD_PID=$!
+    for _ in $(seq 50); do
+      grep -q "Server listening" "$dir/sshd.log" && break
+      kill -0 "$SSHD_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    if grep -q "Server listening" "$dir/sshd.log"; then
+      SSHD_PORT=$port
+      return 0
+    fi
+    kill "$SSHD_PID" 2>/dev/null
+    wait "$SSHD_PID" 2>/dev/null
+  done
+  cat "$dir/sshd.log"
+  fail "sshd did not start"
+}
+
+check_ssh_login() {
+  gen_key
+  pub_pem
+  run ssh-keygen -D "$MODULE"
+  awk '$1 == "ecdsa-sha2-nistp256"' <<<"$OUT" >authorized_keys
+  [ -s authorized_keys ] || fail "ssh-keygen -D listed no key"
+  run ssh-keygen -lf authorized_keys
+  local fp
+  fp=$(awk '{ print $2 }' <<<"$OUT")
+  SSHD_PID=
+  trap '[ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null' EXIT
+  start_sshd "$PWD/sshd" "$PWD/authorized_keys"
+  printf '#!/bin/sh\necho "%s"\n' "${SOFTHSM_PIN:-}" >askpass
+  chmod 700 askpass
+  run setsid -w env SSH_ASKPASS="$PWD/askpass" SSH_ASKPASS_REQUIRE=force DISPLAY=:0 \
+    ssh -F /dev/null -I "$MODULE" -p "$SSHD_PORT" \
+    -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o PasswordAuthentication=no \
+    -o KbdInteractiveAuthentication=no -o ConnectTimeout=20 \
+    "$(id -un)@127.0.0.1" echo devicekey-ssh-ok
+  expect "devicekey-ssh-ok"
+  grep -F "Accepted publickey" "$PWD/sshd/sshd.log" || true
+  grep -qF "Accepted publickey for $(id -un) from 127.0.0.1" "$PWD/sshd/sshd.log" ||
+    fail "sshd did not log the public key login"
+  grep -qF "ECDSA $fp" "$PWD/sshd/sshd.log" || fail "sshd did not accept the token's key $fp"
+}
+
 ALL_CHECKS=(
   list_slots_mechanisms_objects
   keypairgen
@@ -337,6 +426,7 @@ ALL_CHECKS=(
   engine_req_x509
   cert_import
   ssh_keygen_D
+  ssh_login
 )
 
 # Checks SoftHSM 2.6 fails by itself (see the project's tooling notes); skipped only for SoftHSM.

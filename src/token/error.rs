@@ -50,7 +50,8 @@ pub fn backend_rv(e: &BackendError) -> CK_RV {
         BackendError::Io(_) => CKR_DEVICE_ERROR,
         BackendError::Full(_) => CKR_DEVICE_MEMORY,
         BackendError::NotFound(_) => CKR_OBJECT_HANDLE_INVALID,
-        BackendError::Auth(_) => CKR_PIN_INCORRECT,
+        // Our token needs no PIN; a wrapped token's PIN failure must not make callers prompt.
+        BackendError::Auth(_) => CKR_DEVICE_ERROR,
         BackendError::Refused(_) => CKR_FUNCTION_REJECTED,
         BackendError::Crypto(_) => CKR_FUNCTION_FAILED,
     }

@@ -1,0 +1,328 @@
+# shellcheck shell=bash
+# Shared helpers of the end-to-end tests (sourced by each scripts/e2e/<tool>.sh).
+#
+# A test script sources this file, calls `e2e_setup`, makes keys with `make_key`, runs its checks
+# with `check NAME FUNCTION`, and ends with `e2e_finish`, which prints `N passed, N failed` and sets
+# the exit status. Every check runs in a subshell; inside it `run` runs a tool (timeout, no stdin)
+# and keeps its output in $OUT, `expect`/`reject` assert on $OUT, `fail` ends the check.
+#
+# Environment:
+#   DEVICEKEY_MODULE  the module under test (default target/release/libdevicekey_pkcs11.so)
+#   DEVICEKEY_BIN     the CLI (default target/release/devicekey)
+#   E2E_BACKEND       software (default) or softhsm: the key store behind our token
+#   E2E_TIMEOUT       seconds per tool call (default 60)
+#   E2E_VERBOSE=1     print the output of passing checks too
+#   E2E_KEEP=1        keep the temporary directory
+
+E2E_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+E2E_NAME=$(basename "$0" .sh)
+MODULE=${DEVICEKEY_MODULE:-$E2E_ROOT/target/release/libdevicekey_pkcs11.so}
+DEVICEKEY=${DEVICEKEY_BIN:-$E2E_ROOT/target/release/devicekey}
+E2E_BACKEND=${E2E_BACKEND:-software}
+TIMEOUT=${E2E_TIMEOUT:-60}
+TOKEN_LABEL=devicekey
+INSTALLED_MODULE=/usr/local/lib/devicekey/libdevicekey_pkcs11.so
+SOFTHSM_LIB=/usr/lib/softhsm/libsofthsm2.so
+# The OpenSSL pkcs11 engine (libp11).
+ENGINES_DIR=$(openssl version -e 2>/dev/null | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
+PKCS11_ENGINE=${ENGINES_DIR:-/usr/lib/x86_64-linux-gnu/engines-3}/pkcs11.so
+
+E2E_PASSED=0
+E2E_FAILED=0
+E2E_SKIPPED=0
+E2E_FAILED_NAMES=()
+E2E_CLEANUPS=()
+
+case "$MODULE" in /*) ;; *) MODULE=$PWD/$MODULE ;; esac
+case "$DEVICEKEY" in /*) ;; *) DEVICEKEY=$PWD/$DEVICEKEY ;; esac
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/devicekey-e2e-$E2E_NAME.XXXXXX")
+chmod 700 "$T"
+: >"$T/pids"
+
+# on_exit CMD: run CMD (a string) when the script ends, most recent first.
+on_exit() { E2E_CLEANUPS+=("$1"); }
+
+e2e_cleanup() {
+  local i pid
+  while read -r pid; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  done <"$T/pids"
+  for ((i = ${#E2E_CLEANUPS[@]} - 1; i >= 0; i--)); do
+    eval "${E2E_CLEANUPS[$i]}" || true
+  done
+  if [ "${E2E_KEEP:-0}" = 1 ]; then
+    echo "kept $T"
+  else
+    rm -rf "$T"
+  fi
+}
+trap e2e_cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Assertions (inside a check).
+
+fail() {
+  echo "ASSERTION FAILED: $*"
+  exit 1
+}
+
+# run CMD...: run a command with a timeout and no stdin; output in $OUT; fail on a non-zero exit.
+run() {
+  echo "\$ $*"
+  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
+  local rc=$?
+  [ -n "$OUT" ] && printf '%s\n' "$OUT"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then fail "timed out after ${TIMEOUT}s: $*"; fi
+  [ $rc -eq 0 ] || fail "exit status $rc: $*"
+}
+
+# run_fails CMD...: like run, but the command must fail (a negative control).
+run_fails() {
+  echo "\$ $*   (must fail)"
+  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
+  local rc=$?
+  [ -n "$OUT" ] && printf '%s\n' "$OUT" | tail -n 15
+  [ $rc -ne 0 ] || fail "succeeded but must fail: $*"
+  echo "(failed as it must, exit $rc)"
+}
+
+expect() { grep -qF -- "$1" <<<"$OUT" || fail "expected output to contain: $1"; }
+expect_re() { grep -qE -- "$1" <<<"$OUT" || fail "expected output to match: $1"; }
+reject() { if grep -qF -- "$1" <<<"$OUT"; then fail "output must not contain: $1"; fi; }
+reject_re() { if grep -qiE -- "$1" <<<"$OUT"; then fail "output must not match: $1"; fi; }
+
+# ---------------------------------------------------------------------------------------------
+# Checks and the summary.
+
+# check NAME FUNCTION [ARGS...]: run FUNCTION in a subshell in $T/work, record PASS or FAIL.
+check() {
+  local name=$1 log="$T/check-$1.log" rc
+  shift
+  (
+    cd "$T/work" || exit 1
+    "$@"
+  ) >"$log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    E2E_PASSED=$((E2E_PASSED + 1))
+    echo "PASS $E2E_NAME/$name"
+    [ "${E2E_VERBOSE:-0}" = 1 ] && sed 's/^/    /' "$log"
+  else
+    E2E_FAILED=$((E2E_FAILED + 1))
+    E2E_FAILED_NAMES+=("$name")
+    echo "FAIL $E2E_NAME/$name"
+    sed 's/^/    /' "$log"
+  fi
+  return 0
+}
+
+skip() { # skip NAME REASON
+  E2E_SKIPPED=$((E2E_SKIPPED + 1))
+  echo "SKIP $E2E_NAME/$1 ($2)"
+}
+
+# abort REASON: the test cannot go on (setup failed); counts one failure and ends the script.
+abort() {
+  echo "FAIL $E2E_NAME/setup: $*"
+  E2E_FAILED=$((E2E_FAILED + 1))
+  e2e_finish
+}
+
+e2e_finish() {
+  [ $E2E_SKIPPED -gt 0 ] && echo "($E2E_SKIPPED skipped)"
+  [ $E2E_FAILED -gt 0 ] && echo "failed: ${E2E_FAILED_NAMES[*]:-setup}"
+  echo "$E2E_PASSED passed, $E2E_FAILED failed"
+  if [ $E2E_FAILED -eq 0 ]; then exit 0; else exit 1; fi
+}
+
+# need CMD...: abort unless every command exists.
+need() {
+  local c
+  for c in "$@"; do
+    command -v "$c" >/dev/null 2>&1 || abort "$c not found (run scripts/e2e/run.sh, which installs it)"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# The environment: a fresh key store, HOME and XDG directories inside $T.
+
+e2e_setup() {
+  mkdir -p "$T/home" "$T/config" "$T/data" "$T/cache" "$T/run" "$T/work" "$T/keys"
+  chmod 700 "$T/run" "$T/keys"
+  export HOME="$T/home"
+  export XDG_CONFIG_HOME="$T/config" XDG_DATA_HOME="$T/data" XDG_CACHE_HOME="$T/cache"
+  export XDG_RUNTIME_DIR="$T/run"
+  export DEVICEKEY_LOG="${DEVICEKEY_LOG:-warn}"
+  unset OPENSSL_CONF SSH_AUTH_SOCK SSH_AGENT_PID PKCS11_MODULE_PATH PKCS11SPY
+  [ -f "$MODULE" ] || abort "module $MODULE not found (cargo build --release)"
+  [ -x "$DEVICEKEY" ] || abort "CLI $DEVICEKEY not found (cargo build --release)"
+  case "$E2E_BACKEND" in
+    software)
+      printf '[[slot]]\nlabel = "%s"\nbackend = "software"\ndir = "%s/keys"\n' \
+        "$TOKEN_LABEL" "$T" >"$T/devicekey.toml"
+      ;;
+    softhsm)
+      # shellcheck source=scripts/softhsm-token.sh
+      . "$E2E_ROOT/scripts/softhsm-token.sh" "$T/softhsm" >/dev/null || abort "no SoftHSM token"
+      export E2E_SOFTHSM_PIN=$SOFTHSM_PIN
+      printf '[[slot]]\nlabel = "%s"\nbackend = "pkcs11"\nmodule = "%s"\ntoken = "%s"\npin_env = "E2E_SOFTHSM_PIN"\nprotection_class = "hardware_tpm"\n' \
+        "$TOKEN_LABEL" "$SOFTHSM_MODULE" "$SOFTHSM_TOKEN_LABEL" >"$T/devicekey.toml"
+      ;;
+    *) abort "unknown E2E_BACKEND $E2E_BACKEND (software or softhsm)" ;;
+  esac
+  export DEVICEKEY_CONFIG="$T/devicekey.toml"
+}
+
+# setup_step DESCRIPTION CMD...: run a setup command; abort with its output when it fails.
+setup_step() {
+  local what=$1 out
+  shift
+  if ! out=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1); then
+    printf '%s\n' "$out" | sed 's/^/    /'
+    abort "$what: $*"
+  fi
+  [ "${E2E_VERBOSE:-0}" = 1 ] && printf '%s\n' "$out" | sed 's/^/    /'
+  return 0
+}
+
+# make_key ID LABEL CN: a P-256 key pair on our token (pkcs11-tool), and a self-signed certificate
+# made and stored by `devicekey cert` (signed through the module). Writes $T/<LABEL>.pem (the
+# certificate), $T/<LABEL>.pub.pem (the public key from the token).
+make_key() {
+  local id=$1 label=$2 cn=$3
+  setup_step "key generation" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
+    --keypairgen --key-type EC:prime256v1 --id "$id" --label "$label"
+  setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
+    --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 -o "$T/$label.pem"
+  setup_step "public key" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
+    --read-object --type pubkey --id "$id" -o "$T/$label.pub.der"
+  setup_step "public key" openssl pkey -pubin -inform DER -in "$T/$label.pub.der" -out "$T/$label.pub.pem"
+}
+
+# key_uri ID [TYPE]: the RFC 7512 URI `devicekey uri` prints for key ID (private by default).
+key_uri() {
+  "$DEVICEKEY" uri --module "$MODULE" --token "$TOKEN_LABEL" --id "$1" --type "${2:-private}"
+}
+
+# A software-only P-256 key and self-signed certificate (the peer that is not under test).
+make_soft_cert() { # make_soft_cert NAME CN
+  setup_step "software key" openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -nodes -keyout "$T/$1.key" -out "$T/$1.pem" -days 30 -subj "/CN=$2" \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The negative control: break the token's key (the stored private scalar replaced by another key's,
+# the public key and certificate unchanged), as a module that signs with the wrong key would.
+# Every consumer must then fail. Only for the software store.
+
+break_key() { # break_key ID
+  [ "$E2E_BACKEND" = software ] || fail "break_key needs the software store"
+  local file scalar
+  file=$(grep -l "\"id\": \"$1\"" "$T"/keys/*.key 2>/dev/null | head -n 1)
+  [ -n "$file" ] || fail "no key file with id $1 in the store"
+  cp -p "$file" "$T/broken-key.bak"
+  echo "$file" >"$T/broken-key.path"
+  # Another valid scalar (random 256 bits with the top bit clear are below the group order).
+  scalar=$(head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n')
+  scalar="3${scalar:1}"
+  [ ${#scalar} -eq 64 ] || fail "could not make a scalar"
+  sed -i "s/\"private_scalar\": \"[0-9a-f]*\"/\"private_scalar\": \"$scalar\"/" "$file"
+  echo "(negative control: key $1's private scalar replaced in the store)"
+}
+
+restore_key() {
+  [ -f "$T/broken-key.bak" ] || return 0
+  cp -p "$T/broken-key.bak" "$(cat "$T/broken-key.path")"
+  rm -f "$T/broken-key.bak" "$T/broken-key.path"
+}
+
+# negative NAME FUNCTION: run FUNCTION (which must end in failure) with key 01 broken, then restore.
+negative() {
+  local name=$1 fn=$2
+  if [ "$E2E_BACKEND" != software ]; then
+    skip "$name" "the negative control edits the software store"
+    return
+  fi
+  _negative_body() {
+    break_key 01
+    "$fn"
+  }
+  check "$name" _negative_body
+  restore_key
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers on 127.0.0.1.
+
+# free_port: a TCP port nobody listens on.
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
+      echo "$p"
+      return
+    fi
+  done
+}
+
+# wait_port PORT [SECONDS]: until something listens on PORT.
+wait_port() {
+  local i
+  for ((i = 0; i < ${2:-20} * 10; i++)); do
+    ss -Htln "sport = :$1" 2>/dev/null | grep -q . && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# start_bg NAME CMD...: start a server in the background (output in $T/NAME.out); it is killed
+# when the script ends. The PID is in $BG_PID.
+start_bg() {
+  local name=$1
+  shift
+  setsid "$@" </dev/null >"$T/$name.out" 2>&1 &
+  BG_PID=$!
+  echo "$BG_PID" >>"$T/pids"
+}
+
+# stop_bg PID: stop a background server.
+stop_bg() {
+  kill "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  return 0
+}
+
+# openssl_engine_conf FILE [MODULE]: an openssl.cnf loading the pkcs11 engine, with MODULE_PATH
+# when MODULE is given (else libp11 goes through p11-kit-proxy).
+openssl_engine_conf() {
+  {
+    echo "openssl_conf = openssl_init"
+    echo "[openssl_init]"
+    echo "engines = engine_section"
+    echo "[engine_section]"
+    echo "pkcs11 = pkcs11_section"
+    echo "[pkcs11_section]"
+    echo "engine_id = pkcs11"
+    echo "dynamic_path = $PKCS11_ENGINE"
+    [ -n "${2:-}" ] && echo "MODULE_PATH = $2"
+    echo "init = 0"
+  } >"$1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# install.sh, for the tests that need the module in its installed place.
+
+# use_installed: run scripts/install.sh now, and --uninstall when the script ends unless it was
+# installed before.
+use_installed() {
+  local was_installed=0
+  [ -f /etc/pkcs11/modules/devicekey.module ] && was_installed=1
+  setup_step "install.sh" env DEVICEKEY_BUILD_DIR="$(dirname "$MODULE")" bash "$E2E_ROOT/scripts/install.sh"
+  if [ $was_installed = 0 ]; then
+    on_exit "bash '$E2E_ROOT/scripts/install.sh' --uninstall >/dev/null"
+  fi
+}

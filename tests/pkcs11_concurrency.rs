@@ -135,6 +135,7 @@ const PROCESSES: usize = 4;
 const KEYS_PER_PROCESS: usize = 25;
 const CHILD_ENV: &str = "DEVICEKEY_TEST_CHILD_INDEX";
 const START_ENV: &str = "DEVICEKEY_TEST_START_AT_MS";
+const COUNT_ENV: &str = "DEVICEKEY_TEST_KEY_COUNT";
 
 /// Child side of `four_processes_create_25_keys_each_at_once` (runs only when spawned by it).
 #[test]
@@ -154,7 +155,11 @@ fn child_create_keys() {
     if start_at > now {
         std::thread::sleep(Duration::from_millis(start_at - now));
     }
-    for j in 0..KEYS_PER_PROCESS {
+    let count: usize = std::env::var(COUNT_ENV)
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(KEYS_PER_PROCESS);
+    for j in 0..count {
         gen_p256(&s, &format!("proc{index}-key{j}"), true);
     }
 }
@@ -224,6 +229,46 @@ fn four_processes_create_25_keys_each_at_once() {
             "{} signs",
             common::label_of(&s, private)
         );
+    }
+}
+
+#[test]
+fn keys_created_by_another_process_are_visible_without_reinitializing() {
+    let t = Token::new();
+    let s = t.session();
+    gen_p256(&s, "mine", true);
+    let child = common::spawn_self(
+        "child_create_keys",
+        &[
+            (CHILD_ENV, "other".to_string()),
+            (START_ENV, "0".to_string()),
+            (COUNT_ENV, "3".to_string()),
+            ("DEVICEKEY_CONFIG", t.config.display().to_string()),
+        ],
+    );
+    let out = child.wait_with_output().expect("wait for child");
+    assert!(
+        out.status.success(),
+        "child: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Same module instance, no C_Finalize: the other process's keys show up.
+    let privs = s
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .expect("find");
+    let labels: BTreeSet<String> = privs.iter().map(|&h| common::label_of(&s, h)).collect();
+    let want: BTreeSet<String> = ["mine", "procother-key0", "procother-key1", "procother-key2"]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    assert_eq!(labels, want);
+    for &private in &privs {
+        let point = public_point(&s, common::public_for(&s, private));
+        let d = sha256(b"cross-process");
+        let sig = s.sign(&Mechanism::Ecdsa, private, &d).expect("sign");
+        assert!(verify_prehash(&point, &d, &sig));
     }
 }
 

@@ -274,3 +274,29 @@ fn ours_hundred_concurrent_signs() {
     concurrent_signs(&mut server, "allow_os_protected_nonextractable", 100);
     assert_eq!(server.finish(), 0);
 }
+
+#[test]
+fn configured_origins_reach_the_token_too() {
+    let Some(_) = module() else { return };
+    let env = Env::ours_software("allowed_origin_hosts = [\"example.org\"]");
+    let mut server = env.serve();
+    server.initialize();
+    let r = server.request(
+        "device/key/create",
+        json!({"accountUserId": ACCOUNT, "clientId": CLIENT, "protectionPolicy": "allow_os_protected_nonextractable"}),
+    );
+    let info = result(&r).clone();
+    let mut payload = connection_payload();
+    payload["targetOrigin"] = json!("https://api.example.org");
+    let r = server.request(
+        "device/key/sign",
+        json!({"keyId": info["keyId"], "payload": payload}),
+    );
+    verify_sign_result(
+        env.dir.path(),
+        info["publicKeySpkiDerBase64"].as_str().unwrap(),
+        result(&r),
+        &canonical_bytes(&payload),
+    );
+    assert_eq!(server.finish(), 0);
+}

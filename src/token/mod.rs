@@ -166,9 +166,16 @@ impl Token {
                 flags |= CKF_HW_SLOT;
             }
         }
+        let device = slot
+            .opened()
+            .map(|s| format!(" on {}", s.info.manufacturer))
+            .unwrap_or_default();
         Ok(SlotInfo {
-            description: format!("devicekey {:?} slot {}", slot.config.backend, slot.label)
-                .to_lowercase(),
+            description: format!(
+                "devicekey {} slot {}{device}",
+                format!("{:?}", slot.config.backend).to_lowercase(),
+                slot.label
+            ),
             flags,
         })
     }
@@ -194,7 +201,9 @@ impl Token {
         }
         Ok(TokenInfo {
             label: store.info.label.clone(),
-            manufacturer: store.info.manufacturer.clone(),
+            // Every token of this module is ours, whatever device is behind it: the model names
+            // the class, the slot description names the device.
+            manufacturer: crate::vendor::DEVICEKEY_MANUFACTURER.to_string(),
             model: store.info.protection_class.token_model().to_string(),
             serial: store.info.serial.clone(),
             flags: CKF_RNG | CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED,

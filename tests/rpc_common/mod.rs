@@ -14,6 +14,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Carries the SoftHSM token label inside `Env::vars`.
+const HSM_LABEL_VAR: &str = "DEVICEKEY_TEST_HSM_LABEL";
 pub const PIN_VAR: &str = "DEVICEKEY_TEST_HSM_PIN";
 pub const NONCE: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 pub const HASH: &str = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU";
@@ -112,7 +114,17 @@ impl Env {
         env.vars
             .push(("SOFTHSM2_CONF".into(), conf.display().to_string()));
         env.vars.push((PIN_VAR.into(), "1234".into()));
+        env.vars.push((HSM_LABEL_VAR.into(), label));
         env
+    }
+
+    /// The label of this environment's SoftHSM token.
+    pub fn softhsm_label(&self) -> String {
+        self.vars
+            .iter()
+            .find(|(k, _)| k == HSM_LABEL_VAR)
+            .map(|(_, v)| v.clone())
+            .expect("a SoftHSM environment")
     }
 
     /// Server over our own module (the default) with only a software slot.
@@ -129,8 +141,9 @@ impl Env {
         let env = Self::softhsm("");
         let keys = env.dir.path().join("keys");
         env.write_config(&format!(
-            "[[slot]]\nbackend = \"software\"\ndir = \"{}\"\n\n[[slot]]\nlabel = \"hsm\"\nbackend = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\npin_env = \"{PIN_VAR}\"\nprotection_class = \"hardware_tpm\"\n\n[server]\n{extra_server}\n",
-            keys.display()
+            "[[slot]]\nbackend = \"software\"\ndir = \"{}\"\n\n[[slot]]\nlabel = \"hsm\"\nbackend = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"{}\"\npin_env = \"{PIN_VAR}\"\nprotection_class = \"hardware_tpm\"\n\n[server]\n{extra_server}\n",
+            keys.display(),
+            env.softhsm_label()
         ));
         env
     }

@@ -1,0 +1,224 @@
+//! The summary: every measurement as a table, and the issue's targets as ratios (met or missed).
+
+use std::path::Path;
+
+use crate::stats::{fmt_num, Record};
+use crate::{BenchError, Result};
+
+/// One target of the issue, evaluated.
+struct Verdict {
+    what: &'static str,
+    value: Option<f64>,
+    unit: &'static str,
+    goal: &'static str,
+    met: Option<bool>,
+}
+
+fn find<'a>(
+    records: &'a [Record],
+    bench: &str,
+    subject: &str,
+    variant: &str,
+) -> Option<&'a Record> {
+    records
+        .iter()
+        .rev()
+        .find(|r| r.bench == bench && r.subject == subject && r.variant == variant)
+}
+
+fn ratio(a: Option<&Record>, b: Option<&Record>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+        _ => None,
+    }
+}
+
+fn verdicts(r: &[Record]) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    let mut push = |what, value: Option<f64>, unit, goal, test: &dyn Fn(f64) -> bool| {
+        out.push(Verdict {
+            what,
+            value,
+            unit,
+            goal,
+            met: value.map(test),
+        })
+    };
+    let tput = |s: &str, v: &str| find(r, "sign_throughput", s, v);
+    for (what, v) in [
+        (
+            "C_Sign throughput, ours / raw OpenSSL, 1 thread",
+            "1 thread",
+        ),
+        (
+            "C_Sign throughput, ours / raw OpenSSL, 2 threads",
+            "2 threads",
+        ),
+    ] {
+        push(
+            what,
+            ratio(tput("ours", v), tput("openssl-raw", v)),
+            "x",
+            ">= 0.80",
+            &|x| x >= 0.8,
+        );
+    }
+    for (what, v) in [
+        ("C_Sign throughput, ours / SoftHSM, 1 thread", "1 thread"),
+        ("C_Sign throughput, ours / SoftHSM, 2 threads", "2 threads"),
+    ] {
+        push(
+            what,
+            ratio(tput("ours", v), tput("softhsm", v)),
+            "x",
+            "about 2 (follows from 0.8 x raw)",
+            &|x| x >= 1.8,
+        );
+    }
+    for (what, v) in [
+        (
+            "Wrapping: ours over SoftHSM / SoftHSM, 1 thread",
+            "1 thread",
+        ),
+        (
+            "Wrapping: ours over SoftHSM / SoftHSM, 2 threads",
+            "2 threads",
+        ),
+    ] {
+        push(
+            what,
+            ratio(tput("ours-over-softhsm", v), tput("softhsm", v)),
+            "x",
+            ">= 0.90",
+            &|x| x >= 0.9,
+        );
+    }
+    push(
+        "Cold start, ours, 10 keys",
+        find(r, "cold_start", "ours", "10 keys").map(|x| x.median),
+        "ms",
+        "< 5",
+        &|x| x < 5.0,
+    );
+    for (what, bench) in [
+        (
+            "FindObjects by CKA_ID p50, 10,000 / 10 keys",
+            "find_by_id_p50",
+        ),
+        (
+            "FindObjects by label p50, 10,000 / 10 keys",
+            "find_by_label_p50",
+        ),
+    ] {
+        push(
+            what,
+            ratio(
+                find(r, bench, "ours", "10000 keys"),
+                find(r, bench, "ours", "10 keys"),
+            ),
+            "x",
+            "<= 2",
+            &|x| x <= 2.0,
+        );
+    }
+    push(
+        "JSON-RPC sign overhead beyond C_Sign, p50",
+        find(r, "rpc_overhead_p50", "ours-serve", "one at a time").map(|x| x.median),
+        "us",
+        "< 100",
+        &|x| x < 100.0,
+    );
+    push(
+        "TPM sign p50, ours / tpm2-pkcs11",
+        ratio(
+            find(r, "sign_latency_p50", "ours-tpm", ""),
+            find(r, "sign_latency_p50", "tpm2-pkcs11", ""),
+        ),
+        "x",
+        "<= 1",
+        &|x| x <= 1.0,
+    );
+    push(
+        "TPM length query (C_Sign, NULL buffer) p50 / sign p50",
+        ratio(
+            find(r, "sign_length_query_p50", "ours-tpm", ""),
+            find(r, "sign_latency_p50", "ours-tpm", ""),
+        ),
+        "x",
+        "<< 1 (no TPM signature)",
+        &|x| x < 0.1,
+    );
+    out
+}
+
+fn status(v: &Verdict) -> &'static str {
+    match v.met {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    }
+}
+
+/// `report`: prints the table and the targets (Markdown with `markdown`).
+pub fn print(file: &Path, markdown: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file)?;
+    let mut records = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        records.push(
+            serde_json::from_str::<Record>(line)
+                .map_err(|e| BenchError::Other(format!("{}: {e}", file.display())))?,
+        );
+    }
+    let v = verdicts(&records);
+    if markdown {
+        println!("| Measurement | Subject | Variant | Median | Min | Max | Unit |");
+        println!("|---|---|---|---:|---:|---:|---|");
+        for r in &records {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.bench,
+                r.subject,
+                r.variant,
+                fmt_num(r.median),
+                fmt_num(r.min),
+                fmt_num(r.max),
+                r.unit
+            );
+        }
+        println!();
+        println!("| Target | Value | Goal | Status |");
+        println!("|---|---:|---|---|");
+        for t in &v {
+            let value = t
+                .value
+                .map_or("-".to_string(), |x| format!("{} {}", fmt_num(x), t.unit));
+            println!("| {} | {} | {} | {} |", t.what, value, t.goal, status(t));
+        }
+    } else {
+        println!(
+            "{:<22} {:<18} {:<15} {:>10} {:>10} {:>10}  unit",
+            "measurement", "subject", "variant", "median", "min", "max"
+        );
+        for r in &records {
+            println!(
+                "{:<22} {:<18} {:<15} {:>10} {:>10} {:>10}  {}",
+                r.bench,
+                r.subject,
+                r.variant,
+                fmt_num(r.median),
+                fmt_num(r.min),
+                fmt_num(r.max),
+                r.unit
+            );
+        }
+        println!();
+        println!("{:<55} {:>12}  {:<34} status", "target", "value", "goal");
+        for t in &v {
+            let value = t
+                .value
+                .map_or("-".to_string(), |x| format!("{} {}", fmt_num(x), t.unit));
+            println!("{:<55} {:>12}  {:<34} {}", t.what, value, t.goal, status(t));
+        }
+    }
+    Ok(())
+}

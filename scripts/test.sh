@@ -58,16 +58,19 @@ if [ $build_rc -ne 0 ] || [ ! -f target/release/libdevicekey_pkcs11.so ]; then
 else
   out=$(mktemp "${TMPDIR:-/tmp}/devicekey-test.XXXXXX")
   trap 'rm -f "$out"' EXIT
-  bash scripts/consumer-tests.sh "$ROOT/target/release/libdevicekey_pkcs11.so" </dev/null | tee "$out"
-  summary=$(tail -n 1 "$out")
-  if [[ $summary =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
-    PASSED=$((PASSED + BASH_REMATCH[1]))
-    FAILED=$((FAILED + BASH_REMATCH[2]))
-    [ "${BASH_REMATCH[2]}" -eq 0 ] || FAILED_NAMES+=("consumer checks")
-  else
-    echo "the consumer suite ended without a summary line"
-    record consumers-summary 1
-  fi
+  # consumer-hsm-tests.sh: the same consumers on a SoftHSM-backed slot next to the software one.
+  for suite in consumer-tests consumer-hsm-tests; do
+    bash "scripts/$suite.sh" "$ROOT/target/release/libdevicekey_pkcs11.so" </dev/null | tee "$out"
+    summary=$(tail -n 1 "$out")
+    if [[ $summary =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+      PASSED=$((PASSED + BASH_REMATCH[1]))
+      FAILED=$((FAILED + BASH_REMATCH[2]))
+      [ "${BASH_REMATCH[2]}" -eq 0 ] || FAILED_NAMES+=("$suite")
+    else
+      echo "scripts/$suite.sh ended without a summary line"
+      record "$suite-summary" 1
+    fi
+  done
 fi
 
 echo

@@ -1,0 +1,558 @@
+//! Concurrency stress through the built `.so`: 16 threads mixing session open/close, find, sign
+//! and get-attribute on shared keys; 4 processes creating keys in one store at once; C_Finalize
+//! racing calls in flight on other threads.
+//!
+//! Counts scale with `STRESS_SCALE` (see `stress_common`): the CI run is small, `scripts/stress.sh`
+//! runs the full counts (16 x 1,000 operations, 4 x 100 keys, 200 finalize races).
+
+#[macro_use]
+mod common;
+mod stress_common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::{gen_p256, public_point, sha256, verify_prehash, Token};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki_sys::*;
+use stress_common::{scaled, with_watchdog, Rng};
+
+const THREADS: usize = 16;
+const SHARED_KEYS: usize = 4;
+
+#[derive(Clone)]
+struct SharedKey {
+    label: String,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    point: Vec<u8>,
+}
+
+/// Counts of each operation, for the report line.
+#[derive(Default)]
+struct Counts {
+    open: AtomicUsize,
+    close: AtomicUsize,
+    find: AtomicUsize,
+    sign: AtomicUsize,
+    attr: AtomicUsize,
+}
+
+fn one_thread(
+    ctx: cryptoki::context::Pkcs11,
+    slot: cryptoki::slot::Slot,
+    keys: &[SharedKey],
+    index: usize,
+    ops: usize,
+    seed: u64,
+    counts: &Counts,
+) -> Result<(), String> {
+    let mut rng = Rng::new(seed ^ (index as u64 + 1).wrapping_mul(0x1000_0000_01b3));
+    let mut sessions: Vec<Session> = Vec::new();
+    for op in 0..ops {
+        let ctxt = |e: &dyn std::fmt::Display| format!("thread {index} op {op}: {e}");
+        if sessions.is_empty() {
+            sessions.push(ctx.open_ro_session(slot).map_err(|e| ctxt(&e))?);
+            counts.open.fetch_add(1, Ordering::Relaxed);
+        }
+        let key = &keys[rng.below(keys.len())];
+        let s = &sessions[rng.below(sessions.len())];
+        match rng.below(10) {
+            0 if sessions.len() < 4 => {
+                let s = if rng.below(2) == 0 {
+                    ctx.open_rw_session(slot)
+                } else {
+                    ctx.open_ro_session(slot)
+                }
+                .map_err(|e| ctxt(&e))?;
+                sessions.push(s);
+                counts.open.fetch_add(1, Ordering::Relaxed);
+            }
+            0 | 1 => {
+                let s = sessions.swap_remove(rng.below(sessions.len()));
+                s.close().map_err(|e| ctxt(&e))?;
+                counts.close.fetch_add(1, Ordering::Relaxed);
+            }
+            2 | 3 => {
+                let found = if rng.below(2) == 0 {
+                    s.find_objects(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::Label(key.label.as_bytes().to_vec()),
+                    ])
+                    .map_err(|e| ctxt(&e))?
+                } else {
+                    s.find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
+                        .map_err(|e| ctxt(&e))?
+                };
+                let want = if found.len() == SHARED_KEYS || found == [key.private] {
+                    true
+                } else {
+                    found.contains(&key.public) && found.len() == SHARED_KEYS
+                };
+                if !want {
+                    return Err(ctxt(&format!("find returned {found:?}")));
+                }
+                counts.find.fetch_add(1, Ordering::Relaxed);
+            }
+            4..=6 => {
+                let len = 1 + rng.below(100);
+                let msg = rng.bytes(len);
+                let (mech, digest) = if rng.below(2) == 0 {
+                    (Mechanism::Ecdsa, sha256(&msg))
+                } else {
+                    (Mechanism::EcdsaSha256, sha256(&msg))
+                };
+                let input: &[u8] = if matches!(mech, Mechanism::Ecdsa) {
+                    &digest
+                } else {
+                    &msg
+                };
+                let sig = s.sign(&mech, key.private, input).map_err(|e| ctxt(&e))?;
+                if !verify_prehash(&key.point, &digest, &sig) {
+                    return Err(ctxt(&format!("signature by {} does not verify", key.label)));
+                }
+                counts.sign.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                if rng.below(2) == 0 {
+                    let point = public_point(s, key.public);
+                    if point != key.point {
+                        return Err(ctxt(&"CKA_EC_POINT changed"));
+                    }
+                } else {
+                    let attrs = s
+                        .get_attributes(
+                            key.private,
+                            &[
+                                AttributeType::Label,
+                                AttributeType::Sign,
+                                AttributeType::Sensitive,
+                            ],
+                        )
+                        .map_err(|e| ctxt(&e))?;
+                    let ok = attrs.contains(&Attribute::Label(key.label.as_bytes().to_vec()))
+                        && attrs.contains(&Attribute::Sign(true))
+                        && attrs.contains(&Attribute::Sensitive(true));
+                    if !ok {
+                        return Err(ctxt(&format!("attributes {attrs:?}")));
+                    }
+                }
+                counts.attr.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    for s in sessions {
+        s.close()
+            .map_err(|e| format!("thread {index} final close: {e}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn sixteen_threads_mix_sessions_find_sign_and_attributes() {
+    let t = Token::new();
+    let slot = t.slot();
+    let keys: Vec<SharedKey> = {
+        let s = t.session();
+        (0..SHARED_KEYS)
+            .map(|i| {
+                let label = format!("shared-{i}");
+                let (public, private) = gen_p256(&s, &label, true);
+                SharedKey {
+                    point: public_point(&s, public),
+                    label,
+                    private,
+                    public,
+                }
+            })
+            .collect()
+    };
+    let ops = scaled(1000, 50);
+    let (_, seed) = Rng::from_env_or_clock();
+    let ctx = t.ctx.clone();
+    let counts = Arc::new(Counts::default());
+    let started = Instant::now();
+    let errors: Vec<String> = {
+        let counts = Arc::clone(&counts);
+        with_watchdog("16-thread stress", Duration::from_secs(300), move || {
+            let barrier = Barrier::new(THREADS);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|i| {
+                        let ctx = ctx.clone();
+                        let keys = &keys;
+                        let barrier = &barrier;
+                        let counts = &*counts;
+                        scope.spawn(move || {
+                            barrier.wait();
+                            one_thread(ctx, slot, keys, i, ops, seed, counts)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("thread panicked".into()))
+                            .err()
+                    })
+                    .collect()
+            })
+        })
+    };
+    assert!(errors.is_empty(), "seed {seed}: failures: {errors:#?}");
+    eprintln!(
+        "STRESS threads: {THREADS} x {ops} ops in {:?} (seed {seed}): open {} close {} find {} \
+         sign+verify {} get-attribute {}",
+        started.elapsed(),
+        counts.open.load(Ordering::Relaxed),
+        counts.close.load(Ordering::Relaxed),
+        counts.find.load(Ordering::Relaxed),
+        counts.sign.load(Ordering::Relaxed),
+        counts.attr.load(Ordering::Relaxed),
+    );
+    // Nothing leaked: every session was closed.
+    let info = t.ctx.get_token_info(slot).expect("C_GetTokenInfo");
+    if let Some(n) = info.session_count() {
+        assert_eq!(n, 0, "sessions left open");
+    }
+}
+
+const CHILD_ENV: &str = "DEVICEKEY_STRESS_CHILD";
+const START_ENV: &str = "DEVICEKEY_STRESS_START_AT_MS";
+const COUNT_ENV: &str = "DEVICEKEY_STRESS_KEYS";
+
+/// Child side of `four_processes_create_keys_in_one_store` (runs only when spawned by it).
+#[test]
+#[ignore = "child process of four_processes_create_keys_in_one_store"]
+fn stress_child_create_keys() {
+    let Ok(index) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let start_at: u64 = std::env::var(START_ENV).unwrap().parse().unwrap();
+    let count: usize = std::env::var(COUNT_ENV).unwrap().parse().unwrap();
+    let t = Token::from_env_config();
+    let s = t.session();
+    let now = common::now_millis();
+    if start_at > now {
+        std::thread::sleep(Duration::from_millis(start_at - now));
+    }
+    for j in 0..count {
+        gen_p256(&s, &format!("p{index}-k{j}"), true);
+    }
+}
+
+#[test]
+fn four_processes_create_keys_in_one_store() {
+    const PROCESSES: usize = 4;
+    let per = scaled(100, 10);
+    let mut t = Token::uninitialized();
+    let start_at = common::now_millis() + 1000;
+    let started = Instant::now();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|i| {
+            common::spawn_self(
+                "stress_child_create_keys",
+                &[
+                    (CHILD_ENV, i.to_string()),
+                    (START_ENV, start_at.to_string()),
+                    (COUNT_ENV, per.to_string()),
+                    ("DEVICEKEY_CONFIG", t.config.display().to_string()),
+                ],
+            )
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("wait for child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !stdout.contains("1 passed") {
+            failures.push(format!(
+                "child {i}: {}\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let created_in = started.elapsed();
+
+    t.initialize();
+    let s = t.session();
+    let privs = s
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .expect("find");
+    let labels: BTreeSet<String> = privs.iter().map(|&h| common::label_of(&s, h)).collect();
+    let want: BTreeSet<String> = (0..PROCESSES)
+        .flat_map(|i| (0..per).map(move |j| format!("p{i}-k{j}")))
+        .collect();
+    let missing: Vec<&String> = want.difference(&labels).collect();
+    assert!(
+        missing.is_empty(),
+        "{} keys lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(privs.len(), PROCESSES * per, "no duplicates, no extras");
+    for &private in &privs {
+        let point = public_point(&s, common::public_for(&s, private));
+        let d = sha256(&common::id_of(&s, private));
+        let sig = s.sign(&Mechanism::Ecdsa, private, &d).expect("sign");
+        assert!(verify_prehash(&point, &d, &sig), "key signs and verifies");
+    }
+    let files = std::fs::read_dir(t.root().join("keys"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
+        .count();
+    assert_eq!(files, PROCESSES * per, "one key file per key");
+    eprintln!(
+        "STRESS processes: {PROCESSES} x {per} keys created at once in {created_in:?}; all {} \
+         present, readable and signing",
+        PROCESSES * per
+    );
+}
+
+// ---- C_Finalize racing calls in flight (raw function list: exact return codes) ----
+
+fn raw_slot() -> CK_SLOT_ID {
+    let mut slots = [0 as CK_SLOT_ID; 4];
+    let mut n: CK_ULONG = slots.len() as CK_ULONG;
+    // SAFETY: `slots` has room for `n` entries.
+    let rv = unsafe { ck!(C_GetSlotList)(CK_TRUE, slots.as_mut_ptr(), &mut n) };
+    assert_rv!(rv, CKR_OK);
+    assert_eq!(n, 1);
+    slots[0]
+}
+
+fn raw_find_private(session: CK_SESSION_HANDLE) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    let mut class: CK_OBJECT_CLASS = CKO_PRIVATE_KEY;
+    let mut template = [CK_ATTRIBUTE {
+        type_: CKA_CLASS,
+        pValue: &mut class as *mut CK_OBJECT_CLASS as *mut std::ffi::c_void,
+        ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+    }];
+    // SAFETY: one valid template entry.
+    let rv = unsafe { ck!(C_FindObjectsInit)(session, template.as_mut_ptr(), 1) };
+    if rv != CKR_OK {
+        return Err(rv);
+    }
+    let mut h: CK_OBJECT_HANDLE = 0;
+    let mut n: CK_ULONG = 0;
+    // SAFETY: room for one handle.
+    let rv = unsafe { ck!(C_FindObjects)(session, &mut h, 1, &mut n) };
+    // SAFETY: plain call.
+    let rv2 = unsafe { ck!(C_FindObjectsFinal)(session) };
+    if rv != CKR_OK {
+        return Err(rv);
+    }
+    if rv2 != CKR_OK {
+        return Err(rv2);
+    }
+    if n != 1 {
+        return Err(CKR_GENERAL_ERROR);
+    }
+    Ok(h)
+}
+
+/// One caller's loop during a finalize race. Returns the CK_RVs it saw, and an error for any
+/// return code outside the allowed set.
+fn race_caller(
+    slot: CK_SLOT_ID,
+    point: &[u8],
+    finalized: &AtomicBool,
+    stop: &AtomicBool,
+    rng: &mut Rng,
+) -> Result<(usize, usize), String> {
+    // Codes a call may get while the module is being finalized under it.
+    let racing_ok = [
+        CKR_OK,
+        CKR_CRYPTOKI_NOT_INITIALIZED,
+        CKR_SESSION_HANDLE_INVALID,
+        CKR_SESSION_CLOSED,
+        CKR_OBJECT_HANDLE_INVALID,
+        CKR_KEY_HANDLE_INVALID,
+        CKR_OPERATION_NOT_INITIALIZED,
+    ];
+    let mut ok_calls = 0;
+    let mut after = 0;
+    let check = |rv: CK_RV, before_call_finalized: bool, what: &str| -> Result<(), String> {
+        if before_call_finalized {
+            if rv != CKR_CRYPTOKI_NOT_INITIALIZED {
+                return Err(format!(
+                    "{what} after C_Finalize returned {}",
+                    common::rv_name(rv)
+                ));
+            }
+        } else if !racing_ok.contains(&rv) {
+            return Err(format!("{what} during the race: {}", common::rv_name(rv)));
+        }
+        Ok(())
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let was = finalized.load(Ordering::SeqCst);
+        let mut session: CK_SESSION_HANDLE = 0;
+        // SAFETY: valid out pointer; no callback.
+        let rv = unsafe {
+            ck!(C_OpenSession)(
+                slot,
+                CKF_SERIAL_SESSION,
+                std::ptr::null_mut(),
+                None,
+                &mut session,
+            )
+        };
+        check(rv, was, "C_OpenSession")?;
+        if was {
+            after += 1;
+        }
+        if rv != CKR_OK {
+            std::thread::yield_now();
+            continue;
+        }
+        ok_calls += 1;
+        for _ in 0..1 + rng.below(4) {
+            let was = finalized.load(Ordering::SeqCst);
+            let key = match raw_find_private(session) {
+                Ok(k) => k,
+                Err(rv) => {
+                    check(rv, was, "find")?;
+                    break;
+                }
+            };
+            let digest = sha256(&rng.bytes(16));
+            let mut mech = CK_MECHANISM {
+                mechanism: CKM_ECDSA,
+                pParameter: std::ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            let was = finalized.load(Ordering::SeqCst);
+            // SAFETY: valid mechanism.
+            let rv = unsafe { ck!(C_SignInit)(session, &mut mech, key) };
+            check(rv, was, "C_SignInit")?;
+            if rv != CKR_OK {
+                break;
+            }
+            let mut sig = [0u8; 64];
+            let mut len: CK_ULONG = 64;
+            let was = finalized.load(Ordering::SeqCst);
+            // SAFETY: 32 input bytes, 64 output bytes.
+            let rv = unsafe {
+                ck!(C_Sign)(
+                    session,
+                    digest.as_ptr() as *mut u8,
+                    32,
+                    sig.as_mut_ptr(),
+                    &mut len,
+                )
+            };
+            check(rv, was, "C_Sign")?;
+            if rv == CKR_OK {
+                if len != 64 || !verify_prehash(point, &digest, &sig) {
+                    return Err("a signature made during the race does not verify".into());
+                }
+                ok_calls += 1;
+            } else {
+                break;
+            }
+        }
+        let was = finalized.load(Ordering::SeqCst);
+        // SAFETY: plain call.
+        let rv = unsafe { ck!(C_CloseSession)(session) };
+        check(rv, was, "C_CloseSession")?;
+    }
+    // A few calls certainly after C_Finalize returned.
+    for _ in 0..3 {
+        let mut info = std::mem::MaybeUninit::<CK_INFO>::zeroed();
+        // SAFETY: valid out pointer.
+        let rv = unsafe { ck!(C_GetInfo)(info.as_mut_ptr()) };
+        check(rv, true, "C_GetInfo")?;
+        // SAFETY: plain call.
+        let rv = unsafe { ck!(C_CloseAllSessions)(slot) };
+        check(rv, true, "C_CloseAllSessions")?;
+        after += 2;
+    }
+    Ok((ok_calls, after))
+}
+
+#[test]
+fn finalize_races_calls_in_flight() {
+    let t = Token::new();
+    let point = {
+        let s = t.session();
+        let (public, _) = gen_p256(&s, "race", true);
+        public_point(&s, public)
+    };
+    t.ctx.clone().finalize().expect("C_Finalize");
+    let rounds = scaled(200, 20);
+    let (mut rng, seed) = Rng::from_env_or_clock();
+    let started = Instant::now();
+    let (ok_total, after_total) =
+        with_watchdog("finalize race", Duration::from_secs(300), move || {
+            let mut ok_total = 0;
+            let mut after_total = 0;
+            for round in 0..rounds {
+                // SAFETY: NULL args = no locking requirements beyond OS threads.
+                let rv = unsafe { ck!(C_Initialize)(std::ptr::null_mut()) };
+                assert_rv!(rv, CKR_OK, "round {round}: C_Initialize");
+                let slot = raw_slot();
+                let finalized = AtomicBool::new(false);
+                let stop = AtomicBool::new(false);
+                let delay = Duration::from_micros(200 + rng.below(5000) as u64);
+                let results: Vec<Result<(usize, usize), String>> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..6)
+                        .map(|i| {
+                            let (finalized, stop, point) = (&finalized, &stop, &point);
+                            let mut rng = Rng::new(seed ^ ((round * 64 + i) as u64 + 7));
+                            scope.spawn(move || race_caller(slot, point, finalized, stop, &mut rng))
+                        })
+                        .collect();
+                    std::thread::sleep(delay);
+                    // SAFETY: NULL reserved.
+                    let rv = unsafe { ck!(C_Finalize)(std::ptr::null_mut()) };
+                    finalized.store(true, Ordering::SeqCst);
+                    assert_rv!(
+                        rv,
+                        CKR_OK,
+                        "round {round}: C_Finalize while calls are in flight"
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                    stop.store(true, Ordering::SeqCst);
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err("caller panicked".into())))
+                        .collect()
+                });
+                for r in results {
+                    match r {
+                        Ok((ok, after)) => {
+                            ok_total += ok;
+                            after_total += after;
+                        }
+                        Err(e) => panic!("seed {seed} round {round}: {e}"),
+                    }
+                }
+                // SAFETY: NULL reserved.
+                let rv = unsafe { ck!(C_Finalize)(std::ptr::null_mut()) };
+                assert_rv!(rv, CKR_CRYPTOKI_NOT_INITIALIZED, "second C_Finalize");
+            }
+            (ok_total, after_total)
+        });
+    eprintln!(
+        "STRESS finalize race: {rounds} rounds x 6 threads in {:?} (seed {seed}): {ok_total} \
+         calls succeeded during the race, {after_total} calls after C_Finalize all got \
+         CKR_CRYPTOKI_NOT_INITIALIZED",
+        started.elapsed()
+    );
+    // The module initializes again afterwards and the key is still there.
+    let mut t = t;
+    t.initialize();
+    let s = t.session();
+    let found = s
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap();
+    assert_eq!(found.len(), 1);
+}

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::VerifyingKey;
 use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCode;
@@ -67,9 +69,22 @@ pub struct TpmKey {
     pub public: Public,
     /// TPM2B_PRIVATE contents.
     pub private: Private,
+    /// The public key, to check every signature before it leaves (`None`: not a P-256 key).
+    verifying: Option<VerifyingKey>,
 }
 
 impl TpmKey {
+    /// A key from its parts.
+    pub fn new(name: &str, public: Public, private: Private) -> Self {
+        let verifying = public_point(&public).and_then(|p| VerifyingKey::from_sec1_bytes(&p).ok());
+        Self {
+            name: name.to_string(),
+            public,
+            private,
+            verifying,
+        }
+    }
+
     /// Reads a key from its blob.
     pub fn from_blob(name: &str, blob: &KeyBlob) -> std::result::Result<Self, String> {
         let public = blob
@@ -82,11 +97,7 @@ impl TpmKey {
             .get(2..)
             .ok_or("short private area")
             .and_then(|b| Private::try_from(b.to_vec()).map_err(|_| "bad private area"))?;
-        Ok(Self {
-            name: name.to_string(),
-            public,
-            private,
-        })
+        Ok(Self::new(name, public, private))
     }
 
     /// The key's blob (TPM2B_PUBLIC, TPM2B_PRIVATE).
@@ -170,6 +181,8 @@ pub struct Identity {
 /// Why a TPM operation failed, before it becomes a [`BackendError`].
 enum Fail {
     Tss(&'static str, tss_esapi::Error),
+    /// The TPM signed, but not with our key: the handle named another object.
+    WrongKey,
     Other(BackendError),
 }
 
@@ -212,21 +225,39 @@ fn tpm_code(rc: u32) -> u32 {
     }
 }
 
-fn is_connection_error(e: &Fail) -> bool {
+/// A TCTI or resource-manager error: the connection is gone; send it nothing more.
+fn is_transport_error(e: &Fail) -> bool {
     match e {
-        Fail::Tss(_, e) => matches!(layer(raw_rc(e)), LAYER_TCTI | LAYER_RESMGR),
+        Fail::Tss(_, err) => matches!(layer(raw_rc(err)), LAYER_TCTI | LAYER_RESMGR),
         Fail::Other(BackendError::Unreachable(_)) => true,
-        Fail::Other(_) => false,
+        Fail::WrongKey | Fail::Other(_) => false,
     }
 }
 
-fn is_stale_handle(e: &Fail) -> bool {
+/// The TPM is out of object memory even after we flushed our own cache.
+fn is_full(e: &Fail) -> bool {
+    matches!(e, Fail::Tss(_, err) if is_out_of_memory(err))
+}
+
+/// Whether a new connection may succeed where this one failed: the transport failed; the TPM
+/// is full; the TPM was reset or another client flushed our objects, so our handles name
+/// nothing (TPM_RC_HANDLE, TPM_RC_REFERENCE_H0) or another object (the signature does not
+/// verify: without a resource manager, handle numbers are reused across clients, and swtpm's
+/// TCTI lets several clients in). On a connection that served earlier calls, any TPM error
+/// counts, since its state may be stale.
+fn worth_reconnecting(e: &Fail, fresh: bool) -> bool {
     match e {
-        // TPM_RC_HANDLE (format one, error 0x0B) or TPM_RC_REFERENCE_H0.
-        Fail::Tss(_, e) => {
-            let rc = raw_rc(e);
-            tpm_code(rc) == 0x8b || tpm_code(rc) == RC_REFERENCE_H0
+        Fail::Tss(_, err) => {
+            let rc = raw_rc(err);
+            let code = tpm_code(rc);
+            matches!(layer(rc), LAYER_TCTI | LAYER_RESMGR)
+                || is_out_of_memory(err)
+                || code == 0x8b
+                || code == RC_REFERENCE_H0
+                || (!fresh && layer(rc) == 0 && rc != 0)
         }
+        Fail::WrongKey => true,
+        Fail::Other(BackendError::Unreachable(_)) => true,
         Fail::Other(_) => false,
     }
 }
@@ -350,12 +381,12 @@ impl Conn {
         }
     }
 
-    /// Flushes transient objects left by earlier clients. Behind a resource manager we only
-    /// see our own (none); on a bare TPM or swtpm we are the only client, so any object there
-    /// was leaked by a process that died before flushing it.
-    fn flush_stale(&mut self) -> Op<()> {
+    /// Flushes every transient object the TPM lists, before we load anything of our own. Only
+    /// used when the TPM is out of object memory: behind a resource manager we see only our own
+    /// objects (none); on swtpm or a bare TPM the objects there were leaked by processes that
+    /// died, or belong to another client, which reconnects when its handles go stale.
+    fn flush_transient(&mut self) -> Op<()> {
         if self.srk.is_some() || !self.loaded.is_empty() {
-            // Only before we load anything of our own.
             return Ok(());
         }
         let ctx = self.ctx()?;
@@ -376,8 +407,8 @@ impl Conn {
                 .tr_from_tpm_public(*handle)
                 .and_then(|object| ctx.flush_context(object));
             match result {
-                Ok(()) => log::info!("tpm: flushed a stale transient object {handle:?}"),
-                Err(e) => log::warn!("tpm: cannot flush stale object {handle:?}: {e}"),
+                Ok(()) => log::warn!("tpm: TPM full; flushed transient object {handle:?}"),
+                Err(e) => log::warn!("tpm: cannot flush transient object {handle:?}: {e}"),
             }
         }
         Ok(())
@@ -495,9 +526,12 @@ impl Conn {
         }
     }
 
-    fn sign_once(&mut self, key: &TpmKey, digest: &[u8; 32]) -> Op<[u8; 64]> {
+    fn sign(&mut self, key: &TpmKey, digest_bytes: &[u8; 32]) -> Op<[u8; 64]> {
         let handle = self.ensure_loaded(key)?;
-        let digest = tss("preparing the digest", Digest::try_from(digest.to_vec()))?;
+        let digest = tss(
+            "preparing the digest",
+            Digest::try_from(digest_bytes.to_vec()),
+        )?;
         let ticket = tss(
             "preparing the null ticket",
             HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
@@ -532,19 +566,22 @@ impl Conn {
         let mut out = [0u8; 64];
         out[..32].copy_from_slice(&r);
         out[32..].copy_from_slice(&s);
-        Ok(out)
-    }
-
-    fn sign(&mut self, key: &TpmKey, digest: &[u8; 32]) -> Op<[u8; 64]> {
-        match self.sign_once(key, digest) {
-            Err(e) if is_stale_handle(&e) => {
-                // The cached handle no longer names our key: reload and try once more.
-                log::warn!("tpm: cached key handle went stale; reloading the key");
-                self.forget(&key.name);
-                self.sign_once(key, digest)
-            }
-            other => other,
+        // Check before the signature leaves: a TPM shared without a resource manager (swtpm)
+        // reuses handle numbers, so a stale handle can name another client's key; a check also
+        // catches a faulty TPM.
+        let verifying = key.verifying.as_ref().ok_or_else(|| {
+            Fail::Other(BackendError::Crypto(format!(
+                "{} is not a P-256 signing key",
+                key.name
+            )))
+        })?;
+        let ok = p256::ecdsa::Signature::from_slice(&out)
+            .map(|sig| verifying.verify_prehash(digest_bytes, &sig).is_ok())
+            .unwrap_or(false);
+        if !ok {
+            return Err(Fail::WrongKey);
         }
+        Ok(out)
     }
 
     fn create(&mut self) -> Op<(Public, Private)> {
@@ -620,7 +657,9 @@ impl Device {
         self.signatures.load(Ordering::Relaxed)
     }
 
-    fn connect(&self) -> Result<Conn> {
+    /// Opens a connection and derives the SRK; `flush_first` empties the TPM's transient
+    /// objects first (after it ran out of object memory).
+    fn connect(&self, flush_first: bool) -> Result<Conn> {
         let conf = TctiNameConf::from_str(&self.tcti).map_err(|_| {
             BackendError::Unusable(format!(
                 "bad TPM TCTI {:?}; use device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd",
@@ -655,21 +694,31 @@ impl Device {
             dead: false,
         };
         let setup = |conn: &mut Conn| -> Op<()> {
-            if let Err(Fail::Tss(_, e)) = conn.flush_stale() {
-                if tpm_code(raw_rc(&e)) != RC_INITIALIZE {
-                    return Err(Fail::Tss("listing transient objects", e));
-                }
-                // A TPM that was never started (a bare simulator): start it.
-                log::info!("tpm: running TPM2_Startup(CLEAR)");
-                let ctx = conn.ctx()?;
-                tss("TPM2_Startup", ctx.startup(StartupType::Clear))?;
+            let (mut started, mut flushed) = (false, flush_first);
+            if flush_first {
+                conn.flush_transient()?;
             }
-            conn.create_srk()
+            loop {
+                match conn.create_srk() {
+                    Ok(()) => return Ok(()),
+                    Err(Fail::Tss(_, e)) if tpm_code(raw_rc(&e)) == RC_INITIALIZE && !started => {
+                        // A TPM that was never started (a bare simulator): start it.
+                        log::info!("tpm: running TPM2_Startup(CLEAR)");
+                        started = true;
+                        tss("TPM2_Startup", conn.ctx()?.startup(StartupType::Clear))?;
+                    }
+                    Err(Fail::Tss(_, e)) if is_out_of_memory(&e) && !flushed => {
+                        flushed = true;
+                        conn.flush_transient()?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         };
         match setup(&mut conn) {
             Ok(()) => Ok(conn),
             Err(e) => {
-                conn.dead = is_connection_error(&e);
+                conn.dead = is_transport_error(&e);
                 Err(self.error(e))
             }
         }
@@ -678,6 +727,11 @@ impl Device {
     fn error(&self, e: Fail) -> BackendError {
         let (what, e) = match e {
             Fail::Other(e) => return e,
+            Fail::WrongKey => {
+                return BackendError::Crypto(
+                    "the TPM's signature does not verify with the key's public point".into(),
+                )
+            }
             Fail::Tss(what, e) => (what, e),
         };
         let rc = raw_rc(&e);
@@ -721,31 +775,42 @@ impl Device {
             log::info!("tpm: new process after fork; opening a new TPM connection");
             *guard = None;
         }
+        // Up to three tries: a stale connection, then a TPM full of other clients' objects.
         let mut attempt = 0;
+        let mut flush_first = false;
         loop {
             attempt += 1;
+            let fresh = guard.is_none();
             let conn = match guard.as_mut() {
                 Some(conn) => conn,
-                None => guard.insert(self.connect()?),
+                None => guard.insert(self.connect(flush_first)?),
             };
-            match op(conn) {
+            let e = match op(conn) {
                 Ok(v) => return Ok(v),
-                Err(e) if is_connection_error(&e) => {
-                    conn.dead = true;
-                    *guard = None;
-                    if attempt >= 2 {
-                        return Err(self.error(e));
-                    }
-                    log::warn!(
-                        "tpm: connection to {} lost ({}); reconnecting",
-                        self.tcti,
-                        match &e {
-                            Fail::Tss(what, err) => format!("{what}: {err}"),
-                            Fail::Other(err) => err.to_string(),
-                        }
-                    );
-                }
-                Err(e) => return Err(self.error(e)),
+                Err(e) => e,
+            };
+            let retry = attempt < 3 && worth_reconnecting(&e, fresh);
+            if retry || is_transport_error(&e) {
+                // Drop the connection; a dead transport gets no flushes.
+                conn.dead = is_transport_error(&e);
+                *guard = None;
+            }
+            if !retry {
+                return Err(self.error(e));
+            }
+            flush_first = is_full(&e);
+            let why = match &e {
+                Fail::Tss(what, err) => format!("{what}: {err}"),
+                Fail::WrongKey => "a signature did not verify: a handle named another key".into(),
+                Fail::Other(err) => err.to_string(),
+            };
+            if flush_first {
+                log::warn!("tpm: TPM out of object memory ({why}); reconnecting to an emptied TPM");
+            } else {
+                log::warn!(
+                    "tpm: connection to {} lost or stale ({why}); reconnecting",
+                    self.tcti
+                );
             }
         }
     }
@@ -759,11 +824,7 @@ impl Device {
     /// Creates a P-256 signing key under the SRK.
     pub fn create(&self, name: &str) -> Result<TpmKey> {
         let (public, private) = self.with_conn(|c| c.create())?;
-        Ok(TpmKey {
-            name: name.to_string(),
-            public,
-            private,
-        })
+        Ok(TpmKey::new(name, public, private))
     }
 
     /// Signs a digest (ECDSA, SHA-256 scheme); returns raw `r‖s`.

@@ -67,6 +67,8 @@ enum Command {
     Uri(devicekey_pkcs11::cli::UriArgs),
     /// Make a self-signed certificate (stored on the token) or a CSR for a key, signed by the token.
     Cert(devicekey_pkcs11::cli::CertArgs),
+    /// Check the config and every slot: backend, protection class, reachable or not, and the fix.
+    Doctor(devicekey_pkcs11::cli::doctor::DoctorArgs),
 }
 
 impl Command {
@@ -80,6 +82,14 @@ impl Command {
             Self::Delete(a) => a.run(),
             Self::Uri(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Cert(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
+            Self::Doctor(a) => {
+                let report = a.run();
+                emit(format_args!("{report}"))?;
+                match report.problem_summary() {
+                    None => Ok(()),
+                    Some(p) => Err(DeviceKeyError::Platform(p).into()),
+                }
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 //! the functions return.
 
 pub mod cert;
+pub mod doctor;
 pub mod uri;
 
 use std::path::{Path, PathBuf};

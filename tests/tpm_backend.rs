@@ -718,3 +718,92 @@ fn tpm2_tools_load_and_sign_with_our_key_file() {
     vk.verify_prehash(&digest("signed by tpm2-tools"), &sig)
         .expect("tpm2-tools signed with our key");
 }
+
+/// Runs `test` alone in a fresh single-threaded copy of this test binary (fork is only safe
+/// without other threads); returns true in the copy itself, where the caller does the work.
+fn run_isolated(test: &str) -> bool {
+    if std::env::var_os("DEVICEKEY_TPM_TEST_ISOLATED").is_some() {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env("DEVICEKEY_TPM_TEST_ISOLATED", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "isolated {test} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    false
+}
+
+/// Forks; the child runs `child` and exits with 0 when it returns true. Returns the child's
+/// exit status.
+fn in_child(child: impl FnOnce() -> bool) -> i32 {
+    // SAFETY: the test runs alone in its process (run_isolated), so no other thread holds a
+    // lock across fork; the child leaves with _exit and never returns into the harness.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(false);
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        }
+    }
+}
+
+#[test]
+fn a_forked_child_never_touches_the_parents_connection() {
+    if !run_isolated("a_forked_child_never_touches_the_parents_connection") {
+        return;
+    }
+    let f = Fixture::new();
+    let tcti = f.swtpm.tcti();
+    let store = f.open();
+    let key = store
+        .generate_key(&new_key("fork", KeyPurpose::General))
+        .unwrap();
+    sign_and_verify(&key, "parent before");
+    let loaded = transient_objects(&tcti);
+
+    // A child that closes the connection it inherited must not flush the parent's SRK and key
+    // (nor end the parent's session).
+    let status = in_child(|| {
+        store.disconnect();
+        true
+    });
+    assert_eq!(status, 0);
+    if let Some(n) = transient_objects(&tcti) {
+        assert_eq!(Some(n), loaded, "the child flushed the parent's objects");
+    }
+    let before = store.signatures_made();
+    sign_and_verify(&key, "parent after the first child");
+    assert_eq!(store.signatures_made(), before + 1);
+
+    // A child that signs opens its own connection, and the signature verifies.
+    let child_key = key.clone();
+    let status = in_child(move || {
+        let d = digest("child");
+        match child_key.signer.sign_digest(&d) {
+            Ok(sig) => {
+                let vk = VerifyingKey::from_sec1_bytes(&child_key.public_point).unwrap();
+                let sig = Signature::from_slice(&sig).unwrap();
+                vk.verify_prehash(&d, &sig).is_ok()
+            }
+            Err(_) => false,
+        }
+    });
+    assert_eq!(status, 0, "the child could not sign");
+    // The parent still signs (reconnecting if the child's connection took its TPM slots).
+    sign_and_verify(&key, "parent after the second child");
+}

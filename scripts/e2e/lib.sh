@@ -21,6 +21,7 @@ DEVICEKEY=${DEVICEKEY_BIN:-$E2E_ROOT/target/release/devicekey}
 E2E_BACKEND=${E2E_BACKEND:-software}
 TIMEOUT=${E2E_TIMEOUT:-60}
 TOKEN_LABEL=devicekey
+TOKEN_MODEL=os_protected
 INSTALLED_MODULE=/usr/local/lib/devicekey/libdevicekey_pkcs11.so
 SOFTHSM_LIB=/usr/lib/softhsm/libsofthsm2.so
 # The OpenSSL pkcs11 engine (libp11).
@@ -169,6 +170,7 @@ e2e_setup() {
       export E2E_SOFTHSM_PIN=$SOFTHSM_PIN
       printf '[[slot]]\nlabel = "%s"\nbackend = "pkcs11"\nmodule = "%s"\ntoken = "%s"\npin_env = "E2E_SOFTHSM_PIN"\nprotection_class = "hardware_tpm"\n' \
         "$TOKEN_LABEL" "$SOFTHSM_MODULE" "$SOFTHSM_TOKEN_LABEL" >"$T/devicekey.toml"
+      TOKEN_MODEL=hardware_tpm
       ;;
     *) abort "unknown E2E_BACKEND $E2E_BACKEND (software or softhsm)" ;;
   esac
@@ -194,8 +196,19 @@ make_key() {
   local id=$1 label=$2 cn=$3
   setup_step "key generation" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
     --keypairgen --key-type EC:prime256v1 --id "$id" --label "$label"
-  setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
-    --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 -o "$T/$label.pem"
+  if [ "$E2E_BACKEND" = softhsm ]; then
+    # Signed through our module, but stored straight into the wrapped SoftHSM token: storing a
+    # certificate through the pkcs11 backend is covered by its own check (openssl-tls.sh).
+    setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
+      --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 --no-import -o "$T/$label.pem"
+    setup_step "certificate DER" openssl x509 -in "$T/$label.pem" -outform DER -out "$T/$label.der"
+    setup_step "certificate into SoftHSM" pkcs11-tool --module "$SOFTHSM_MODULE" \
+      --token-label "$SOFTHSM_TOKEN_LABEL" --login --pin "$SOFTHSM_PIN" \
+      --write-object "$T/$label.der" --type cert --id "$id" --label "$label"
+  else
+    setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
+      --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 -o "$T/$label.pem"
+  fi
   setup_step "public key" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
     --read-object --type pubkey --id "$id" -o "$T/$label.pub.der"
   setup_step "public key" openssl pkey -pubin -inform DER -in "$T/$label.pub.der" -out "$T/$label.pub.pem"
@@ -214,12 +227,27 @@ make_soft_cert() { # make_soft_cert NAME CN
 }
 
 # ---------------------------------------------------------------------------------------------
-# The negative control: break the token's key (the stored private scalar replaced by another key's,
-# the public key and certificate unchanged), as a module that signs with the wrong key would.
-# Every consumer must then fail. Only for the software store.
+# The negative control: break the token's key, as a module that signs with the wrong key would.
+# The public key and the certificate stay; the private key behind them is replaced by another:
+# software store: the stored private scalar is overwritten (restore_key puts it back);
+# softhsm: the wrapped SoftHSM private key is deleted and a new one takes its CKA_ID (for good:
+#   run the negative control last).
+# Every consumer must then fail.
 
 break_key() { # break_key ID
-  [ "$E2E_BACKEND" = software ] || fail "break_key needs the software store"
+  if [ "$E2E_BACKEND" = softhsm ]; then
+    local hsm=(pkcs11-tool --module "$SOFTHSM_MODULE" --token-label "$SOFTHSM_TOKEN_LABEL" --login --pin "$SOFTHSM_PIN")
+    local label
+    run "${hsm[@]}" --list-objects --type privkey --id "$1"
+    label=$(sed -n 's/^  label: *//p' <<<"$OUT" | head -n 1)
+    [ -n "$label" ] || fail "no label on private key $1"
+    run "${hsm[@]}" --delete-object --type privkey --id "$1"
+    run "${hsm[@]}" --keypairgen --key-type EC:prime256v1 --id eeee --label "$label"
+    run "${hsm[@]}" --set-id "$1" --id eeee --type privkey
+    run "${hsm[@]}" --delete-object --type pubkey --id eeee
+    echo "(negative control: key $1's private key replaced in the wrapped SoftHSM token)"
+    return
+  fi
   local file scalar
   file=$(grep -l "\"id\": \"$1\"" "$T"/keys/*.key 2>/dev/null | head -n 1)
   [ -n "$file" ] || fail "no key file with id $1 in the store"
@@ -242,10 +270,6 @@ restore_key() {
 # negative NAME FUNCTION: run FUNCTION (which must end in failure) with key 01 broken, then restore.
 negative() {
   local name=$1 fn=$2
-  if [ "$E2E_BACKEND" != software ]; then
-    skip "$name" "the negative control edits the software store"
-    return
-  fi
   _negative_body() {
     break_key 01
     "$fn"

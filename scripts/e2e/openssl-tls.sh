@@ -114,8 +114,9 @@ check_untrusted_client_refused() {
 negative_client_auth() {
   s_server_start srv6 -key "$T/softserver.key" -cert "$T/softserver.pem" \
     -Verify 1 -verify_return_error -CAfile "$T/client.pem"
+  # By CKA_ID only: the replacement key of the softhsm control has no CKA_LABEL through our token.
   # shellcheck disable=SC2046
-  tls_get -CAfile "$T/softserver.pem" $(engine_key "$CLIENT_URI") -cert "$T/client.pem"
+  tls_get -CAfile "$T/softserver.pem" $(engine_key "pkcs11:token=$TOKEN_LABEL;id=%01;type=private") -cert "$T/client.pem"
   # It got past the server's certificate: the failure is the client authentication.
   expect "Verification: OK"
   reject "HTTP/1.0 200 ok"
@@ -124,6 +125,26 @@ negative_client_auth() {
   echo "(failed as it must)"
 }
 
+# `devicekey cert` and `devicekey uri` on a fresh key (on every backend: the key pairs above take a
+# shortcut on softhsm, see make_key): the certificate is stored next to the key, a CSR verifies,
+# and a certificate for another key is refused.
+check_devicekey_cert_import() {
+  run pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" --keypairgen --key-type EC:prime256v1 --id 03 --label imported
+  run "$DEVICEKEY" cert --module "$MODULE" --id 03 --subject "CN=imported,O=devicekey e2e" -o imported.pem
+  expect "stored on the token as pkcs11:token=$TOKEN_LABEL;id=%03;object=imported;type=cert"
+  run "$DEVICEKEY" uri --module "$MODULE" --id 03 --type cert
+  expect "pkcs11:token=$TOKEN_LABEL;id=%03;object=imported;type=cert"
+  run pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" --read-object --type cert --id 03 -o back.der
+  cmp -s back.der <(openssl x509 -in imported.pem -outform DER) || fail "the token's certificate differs from the one made"
+  run openssl verify -CAfile imported.pem imported.pem
+  run "$DEVICEKEY" cert --module "$MODULE" --id 03 --csr --subject "CN=imported request" -o req.pem
+  run openssl req -in req.pem -noout -verify -subject
+  expect "verify OK"
+  run_fails "$DEVICEKEY" cert --module "$MODULE" --id 03 --import "$T/client.pem"
+  expect "the certificate is not for this key"
+}
+
+check devicekey_cert_import check_devicekey_cert_import
 check server_key_on_token check_server_key_on_token
 check mutual_tls_client_key_on_token check_client_key_on_token
 check mutual_tls_both_keys_on_token check_both_keys_on_token

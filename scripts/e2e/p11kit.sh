@@ -37,7 +37,7 @@ check_list_modules() {
   expect "devicekey: $INSTALLED_MODULE"
   expect "library-manufacturer: devicekey"
   expect "token: $TOKEN_LABEL"
-  expect "model: os_protected"
+  expect "model: $TOKEN_MODEL"
   run bash "$E2E_ROOT/scripts/install.sh" --status
   expect "present: /etc/pkcs11/modules/devicekey.module"
 }
@@ -81,7 +81,8 @@ check_mutual_tls_through_proxy() {
 }
 
 negative_proxy_sign() {
-  run_fails openssl pkeyutl -engine pkcs11 -keyform engine -sign -inkey "$CLIENT_URI" \
+  # By CKA_ID only: the replacement key of the softhsm control has no CKA_LABEL through our token.
+  run_fails openssl pkeyutl -engine pkcs11 -keyform engine -sign -inkey "pkcs11:token=$TOKEN_LABEL;id=%01;type=private" \
     -in "$T/payload.sha256" -out bad.der
 }
 

@@ -49,7 +49,7 @@ stage cargo-fmt cargo fmt --all -- --check
 stage cargo-build-release cargo build --release
 build_rc=$?
 stage cargo-clippy cargo clippy --all-targets -- -D warnings
-stage cargo-test cargo test
+stage cargo-test cargo test --no-fail-fast
 
 echo "==> consumers: scripts/consumer-tests.sh target/release/libdevicekey_pkcs11.so"
 if [ $build_rc -ne 0 ] || [ ! -f target/release/libdevicekey_pkcs11.so ]; then

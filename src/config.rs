@@ -35,6 +35,9 @@ pub enum ConfigError {
     },
 }
 
+/// The kernel's TPM resource manager; its presence adds a TPM slot to the default config.
+pub const DEFAULT_TPM_DEVICE: &str = "/dev/tpmrm0";
+
 /// Which kind of key store a slot is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -211,9 +214,9 @@ impl Config {
 
     fn with_defaults(mut self) -> Self {
         if self.slots.is_empty() {
-            self.slots.push(SlotConfig {
-                label: None,
-                backend: BackendKind::Software,
+            let slot = |backend, label: Option<&str>| SlotConfig {
+                label: label.map(str::to_string),
+                backend,
                 dir: None,
                 tcti: None,
                 allow_simulator: false,
@@ -222,7 +225,15 @@ impl Config {
                 pin_env: None,
                 pin_file: None,
                 protection_class: None,
-            });
+            };
+            self.slots.push(slot(BackendKind::Software, None));
+            // A machine with a TPM resource manager gets a TPM slot too.
+            if cfg!(all(feature = "tpm", target_os = "linux"))
+                && Path::new(DEFAULT_TPM_DEVICE).exists()
+            {
+                self.slots
+                    .push(slot(BackendKind::Tpm, Some("devicekey-tpm")));
+            }
         }
         let mut used = std::collections::HashSet::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {

@@ -4,7 +4,7 @@
 //!
 //! Each test starts its own swtpm on a free loopback port with its own state directory and stops
 //! it by pid. Run with `cargo test --features tpm --test tpm_backend`.
-#![cfg(feature = "tpm")]
+#![cfg(all(feature = "tpm", target_os = "linux"))]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@
 
 pub mod pkcs11;
 pub mod software;
-#[cfg(feature = "tpm")]
+#[cfg(all(feature = "tpm", target_os = "linux"))]
 pub mod tpm;
 
 use std::sync::Arc;
@@ -281,9 +281,9 @@ pub fn open(config: &crate::config::SlotConfig) -> Result<Arc<dyn Backend>> {
             label,
             config.dir.as_deref(),
         )?)),
-        #[cfg(feature = "tpm")]
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
         BackendKind::Tpm => Ok(Arc::new(tpm::TpmBackend::from_slot(config)?)),
-        #[cfg(not(feature = "tpm"))]
+        #[cfg(not(all(feature = "tpm", target_os = "linux")))]
         BackendKind::Tpm => Err(BackendError::Unusable(format!(
             "slot \"{label}\": this build has no TPM support (build with --features tpm)"
         ))),

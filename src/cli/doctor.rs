@@ -289,7 +289,7 @@ fn check_software(report: &mut SlotReport, slot: &SlotConfig) {
     }
 }
 
-#[cfg(feature = "tpm")]
+#[cfg(all(feature = "tpm", target_os = "linux"))]
 fn check_tpm(report: &mut SlotReport, slot: &SlotConfig) {
     let config = crate::backend::tpm::TpmConfig::from_slot(slot);
     let probe = crate::backend::tpm::probe(&config.tcti, config.allow_simulator);
@@ -320,7 +320,7 @@ fn check_tpm(report: &mut SlotReport, slot: &SlotConfig) {
     }
 }
 
-#[cfg(not(feature = "tpm"))]
+#[cfg(not(all(feature = "tpm", target_os = "linux")))]
 fn check_tpm(report: &mut SlotReport, _slot: &SlotConfig) {
     report.detail = "this build has no TPM support".into();
     report.fix = Some("build with `cargo build --release --features tpm`".into());

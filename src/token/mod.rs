@@ -477,6 +477,7 @@ impl Token {
         }
         let label = find(template, CKA_LABEL);
         let id = find(template, CKA_ID);
+        let _changes = store.changes()?;
         let mut table = store.objects_mut()?;
         match &o.origin {
             Origin::Key(name) => {
@@ -526,6 +527,7 @@ impl Token {
         let class = attrs
             .get_ulong(CKA_CLASS)
             .ok_or(Error::rv(CKR_TEMPLATE_INCOMPLETE))?;
+        let _changes = store.changes()?;
         let obj = if attrs.get_bool(CKA_TOKEN) {
             if !rw {
                 return fail(CKR_SESSION_READ_ONLY);
@@ -554,6 +556,7 @@ impl Token {
         if !o.attrs.get_bool(CKA_DESTROYABLE) {
             return fail(CKR_ACTION_PROHIBITED);
         }
+        let _changes = store.changes()?;
         match &o.origin {
             Origin::Key(name) if o.class == CKO_PRIVATE_KEY => {
                 store.backend.destroy_key(name)?;
@@ -597,6 +600,7 @@ impl Token {
             Some(l) => String::from_utf8(l).map_err(|_| Error::rv(CKR_ATTRIBUTE_VALUE_INVALID))?,
             None => String::new(),
         };
+        let _changes = store.changes()?;
         let rec = store.backend.generate_key(&NewKey {
             id,
             label,

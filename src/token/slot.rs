@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cryptoki_sys::*;
 
@@ -212,6 +212,8 @@ pub struct Store {
     /// Its identity.
     pub info: StoreInfo,
     objects: RwLock<ObjectTable>,
+    /// The store's change marker at the last reload, behind the lock that orders changes:
+    /// a reload and a change of ours (backend write + table update) never interleave.
     marker: Mutex<Option<u128>>,
     private_flag: bool,
 }
@@ -249,20 +251,19 @@ impl Store {
         self.private_flag
     }
 
+    /// Takes the lock that orders changes to the store: hold it across a backend write and the
+    /// matching table update, so a concurrent reload never sees one without the other.
+    pub fn changes(&self) -> Result<MutexGuard<'_, Option<u128>>> {
+        self.marker.lock().map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    }
+
     /// Reloads when another process changed the store.
     pub fn refresh(&self, handles: &Handles) -> Result<()> {
+        let mut marker = self.changes()?;
         let now = self.backend.change_marker();
-        let changed = {
-            let mut m = self
-                .marker
-                .lock()
-                .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
-            let changed = now.is_some() && *m != now;
-            *m = now;
-            changed
-        };
-        if changed {
+        if now.is_some() && *marker != now {
             self.reload(handles)?;
+            *marker = now;
         }
         Ok(())
     }

@@ -1,0 +1,141 @@
+//! Fuzz harness (d): the software store's key and object files, fed damaged and arbitrary
+//! contents through the real read path (`SoftwareStore::open` + `load_keys`/`load_objects`).
+//!
+//! Properties: loading never fails or panics because of a file's contents (a damaged file is
+//! skipped); a key that loads has a 65-byte uncompressed point, and if it signs, the signature
+//! verifies against that point (a damaged file is never taken for a key that signs with some
+//! other scalar); a valid key file next to a damaged one still loads.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use devicekey_pkcs11::backend::software::SoftwareStore;
+use devicekey_pkcs11::backend::{Backend, KeyPurpose, NewKey};
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+
+use crate::input::Input;
+
+const NAME: &str = "0123456789abcdef0123456789abcdef";
+const OTHER: &str = "fedcba9876543210fedcba9876543210";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store_dir: PathBuf,
+    /// A valid key file written by the store itself.
+    valid: Vec<u8>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("devicekey-fuzz-")
+            .tempdir()
+            .expect("tempdir");
+        let template = dir.path().join("template");
+        let store = SoftwareStore::open("fuzz", Some(&template)).expect("open template store");
+        let key = store
+            .generate_key(&NewKey {
+                id: b"fuzz-id".to_vec(),
+                label: "fuzz label \u{e9}".into(),
+                purpose: KeyPurpose::General,
+                persistent: true,
+            })
+            .expect("generate");
+        let valid = std::fs::read(template.join(format!("{}.key", key.name))).expect("read");
+        let store_dir = dir.path().join("store");
+        Fixture {
+            _dir: dir,
+            store_dir,
+            valid,
+        }
+    })
+}
+
+/// Applies byte-level damage chosen by `input` to `file`.
+fn damage(file: &mut Vec<u8>, input: &mut Input<'_>) {
+    for _ in 0..1 + input.below(8) {
+        if file.is_empty() {
+            file.push(input.u8());
+            continue;
+        }
+        let pos = input.below(file.len());
+        match input.below(6) {
+            0 => file[pos] ^= 1 << input.below(8),
+            1 => file[pos] = input.u8(),
+            2 => file.insert(pos, input.u8()),
+            3 => {
+                file.remove(pos);
+            }
+            // A torn write: the file ends early.
+            4 => file.truncate(pos),
+            _ => {
+                // A hex digit of the scalar or point changes into another hex digit.
+                if file[pos].is_ascii_hexdigit() {
+                    file[pos] = b"0123456789abcdef"[input.below(16)];
+                }
+            }
+        }
+    }
+}
+
+fn clear(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Runs one input.
+pub fn run(data: &[u8]) {
+    let f = fixture();
+    let mut input = Input::new(data);
+    let mode = input.below(4);
+    clear(&f.store_dir);
+    let _ = std::fs::create_dir_all(&f.store_dir);
+    let key_path = f.store_dir.join(format!("{NAME}.key"));
+    let mut expect_other = false;
+    match mode {
+        0 => std::fs::write(&key_path, input.rest()).expect("write"),
+        1 | 2 => {
+            let mut file = f.valid.clone();
+            damage(&mut file, &mut input);
+            std::fs::write(&key_path, &file).expect("write");
+            if mode == 2 {
+                std::fs::write(f.store_dir.join(format!("{OTHER}.key")), &f.valid).expect("write");
+                expect_other = true;
+            }
+        }
+        _ => std::fs::write(f.store_dir.join(format!("{NAME}.obj")), input.rest()).expect("write"),
+    }
+
+    let store = SoftwareStore::open("fuzz", Some(&f.store_dir)).expect("the store opens");
+    let keys = store
+        .load_keys()
+        .expect("damaged files never fail the load");
+    assert!(keys.len() <= 2);
+    if expect_other {
+        assert!(
+            keys.iter().any(|k| k.name == OTHER),
+            "a valid key file next to a damaged one still loads"
+        );
+    }
+    let digest = [0x5a; 32];
+    for key in &keys {
+        assert_eq!(key.public_point[0], 4);
+        if let Ok(sig) = key.signer.sign_digest(&digest) {
+            let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_point)
+                .expect("a key that signs has a valid point");
+            let sig = p256::ecdsa::Signature::from_slice(&sig).expect("64-byte signature");
+            assert!(
+                vk.verify_prehash(&digest, &sig).is_ok(),
+                "key {} signs with a scalar that does not match its point",
+                key.name
+            );
+        }
+    }
+    let _ = store
+        .load_objects()
+        .expect("damaged objects never fail the load");
+}

@@ -11,7 +11,12 @@
 #
 # Environment: DEVICEKEY_DEMO_DIR=<dir> keeps the key store (and the files the demo makes) in <dir>
 # instead of a temporary directory that is removed at the end.
+# Optional: `scripts/demo.sh --hsm` (or DEVICEKEY_DEMO_HSM=1) adds a last step: a throwaway SoftHSM
+# token behind a second slot declared hardware_tpm, a key made on it, signed and verified through
+# our module.
 set -euo pipefail
+DEMO_HSM=${DEVICEKEY_DEMO_HSM:-0}
+[ "${1:-}" = --hsm ] && DEMO_HSM=1
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -225,6 +230,41 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+if [ "$DEMO_HSM" = 1 ]; then
+  step "Adding a second slot: a throwaway SoftHSM token that our module wraps, declared hardware_tpm"
+  # shellcheck source=scripts/softhsm-token.sh
+  . "$ROOT/scripts/softhsm-token.sh" "$DEMO/softhsm" >/dev/null || die "cannot create a SoftHSM token"
+  cat >>"$DEVICEKEY_CONFIG" <<EOF
+
+[[slot]]
+label = "devicekey-hsm"
+backend = "pkcs11"
+module = "$SOFTHSM_MODULE"
+token = "$SOFTHSM_TOKEN_LABEL"
+pin_env = "SOFTHSM_PIN"
+protection_class = "hardware_tpm"
+EOF
+  ok "SoftHSM token '$SOFTHSM_TOKEN_LABEL' in $SOFTHSM_DIR (its PIN comes from \$SOFTHSM_PIN, never from the config)"
+  doctor=$("$CLI" doctor 2>&1 </dev/null) || die "devicekey doctor reports a problem: $doctor"
+  ok "devicekey doctor:"
+  printf '%s\n' "$doctor" | sed 's/^/        /'
+  HSM=(pkcs11-tool --module "$MODULE" --token-label devicekey-hsm)
+  out=$("${HSM[@]}" -L 2>&1 </dev/null) || die "pkcs11-tool -L failed: $out"
+  grep -q "token model *: hardware_tpm" <<<"$out" || die "no token reports model hardware_tpm: $out"
+  quiet "${HSM[@]}" --keypairgen --key-type EC:prime256v1 --id "$ID" --label "$LABEL-hsm"
+  quiet "${HSM[@]}" --read-object --type pubkey --id "$ID" -o hsm-pub.der
+  quiet openssl pkey -pubin -inform DER -in hsm-pub.der -out hsm-pub.pem
+  direct=$(pkcs11-tool --module "$SOFTHSM_MODULE" --token-label "$SOFTHSM_TOKEN_LABEL" --login \
+    --pin "$SOFTHSM_PIN" --list-objects --type privkey 2>&1 </dev/null) || die "SoftHSM listing failed: $direct"
+  grep -q "label: *$LABEL-hsm" <<<"$direct" || die "the key is not in the SoftHSM token: $direct"
+  ok "key $LABEL-hsm, made through our module, lives in the SoftHSM token (SoftHSM lists it itself)"
+  quiet "${HSM[@]}" --sign -m ECDSA-SHA256 --id "$ID" -i message.bin -o sig-hsm.der --signature-format openssl
+  openssl dgst -sha256 -verify hsm-pub.pem -signature sig-hsm.der message.bin >verify.out 2>&1 ||
+    die "openssl rejected the SoftHSM-backed signature: $(cat verify.out)"
+  ok "CKM_ECDSA_SHA256 on the SoftHSM-backed slot; openssl dgst -verify: $(cat verify.out)"
+fi
+
+# ---------------------------------------------------------------------------------------------
 say "Done. What happened:"
 cat <<EOF
   - pkcs11-tool created a P-256 key pair in devicekey's software store; the private key is
@@ -243,6 +283,9 @@ if [ "$SERVE_DONE" = 1 ]; then
 EOF
 else
   echo "  - The JSON-RPC step was skipped (no working 'devicekey serve' in this build)."
+fi
+if [ "$DEMO_HSM" = 1 ]; then
+  echo "  - A second slot wrapped a SoftHSM token declared hardware_tpm; a key made there signed, and openssl verified it."
 fi
 if [ "$KEEP" = 1 ]; then
   echo "  Key store and files kept in $DEMO."

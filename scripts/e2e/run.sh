@@ -9,8 +9,10 @@
 # policy directory). Each test prints PASS/FAIL lines and its own `N passed, N failed`; the last
 # line here is the sum, `N passed, N failed`. Exit status non-zero when anything failed.
 #
-# Environment: E2E_BACKEND (software, the default, or softhsm), E2E_NO_INSTALL=1 (no apt-get),
-# E2E_TEST_TIMEOUT (seconds per test script, default 300), and those of scripts/e2e/lib.sh.
+# Every test runs once per key store behind our token: E2E_BACKENDS (default "software softhsm";
+# softhsm is a `backend = "pkcs11"` slot wrapping a throwaway SoftHSM token).
+# Environment: E2E_NO_INSTALL=1 (no apt-get), E2E_TEST_TIMEOUT (seconds per test script, default
+# 300), and those of scripts/e2e/lib.sh.
 set -uo pipefail
 
 E2E=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -69,34 +71,37 @@ if [ ! -f "$MODULE" ] || [ ! -x "$BIN" ]; then
   (cd "$ROOT" && cargo build --release --quiet) || { FAILED=$((FAILED + 1)); FAILED_TESTS+=(build); }
 fi
 
-for t in "${TESTS[@]}"; do
-  script=$E2E/$t.sh
-  if [ ! -f "$script" ]; then
-    echo "FAIL $t: no such test (have: ${ALL[*]})"
-    FAILED=$((FAILED + 1))
-    FAILED_TESTS+=("$t")
-    continue
-  fi
-  t0=$SECONDS
-  echo "==> e2e $t"
-  out=$(timeout -k 10 "$TEST_TIMEOUT" bash "$script" </dev/null 2>&1)
-  rc=$?
-  printf '%s\n' "$out"
-  summary=$(printf '%s\n' "$out" | tail -n 1)
-  if [[ $summary =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
-    PASSED=$((PASSED + BASH_REMATCH[1]))
-    FAILED=$((FAILED + BASH_REMATCH[2]))
-    [ "${BASH_REMATCH[2]}" -eq 0 ] && [ $rc -eq 0 ] || FAILED_TESTS+=("$t")
-  else
-    echo "FAIL $t: ended without a summary (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${TEST_TIMEOUT}s"))"
-    FAILED=$((FAILED + 1))
-    FAILED_TESTS+=("$t")
-  fi
-  echo "<== e2e $t: $((SECONDS - t0))s"
+BACKENDS=${E2E_BACKENDS:-software softhsm}
+for backend in $BACKENDS; do
+  for t in "${TESTS[@]}"; do
+    script=$E2E/$t.sh
+    if [ ! -f "$script" ]; then
+      echo "FAIL $t: no such test (have: ${ALL[*]})"
+      FAILED=$((FAILED + 1))
+      FAILED_TESTS+=("$t")
+      continue
+    fi
+    t0=$SECONDS
+    echo "==> e2e $t ($backend)"
+    out=$(E2E_BACKEND=$backend timeout -k 10 "$TEST_TIMEOUT" bash "$script" </dev/null 2>&1)
+    rc=$?
+    printf '%s\n' "$out"
+    summary=$(printf '%s\n' "$out" | tail -n 1)
+    if [[ $summary =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+      PASSED=$((PASSED + BASH_REMATCH[1]))
+      FAILED=$((FAILED + BASH_REMATCH[2]))
+      [ "${BASH_REMATCH[2]}" -eq 0 ] && [ $rc -eq 0 ] || FAILED_TESTS+=("$t($backend)")
+    else
+      echo "FAIL $t: ended without a summary (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${TEST_TIMEOUT}s"))"
+      FAILED=$((FAILED + 1))
+      FAILED_TESTS+=("$t($backend)")
+    fi
+    echo "<== e2e $t ($backend): $((SECONDS - t0))s"
+  done
 done
 
 echo
-echo "e2e finished in $((SECONDS - START))s (backend ${E2E_BACKEND:-software})"
+echo "e2e finished in $((SECONDS - START))s (key stores: $BACKENDS)"
 [ $FAILED -gt 0 ] && echo "failed: ${FAILED_TESTS[*]}"
 echo "$PASSED passed, $FAILED failed"
 [ $FAILED -eq 0 ]

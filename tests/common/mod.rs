@@ -17,6 +17,8 @@ use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use tempfile::TempDir;
 
+pub mod swtpm;
+
 /// DER of the prime256v1 OID: what CKA_EC_PARAMS holds.
 pub const P256_OID_DER: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// DER of the secp384r1 OID: a curve the token does not support.

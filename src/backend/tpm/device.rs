@@ -544,6 +544,8 @@ impl Conn {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
         let ctx = self.ctx()?;
+        // One line per command sent (tests count them: a length query must send none).
+        log::debug!("tpm: TPM2_Sign with {}", key.name);
         let signature = tss(
             "signing (TPM2_Sign)",
             ctx.execute_with_session(Some(AuthSession::Password), |c| {

@@ -1,0 +1,141 @@
+//! A throwaway swtpm (TPM 2.0 simulator) for tests: started on a free loopback port with its own
+//! state directory, stopped by its pid when dropped (also when a test panics).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One swtpm process, killed by pid on drop.
+pub struct Swtpm {
+    /// The state directory (keep it to restart the same TPM).
+    pub state: PathBuf,
+    /// The server port (the control port is `port + 1`).
+    pub port: u16,
+    /// The swtpm pid (0 once stopped).
+    pub pid: u32,
+}
+
+fn port_pair_free(port: u16) -> bool {
+    let a = TcpListener::bind(("127.0.0.1", port));
+    let b = TcpListener::bind(("127.0.0.1", port.wrapping_add(1)));
+    a.is_ok() && b.is_ok()
+}
+
+/// True when swtpm can be run.
+pub fn available() -> bool {
+    Command::new("swtpm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl Swtpm {
+    /// Starts swtpm with its state in `state` on a free port.
+    pub fn start(state: &Path) -> Self {
+        for _ in 0..20 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("no free port");
+            if port == u16::MAX || !port_pair_free(port) {
+                continue;
+            }
+            if let Some(s) = Self::start_on(state, port) {
+                return s;
+            }
+        }
+        panic!("could not start swtpm (is it installed? scripts/setup.sh installs it)");
+    }
+
+    /// Starts swtpm on `port` (control port `port + 1`); `None` if it could not start there.
+    pub fn start_on(state: &Path, port: u16) -> Option<Self> {
+        std::fs::create_dir_all(state).expect("swtpm state dir");
+        let pidfile = state.join("swtpm.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let status = Command::new("swtpm")
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .arg("--flags")
+            .arg("not-need-init,startup-clear")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--pid")
+            .arg(format!("file={}", pidfile.display()))
+            .arg("--log")
+            .arg(format!("file={}", state.join("swtpm.log").display()))
+            .arg("--daemon")
+            .status()
+            .expect("cannot run swtpm (is it installed? scripts/setup.sh installs it)");
+        if !status.success() {
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Some(Self {
+                    state: state.to_owned(),
+                    port,
+                    pid,
+                });
+            }
+            assert!(Instant::now() < deadline, "swtpm wrote no pid file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The TCTI string that names this swtpm.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Stops this swtpm (TERM, then KILL after 5 s), by pid only.
+    pub fn stop(&mut self) {
+        if self.pid == 0 {
+            return;
+        }
+        let pid = self.pid.to_string();
+        let _ = Command::new("kill").arg(&pid).status();
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc_dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if proc_dir.exists() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        self.pid = 0;
+    }
+
+    /// Stops this swtpm and starts a new one on the same state directory (same port if it is
+    /// free again, else another one: check [`Swtpm::tcti`]).
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let port = self.port;
+        let state = self.state.clone();
+        while Instant::now() < deadline {
+            if port_pair_free(port) {
+                if let Some(s) = Self::start_on(&state, port) {
+                    *self = s;
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *self = Self::start(&state);
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

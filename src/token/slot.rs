@@ -350,9 +350,19 @@ pub struct Slot {
     pub config: SlotConfig,
     /// Its token label.
     pub label: String,
-    store: Mutex<Option<Arc<Store>>>,
+    store: Mutex<StoreState>,
     /// Who is logged in.
     pub login: Mutex<Login>,
+}
+
+/// How long a slot whose store failed to open answers from that failure before trying again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The store of a slot: not tried yet, open, or failed (and when).
+enum StoreState {
+    Untried,
+    Open(Arc<Store>),
+    Failed(std::time::Instant, Error),
 }
 
 impl Slot {
@@ -362,35 +372,59 @@ impl Slot {
         Self {
             config,
             label,
-            store: Mutex::new(None),
+            store: Mutex::new(StoreState::Untried),
             login: Mutex::new(Login::Public),
         }
     }
 
-    /// The opened store, opening it now if needed. A store that failed to open is retried on the
-    /// next call, so a device that comes back is picked up.
+    /// The opened store, opening it now if needed. A store that failed to open answers with that
+    /// failure for a moment, then is tried again, so a device that comes back is picked up
+    /// without a retry (and a log line) on every call.
     pub fn store(&self, handles: &Handles) -> Result<Arc<Store>> {
         let mut guard = self
             .store
             .lock()
             .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
-        if let Some(s) = guard.as_ref() {
-            return Ok(s.clone());
+        match &*guard {
+            StoreState::Open(s) => return Ok(s.clone()),
+            StoreState::Failed(at, e) if at.elapsed() < RETRY_AFTER => return Err(*e),
+            _ => {}
         }
-        let backend = backend::open(&self.config).map_err(|e| {
-            log::error!("slot \"{}\": {e}", self.label);
-            Error::rv(CKR_TOKEN_NOT_PRESENT)
-        })?;
-        let store = Arc::new(Store::open(backend, handles).inspect_err(|_| {
-            log::error!("slot \"{}\": cannot load its keys", self.label);
-        })?);
-        *guard = Some(store.clone());
-        Ok(store)
+        // Said once at error level; retries after that only at debug level.
+        let first = matches!(*guard, StoreState::Untried);
+        let opened = backend::open(&self.config)
+            .map_err(|e| {
+                if first {
+                    log::error!("slot \"{}\" has no token: {e}", self.label);
+                } else {
+                    log::debug!("slot \"{}\" still has no token: {e}", self.label);
+                }
+                Error::rv(CKR_TOKEN_NOT_PRESENT)
+            })
+            .and_then(|backend| {
+                Store::open(backend, handles).inspect_err(|_| {
+                    log::error!("slot \"{}\": cannot load its keys", self.label);
+                })
+            });
+        match opened {
+            Ok(store) => {
+                let store = Arc::new(store);
+                *guard = StoreState::Open(store.clone());
+                Ok(store)
+            }
+            Err(e) => {
+                *guard = StoreState::Failed(std::time::Instant::now(), e);
+                Err(e)
+            }
+        }
     }
 
     /// The store if it is already open.
     pub fn opened(&self) -> Option<Arc<Store>> {
-        self.store.lock().ok().and_then(|g| g.clone())
+        match &*self.store.lock().ok()? {
+            StoreState::Open(s) => Some(s.clone()),
+            _ => None,
+        }
     }
 
     /// Who is logged in.

@@ -198,16 +198,24 @@ fn read_limited(path: &Path, max: u64) -> std::io::Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-/// Opens (creating it 0600 if missing) the lock file.
+/// Opens (creating it 0600 if missing) the lock file. On a read-only file system an existing
+/// lock file is opened read-only: `flock` works on it, so the store can still be read (writes
+/// then fail with a clear "Read-only file system").
 fn open_lock_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    match OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .map_err(|e| io_err("cannot open the lock file", path, &e))
+    {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            File::open(path).map_err(|_| io_err("cannot open the lock file", path, &e))
+        }
+        Err(e) => Err(io_err("cannot open the lock file", path, &e)),
+    }
 }
 
 fn flock(file: &File, op: rustix::fs::FlockOperation) -> std::io::Result<()> {
@@ -229,7 +237,11 @@ impl SoftwareStore {
         };
         let dir = prepare_dir(&wanted)?;
         let lock_path = dir.join(LOCK_FILE);
-        let counter = open_lock_file(&lock_path)?;
+        // The long-lived handle only reads the counter: a handle open for writing would keep
+        // the file system from being remounted read-only for as long as the module is loaded.
+        drop(open_lock_file(&lock_path)?);
+        let counter = File::open(&lock_path)
+            .map_err(|e| io_err("cannot open the lock file", &lock_path, &e))?;
         let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
         let serial = format::hex_encode(&digest[..8]);
         let store = SoftwareStore {

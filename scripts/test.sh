@@ -59,7 +59,8 @@ else
   out=$(mktemp "${TMPDIR:-/tmp}/devicekey-test.XXXXXX")
   trap 'rm -f "$out"' EXIT
   # consumer-hsm-tests.sh: the same consumers on a SoftHSM-backed slot next to the software one.
-  for suite in consumer-tests consumer-hsm-tests; do
+  # consumer-tpm-tests.sh: pkcs11-tool, openssl and ssh-keygen on a TPM slot (a throwaway swtpm).
+  for suite in consumer-tests consumer-hsm-tests consumer-tpm-tests; do
     bash "scripts/$suite.sh" "$ROOT/target/release/libdevicekey_pkcs11.so" </dev/null | tee "$out"
     summary=$(tail -n 1 "$out")
     if [[ $summary =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then

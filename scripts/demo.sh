@@ -14,9 +14,13 @@
 # Optional: `scripts/demo.sh --hsm` (or DEVICEKEY_DEMO_HSM=1) adds a last step: a throwaway SoftHSM
 # token behind a second slot declared hardware_tpm, a key made on it, signed and verified through
 # our module.
+# Optional: `scripts/demo.sh --tpm` (or DEVICEKEY_DEMO_TPM=1) adds a TPM step: a throwaway swtpm
+# (stopped at the end) behind a `backend = "tpm"` slot; doctor, keygen, sign, verify, ssh-keygen -D.
 set -euo pipefail
 DEMO_HSM=${DEVICEKEY_DEMO_HSM:-0}
 [ "${1:-}" = --hsm ] && DEMO_HSM=1
+DEMO_TPM=${DEVICEKEY_DEMO_TPM:-0}
+for arg in "$@"; do if [ "$arg" = --tpm ]; then DEMO_TPM=1; fi; done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -265,6 +269,53 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------------------
+if [ "$DEMO_TPM" = 1 ]; then
+  step "Adding a TPM slot: a throwaway swtpm (TPM 2.0 simulator) on a free loopback port"
+  swtpm_env=$(bash "$ROOT/scripts/swtpm.sh" start "$DEMO/swtpm") || die "cannot start swtpm"
+  eval "$swtpm_env"
+  # Stop swtpm (by its pid) before the usual cleanup, whatever happens.
+  trap 'rc=$?; bash "$ROOT/scripts/swtpm.sh" stop "$SWTPM_PID" || true; (exit $rc); cleanup' EXIT
+  cat >>"$DEVICEKEY_CONFIG" <<EOF
+
+[[slot]]
+label = "devicekey-tpm"
+backend = "tpm"
+tcti = "$SWTPM_TCTI"
+dir = "$DEMO/tpmkeys"
+allow_simulator = true
+EOF
+  ok "swtpm pid $SWTPM_PID on $SWTPM_TCTI, state in $SWTPM_STATE"
+  ok "allow_simulator = true lets a simulator report hardware_tpm (for demos and tests only)"
+  doctor=$("$CLI" doctor 2>&1 </dev/null) || die "devicekey doctor reports a problem: $doctor"
+  ok "devicekey doctor (the TPM's manufacturer, firmware and the class we report):"
+  printf '%s\n' "$doctor" | sed -n '/: devicekey-tpm$/,/^$/p' | sed 's/^/        /'
+  TPM=(pkcs11-tool --module "$MODULE" --token-label devicekey-tpm)
+  out=$("${TPM[@]}" -L 2>&1 </dev/null) || die "pkcs11-tool -L failed: $out"
+  grep -q "token model *: hardware_tpm" <<<"$out" || die "the TPM token does not report hardware_tpm: $out"
+  ok "token devicekey-tpm, model hardware_tpm"
+  quiet "${TPM[@]}" --keypairgen --key-type EC:prime256v1 --id "$ID" --label "$LABEL-tpm"
+  quiet "${TPM[@]}" --read-object --type pubkey --id "$ID" -o tpm-pub.der
+  quiet openssl pkey -pubin -inform DER -in tpm-pub.der -out tpm-pub.pem
+  grep -ql -- "-----BEGIN TSS2 PRIVATE KEY-----" "$DEMO"/tpmkeys/*.pem ||
+    die "no TSS2 PRIVATE KEY file in $DEMO/tpmkeys"
+  ok "key $LABEL-tpm made inside the TPM; its blob (useless without this TPM) is a TSS2 PRIVATE KEY file in $DEMO/tpmkeys"
+  quiet "${TPM[@]}" --sign -m ECDSA --id "$ID" -i message.sha256 -o sig-tpm.der --signature-format openssl
+  openssl dgst -sha256 -verify tpm-pub.pem -signature sig-tpm.der message.bin >verify.out 2>&1 ||
+    die "openssl rejected the TPM's CKM_ECDSA signature: $(cat verify.out)"
+  ok "CKM_ECDSA by the TPM; openssl dgst -verify: $(cat verify.out)"
+  quiet "${TPM[@]}" --sign -m ECDSA-SHA256 --id "$ID" -i message.bin -o sig-tpm-sha256.der --signature-format openssl
+  openssl dgst -sha256 -verify tpm-pub.pem -signature sig-tpm-sha256.der message.bin >verify.out 2>&1 ||
+    die "openssl rejected the TPM's CKM_ECDSA_SHA256 signature: $(cat verify.out)"
+  ok "CKM_ECDSA_SHA256 by the TPM; openssl dgst -verify: $(cat verify.out)"
+  want=$(ssh-keygen -i -m PKCS8 -f tpm-pub.pem | awk '{ print $2 }') || die "ssh-keygen -i cannot read tpm-pub.pem"
+  sshout=$(ssh-keygen -D "$MODULE" 2>&1 </dev/null) || die "ssh-keygen -D failed: $sshout"
+  sshline=$(awk -v k="$want" '$1 == "ecdsa-sha2-nistp256" && $2 == k' <<<"$sshout")
+  [ -n "$sshline" ] || die "ssh-keygen -D did not list the TPM key: $sshout"
+  ok "ssh-keygen -D lists the TPM key:"
+  printf '        %s\n' "$sshline"
+fi
+
+# ---------------------------------------------------------------------------------------------
 say "Done. What happened:"
 cat <<EOF
   - pkcs11-tool created a P-256 key pair in devicekey's software store; the private key is
@@ -286,6 +337,9 @@ else
 fi
 if [ "$DEMO_HSM" = 1 ]; then
   echo "  - A second slot wrapped a SoftHSM token declared hardware_tpm; a key made there signed, and openssl verified it."
+fi
+if [ "$DEMO_TPM" = 1 ]; then
+  echo "  - A TPM slot on a throwaway swtpm made a key inside the TPM, signed with CKM_ECDSA and CKM_ECDSA_SHA256 (verified by openssl), and ssh-keygen -D listed it; swtpm is stopped at exit."
 fi
 if [ "$KEEP" = 1 ]; then
   echo "  Key store and files kept in $DEMO."

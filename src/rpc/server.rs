@@ -7,6 +7,7 @@
 //! in flight, flushes, and returns.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -29,6 +30,10 @@ pub const METHOD_CREATE: &str = "device/key/create";
 pub const METHOD_PUBLIC: &str = "device/key/public";
 /// `device/key/sign`.
 pub const METHOD_SIGN: &str = "device/key/sign";
+
+/// Answers queued for the writer at most. Past it the reader waits, so a client that does not
+/// read its answers stops being read instead of growing the queue without bound.
+const MAX_QUEUED_ANSWERS: usize = 256;
 
 /// What the server does for each method; implemented over PKCS#11 by
 /// [`super::client::TokenClient`].
@@ -153,10 +158,14 @@ where
     R: Read,
     W: Write + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(MAX_QUEUED_ANSWERS);
+    let broken = Arc::new(AtomicBool::new(false));
     let writer = std::thread::Builder::new()
         .name("devicekey-rpc-writer".into())
-        .spawn(move || write_loop(output, rx))?;
+        .spawn({
+            let broken = Arc::clone(&broken);
+            move || write_loop(output, rx, &broken)
+        })?;
     let in_flight = Arc::new(InFlight::default());
     let mut state = Session {
         initialized: false,
@@ -164,6 +173,10 @@ where
     };
     let mut reader = LineReader::new(input, options.max_line_bytes);
     let result = loop {
+        if broken.load(Ordering::SeqCst) {
+            // Nobody can receive answers any more: stop reading requests.
+            break Ok(());
+        }
         let frame = match reader.next_frame() {
             Ok(f) => f,
             Err(e) => break Err(e),
@@ -200,15 +213,15 @@ where
     result
 }
 
-fn write_loop<W: Write>(mut output: W, rx: mpsc::Receiver<Vec<u8>>) {
-    let mut broken = false;
+fn write_loop<W: Write>(mut output: W, rx: mpsc::Receiver<Vec<u8>>, broken: &AtomicBool) {
     for line in rx {
-        if broken {
+        if broken.load(Ordering::SeqCst) {
+            // Keep draining, so no sender waits on a full queue.
             continue;
         }
         if let Err(e) = output.write_all(&line).and_then(|()| output.flush()) {
             log::warn!("cannot write a response: {e}; dropping further responses");
-            broken = true;
+            broken.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -231,7 +244,7 @@ impl Session {
     fn handle_line(
         &mut self,
         line: &[u8],
-        tx: &mpsc::Sender<Vec<u8>>,
+        tx: &mpsc::SyncSender<Vec<u8>>,
         service: &Arc<dyn KeyService>,
         in_flight: &Arc<InFlight>,
     ) {
@@ -431,5 +444,70 @@ fn call(service: &dyn KeyService, method: &str, params: Value) -> Result<Value, 
         other => Err(DeviceKeyError::InvalidRequest(format!(
             "unknown method {other}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct NoService;
+
+    impl KeyService for NoService {
+        fn create(&self, _: CreateParams) -> Result<KeyInfo, DeviceKeyError> {
+            Err(DeviceKeyError::KeyNotFound)
+        }
+        fn public(&self, _: PublicParams) -> Result<KeyInfo, DeviceKeyError> {
+            Err(DeviceKeyError::KeyNotFound)
+        }
+        fn sign(&self, _: SignParams) -> Result<SignResult, DeviceKeyError> {
+            Err(DeviceKeyError::KeyNotFound)
+        }
+    }
+
+    /// Endless requests; counts the bytes read.
+    struct Endless(Arc<AtomicUsize>);
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            const LINE: &[u8] = b"{\"id\":1,\"method\":\"x\"}\n";
+            let n = (buf.len() / LINE.len()) * LINE.len();
+            for chunk in buf[..n].chunks_mut(LINE.len()) {
+                chunk.copy_from_slice(LINE);
+            }
+            self.0.fetch_add(n, Ordering::SeqCst);
+            Ok(n)
+        }
+    }
+
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_client_that_cannot_receive_answers_stops_being_read() {
+        // Before the fix the reader went on for ever, queueing every answer in memory.
+        let read = Arc::new(AtomicUsize::new(0));
+        let options = ServeOptions {
+            max_concurrent_requests: 4,
+            max_line_bytes: 1024,
+            home: String::new(),
+        };
+        serve(
+            Endless(Arc::clone(&read)),
+            Closed,
+            Arc::new(NoService),
+            &options,
+        )
+        .unwrap();
+        assert!(read.load(Ordering::SeqCst) < 64 << 20);
     }
 }

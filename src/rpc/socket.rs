@@ -209,6 +209,11 @@ pub fn serve_listener(
                 continue;
             }
         };
+        // A client that stops reading its answers is cut off after the same deadline (the
+        // writer gives up, and the connection ends), so it cannot hold a slot for ever.
+        if let Err(e) = stream.set_write_timeout(Some(socket.idle_timeout)) {
+            log::warn!("cannot set a write deadline: {e}");
+        }
         let service = Arc::clone(&service);
         let options = options.clone();
         let timeout = socket.idle_timeout;

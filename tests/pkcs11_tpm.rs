@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 
 use base64::Engine as _;
 use common::swtpm::Swtpm;
@@ -38,18 +38,30 @@ const P256_SPKI_PREFIX: &[u8] = &[
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
-/// The module's log file for this whole test process (the module's logger is set up once per
-/// process, at the first C_Initialize, from DEVICEKEY_LOG and DEVICEKEY_LOG_FILE).
+/// The module's log file (the module's logger is set up once per process, at the first
+/// C_Initialize, from DEVICEKEY_LOG and DEVICEKEY_LOG_FILE). One file per user, shared by runs:
+/// each line names the pid that wrote it, and only this process's lines are counted.
 fn log_file() -> PathBuf {
-    std::env::temp_dir().join(format!("devicekey-pkcs11-tpm-{}.log", std::process::id()))
+    use std::os::unix::fs::MetadataExt;
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let uid = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
+        let path = std::env::temp_dir().join(format!("devicekey-pkcs11-tpm-test-{uid}.log"));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
+            let _ = std::fs::remove_file(&path);
+        }
+        path
+    })
+    .clone()
 }
 
 /// How many TPM2_Sign commands the module has logged so far in this process.
 fn signs_logged() -> usize {
+    let ours = format!("devicekey[{}] ", std::process::id());
     std::fs::read_to_string(log_file())
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains(SIGN_LINE))
+        .filter(|l| l.starts_with(&ours) && l.contains(SIGN_LINE))
         .count()
 }
 

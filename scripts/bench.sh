@@ -59,11 +59,12 @@ bench_dir=${BENCH_DIR:-$repo/target/bench}
 mkdir -p "$bench_dir"
 chmod 700 "$bench_dir"
 run_dir=$(mktemp -d "$bench_dir/run.XXXXXX")
-tpm_pid_file=
+bench_pids=()   # processes this script started (swtpm, D-Bus, tpm2-abrmd): stopped at exit
 cleanup() {
-  if [ -n "$tpm_pid_file" ] && [ -f "$tpm_pid_file" ]; then
-    kill "$(cat "$tpm_pid_file")" 2>/dev/null || true
-  fi
+  local pid
+  for pid in "${bench_pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
   rm -rf "$run_dir"
 }
 trap cleanup EXIT

@@ -21,6 +21,10 @@ struct ChildTimes {
     load: f64,
     /// ... + C_Initialize.
     init: f64,
+    /// ... + C_GetSlotList (+ C_GetTokenInfo with a token label).
+    slots: f64,
+    /// ... + C_OpenSession.
+    session: f64,
     /// ... + C_OpenSession + C_FindObjects (the whole cold start).
     total: f64,
     /// Objects found with the label.
@@ -37,7 +41,9 @@ pub fn child(target: &Target, label: &str) -> Result<()> {
         .ctx("C_Initialize")?;
     let initialized = Instant::now();
     let slot = p11::find_slot(&ctx, target.token.as_deref())?;
+    let listed = Instant::now();
     let session = ctx.open_ro_session(slot).ctx("C_OpenSession")?;
+    let opened = Instant::now();
     let found = session
         .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
         .ctx("C_FindObjects")?
@@ -46,6 +52,8 @@ pub fn child(target: &Target, label: &str) -> Result<()> {
     let times = ChildTimes {
         load: us(loaded),
         init: us(initialized),
+        slots: us(listed),
+        session: us(opened),
         total: us(done),
         found,
     };
@@ -76,6 +84,8 @@ pub fn parent(target: &Target, label: &str, plan: &ColdPlan) -> Result<()> {
     let exe = std::env::current_exe()?;
     let (mut total, mut init, mut wall) = (Vec::new(), Vec::new(), Vec::new());
     let mut found = 0;
+    // Every sample's phases: load, C_Initialize, slot list, open session, find (ms).
+    let mut phases: [Vec<f64>; 5] = Default::default();
     for _ in 0..plan.runs {
         let (mut t, mut i, mut w) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..plan.samples {
@@ -109,6 +119,17 @@ pub fn parent(target: &Target, label: &str, plan: &ColdPlan) -> Result<()> {
                 )));
             }
             found = times.found;
+            let marks = [
+                0.0,
+                times.load,
+                times.init,
+                times.slots,
+                times.session,
+                times.total,
+            ];
+            for (k, p) in phases.iter_mut().enumerate() {
+                p.push((marks[k + 1] - marks[k]) / 1e3);
+            }
             t.push(times.total / 1e3);
             i.push(times.init / 1e3);
             w.push(elapsed);
@@ -117,7 +138,15 @@ pub fn parent(target: &Target, label: &str, plan: &ColdPlan) -> Result<()> {
         init.push(median(&i));
         wall.push(median(&w));
     }
-    let detail = json!({"processes_per_run": plan.samples, "objects_found": found});
+    let [load, initialize, slots, session, find] = phases.map(|p| median(&p));
+    let detail = json!({
+        "processes_per_run": plan.samples,
+        "objects_found": found,
+        "median_phases_ms": {
+            "dlopen": load, "C_Initialize": initialize, "C_GetSlotList+C_GetTokenInfo": slots,
+            "C_OpenSession": session, "C_FindObjects": find,
+        },
+    });
     for (bench, values) in [
         ("cold_start", total),
         ("c_initialize", init),

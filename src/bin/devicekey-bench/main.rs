@@ -15,6 +15,8 @@ mod runner;
 mod scale;
 mod sign;
 mod stats;
+#[cfg(feature = "tpm")]
+mod tpm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,6 +141,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
     },
+    /// One TPM signature through our TPM key store in-process (no PKCS#11), to compare with a
+    /// C_Sign through the module: a length query that signed would double the module's time.
+    #[cfg(feature = "tpm")]
+    TpmRaw {
+        /// The key's label.
+        #[arg(long)]
+        label: String,
+        #[command(flatten)]
+        plan: sign::Plan,
+    },
     /// Prints the table and the targets from a file of JSON lines.
     Report {
         /// The JSON lines.
@@ -190,9 +202,12 @@ fn run(cli: Cli) -> Result<()> {
                 seconds: 1.0,
                 iterations,
                 threads: vec![1],
+                warmup: 200,
             };
             rpc::run(&rpc, &plan)
         }
+        #[cfg(feature = "tpm")]
+        Cmd::TpmRaw { label, plan } => tpm::raw(&label, &plan),
         Cmd::Report { file, markdown } => report::print(&file, markdown),
     }
 }

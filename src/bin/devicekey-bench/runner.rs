@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::Result;
 
-/// Signatures made before timing starts, per thread.
-const WARMUP: u64 = 200;
 /// Every this many signatures, one is kept for checking.
 const SAMPLE_EVERY: u64 = 500;
 
@@ -41,7 +39,7 @@ pub fn digest_for(t: usize, n: u64) -> [u8; 32] {
 
 /// Runs `threads` workers for `duration`; each thread builds its worker with `factory` (so it
 /// may hold a session that is not `Sync`), warms it up, then signs until told to stop.
-pub fn throughput<W, F>(threads: usize, duration: Duration, factory: &F) -> Result<Run>
+pub fn throughput<W, F>(threads: usize, duration: Duration, warmup: u64, factory: &F) -> Result<Run>
 where
     F: Fn() -> Result<W> + Sync,
     W: FnMut(&[u8; 32]) -> Result<Vec<u8>>,
@@ -54,7 +52,7 @@ where
                 let (stop, barrier) = (&stop, &barrier);
                 scope.spawn(move || -> Result<(u64, Vec<Sampled>)> {
                     let prepared = factory().and_then(|mut w| {
-                        for n in 0..WARMUP {
+                        for n in 0..warmup {
                             w(&digest_for(t, u64::MAX - n))?;
                         }
                         Ok(w)
@@ -101,9 +99,14 @@ where
     })
 }
 
-/// Times `iterations` calls of `op` (after a warm-up); returns each call's duration in µs.
-pub fn latencies(iterations: usize, mut op: impl FnMut(u64) -> Result<()>) -> Result<Vec<f64>> {
-    for n in 0..WARMUP {
+/// Times `iterations` calls of `op` (after `warmup` untimed ones); returns each call's duration
+/// in µs.
+pub fn latencies(
+    iterations: usize,
+    warmup: u64,
+    mut op: impl FnMut(u64) -> Result<()>,
+) -> Result<Vec<f64>> {
+    for n in 0..warmup {
         op(u64::MAX - n)?;
     }
     let mut out = Vec::with_capacity(iterations);

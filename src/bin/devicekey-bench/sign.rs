@@ -31,6 +31,9 @@ pub struct Plan {
     /// Thread counts for throughput.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
+    /// Untimed calls before each run (per thread).
+    #[arg(long, default_value_t = 200)]
+    pub warmup: u64,
 }
 
 fn variant(threads: usize) -> String {
@@ -68,7 +71,12 @@ where
     for &threads in &plan.threads {
         let (mut rates, mut verified, mut ops) = (Vec::new(), 0, 0);
         for _ in 0..plan.runs {
-            let run = runner::throughput(threads, Duration::from_secs_f64(plan.seconds), factory)?;
+            let run = runner::throughput(
+                threads,
+                Duration::from_secs_f64(plan.seconds),
+                plan.warmup,
+                factory,
+            )?;
             verified += check(&run, verifier)?;
             ops += run.ops;
             rates.push(run.rate);
@@ -98,7 +106,7 @@ pub fn latency_figures(
 ) -> Result<(f64, f64)> {
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..plan.runs {
-        let mut samples = runner::latencies(plan.iterations, &mut op)?;
+        let mut samples = runner::latencies(plan.iterations, plan.warmup, &mut op)?;
         p50.push(percentile(&mut samples, 0.50));
         p99.push(percentile(&mut samples, 0.99));
     }

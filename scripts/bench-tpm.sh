@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# The TPM part of scripts/bench.sh (sourced by it with --tpm; not run on its own): our TPM store
+# and tpm2-pkcs11 on the same swtpm, both through tpm2-abrmd (swtpm serves one client and has no
+# resource manager; tpm2-pkcs11 needs one to set up its token), plus one TPM signature through our
+# TPM store in-process, to show that a C_Sign length query costs no second TPM signature.
+# Uses from bench.sh: $run_dir, $bench, $ours, $runs, measure, bench_pids (stopped at exit).
+
+tpm_packages=(swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus)
+tpm_missing=()
+for p in "${tpm_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || tpm_missing+=("$p")
+done
+if [ "${#tpm_missing[@]}" -gt 0 ]; then
+  echo "bench-tpm: installing ${tpm_missing[*]}" >&2
+  sudo_cmd=()
+  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo -n)
+  { "${sudo_cmd[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${tpm_missing[@]}"; } >"$run_dir/apt-tpm.log" 2>&1 \
+    || { cat "$run_dir/apt-tpm.log" >&2; echo "bench-tpm: apt-get failed" >&2; return 1; }
+fi
+tpm2_module=/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so
+[ -e "$tpm2_module" ] || tpm2_module=$(dpkg -L libtpm2-pkcs11-1 | grep '/libtpm2_pkcs11\.so$' | head -1)
+
+# swtpm, then a private D-Bus session bus and tpm2-abrmd on it.
+eval "$(scripts/swtpm.sh start "$run_dir/swtpm")"
+bench_pids+=("$SWTPM_PID")
+dbus_out=$(dbus-daemon --session --fork --print-address=1 --print-pid=1)
+DBUS_SESSION_BUS_ADDRESS=$(sed -n 1p <<<"$dbus_out")
+bench_pids+=("$(sed -n 2p <<<"$dbus_out")")
+export DBUS_SESSION_BUS_ADDRESS
+abrmd_args=(--session --tcti="$SWTPM_TCTI" --flush-all)
+[ "$(id -u)" = 0 ] && abrmd_args+=(--allow-root)
+tpm2-abrmd "${abrmd_args[@]}" >"$run_dir/abrmd.log" 2>&1 &
+bench_pids+=("$!")
+tcti=tabrmd:bus_type=session
+for _ in $(seq 50); do
+  tpm2_getcap -T "$tcti" properties-fixed >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+# tpm2-pkcs11: a token in a private store.
+export TPM2_PKCS11_TCTI=$tcti TPM2TOOLS_TCTI=$tcti TPM2_PKCS11_STORE=$run_dir/tpm2-pkcs11 TPM2_PKCS11_LOG_LEVEL=0
+export TPM2_PIN=1234
+mkdir -p "$TPM2_PKCS11_STORE"
+tpm2_ptool init --path "$TPM2_PKCS11_STORE" >/dev/null
+tpm2_ptool addtoken --pid=1 --label=tpm2bench --userpin="$TPM2_PIN" --sopin=5678 --path "$TPM2_PKCS11_STORE" >/dev/null
+
+cat >"$run_dir/tpm.toml" <<EOF
+[[slot]]
+label = "devicekey-tpm"
+backend = "tpm"
+tcti = "$tcti"
+allow_simulator = true
+dir = "$run_dir/ours-tpm"
+EOF
+
+tpm_plan=(--runs "$runs" --seconds 2 --iterations 50 --warmup 5 --threads 1)
+ours_tpm_t=(--module "$ours" --token devicekey-tpm --name ours-tpm)
+tpm2_t=(--module "$tpm2_module" --token tpm2bench --pin-env TPM2_PIN --name tpm2-pkcs11)
+measure "$run_dir/tpm.toml" keygen "${ours_tpm_t[@]}" --label bench-sign
+measure "$run_dir/tpm.toml" keygen "${tpm2_t[@]}" --label bench-sign
+measure "$run_dir/tpm.toml" sign "${ours_tpm_t[@]}" --label bench-sign "${tpm_plan[@]}"
+measure "$run_dir/tpm.toml" sign "${tpm2_t[@]}" --label bench-sign "${tpm_plan[@]}"
+measure "$run_dir/tpm.toml" tpm-raw --label bench-sign "${tpm_plan[@]}"

@@ -187,6 +187,9 @@ pub unsafe extern "C" fn C_GetInterface(
     if ppInterface.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
+    // Callers (and call tracers) read the pointer even after an error: leave it NULL until found.
+    // SAFETY: non-NULL; the caller passes a writable pointer slot.
+    unsafe { *ppInterface = std::ptr::null_mut() };
     if !pInterfaceName.is_null() {
         // SAFETY: a non-NULL name is a NUL-terminated string per the spec.
         let name =

@@ -9,7 +9,7 @@ use cryptoki_sys::*;
 use der::{Decode, Encode};
 use spki::EncodePublicKey;
 
-use super::attributes::{find, find_bool, find_ulong, Attributes, Template};
+use super::attributes::{find, find_bool, find_ulong, ulong_bytes, Attributes, Template};
 use super::error::{fail, Result};
 use super::mechanism::{PRIVATE_KEY_MECHANISMS, PUBLIC_KEY_MECHANISMS};
 use crate::backend::{KeyPurpose, KeyRecord, ProtectionClass, Signer};
@@ -379,10 +379,6 @@ pub fn parse_create(template: &Template) -> Result<Attributes> {
             return fail(CKR_ATTRIBUTE_READ_ONLY);
         }
     }
-    let mut attrs = Attributes::new();
-    for (t, v) in template {
-        attrs.set(*t, v.clone());
-    }
     for t in [
         CKA_TOKEN,
         CKA_PRIVATE,
@@ -394,13 +390,6 @@ pub fn parse_create(template: &Template) -> Result<Attributes> {
             super::attributes::parse_bool(v)?;
         }
     }
-    attrs
-        .set_default(CKA_TOKEN, vec![CK_FALSE])
-        .set_default(CKA_PRIVATE, vec![CK_FALSE])
-        .set_default(CKA_MODIFIABLE, vec![CK_TRUE])
-        .set_default(CKA_COPYABLE, vec![CK_FALSE])
-        .set_default(CKA_DESTROYABLE, vec![CK_TRUE])
-        .set_default(CKA_LABEL, Vec::new());
     match class {
         CKO_CERTIFICATE => {
             match find_ulong(template, CKA_CERTIFICATE_TYPE)? {
@@ -412,53 +401,12 @@ pub fn parse_create(template: &Template) -> Result<Attributes> {
                 Some(v) => v,
                 None => return fail(CKR_TEMPLATE_INCOMPLETE),
             };
-            let cert = match x509_cert::Certificate::from_der(value) {
-                Ok(c) => c,
-                Err(e) => {
-                    log::info!("C_CreateObject: CKA_VALUE is not an X.509 certificate: {e}");
-                    return fail(CKR_ATTRIBUTE_VALUE_INVALID);
-                }
-            };
-            let tbs = &cert.tbs_certificate;
-            let subject = tbs.subject.to_der().unwrap_or_default();
-            let issuer = tbs.issuer.to_der().unwrap_or_default();
-            let serial = tbs.serial_number.to_der().unwrap_or_default();
-            attrs
-                .set_default(CKA_SUBJECT, subject)
-                .set_default(CKA_ISSUER, issuer)
-                .set_default(CKA_SERIAL_NUMBER, serial)
-                .set_default(CKA_ID, Vec::new())
-                .set_default(CKA_TRUSTED, vec![CK_FALSE])
-                .set_default(CKA_START_DATE, Vec::new())
-                .set_default(CKA_END_DATE, Vec::new())
-                .set_default(CKA_URL, Vec::new())
-                .set_default(CKA_HASH_OF_SUBJECT_PUBLIC_KEY, Vec::new())
-                .set_default(CKA_HASH_OF_ISSUER_PUBLIC_KEY, Vec::new());
-            // CK_ULONG defaults.
-            for t in [
-                CKA_CERTIFICATE_CATEGORY,
-                CKA_JAVA_MIDP_SECURITY_DOMAIN,
-                CKA_NAME_HASH_ALGORITHM,
-            ] {
-                if find(template, t).is_none() {
-                    let v = match t {
-                        CKA_NAME_HASH_ALGORITHM => CKM_SHA_1,
-                        _ => 0,
-                    };
-                    attrs.set_ulong(t, v);
-                }
-            }
-            if find(template, CKA_CHECK_VALUE).is_none() {
-                use sha1_check::check_value;
-                attrs.set(CKA_CHECK_VALUE, check_value(value));
+            if let Err(e) = x509_cert::Certificate::from_der(value) {
+                log::info!("C_CreateObject: CKA_VALUE is not an X.509 certificate: {e}");
+                return fail(CKR_ATTRIBUTE_VALUE_INVALID);
             }
         }
-        CKO_DATA => {
-            attrs
-                .set_default(CKA_APPLICATION, Vec::new())
-                .set_default(CKA_OBJECT_ID, Vec::new())
-                .set_default(CKA_VALUE, Vec::new());
-        }
+        CKO_DATA => {}
         CKO_PUBLIC_KEY | CKO_PRIVATE_KEY | CKO_SECRET_KEY => {
             log::info!(
                 "C_CreateObject: importing keys is not supported; generate them on the token"
@@ -467,7 +415,59 @@ pub fn parse_create(template: &Template) -> Result<Attributes> {
         }
         _ => return fail(CKR_ATTRIBUTE_VALUE_INVALID),
     }
+    let mut attrs = Attributes::new();
+    for (t, v) in template {
+        attrs.set(*t, v.clone());
+    }
+    complete(class, &mut attrs);
     Ok(attrs)
+}
+
+/// Fills in every attribute a certificate or data object answers that its creator (or the store
+/// it came from) left out: the common defaults, and for certificates the subject, issuer, serial
+/// number and check value read from the DER.
+pub fn complete(class: CK_OBJECT_CLASS, attrs: &mut Attributes) {
+    attrs
+        .set_default(CKA_TOKEN, vec![CK_FALSE])
+        .set_default(CKA_PRIVATE, vec![CK_FALSE])
+        .set_default(CKA_MODIFIABLE, vec![CK_TRUE])
+        .set_default(CKA_COPYABLE, vec![CK_FALSE])
+        .set_default(CKA_DESTROYABLE, vec![CK_TRUE])
+        .set_default(CKA_LABEL, Vec::new());
+    match class {
+        CKO_CERTIFICATE => {
+            let value = attrs.get(CKA_VALUE).unwrap_or_default().to_vec();
+            if let Ok(cert) = x509_cert::Certificate::from_der(&value) {
+                let tbs = &cert.tbs_certificate;
+                attrs
+                    .set_default(CKA_SUBJECT, tbs.subject.to_der().unwrap_or_default())
+                    .set_default(CKA_ISSUER, tbs.issuer.to_der().unwrap_or_default())
+                    .set_default(
+                        CKA_SERIAL_NUMBER,
+                        tbs.serial_number.to_der().unwrap_or_default(),
+                    );
+            }
+            attrs
+                .set_default(CKA_ID, Vec::new())
+                .set_default(CKA_TRUSTED, vec![CK_FALSE])
+                .set_default(CKA_START_DATE, Vec::new())
+                .set_default(CKA_END_DATE, Vec::new())
+                .set_default(CKA_URL, Vec::new())
+                .set_default(CKA_HASH_OF_SUBJECT_PUBLIC_KEY, Vec::new())
+                .set_default(CKA_HASH_OF_ISSUER_PUBLIC_KEY, Vec::new())
+                .set_default(CKA_CERTIFICATE_CATEGORY, ulong_bytes(0))
+                .set_default(CKA_JAVA_MIDP_SECURITY_DOMAIN, ulong_bytes(0))
+                .set_default(CKA_NAME_HASH_ALGORITHM, ulong_bytes(CKM_SHA_1))
+                .set_default(CKA_CHECK_VALUE, sha1_check::check_value(&value));
+        }
+        CKO_DATA => {
+            attrs
+                .set_default(CKA_APPLICATION, Vec::new())
+                .set_default(CKA_OBJECT_ID, Vec::new())
+                .set_default(CKA_VALUE, Vec::new());
+        }
+        _ => {}
+    }
 }
 
 mod sha1_check {

@@ -307,11 +307,12 @@ impl Store {
         let mut seen_objects = std::collections::HashSet::new();
         for rec in stored {
             seen_objects.insert(rec.name.clone());
-            let attrs = Attributes::from_list(&rec.attributes);
+            let mut attrs = Attributes::from_list(&rec.attributes);
             let Some(class) = attrs.get_ulong(CKA_CLASS) else {
                 log::warn!("stored object {} has no CKA_CLASS; skipped", rec.name);
                 continue;
             };
+            object::complete(class, &mut attrs);
             let obj = object::stored(class, attrs, Origin::Stored(rec.name.clone()));
             match table.stored.get(&rec.name).copied() {
                 None => {

@@ -7,7 +7,11 @@
 use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use cryptoki_sys::{CKA_APPLICATION, CKA_CLASS, CKA_TOKEN, CKO_CERTIFICATE, CKO_DATA};
+use cryptoki_sys::{
+    CKA_APPLICATION, CKA_CERTIFICATE_TYPE, CKA_CLASS, CKA_ID, CKA_ISSUER, CKA_LABEL,
+    CKA_MODIFIABLE, CKA_OBJECT_ID, CKA_PRIVATE, CKA_SERIAL_NUMBER, CKA_SUBJECT, CKA_TOKEN,
+    CKA_VALUE, CKO_CERTIFICATE, CKO_DATA, CK_ATTRIBUTE_TYPE,
+};
 
 use super::encoding::{
     attribute_to_raw, object_name, raw_bytes, raw_to_attribute, raw_ulong, META_APPLICATION,
@@ -50,14 +54,33 @@ pub(super) fn prepare(attributes: &[RawAttribute]) -> crate::backend::Result<Vec
         None => return Err(BackendError::Refused("object without CKA_CLASS".into())),
     }
     check_application(attributes)?;
+    // Only what a token must be told: the defaults our token fills in (CKA_COPYABLE,
+    // CKA_NAME_HASH_ALGORITHM, empty dates and hashes...) make some tokens (SoftHSM 2.6) fail
+    // C_CreateObject with CKR_GENERAL_ERROR, and our token fills them in again on load.
     let mut out: Vec<RawAttribute> = attributes
         .iter()
-        .filter(|(t, _)| *t != CKA_TOKEN)
+        .filter(|(t, v)| FORWARDED.contains(t) && (!v.is_empty() || *t == CKA_LABEL))
         .cloned()
         .collect();
     out.push((CKA_TOKEN, vec![1]));
     Ok(out)
 }
+
+/// The attributes of a certificate or data object that go to the wrapped token.
+const FORWARDED: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_PRIVATE,
+    CKA_MODIFIABLE,
+    CKA_LABEL,
+    CKA_ID,
+    CKA_VALUE,
+    CKA_CERTIFICATE_TYPE,
+    CKA_SUBJECT,
+    CKA_ISSUER,
+    CKA_SERIAL_NUMBER,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+];
 
 fn check_application(attributes: &[RawAttribute]) -> crate::backend::Result<()> {
     if raw_bytes(attributes, CKA_APPLICATION) == Some(META_APPLICATION) {

@@ -50,6 +50,7 @@ stage cargo-build-release cargo build --release
 build_rc=$?
 stage cargo-clippy cargo clippy --all-targets -- -D warnings
 stage cargo-test cargo test --no-fail-fast
+stage fuzz-smoke bash scripts/fuzz.sh --smoke # fuzz harnesses, 5 s each (libFuzzer when built, else stable); stress/crash/server tests run in cargo-test at STRESS_SCALE=0.1
 
 echo "==> consumers: scripts/consumer-tests.sh target/release/libdevicekey_pkcs11.so"
 if [ $build_rc -ne 0 ] || [ ! -f target/release/libdevicekey_pkcs11.so ]; then

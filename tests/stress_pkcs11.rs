@@ -556,3 +556,39 @@ fn finalize_races_calls_in_flight() {
         .unwrap();
     assert_eq!(found.len(), 1);
 }
+
+/// Run under valgrind by `scripts/stress.sh`: `DEVICEKEY_VALGRIND_CYCLES` rounds of
+/// C_Initialize, key generation, sign, get-attribute, C_Finalize. Comparing the leak summary of
+/// two cycle counts gives the leak per cycle.
+#[test]
+#[ignore = "run under valgrind by scripts/stress.sh"]
+fn valgrind_initialize_finalize_cycles() {
+    let Some(cycles) = std::env::var("DEVICEKEY_VALGRIND_CYCLES")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let mut t = Token::uninitialized();
+    for i in 0..cycles {
+        t.initialize();
+        {
+            let s = t.session();
+            let (public, private) = gen_p256(&s, &format!("cycle-{i}"), i == 0);
+            let point = public_point(&s, public);
+            let d = sha256(&i.to_be_bytes());
+            let sig = s.sign(&Mechanism::Ecdsa, private, &d).expect("sign");
+            assert!(verify_prehash(&point, &d, &sig));
+            let sig = s
+                .sign(&Mechanism::EcdsaSha256, private, b"message")
+                .expect("sign");
+            assert_eq!(sig.len(), 64);
+            let found = s
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .expect("find");
+            assert!(!found.is_empty());
+        }
+        t.finalize();
+    }
+    println!("VALGRIND-CYCLES {cycles} done");
+}

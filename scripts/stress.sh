@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Robustness at full scale: concurrency stress through the built module, crash consistency
+# (SIGKILL loop, full and read-only disk), server abuse, and valgrind memcheck of the module.
+#
+#   scripts/stress.sh              full counts (STRESS_SCALE=1): 16 threads x 1,000 ops, 4 processes
+#                                  x 100 keys, 200 finalize races, 200 SIGKILLs, 10,000 pipelined
+#                                  requests, 1,000 socket connections; then valgrind
+#   scripts/stress.sh --quick      the CI counts (STRESS_SCALE=0.1)
+#   scripts/stress.sh --no-valgrind
+#
+# Tests run in release mode against target/release/libdevicekey_pkcs11.so. The figures (lines
+# starting STRESS, CRASH, SERVER, VALGRIND) are repeated at the end; the last line is
+# `N passed, N failed`. Exit status non-zero when anything failed.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  PATH="$HOME/.cargo/bin:$PATH"
+fi
+export CARGO_TERM_PROGRESS_WHEN=never
+
+SCALE=1
+VALGRIND=1
+for arg in "$@"; do
+  case "$arg" in
+    --quick) SCALE=0.1 ;;
+    --no-valgrind) VALGRIND=0 ;;
+    -h | --help)
+      sed -n '2,14p' "$0"
+      exit 0
+      ;;
+    *)
+      echo "stress.sh: unknown argument $arg" >&2
+      exit 2
+      ;;
+  esac
+done
+export STRESS_SCALE=$SCALE
+
+PASSED=0
+FAILED=0
+FAILED_NAMES=()
+START=$SECONDS
+LOG=$(mktemp "${TMPDIR:-/tmp}/devicekey-stress.XXXXXX")
+trap 'rm -f "$LOG"' EXIT
+
+record() { # record NAME STATUS
+  if [ "$2" -eq 0 ]; then
+    PASSED=$((PASSED + 1))
+    echo "PASS $1"
+  else
+    FAILED=$((FAILED + 1))
+    FAILED_NAMES+=("$1")
+    echo "FAIL $1"
+  fi
+}
+
+stage() { # stage NAME CMD...
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "==> $name: $*"
+  "$@" </dev/null 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "<== $name: exit $rc after $((SECONDS - t0))s"
+  record "$name" "$rc"
+  return "$rc"
+}
+
+echo "stress.sh: STRESS_SCALE=$STRESS_SCALE"
+stage build cargo build --release
+for t in stress_pkcs11 crash_kill crash_disk robust_server; do
+  stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
+done
+
+# valgrind memcheck of the module: pkcs11-tool (a C consumer) and N init/finalize cycles.
+valgrind_stage() {
+  local module="$ROOT/target/release/libdevicekey_pkcs11.so" tmp rc=0
+  if ! command -v valgrind >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null 2>&1
+    fi
+  fi
+  if ! command -v valgrind >/dev/null 2>&1; then
+    echo "VALGRIND SKIPPED: valgrind is not installed"
+    return 0
+  fi
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/devicekey-valgrind.XXXXXX")
+  printf '[[slot]]\nlabel = "devicekey"\nbackend = "software"\ndir = "%s/keys"\n' "$tmp" >"$tmp/config.toml"
+  export DEVICEKEY_CONFIG="$tmp/config.toml"
+  local vg=(valgrind --tool=memcheck --error-exitcode=99 --leak-check=full
+    --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite)
+  local p11=(pkcs11-tool --module "$module")
+  echo "data to sign" >"$tmp/data"
+  local steps=(
+    "-L"
+    "--keypairgen --key-type EC:prime256v1 --label vg --id 01"
+    "-O"
+    "--sign --mechanism ECDSA-SHA256 --id 01 --input-file $tmp/data --output-file $tmp/sig"
+    "--read-object --type pubkey --id 01 --output-file $tmp/pub.der"
+  )
+  for s in "${steps[@]}"; do
+    # shellcheck disable=SC2086
+    if "${vg[@]}" --log-file="$tmp/vg.log" "${p11[@]}" $s >/dev/null 2>&1; then
+      echo "VALGRIND pkcs11-tool $s: $(grep -E 'ERROR SUMMARY' "$tmp/vg.log" | sed 's/^==[0-9]*== //'); $(grep -E 'definitely lost' "$tmp/vg.log" | sed 's/^==[0-9]*== *//' || echo 'no leaks')"
+    else
+      echo "VALGRIND pkcs11-tool $s FAILED:"
+      grep -E 'Invalid|uninitialised|definitely|ERROR SUMMARY' "$tmp/vg.log" | head -20
+      rc=1
+    fi
+  done
+  cargo test --release --test stress_pkcs11 --no-run >/dev/null 2>&1
+  local bin
+  bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' -newer Cargo.toml | head -n 1)
+  [ -n "$bin" ] || bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' | head -n 1)
+  local lost=()
+  for cycles in 1 10; do
+    if DEVICEKEY_VALGRIND_CYCLES=$cycles "${vg[@]}" --log-file="$tmp/cycles.log" "$bin" \
+      valgrind_initialize_finalize_cycles --exact --ignored --test-threads=1 >/dev/null 2>&1; then
+      :
+    else
+      echo "VALGRIND cycles=$cycles FAILED:"
+      grep -E 'Invalid|uninitialised|definitely|ERROR SUMMARY' "$tmp/cycles.log" | head -20
+      rc=1
+    fi
+    local d
+    d=$(grep -E 'definitely lost:' "$tmp/cycles.log" | sed -E 's/.*definitely lost: ([0-9,]+) bytes.*/\1/' | tr -d ,)
+    lost+=("${d:-0}")
+    echo "VALGRIND $cycles init/keygen/sign/finalize cycle(s): $(grep -E 'ERROR SUMMARY' "$tmp/cycles.log" | sed 's/^==[0-9]*== //'); definitely lost ${d:-0} bytes; $(grep -E 'still reachable' "$tmp/cycles.log" | sed 's/^==[0-9]*== *//')"
+  done
+  echo "VALGRIND leak per C_Initialize/C_Finalize cycle: $(((lost[1] - lost[0]) / 9)) bytes (definitely lost, 10 cycles vs 1)"
+  rm -rf "$tmp"
+  return $rc
+}
+if [ "$VALGRIND" -eq 1 ]; then
+  stage valgrind valgrind_stage
+fi
+
+echo
+echo "Figures:"
+grep -oE '(STRESS|CRASH|SERVER|VALGRIND) .*' "$LOG" || true
+echo
+echo "stress.sh finished in $((SECONDS - START))s"
+if [ $FAILED -gt 0 ]; then echo "failed: ${FAILED_NAMES[*]}"; fi
+echo "$PASSED passed, $FAILED failed"
+[ $FAILED -eq 0 ]

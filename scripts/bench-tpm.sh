@@ -61,3 +61,15 @@ measure "$run_dir/tpm.toml" keygen "${tpm2_t[@]}" --label bench-sign
 measure "$run_dir/tpm.toml" sign "${ours_tpm_t[@]}" --label bench-sign "${tpm_plan[@]}"
 measure "$run_dir/tpm.toml" sign "${tpm2_t[@]}" --label bench-sign "${tpm_plan[@]}"
 measure "$run_dir/tpm.toml" tpm-raw --label bench-sign "${tpm_plan[@]}"
+
+# Count the TPM2_Sign commands our module sends (its debug log names each one) for a known number
+# of C_Sign calls, each with its length query: exactly one per call means the query did not sign.
+count_log=$run_dir/tpm-count.log
+count_json=$(DEVICEKEY_LOG=debug DEVICEKEY_LOG_FILE=$count_log DEVICEKEY_CONFIG=$run_dir/tpm.toml \
+  "$bench" sign "${ours_tpm_t[@]}" --label bench-sign --runs 1 --seconds 0.3 --iterations 20 --warmup 0 --threads 1 2>/dev/null)
+calls=$(jq -s '[.[] | select(.bench == "sign_throughput") | .detail.signatures] | add + 20' <<<"$count_json")
+signs=$(grep -c 'tpm: TPM2_Sign' "$count_log" || true)
+jq -cn --argjson calls "$calls" --argjson signs "$signs" '($signs / $calls) as $r |
+  {bench: "tpm_signatures_per_c_sign", subject: "ours-tpm", variant: "with length query", unit: "x",
+   median: $r, min: $r, max: $r, values: [$r],
+   detail: {c_sign_calls: $calls, tpm2_sign_commands: $signs}}' | tee -a "$results"

@@ -196,19 +196,8 @@ make_key() {
   local id=$1 label=$2 cn=$3
   setup_step "key generation" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
     --keypairgen --key-type EC:prime256v1 --id "$id" --label "$label"
-  if [ "$E2E_BACKEND" = softhsm ]; then
-    # Signed through our module, but stored straight into the wrapped SoftHSM token: storing a
-    # certificate through the pkcs11 backend is covered by its own check (openssl-tls.sh).
-    setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
-      --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 --no-import -o "$T/$label.pem"
-    setup_step "certificate DER" openssl x509 -in "$T/$label.pem" -outform DER -out "$T/$label.der"
-    setup_step "certificate into SoftHSM" pkcs11-tool --module "$SOFTHSM_MODULE" \
-      --token-label "$SOFTHSM_TOKEN_LABEL" --login --pin "$SOFTHSM_PIN" \
-      --write-object "$T/$label.der" --type cert --id "$id" --label "$label"
-  else
-    setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
-      --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 -o "$T/$label.pem"
-  fi
+  setup_step "certificate" "$DEVICEKEY" cert --module "$MODULE" --token "$TOKEN_LABEL" --id "$id" \
+    --subject "CN=$cn,O=devicekey e2e" --dns localhost --ip 127.0.0.1 -o "$T/$label.pem"
   setup_step "public key" pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" \
     --read-object --type pubkey --id "$id" -o "$T/$label.pub.der"
   setup_step "public key" openssl pkey -pubin -inform DER -in "$T/$label.pub.der" -out "$T/$label.pub.pem"

@@ -1,9 +1,41 @@
-# shellcheck shell=bash
-# The TPM part of scripts/bench.sh (sourced by it with --tpm; not run on its own): our TPM store
-# and tpm2-pkcs11 on the same swtpm, both through tpm2-abrmd (swtpm serves one client and has no
-# resource manager; tpm2-pkcs11 needs one to set up its token), plus one TPM signature through our
-# TPM store in-process, to show that a C_Sign length query costs no second TPM signature.
-# Uses from bench.sh: $run_dir, $bench, $ours, $runs, measure, bench_pids (stopped at exit).
+#!/usr/bin/env bash
+# The TPM part of scripts/bench.sh (which runs it; it can also run alone after a
+# `cargo build --release --features tpm`): our TPM store and tpm2-pkcs11 on the same swtpm, both
+# through tpm2-abrmd (swtpm serves one client and has no resource manager; tpm2-pkcs11 needs one
+# to set up its token); one TPM signature through our TPM store in-process; and the number of
+# TPM2_Sign commands per C_Sign (a length query must send none).
+#
+#   scripts/bench-tpm.sh WORK_DIR RESULTS_FILE
+#
+# Environment: BENCH_RUNS (5). Appends JSON lines to RESULTS_FILE. Stops what it started
+# (swtpm, a private D-Bus session bus, tpm2-abrmd) on exit.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+[ $# -eq 2 ] || { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+run_dir=$1 results=$2
+mkdir -p "$run_dir"
+run_dir=$(cd "$run_dir" && pwd)
+runs=${BENCH_RUNS:-5}
+bench=$repo/target/release/devicekey-bench
+ours=$repo/target/release/libdevicekey_pkcs11.so
+measure() {
+  local config=$1
+  shift
+  DEVICEKEY_CONFIG=$config "$bench" "$@" | tee -a "$results"
+}
+pids=()
+stop_all() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+}
+trap stop_all EXIT
+if ! "$bench" --help | grep -q tpm-raw; then
+  echo "bench-tpm: $bench was built without --features tpm" >&2
+  exit 1
+fi
 
 tpm_packages=(swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus)
 tpm_missing=()
@@ -13,24 +45,24 @@ done
 if [ "${#tpm_missing[@]}" -gt 0 ]; then
   echo "bench-tpm: installing ${tpm_missing[*]}" >&2
   sudo_cmd=()
-  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo -n)
+  if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo -n); fi
   { "${sudo_cmd[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${tpm_missing[@]}"; } >"$run_dir/apt-tpm.log" 2>&1 \
-    || { cat "$run_dir/apt-tpm.log" >&2; echo "bench-tpm: apt-get failed" >&2; return 1; }
+    || { cat "$run_dir/apt-tpm.log" >&2; echo "bench-tpm: apt-get failed" >&2; exit 1; }
 fi
 tpm2_module=/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so
 [ -e "$tpm2_module" ] || tpm2_module=$(dpkg -L libtpm2-pkcs11-1 | grep '/libtpm2_pkcs11\.so$' | head -1)
 
 # swtpm, then a private D-Bus session bus and tpm2-abrmd on it.
 eval "$(scripts/swtpm.sh start "$run_dir/swtpm")"
-bench_pids+=("$SWTPM_PID")
+pids+=("$SWTPM_PID")
 dbus_out=$(dbus-daemon --session --fork --print-address=1 --print-pid=1)
 DBUS_SESSION_BUS_ADDRESS=$(sed -n 1p <<<"$dbus_out")
-bench_pids+=("$(sed -n 2p <<<"$dbus_out")")
+pids+=("$(sed -n 2p <<<"$dbus_out")")
 export DBUS_SESSION_BUS_ADDRESS
 abrmd_args=(--session --tcti="$SWTPM_TCTI" --flush-all)
-[ "$(id -u)" = 0 ] && abrmd_args+=(--allow-root)
+if [ "$(id -u)" = 0 ]; then abrmd_args+=(--allow-root); fi
 tpm2-abrmd "${abrmd_args[@]}" >"$run_dir/abrmd.log" 2>&1 &
-bench_pids+=("$!")
+pids+=("$!")
 tcti=tabrmd:bus_type=session
 for _ in $(seq 50); do
   tpm2_getcap -T "$tcti" properties-fixed >/dev/null 2>&1 && break

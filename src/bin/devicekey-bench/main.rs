@@ -158,6 +158,9 @@ enum Cmd {
         /// Markdown instead of plain text.
         #[arg(long)]
         markdown: bool,
+        /// The merged measurements as JSON lines instead of the table.
+        #[arg(long, conflicts_with = "markdown")]
+        json: bool,
     },
 }
 
@@ -208,7 +211,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "tpm")]
         Cmd::TpmRaw { label, plan } => tpm::raw(&label, &plan),
-        Cmd::Report { file, markdown } => report::print(&file, markdown),
+        Cmd::Report {
+            file,
+            markdown,
+            json,
+        } => report::print(&file, markdown, json),
     }
 }
 

@@ -162,8 +162,32 @@ fn status(v: &Verdict) -> &'static str {
     }
 }
 
-/// `report`: prints the table and the targets (Markdown with `markdown`).
-pub fn print(file: &Path, markdown: bool) -> Result<()> {
+/// Merges the records of one measurement taken by several invocations (bench.sh interleaves
+/// the runs of the subjects it compares, one run per invocation): their runs are pooled and the
+/// median, min and max recomputed. Order: first appearance.
+fn merge(records: Vec<Record>) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::new();
+    for r in records {
+        match out
+            .iter_mut()
+            .find(|o| o.bench == r.bench && o.subject == r.subject && o.variant == r.variant)
+        {
+            Some(o) => {
+                let mut values = std::mem::take(&mut o.values);
+                values.extend(r.values);
+                let detail = std::mem::take(&mut o.detail);
+                *o = Record::new(&o.bench, &o.subject, &o.variant, &o.unit, values)
+                    .with_detail(detail);
+            }
+            None => out.push(r),
+        }
+    }
+    out
+}
+
+/// `report`: prints the table and the targets (Markdown with `markdown`), or with `json` the
+/// merged measurements as JSON lines.
+pub fn print(file: &Path, markdown: bool, json: bool) -> Result<()> {
     let text = std::fs::read_to_string(file)?;
     let mut records = Vec::new();
     for line in text.lines().filter(|l| l.starts_with('{')) {
@@ -171,6 +195,16 @@ pub fn print(file: &Path, markdown: bool) -> Result<()> {
             serde_json::from_str::<Record>(line)
                 .map_err(|e| BenchError::Other(format!("{}: {e}", file.display())))?,
         );
+    }
+    let records = merge(records);
+    if json {
+        for r in &records {
+            println!(
+                "{}",
+                serde_json::to_string(r).map_err(|e| BenchError::Other(e.to_string()))?
+            );
+        }
+        return Ok(());
     }
     let v = verdicts(&records);
     if markdown {

@@ -206,7 +206,7 @@ pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
     let mut next_id = 10u64;
     let mut signed_example = Vec::new();
     let (mut serial_p50, mut serial_p99, mut serial_rate) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut pipe_p50, mut pipe_rate) = (Vec::new(), Vec::new());
+    let (mut pipe_p50, mut pipe_rate, mut public_p50) = (Vec::new(), Vec::new(), Vec::new());
     let mut checked = 0usize;
     for _ in 0..plan.runs {
         // One at a time.
@@ -263,8 +263,37 @@ pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
         pipe_rate.push(lines.len() as f64 / start.elapsed().as_secs_f64());
         pipe_p50.push(percentile(&mut lat, 0.50));
         next_id += lines.len() as u64;
+
+        // device/key/public one at a time: the same transport and dispatch, no signature.
+        let mut lat = Vec::with_capacity(plan.requests);
+        for _ in 0..plan.requests {
+            let line = format!(
+                "{}\n",
+                json!({"id": next_id, "method": "device/key/public", "params": {"keyId": key_id}})
+            );
+            let t = Instant::now();
+            server.send(&line)?;
+            let r = server.recv()?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            if r.get("id").and_then(Value::as_u64) != Some(next_id) || r.get("result").is_none() {
+                return Err(BenchError::Invalid(format!(
+                    "device/key/public failed: {r}"
+                )));
+            }
+            next_id += 1;
+        }
+        public_p50.push(percentile(&mut lat, 0.50));
     }
     server.finish()?;
+    Record::new(
+        "rpc_public_p50",
+        "ours-serve",
+        "one at a time",
+        "us",
+        public_p50,
+    )
+    .with_detail(json!({"requests_per_run": plan.requests}))
+    .emit();
 
     let detail = json!({"requests_per_run": plan.requests, "signatures_checked": checked});
     let serial = Record::new(

@@ -63,8 +63,13 @@ run_libfuzzer() { # run_libfuzzer TARGET SECONDS
   local t=$1 secs=$2 log rc
   mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t"
   log=$(mktemp "${TMPDIR:-/tmp}/devicekey-fuzz.XXXXXX")
+  local extra=()
+  # The server's request threads are detached: one may still be exiting (its last 32 bytes not
+  # yet freed) when serve() returns, which LeakSanitizer's per-input check reports as a leak.
+  # Leaks of the module are measured with valgrind instead (scripts/stress.sh).
+  [ "$t" = rpc_lines ] && extra=(-detect_leaks=0)
   (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
-    -max_total_time="$secs" -rss_limit_mb=1024 -print_final_stats=1) >"$log" 2>&1
+    -max_total_time="$secs" -rss_limit_mb=1024 -print_final_stats=1 "${extra[@]}") >"$log" 2>&1
   rc=$?
   local runs execs cov
   runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1)

@@ -3,6 +3,7 @@
 //! files (`#[path]`) to replay the seeds and regressions and run a short random smoke on stable.
 
 pub mod abi;
+pub mod input;
 pub mod key_file;
 pub mod proof_payload;
 pub mod rpc_lines;

@@ -17,6 +17,15 @@ use serde_json::Value;
 /// The clock every run uses, so results do not depend on when the fuzzer runs.
 pub const NOW: u64 = 1_750_000_000;
 
+fn has_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(items) => items.iter().any(has_float),
+        Value::Object(map) => map.values().any(has_float),
+        _ => false,
+    }
+}
+
 fn policy() -> ProofPolicy {
     ProofPolicy::default()
 }
@@ -60,8 +69,13 @@ pub fn run(data: &[u8]) {
         }
     }
 
-    // 3. Any JSON value through the canonical writer.
-    if let Ok(value) = serde_json::from_slice::<Value>(data) {
+    // 3. Any JSON value through the canonical writer. Values with floats are left out:
+    // serde_json's default float parsing is best-effort (1 ULP off at times, e.g. a 34-digit
+    // integer), so re-parsing may differ; payloads hold only strings and integers.
+    if let Some(value) = serde_json::from_slice::<Value>(data)
+        .ok()
+        .filter(|v| !has_float(v))
+    {
         let mut out = Vec::new();
         proof::write_canonical(&value, &mut out).expect("any value encodes");
         let back: Value = serde_json::from_slice(&out).expect("canonical output is JSON");

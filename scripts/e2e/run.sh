@@ -9,8 +9,10 @@
 # policy directory). Each test prints PASS/FAIL lines and its own `N passed, N failed`; the last
 # line here is the sum, `N passed, N failed`. Exit status non-zero when anything failed.
 #
-# Every test runs once per key store behind our token: E2E_BACKENDS (default "software softhsm";
-# softhsm is a `backend = "pkcs11"` slot wrapping a throwaway SoftHSM token).
+# Every test runs once per key store behind our token: E2E_BACKENDS (default
+# "software softhsm tpm"; softhsm is a `backend = "pkcs11"` slot wrapping a throwaway SoftHSM
+# token, tpm a `backend = "tpm"` slot on a throwaway swtpm started by each test script). The tpm
+# store is skipped, with a SKIP line, only when swtpm is not installed and cannot be installed.
 # Environment: E2E_NO_INSTALL=1 (no apt-get), E2E_TEST_TIMEOUT (seconds per test script, default
 # 300), and those of scripts/e2e/lib.sh.
 set -uo pipefail
@@ -71,7 +73,12 @@ if [ ! -f "$MODULE" ] || [ ! -x "$BIN" ]; then
   (cd "$ROOT" && cargo build --release --quiet) || { FAILED=$((FAILED + 1)); FAILED_TESTS+=(build); }
 fi
 
-BACKENDS=${E2E_BACKENDS:-software softhsm}
+BACKENDS=${E2E_BACKENDS:-software softhsm tpm}
+if [[ " $BACKENDS " == *" tpm "* ]] && ! command -v swtpm >/dev/null 2>&1; then
+  echo "SKIP the tpm key store: swtpm is not installed and could not be installed (apt-get install swtpm swtpm-tools, or scripts/setup.sh)"
+  BACKENDS=$(tr ' ' '\n' <<<"$BACKENDS" | grep -vx tpm | tr '\n' ' ')
+  BACKENDS=${BACKENDS% }
+fi
 for backend in $BACKENDS; do
   for t in "${TESTS[@]}"; do
     script=$E2E/$t.sh

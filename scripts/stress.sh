@@ -7,6 +7,7 @@
 #                                  requests, 1,000 socket connections; then valgrind
 #   scripts/stress.sh --quick      the CI counts (STRESS_SCALE=0.1)
 #   scripts/stress.sh --no-valgrind
+#   scripts/stress.sh --valgrind-only
 #
 # Tests run in release mode against target/release/libdevicekey_pkcs11.so. The figures (lines
 # starting STRESS, CRASH, SERVER, VALGRIND) are repeated at the end; the last line is
@@ -22,12 +23,14 @@ export CARGO_TERM_PROGRESS_WHEN=never
 
 SCALE=1
 VALGRIND=1
+ONLY_VALGRIND=0
 for arg in "$@"; do
   case "$arg" in
     --quick) SCALE=0.1 ;;
     --no-valgrind) VALGRIND=0 ;;
+    --valgrind-only) ONLY_VALGRIND=1 ;;
     -h | --help)
-      sed -n '2,14p' "$0"
+      sed -n '2,15p' "$0"
       exit 0
       ;;
     *)
@@ -69,9 +72,11 @@ stage() { # stage NAME CMD...
 
 echo "stress.sh: STRESS_SCALE=$STRESS_SCALE"
 stage build cargo build --release
-for t in stress_pkcs11 crash_kill crash_disk robust_server; do
-  stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
-done
+if [ "$ONLY_VALGRIND" -eq 0 ]; then
+  for t in stress_pkcs11 crash_kill crash_disk robust_server; do
+    stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
+  done
+fi
 
 # valgrind memcheck of the module: pkcs11-tool (a C consumer) and N init/finalize cycles.
 valgrind_stage() {
@@ -99,12 +104,24 @@ valgrind_stage() {
     "--sign --mechanism ECDSA-SHA256 --id 01 --input-file $tmp/data --output-file $tmp/sig"
     "--read-object --type pubkey --id 01 --output-file $tmp/pub.der"
   )
+  # pkcs11-tool has memory bugs of its own (a leak of 33 bytes; a use-after-free in its EC
+  # public-key export on OpenSSL 3, inside pkcs11-tool and libcrypto only). An error or leak
+  # counts against us only when our module is on its stack.
+  local vg_tool=(valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite
+    --num-callers=40)
   for s in "${steps[@]}"; do
     # shellcheck disable=SC2086
-    if "${vg[@]}" --log-file="$tmp/vg.log" "${p11[@]}" $s >/dev/null 2>&1; then
-      echo "VALGRIND pkcs11-tool $s: $(grep -E 'ERROR SUMMARY' "$tmp/vg.log" | sed 's/^==[0-9]*== //'); $(grep -E 'definitely lost' "$tmp/vg.log" | sed 's/^==[0-9]*== *//' || echo 'no leaks')"
-    else
-      echo "VALGRIND pkcs11-tool $s FAILED:"
+    "${vg_tool[@]}" --log-file="$tmp/vg.log" "${p11[@]}" $s >/dev/null 2>&1
+    local st=$? ours
+    ours=$(awk '/== (Invalid|Conditional|Use of uninit|Syscall param|Mismatched|Source and dest)|are definitely lost/ {inrec=1; hit=0; next}
+      inrec && /^==[0-9]+== *$/ {if (hit) n++; inrec=0; next}
+      inrec && /devicekey/ {hit=1}
+      END {print n+0}' "$tmp/vg.log")
+    echo "VALGRIND pkcs11-tool $s: $(grep -E 'ERROR SUMMARY' "$tmp/vg.log" | sed -E 's/^==[0-9]+== //; s/ \(suppressed.*//');" \
+      "$(grep -E 'definitely lost:' "$tmp/vg.log" | sed 's/^==[0-9]*== *//' || echo 'definitely lost: 0')" \
+      "-> $ours under the module"
+    if [ $st -ne 0 ] || [ "$ours" -ne 0 ]; then
+      echo "VALGRIND pkcs11-tool $s FAILED (exit $st):"
       grep -E 'Invalid|uninitialised|definitely|ERROR SUMMARY' "$tmp/vg.log" | head -20
       rc=1
     fi

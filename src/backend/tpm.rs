@@ -27,8 +27,10 @@
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
 //! The TCTI comes from the slot's `tcti`, else `$DEVICEKEY_TPM_TCTI`, else `device:/dev/tpmrm0`
-//! (the kernel resource manager). swtpm (`swtpm:host=127.0.0.1,port=P`) serves one client at a
-//! time: a second process connecting to the same swtpm waits until the first disconnects.
+//! (the kernel resource manager). swtpm (`swtpm:host=127.0.0.1,port=P`) serves one TCP connection
+//! at a time, but the swtpm TCTI opens one per command, so several processes share it; with no
+//! resource manager they see (and, when the TPM is full, flush) each other's objects, and the
+//! process that loses its objects reconnects (see the `device` module).
 
 mod device;
 mod keyfile;

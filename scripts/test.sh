@@ -52,6 +52,8 @@ stage cargo-clippy cargo clippy --all-targets -- -D warnings
 # The integration tests load target/debug/libdevicekey_pkcs11.so, which `cargo test` alone does
 # not produce (it builds the library as an rlib for the tests).
 stage cargo-build-debug cargo build
+# `cargo test` builds no cdylib: the integration tests load target/debug/libdevicekey_pkcs11.so.
+stage cargo-build-debug cargo build
 stage cargo-test cargo test --no-fail-fast
 stage fuzz-smoke bash scripts/fuzz.sh --smoke # fuzz harnesses, 5 s each (libFuzzer when built, else stable); stress/crash/server tests run in cargo-test at STRESS_SCALE=0.1
 

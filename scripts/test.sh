@@ -49,9 +49,6 @@ stage cargo-fmt cargo fmt --all -- --check
 stage cargo-build-release cargo build --release
 build_rc=$?
 stage cargo-clippy cargo clippy --all-targets -- -D warnings
-# The integration tests load target/debug/libdevicekey_pkcs11.so, which `cargo test` alone does
-# not produce (it builds the library as an rlib for the tests).
-stage cargo-build-debug cargo build
 # `cargo test` builds no cdylib: the integration tests load target/debug/libdevicekey_pkcs11.so.
 stage cargo-build-debug cargo build
 stage cargo-test cargo test --no-fail-fast

@@ -52,7 +52,7 @@ stage cargo-clippy cargo clippy --all-targets -- -D warnings
 # `cargo test` builds no cdylib: the integration tests load target/debug/libdevicekey_pkcs11.so.
 stage cargo-build-debug cargo build
 stage cargo-test cargo test --no-fail-fast
-stage fuzz-smoke bash scripts/fuzz.sh --smoke # fuzz harnesses, 5 s each (libFuzzer when built, else stable); stress/crash/server tests run in cargo-test at STRESS_SCALE=0.1
+stage fuzz-smoke bash scripts/fuzz.sh --smoke # fuzz harnesses on stable, 5 s per target; stress/crash/server tests run in cargo-test at STRESS_SCALE=0.1
 
 echo "==> consumers: scripts/consumer-tests.sh target/release/libdevicekey_pkcs11.so"
 if [ $build_rc -ne 0 ] || [ ! -f target/release/libdevicekey_pkcs11.so ]; then

@@ -9,6 +9,7 @@ pub mod pkcs11;
 pub mod software;
 #[cfg(all(feature = "tpm", target_os = "linux"))]
 pub mod tpm;
+pub mod verify;
 
 use std::sync::Arc;
 

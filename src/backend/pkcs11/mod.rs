@@ -28,10 +28,11 @@ mod objects;
 mod pool;
 mod settings;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::backend::verify::PointVerifier;
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
 pub use client::{shared_module, ModuleClient};
 use encoding::normalize_signature;
@@ -168,6 +169,7 @@ impl Pkcs11Backend {
                 inner: self.inner.clone(),
                 name,
                 point: entry.point,
+                verified_with: AtomicU64::new(0),
             }),
         }
     }
@@ -257,28 +259,37 @@ struct Pkcs11Signer {
     inner: Arc<Inner>,
     name: String,
     point: [u8; 65],
+    /// The private-key handle whose first signature verified (0: none yet). Each handle the key
+    /// resolves to is checked once, which catches a mismatched pairing without paying a
+    /// verification on every signature.
+    verified_with: AtomicU64,
 }
 
 impl Signer for Pkcs11Signer {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let raw = self.inner.run("sign", |s| {
+        let (raw, handle) = self.inner.run("sign", |s| {
             self.inner.with_key(s, &self.name, |private, _| {
                 s.sign(&Mechanism::Ecdsa, private, digest)
+                    // CK_ULONG is 32 bits on some targets.
+                    .map(|sig| {
+                        #[allow(clippy::unnecessary_cast)]
+                        let handle = private.handle() as u64;
+                        (sig, handle)
+                    })
             })
         })?;
         let sig = normalize_signature(&raw)?;
-        // The public half was paired by CKA_ID; make sure it really is this key's.
-        let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.point).map_err(|e| {
-            BackendError::Crypto(format!("key {}: bad public point: {e}", self.name))
-        })?;
-        let parsed = p256::ecdsa::Signature::from_slice(&sig)
-            .map_err(|e| BackendError::Crypto(e.to_string()))?;
-        verifying.verify_prehash(digest, &parsed).map_err(|_| {
-            BackendError::Crypto(format!(
-                "key {}: the wrapped token's signature does not verify with the public key of the same CKA_ID (the pair is mismatched)",
-                self.name
-            ))
-        })?;
+        if self.verified_with.load(Ordering::Relaxed) != handle {
+            // The public half was paired by CKA_ID; make sure it really is this key's.
+            let ok = PointVerifier::new(&self.point).is_some_and(|v| v.verify(digest, &sig));
+            if !ok {
+                return Err(BackendError::Crypto(format!(
+                    "key {}: the wrapped token's signature does not verify with the public key of the same CKA_ID (the pair is mismatched)",
+                    self.name
+                )));
+            }
+            self.verified_with.store(handle, Ordering::Relaxed);
+        }
         Ok(sig)
     }
 }

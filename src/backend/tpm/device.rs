@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use p256::ecdsa::VerifyingKey;
+use crate::backend::verify::PointVerifier;
 use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCode;
@@ -70,13 +69,13 @@ pub struct TpmKey {
     /// TPM2B_PRIVATE contents.
     pub private: Private,
     /// The public key, to check every signature before it leaves (`None`: not a P-256 key).
-    verifying: Option<VerifyingKey>,
+    verifying: Option<PointVerifier>,
 }
 
 impl TpmKey {
     /// A key from its parts.
     pub fn new(name: &str, public: Public, private: Private) -> Self {
-        let verifying = public_point(&public).and_then(|p| VerifyingKey::from_sec1_bytes(&p).ok());
+        let verifying = public_point(&public).and_then(|p| PointVerifier::new(&p));
         Self {
             name: name.to_string(),
             public,
@@ -577,10 +576,7 @@ impl Conn {
                 key.name
             )))
         })?;
-        let ok = p256::ecdsa::Signature::from_slice(&out)
-            .map(|sig| verifying.verify_prehash(digest_bytes, &sig).is_ok())
-            .unwrap_or(false);
-        if !ok {
+        if !verifying.verify(digest_bytes, &out) {
             return Err(Fail::WrongKey);
         }
         Ok(out)

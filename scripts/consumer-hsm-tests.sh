@@ -19,54 +19,15 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MODULE=${1:-$ROOT/target/release/libdevicekey_pkcs11.so}
-[ $# -gt 0 ] && shift
-ONLY=("$@")
-case "$MODULE" in /*) ;; *) MODULE=$PWD/$MODULE ;; esac
-TIMEOUT=${CONSUMER_TIMEOUT:-120}
+# shellcheck source=scripts/lib/consumer.sh
+. "$ROOT/scripts/lib/consumer.sh"
+consumer_init consumers-hsm "$@"
+CHECK_PREFIX=hsm_
 HSM_LABEL=devicekey-hsm
 
-SUITE_TMP=$(mktemp -d "${TMPDIR:-/tmp}/devicekey-consumers-hsm.XXXXXX")
-cleanup() {
-  if [ "${CONSUMER_KEEP:-0}" = 1 ]; then
-    echo "kept $SUITE_TMP"
-  else
-    rm -rf "$SUITE_TMP"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # ---------------------------------------------------------------------------------------------
-# Helpers used inside checks. A check runs in a subshell; `fail` ends it.
-
-fail() {
-  echo "ASSERTION FAILED: $*"
-  exit 1
-}
-
-# run CMD...: run a command (with a timeout, no stdin), print and keep its output in $OUT,
-# fail when it exits non-zero.
-run() {
-  echo "\$ $*"
-  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
-  local rc=$?
-  [ -n "$OUT" ] && printf '%s\n' "$OUT"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    fail "timed out after ${TIMEOUT}s: $*"
-  fi
-  [ $rc -eq 0 ] || fail "exit status $rc: $*"
-}
-
-# expect TEXT: the last command's output contains TEXT (fixed string).
-expect() {
-  grep -qF -- "$1" <<<"$OUT" || fail "expected output to contain: $1"
-}
-
-# reject TEXT: the last command's output does not contain TEXT.
-reject() {
-  if grep -qF -- "$1" <<<"$OUT"; then fail "output must not contain: $1"; fi
-}
+# Helpers used inside checks (next to fail/run/expect/reject of scripts/lib/assert.sh). A check
+# runs in a subshell; `fail` ends it.
 
 # ours ARGS...: pkcs11-tool on our module's SoftHSM-backed slot (no login: our token needs none).
 ours() { run pkcs11-tool --module "$MODULE" --slot "$HSM_SLOT" "$@"; }
@@ -103,16 +64,6 @@ pub_pem() {
   run openssl pkey -pubin -inform DER -in pub.der -out pub.pem
   run openssl pkey -pubin -in pub.pem -noout -text
   expect "ASN1 OID: prime256v1"
-}
-
-# rs_to_der RAW DER: convert a raw r||s signature (64 bytes) to DER SEQUENCE { r, s }.
-rs_to_der() {
-  local size hex
-  size=$(stat -c %s "$1")
-  [ "$size" = 64 ] || fail "raw signature $1 is $size bytes, expected 64"
-  hex=$(od -An -v -tx1 "$1" | tr -d ' \n')
-  printf 'asn1=SEQUENCE:sig\n[sig]\nr=INTEGER:0x%s\ns=INTEGER:0x%s\n' "${hex:0:64}" "${hex:64:64}" >"$1.cnf"
-  run openssl asn1parse -genconf "$1.cnf" -out "$2" -noout
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +186,7 @@ ALL_CHECKS=(
 
 setup_check_env() {
   local dir=$1
-  mkdir -p "$dir/home" "$dir/config" "$dir/data" "$dir/cache" "$dir/run" "$dir/work"
-  chmod 700 "$dir" "$dir/run"
-  export HOME="$dir/home"
-  export XDG_CONFIG_HOME="$dir/config" XDG_DATA_HOME="$dir/data" XDG_CACHE_HOME="$dir/cache"
-  export XDG_RUNTIME_DIR="$dir/run"
-  export PKCS11_MODULE_PATH="$MODULE"
-  unset OPENSSL_CONF SSH_AUTH_SOCK
+  consumer_check_env "$dir"
   # shellcheck source=scripts/softhsm-token.sh
   . "$ROOT/scripts/softhsm-token.sh" "$dir/softhsm" >/dev/null || return 1
   cat >"$dir/config.toml" <<EOF
@@ -261,59 +206,15 @@ EOF
   export DEVICEKEY_CONFIG="$dir/config.toml"
   export DEVICEKEY_LOG="${DEVICEKEY_LOG:-warn}"
   export DEVICEKEY_LOG_FILE="$dir/module.log"
-  cd "$dir/work" || return 1
 }
 
-PASSED=0
-FAILED=0
-SKIPPED=0
-FAILED_NAMES=()
-
-run_check() {
-  local name=$1 dir log rc
-  dir="$SUITE_TMP/$name"
-  log="$SUITE_TMP/$name.log"
-  mkdir -p "$dir"
-  (
-    setup_check_env "$dir" || fail "could not set up the check environment"
-    "check_$name"
-  ) >"$log" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ]; then
-    PASSED=$((PASSED + 1))
-    echo "PASS hsm_$name"
-    [ "${CONSUMER_VERBOSE:-0}" = 1 ] && sed 's/^/    /' "$log"
-  else
-    FAILED=$((FAILED + 1))
-    FAILED_NAMES+=("hsm_$name")
-    echo "FAIL hsm_$name"
-    sed 's/^/    /' "$log"
-    [ -f "$dir/module.log" ] && sed 's/^/    module log: /' "$dir/module.log"
-  fi
-}
-
-echo "consumer checks against the SoftHSM-backed slot of $MODULE"
-if [ ! -f "$MODULE" ]; then
-  echo "module $MODULE not found (build it with: cargo build --release)"
-fi
+consumer_start "the SoftHSM-backed slot of $MODULE"
 if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -f /usr/lib/softhsm/libsofthsm2.so ]; then
   for name in "${ALL_CHECKS[@]}"; do
-    echo "SKIP hsm_$name (SoftHSM is not installed; run scripts/setup.sh)"
-    SKIPPED=$((SKIPPED + 1))
+    consumer_skip "$name" "SoftHSM is not installed; run scripts/setup.sh"
   done
   ALL_CHECKS=()
 fi
 
-for name in "${ALL_CHECKS[@]}"; do
-  if [ ${#ONLY[@]} -gt 0 ]; then
-    want=0
-    for o in "${ONLY[@]}"; do [ "$o" = "$name" ] && want=1; done
-    [ $want = 1 ] || continue
-  fi
-  run_check "$name"
-done
-
-if [ $SKIPPED -gt 0 ]; then echo "($SKIPPED skipped)"; fi
-if [ $FAILED -gt 0 ]; then echo "failed: ${FAILED_NAMES[*]}"; fi
-echo "$PASSED passed, $FAILED failed"
-[ $FAILED -eq 0 ]
+run_checks
+consumer_finish

@@ -18,67 +18,22 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MODULE=${1:-$ROOT/target/release/libdevicekey_pkcs11.so}
-[ $# -gt 0 ] && shift
-ONLY=("$@")
-case "$MODULE" in /*) ;; *) MODULE=$PWD/$MODULE ;; esac
+# shellcheck source=scripts/lib/consumer.sh
+. "$ROOT/scripts/lib/consumer.sh"
+consumer_init consumers "$@"
 
 SOFTHSM_MODULE_DEFAULT=/usr/lib/softhsm/libsofthsm2.so
 case "$(basename "$MODULE")" in
   *softhsm*) TARGET=softhsm ;;
   *) TARGET=devicekey ;;
 esac
-TIMEOUT=${CONSUMER_TIMEOUT:-120}
 
 # Where the OpenSSL pkcs11 engine (libp11) lives; `-engine pkcs11` finds it by name in ENGINESDIR.
 ENGINES_DIR=$(openssl version -e 2>/dev/null | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
 
-SUITE_TMP=$(mktemp -d "${TMPDIR:-/tmp}/devicekey-consumers.XXXXXX")
-cleanup() {
-  if [ "${CONSUMER_KEEP:-0}" = 1 ]; then
-    echo "kept $SUITE_TMP"
-  else
-    rm -rf "$SUITE_TMP"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # ---------------------------------------------------------------------------------------------
-# Helpers used inside checks. A check runs in a subshell; `fail` ends it.
-
-fail() {
-  echo "ASSERTION FAILED: $*"
-  exit 1
-}
-
-# run CMD...: run a command (with a timeout, no stdin), print and keep its output in $OUT,
-# fail when it exits non-zero.
-run() {
-  echo "\$ $*"
-  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
-  local rc=$?
-  [ -n "$OUT" ] && printf '%s\n' "$OUT"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    fail "timed out after ${TIMEOUT}s: $*"
-  fi
-  [ $rc -eq 0 ] || fail "exit status $rc: $*"
-}
-
-# expect TEXT: the last command's output contains TEXT (fixed string).
-expect() {
-  grep -qF -- "$1" <<<"$OUT" || fail "expected output to contain: $1"
-}
-
-# expect_re REGEX: the last command's output matches an extended regex.
-expect_re() {
-  grep -qE -- "$1" <<<"$OUT" || fail "expected output to match: $1"
-}
-
-# reject TEXT: the last command's output does not contain TEXT.
-reject() {
-  if grep -qF -- "$1" <<<"$OUT"; then fail "output must not contain: $1"; fi
-}
+# Helpers used inside checks (next to fail/run/expect/reject of scripts/lib/assert.sh). A check
+# runs in a subshell; `fail` ends it.
 
 # p11 ARGS...: pkcs11-tool on our token (no login); p11_auth: with login where the token needs it.
 p11() { run pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" "$@"; }
@@ -106,16 +61,6 @@ pub_pem() {
   run openssl pkey -pubin -in pub.pem -noout -text
   expect "ASN1 OID: prime256v1"
   expect "NIST CURVE: P-256"
-}
-
-# rs_to_der RAW DER: convert a raw r||s signature (64 bytes) to DER SEQUENCE { r, s }.
-rs_to_der() {
-  local size hex
-  size=$(stat -c %s "$1")
-  [ "$size" = 64 ] || fail "raw signature $1 is $size bytes, expected 64"
-  hex=$(od -An -v -tx1 "$1" | tr -d ' \n')
-  printf 'asn1=SEQUENCE:sig\n[sig]\nr=INTEGER:0x%s\ns=INTEGER:0x%s\n' "${hex:0:64}" "${hex:64:64}" >"$1.cnf"
-  run openssl asn1parse -genconf "$1.cnf" -out "$2" -noout
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +375,8 @@ ALL_CHECKS=(
 )
 
 # Checks SoftHSM 2.6 fails by itself (see the project's tooling notes); skipped only for SoftHSM.
-softhsm_skip_reason() {
+check_skip_reason() {
+  [ "$TARGET" = softhsm ] || return 1
   case "$1" in
     sign_ecdsa_sha256) echo "SoftHSM 2.6 has no CKM_ECDSA_SHA256" ;;
     test_threads) echo "SoftHSM 2.6 may crash at exit under --test-threads" ;;
@@ -444,13 +390,7 @@ softhsm_skip_reason() {
 
 setup_check_env() {
   local dir=$1
-  mkdir -p "$dir/home" "$dir/config" "$dir/data" "$dir/cache" "$dir/run" "$dir/work"
-  chmod 700 "$dir" "$dir/run"
-  export HOME="$dir/home"
-  export XDG_CONFIG_HOME="$dir/config" XDG_DATA_HOME="$dir/data" XDG_CACHE_HOME="$dir/cache"
-  export XDG_RUNTIME_DIR="$dir/run"
-  export PKCS11_MODULE_PATH="$MODULE"
-  unset OPENSSL_CONF SSH_AUTH_SOCK
+  consumer_check_env "$dir"
   if [ "$TARGET" = softhsm ]; then
     # shellcheck source=scripts/softhsm-token.sh
     . "$ROOT/scripts/softhsm-token.sh" "$dir/softhsm" >/dev/null || return 1
@@ -465,59 +405,12 @@ setup_check_env() {
     AUTH=()
     URI_PIN=""
   fi
-  cd "$dir/work" || return 1
 }
 
-PASSED=0
-FAILED=0
-SKIPPED=0
-FAILED_NAMES=()
-
-run_check() {
-  local name=$1 dir log rc reason
-  if [ "$TARGET" = softhsm ] && reason=$(softhsm_skip_reason "$name"); then
-    echo "SKIP $name ($reason)"
-    SKIPPED=$((SKIPPED + 1))
-    return
-  fi
-  dir="$SUITE_TMP/$name"
-  log="$SUITE_TMP/$name.log"
-  mkdir -p "$dir"
-  (
-    setup_check_env "$dir" || fail "could not set up the check environment"
-    "check_$name"
-  ) >"$log" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ]; then
-    PASSED=$((PASSED + 1))
-    echo "PASS $name"
-    [ "${CONSUMER_VERBOSE:-0}" = 1 ] && sed 's/^/    /' "$log"
-  else
-    FAILED=$((FAILED + 1))
-    FAILED_NAMES+=("$name")
-    echo "FAIL $name"
-    sed 's/^/    /' "$log"
-  fi
-}
-
-echo "consumer checks against $MODULE ($TARGET)"
-if [ ! -f "$MODULE" ]; then
-  echo "module $MODULE not found (build it with: cargo build --release)"
-fi
+consumer_start "$MODULE ($TARGET)"
 if [ -z "$ENGINES_DIR" ] || [ ! -f "$ENGINES_DIR/pkcs11.so" ]; then
   echo "note: the OpenSSL pkcs11 engine was not found under '$ENGINES_DIR' (package libengine-pkcs11-openssl)"
 fi
 
-for name in "${ALL_CHECKS[@]}"; do
-  if [ ${#ONLY[@]} -gt 0 ]; then
-    want=0
-    for o in "${ONLY[@]}"; do [ "$o" = "$name" ] && want=1; done
-    [ $want = 1 ] || continue
-  fi
-  run_check "$name"
-done
-
-if [ $SKIPPED -gt 0 ]; then echo "($SKIPPED skipped)"; fi
-if [ $FAILED -gt 0 ]; then echo "failed: ${FAILED_NAMES[*]}"; fi
-echo "$PASSED passed, $FAILED failed"
-[ $FAILED -eq 0 ]
+run_checks
+consumer_finish

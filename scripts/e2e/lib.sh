@@ -65,20 +65,9 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------------------------------------
 # Assertions (inside a check).
 
-fail() {
-  echo "ASSERTION FAILED: $*"
-  exit 1
-}
-
-# run CMD...: run a command with a timeout and no stdin; output in $OUT; fail on a non-zero exit.
-run() {
-  echo "\$ $*"
-  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
-  local rc=$?
-  [ -n "$OUT" ] && printf '%s\n' "$OUT"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then fail "timed out after ${TIMEOUT}s: $*"; fi
-  [ $rc -eq 0 ] || fail "exit status $rc: $*"
-}
+# fail, run, expect, expect_re, reject: shared with the consumer suites.
+# shellcheck source=scripts/lib/assert.sh
+. "$E2E_ROOT/scripts/lib/assert.sh"
 
 # run_fails CMD...: like run, but the command must fail (a negative control).
 run_fails() {
@@ -90,9 +79,6 @@ run_fails() {
   echo "(failed as it must, exit $rc)"
 }
 
-expect() { grep -qF -- "$1" <<<"$OUT" || fail "expected output to contain: $1"; }
-expect_re() { grep -qE -- "$1" <<<"$OUT" || fail "expected output to match: $1"; }
-reject() { if grep -qF -- "$1" <<<"$OUT"; then fail "output must not contain: $1"; fi; }
 # reject_re ERE: no line of $OUT matches ERE (case-insensitive). On the TPM store, the lines of
 # TPM_RECOVERY_NOISE are left out first (and counted): see there.
 reject_re() {

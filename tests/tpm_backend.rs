@@ -6,8 +6,12 @@
 //! it by pid. Run with `cargo test --features tpm --test tpm_backend`.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
+#[allow(dead_code)]
+#[path = "common/swtpm.rs"]
+mod swtpm;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,109 +23,7 @@ use devicekey_pkcs11::backend::{
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
-
-/// One swtpm process, killed by pid on drop.
-struct Swtpm {
-    state: PathBuf,
-    port: u16,
-    pid: u32,
-}
-
-fn port_pair_free(port: u16) -> bool {
-    let a = TcpListener::bind(("127.0.0.1", port));
-    let b = TcpListener::bind(("127.0.0.1", port.wrapping_add(1)));
-    a.is_ok() && b.is_ok()
-}
-
-impl Swtpm {
-    /// Starts swtpm with its state in `state` on a free port.
-    fn start(state: &Path) -> Self {
-        for _ in 0..20 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("no free port");
-            if port == u16::MAX || !port_pair_free(port) {
-                continue;
-            }
-            if let Some(s) = Self::start_on(state, port) {
-                return s;
-            }
-        }
-        panic!("could not start swtpm (is it installed? scripts/setup.sh installs it)");
-    }
-
-    /// Starts swtpm on a given port; `None` if it could not bind.
-    fn start_on(state: &Path, port: u16) -> Option<Self> {
-        std::fs::create_dir_all(state).unwrap();
-        let pidfile = state.join("swtpm.pid");
-        let _ = std::fs::remove_file(&pidfile);
-        let status = Command::new("swtpm")
-            .arg("socket")
-            .arg("--tpm2")
-            .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-            .arg("--flags")
-            .arg("not-need-init,startup-clear")
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.display()))
-            .arg("--pid")
-            .arg(format!("file={}", pidfile.display()))
-            .arg("--log")
-            .arg(format!("file={}", state.join("swtpm.log").display()))
-            .arg("--daemon")
-            .status()
-            .expect("cannot run swtpm (is it installed? scripts/setup.sh installs it)");
-        if !status.success() {
-            return None;
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = std::fs::read_to_string(&pidfile)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                return Some(Self {
-                    state: state.to_owned(),
-                    port,
-                    pid,
-                });
-            }
-            assert!(Instant::now() < deadline, "swtpm wrote no pid file");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if self.pid == 0 {
-            return;
-        }
-        let _ = Command::new("kill").arg(self.pid.to_string()).status();
-        let proc_dir = PathBuf::from(format!("/proc/{}", self.pid));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while proc_dir.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if proc_dir.exists() {
-            let _ = Command::new("kill")
-                .args(["-9", &self.pid.to_string()])
-                .status();
-        }
-        self.pid = 0;
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use swtpm::Swtpm;
 
 /// A swtpm, a key directory and the config that joins them.
 struct Fixture {

@@ -3,51 +3,30 @@
 //! backend, protection class, reachable or not, the fix) and its exit code (0 all reachable,
 //! 1 otherwise).
 
+#[allow(dead_code)]
+#[path = "common/softhsm.rs"]
+mod softhsm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const PIN: &str = "1234";
+use softhsm::{PIN, SOFTHSM};
+
 const PIN_ENV: &str = "DEVICEKEY_DOCTOR_TEST_PIN";
 
 fn have_softhsm() -> bool {
-    let ok = Path::new(SOFTHSM).exists()
-        && Command::new("softhsm2-util")
-            .arg("--version")
-            .output()
-            .is_ok();
+    let ok = softhsm::installed();
     if !ok {
         eprintln!("SoftHSM not installed: the pkcs11 slot part is skipped");
     }
     ok
 }
 
-/// A temporary directory with a private SoftHSM config and one token; returns (conf, label).
+/// A private SoftHSM config under `root` and one token in it; returns (conf, label).
 fn softhsm_token(root: &Path, tag: &str) -> (PathBuf, String) {
-    let tokens = root.join("softhsm-tokens");
-    std::fs::create_dir_all(&tokens).expect("token dir");
-    let conf = root.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            tokens.display()
-        ),
-    )
-    .expect("softhsm2.conf");
-    let mut label = format!("dkdoc{}-{tag}", std::process::id());
-    label.truncate(32);
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", &label])
-        .args(["--pin", PIN, "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "softhsm2-util --init-token: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let conf = softhsm::write_conf(root);
+    let label = softhsm::token_label("dkdoc", tag);
+    softhsm::init_token(&conf, &label);
     (conf, label)
 }
 

@@ -13,10 +13,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::{Barrier, OnceLock};
 
+use common::softhsm::{self, have_softhsm, PIN, SOFTHSM};
 use common::*;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -25,12 +25,6 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
-/// SoftHSM's module.
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-/// The user PIN of every test token.
-const PIN: &str = "1234";
-/// The SO PIN of every test token.
-const SO_PIN: &str = "5678";
 /// The variable the HSM slot reads its PIN from.
 const PIN_ENV: &str = "DEVICEKEY_TWO_SLOTS_PIN";
 /// A variable holding a wrong PIN.
@@ -49,32 +43,8 @@ struct Fixture {
     log: PathBuf,
 }
 
-/// This process's directory under cargo's tmp dir; directories of finished runs (whose process is
-/// gone) are removed.
-fn process_dir() -> PathBuf {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pkcs11-two-slots");
-    std::fs::create_dir_all(&base).expect("tmp dir");
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for entry in entries.flatten() {
-            let alive = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            if !alive {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let dir = base.join(std::process::id().to_string());
-    std::fs::create_dir_all(&dir).expect("process dir");
-    dir
-}
-
 fn token_label(tag: &str) -> String {
-    let mut label = format!("dk2s{}-{tag}", std::process::id());
-    label.truncate(32);
-    label
+    softhsm::token_label("dk2s", tag)
 }
 
 /// Sets up SoftHSM, the tokens and the module's log file. Call with the test lock held and before
@@ -82,18 +52,8 @@ fn token_label(tag: &str) -> String {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = process_dir();
-        let tokens = dir.join("tokens");
-        std::fs::create_dir_all(&tokens).expect("token dir");
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .expect("softhsm2.conf");
+        let dir = softhsm::process_dir("pkcs11-two-slots");
+        let conf = softhsm::write_conf(&dir);
         let log = dir.join("module.log");
         std::env::set_var("SOFTHSM2_CONF", &conf);
         std::env::set_var(PIN_ENV, PIN);
@@ -101,32 +61,10 @@ fn fixture() -> &'static Fixture {
         std::env::set_var("DEVICEKEY_LOG", "warn");
         std::env::set_var("DEVICEKEY_LOG_FILE", &log);
         for tag in TAGS {
-            let out = Command::new("softhsm2-util")
-                .args(["--init-token", "--free", "--label", &token_label(tag)])
-                .args(["--pin", PIN, "--so-pin", SO_PIN])
-                .output()
-                .expect("softhsm2-util runs");
-            assert!(
-                out.status.success(),
-                "softhsm2-util --init-token: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            softhsm::init_token(&conf, &token_label(tag));
         }
         Fixture { dir, log }
     })
-}
-
-/// True when SoftHSM and its tool are installed (else the caller skips, saying so).
-fn have_softhsm() -> bool {
-    let ok = Path::new(SOFTHSM).exists()
-        && Command::new("softhsm2-util")
-            .arg("--version")
-            .output()
-            .is_ok();
-    if !ok {
-        eprintln!("SoftHSM not installed ({SOFTHSM}, softhsm2-util): test skipped");
-    }
-    ok
 }
 
 /// The module's log so far (bytes), to read only what a test adds.

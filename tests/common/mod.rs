@@ -17,6 +17,7 @@ use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use tempfile::TempDir;
 
+pub mod softhsm;
 pub mod swtpm;
 
 /// DER of the prime256v1 OID: what CKA_EC_PARAMS holds.

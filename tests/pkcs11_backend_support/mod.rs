@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/softhsm.rs"]
+mod softhsm;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -10,12 +13,8 @@ use std::sync::OnceLock;
 use devicekey_pkcs11::config::{Config, SlotConfig};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
-/// SoftHSM's module.
-pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-/// The user PIN of every test token.
-pub const PIN: &str = "1234";
-/// The SO PIN of every test token.
-pub const SO_PIN: &str = "5678";
+pub use softhsm::{have_softhsm, PIN, SOFTHSM};
+
 /// The variable holding [`PIN`].
 pub const PIN_ENV: &str = "DEVICEKEY_TEST_HSM_PIN";
 
@@ -23,66 +22,21 @@ struct Fixture {
     dir: PathBuf,
 }
 
-/// This process's directory under cargo's tmp dir. Statics are never dropped, so directories of
-/// finished runs are removed here (those whose process is gone).
-fn process_dir() -> PathBuf {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pkcs11-backend");
-    std::fs::create_dir_all(&base).expect("tmp dir");
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let alive = name
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            if !alive {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let dir = base.join(std::process::id().to_string());
-    std::fs::create_dir_all(&dir).expect("process dir");
-    dir
-}
-
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = process_dir();
-        let tokens = dir.join("tokens");
-        std::fs::create_dir(&tokens).expect("token dir");
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .expect("softhsm2.conf");
+        let dir = softhsm::process_dir("pkcs11-backend");
+        let conf = softhsm::write_conf(&dir);
         // Set once, before anything in this process loads SoftHSM.
         std::env::set_var("SOFTHSM2_CONF", &conf);
         std::env::set_var(PIN_ENV, PIN);
         if Path::new(SOFTHSM).exists() {
             for tag in TAGS {
-                init_token(tag);
+                softhsm::init_token(&conf, &token_label(tag));
             }
         }
         Fixture { dir }
     })
-}
-
-/// True when SoftHSM and its tool are installed (else the caller skips, saying so).
-pub fn have_softhsm() -> bool {
-    let ok = Path::new(SOFTHSM).exists()
-        && Command::new("softhsm2-util")
-            .arg("--version")
-            .output()
-            .is_ok();
-    if !ok {
-        eprintln!("SoftHSM not installed ({SOFTHSM}, softhsm2-util): test skipped");
-    }
-    ok
 }
 
 /// The tempdir of this process's SoftHSM.
@@ -97,37 +51,15 @@ const TAGS: &[&str] = &[
     "config", "fork", "reinit",
 ];
 
-fn init_token(tag: &str) -> String {
-    let mut label = format!("dkb{}-{tag}", std::process::id());
-    label.truncate(32);
-    let out = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            &label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            SO_PIN,
-        ])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "softhsm2-util --init-token: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    label
+fn token_label(tag: &str) -> String {
+    softhsm::token_label("dkb", tag)
 }
 
 /// The label of this test's own fresh token.
 pub fn new_token(tag: &str) -> String {
     assert!(TAGS.contains(&tag), "add the tag {tag} to TAGS");
     fixture();
-    let mut label = format!("dkb{}-{tag}", std::process::id());
-    label.truncate(32);
-    label
+    token_label(tag)
 }
 
 /// A pkcs11 slot config; `extra` is appended to the `[[slot]]` table (TOML lines).

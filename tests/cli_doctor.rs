@@ -3,13 +3,16 @@
 //! backend, protection class, reachable or not, the fix) and its exit code (0 all reachable,
 //! 1 otherwise).
 
+#[path = "common/doctor.rs"]
+mod doctor;
 #[allow(dead_code)]
 #[path = "common/softhsm.rs"]
 mod softhsm;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use doctor::{assert_has, doctor_command, run, slot_block};
 use softhsm::{PIN, SOFTHSM};
 
 const PIN_ENV: &str = "DEVICEKEY_DOCTOR_TEST_PIN";
@@ -50,50 +53,15 @@ fn doctor(
     softhsm_conf: Option<&Path>,
     args: &[&str],
 ) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devicekey"));
-    cmd.arg("doctor").args(args);
-    cmd.env_remove("DEVICEKEY_CONFIG")
-        .env("XDG_CONFIG_HOME", root.join("xdg-config"))
-        .env("XDG_DATA_HOME", root.join("xdg-data"))
-        .env("HOME", root.join("home"))
-        .env("DEVICEKEY_LOG", "off")
-        .env(PIN_ENV, PIN);
+    let mut cmd = doctor_command(root);
+    cmd.args(args).env(PIN_ENV, PIN);
     if let Some(c) = config {
         cmd.env("DEVICEKEY_CONFIG", c);
     }
     if let Some(c) = softhsm_conf {
         cmd.env("SOFTHSM2_CONF", c);
     }
-    let out = cmd.output().expect("run devicekey doctor");
-    eprintln!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The block of lines `doctor` printed for the slot labelled `label`.
-fn slot_block(stdout: &str, label: &str) -> String {
-    let mut lines = stdout
-        .lines()
-        .skip_while(|l| !(l.starts_with("slot ") && l.ends_with(&format!(": {label}"))));
-    let head = lines
-        .next()
-        .unwrap_or_else(|| panic!("no slot {label} in:\n{stdout}"));
-    let mut block = vec![head.to_string()];
-    block.extend(
-        lines
-            .take_while(|l| l.starts_with("  "))
-            .map(str::to_string),
-    );
-    block.join("\n")
-}
-
-fn assert_has(block: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(block.contains(n), "expected {n:?} in:\n{block}");
-    }
+    run(cmd)
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! and exit code 1.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
+#[path = "common/doctor.rs"]
+mod doctor;
 #[allow(dead_code)]
 #[path = "common/swtpm.rs"]
 mod swtpm;
@@ -12,6 +14,7 @@ mod swtpm;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use doctor::{assert_has, doctor_command, run, slot_block};
 use swtpm::Swtpm;
 
 fn tpm_slot(label: &str, tcti: &str, dir: &Path, allow_simulator: bool) -> String {
@@ -23,45 +26,10 @@ fn tpm_slot(label: &str, tcti: &str, dir: &Path, allow_simulator: bool) -> Strin
 
 /// Runs `devicekey doctor` with DEVICEKEY_CONFIG naming `config`.
 fn doctor(root: &Path, config: &Path) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_devicekey"))
-        .arg("doctor")
-        .env("DEVICEKEY_CONFIG", config)
-        .env_remove("DEVICEKEY_TPM_TCTI")
-        .env("XDG_CONFIG_HOME", root.join("xdg-config"))
-        .env("XDG_DATA_HOME", root.join("xdg-data"))
-        .env("HOME", root.join("home"))
-        .env("DEVICEKEY_LOG", "off")
-        .output()
-        .expect("run devicekey doctor");
-    eprintln!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The block of lines `doctor` printed for the slot labelled `label`.
-fn slot_block(stdout: &str, label: &str) -> String {
-    let mut lines = stdout
-        .lines()
-        .skip_while(|l| !(l.starts_with("slot ") && l.ends_with(&format!(": {label}"))));
-    let head = lines
-        .next()
-        .unwrap_or_else(|| panic!("no slot {label} in:\n{stdout}"));
-    let mut block = vec![head.to_string()];
-    block.extend(
-        lines
-            .take_while(|l| l.starts_with("  "))
-            .map(str::to_string),
-    );
-    block.join("\n")
-}
-
-fn assert_has(block: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(block.contains(n), "expected {n:?} in:\n{block}");
-    }
+    let mut cmd = doctor_command(root);
+    cmd.env("DEVICEKEY_CONFIG", config)
+        .env_remove("DEVICEKEY_TPM_TCTI");
+    run(cmd)
 }
 
 /// The firmware version as doctor prints it (`a.b.c.d`: the 16-bit halves of

@@ -147,12 +147,12 @@ one=(--runs 1 --seconds "$seconds" --iterations "$iterations")
 for r in $(seq "$runs"); do
   echo "-- run $r of $runs" >&2
   measure "$run_dir/ours.toml" raw "${one[@]}"
-  openssl speed -seconds 1 ecdsap256 2>/dev/null | awk '/ecdsa \(nistp256\)/ { print $(NF-1) }' \
-    | jq -c '{bench: "sign_throughput", subject: "openssl-speed", variant: "1 thread", unit: "ops/s",
-        median: ., min: ., max: ., values: [.], detail: {tool: "openssl speed ecdsap256"}}' | tee -a "$results"
   measure "$run_dir/ours.toml" sign "${ours_t[@]}" --label bench-sign "${one[@]}"
   measure "$run_dir/ours.toml" sign "${softhsm_t[@]}" --label bench-sign "${one[@]}"
   measure "$run_dir/wrap.toml" sign "${wrap_t[@]}" --label bench-sign "${one[@]}"
+  openssl speed -seconds 1 ecdsap256 2>/dev/null | awk '/ecdsa \(nistp256\)/ { print $(NF-1) }' \
+    | jq -c '{bench: "sign_throughput", subject: "openssl-speed", variant: "1 thread", unit: "ops/s",
+        median: ., min: ., max: ., values: [.], detail: {tool: "openssl speed ecdsap256"}}' | tee -a "$results"
 done
 
 phase "cold start (a fresh process per sample)"

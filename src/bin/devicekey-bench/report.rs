@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::stats::{fmt_num, Record};
+use crate::stats::{fmt_num, median, Record};
 use crate::{BenchError, Result};
 
 /// One target of the issue, evaluated.
@@ -26,8 +26,21 @@ fn find<'a>(
         .find(|r| r.bench == bench && r.subject == subject && r.variant == variant)
 }
 
+/// `a / b`. When both have one value per round (bench.sh measures compared subjects in turns),
+/// the median of the per-round ratios: two runs taken seconds apart share the machine's load,
+/// which the ratio of two medians would not cancel. Otherwise the ratio of the medians.
 fn ratio(a: Option<&Record>, b: Option<&Record>) -> Option<f64> {
     match (a, b) {
+        (Some(a), Some(b)) if a.values.len() == b.values.len() && a.values.len() > 1 => {
+            let per_round: Vec<f64> = a
+                .values
+                .iter()
+                .zip(&b.values)
+                .filter(|(_, y)| **y > 0.0)
+                .map(|(x, y)| x / y)
+                .collect();
+            (!per_round.is_empty()).then(|| median(&per_round))
+        }
         (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
         _ => None,
     }

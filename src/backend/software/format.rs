@@ -18,8 +18,10 @@ pub const OBJECT_FORMAT: &str = "devicekey-software-object";
 /// The only version written and read so far.
 pub const VERSION: u32 = 1;
 
-/// A P-256 private scalar, big-endian, 32 bytes; hex in the file.
-pub struct Scalar(pub Zeroizing<[u8; 32]>);
+/// A P-256 private scalar, big-endian, 32 bytes; hex in the file. It lives on the heap from the
+/// moment it is decoded, so moving a `KeyFile` or a `Scalar` around moves a pointer and leaves no
+/// copies of the scalar in dead stack frames (a move copies the bytes and wipes nothing).
+pub struct Scalar(pub Box<Zeroizing<[u8; 32]>>);
 
 /// Bytes written as lowercase hex.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -155,7 +157,7 @@ impl<'de> Deserialize<'de> for Scalar {
                 f.write_str("64 hex digits")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-                let mut out = Zeroizing::new([0u8; 32]);
+                let mut out = Box::new(Zeroizing::new([0u8; 32]));
                 if hex_decode_into(v.as_bytes(), &mut out[..]) {
                     Ok(Scalar(out))
                 } else {

@@ -2,7 +2,9 @@
 //!
 //! The private key is parsed into an OpenSSL `EC_KEY` once per key, on the first signature (so
 //! loading many keys stays cheap), and then reused. The raw scalar bytes are wiped as soon as the
-//! `EC_KEY` exists; OpenSSL frees its private `BIGNUM` with `BN_clear_free`.
+//! `EC_KEY` exists; OpenSSL frees its private `BIGNUM` with `BN_clear_free`. OpenSSL's P-256
+//! code leaves scalar bytes in its dead stack frames, so building and generating a key are
+//! followed by wiping the stack they used (see [`scrubbed`]).
 
 use std::sync::{Mutex, OnceLock};
 
@@ -11,7 +13,7 @@ use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
 use openssl::ecdsa::EcdsaSig;
 use openssl::nid::Nid;
 use openssl::pkey::Private;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::backend::{BackendError, Result, Signer};
 
@@ -34,8 +36,8 @@ fn group() -> Result<&'static EcGroup> {
 pub struct SoftwareSigner {
     public_point: [u8; 65],
     key: OnceLock<EcKey<Private>>,
-    /// The scalar until `key` is built; `None` afterwards.
-    scalar: Mutex<Option<Zeroizing<[u8; 32]>>>,
+    /// The scalar until `key` is built; `None` afterwards. Boxed (see [`Generated::scalar`]).
+    scalar: Mutex<Option<Box<Zeroizing<[u8; 32]>>>>,
 }
 
 /// A freshly generated key pair.
@@ -44,13 +46,14 @@ pub struct Generated {
     pub signer: SoftwareSigner,
     /// SEC1 uncompressed public point.
     pub public_point: [u8; 65],
-    /// The private scalar, for writing to the key file.
-    pub scalar: Zeroizing<[u8; 32]>,
+    /// The private scalar, for writing to the key file. Boxed: moving it moves a pointer, so no
+    /// copy of the scalar is left in a dead stack frame.
+    pub scalar: Box<Zeroizing<[u8; 32]>>,
 }
 
 impl SoftwareSigner {
     /// A signer that parses `scalar` on its first signature (and checks it against the point).
-    pub fn deferred(public_point: [u8; 65], scalar: Zeroizing<[u8; 32]>) -> Self {
+    pub fn deferred(public_point: [u8; 65], scalar: Box<Zeroizing<[u8; 32]>>) -> Self {
         Self {
             public_point,
             key: OnceLock::new(),
@@ -60,9 +63,13 @@ impl SoftwareSigner {
 
     /// Generates a new P-256 key pair.
     pub fn generate() -> Result<Generated> {
+        scrubbed(Self::generate_unscrubbed)
+    }
+
+    fn generate_unscrubbed() -> Result<Generated> {
         let group = group()?;
         let key = EcKey::generate(group).map_err(|e| crypto("generating a P-256 key", e))?;
-        let mut scalar = Zeroizing::new([0u8; 32]);
+        let mut scalar = Box::new(Zeroizing::new([0u8; 32]));
         {
             let bytes = Zeroizing::new(
                 key.private_key()
@@ -99,10 +106,32 @@ impl SoftwareSigner {
         let scalar = slot
             .as_ref()
             .ok_or_else(|| BackendError::Crypto("private key unavailable".into()))?;
-        let key = build_key(&self.public_point, scalar)?;
+        let key = scrubbed(|| build_key(&self.public_point, scalar))?;
         *slot = None;
         Ok(self.key.get_or_init(|| key))
     }
+}
+
+/// Bytes of stack wiped after OpenSSL has worked with a private scalar: its P-256 code leaves
+/// scalar bytes in dead stack frames (seen: the low 8 bytes of the scalar after
+/// `EC_KEY_check_key`, until later calls happen to overwrite them). Building, checking, signing
+/// with and generating a key use under 4 KiB of stack below the caller here.
+const STACK_SCRUB: usize = 16 * 1024;
+
+/// Runs `f`, then overwrites the stack that `f` and its callees used.
+#[inline(never)]
+fn scrubbed<T>(f: impl FnOnce() -> T) -> T {
+    let out = f();
+    scrub_stack();
+    out
+}
+
+/// Zeroes `STACK_SCRUB` bytes just below the caller's frame, where the callee frames were.
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u8; STACK_SCRUB];
+    area.zeroize();
+    std::hint::black_box(&area);
 }
 
 fn encode_point(group: &EcGroup, key: &EcKey<Private>) -> Result<[u8; 65]> {

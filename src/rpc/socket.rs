@@ -112,14 +112,31 @@ struct IdleReader {
     deadline: Instant,
 }
 
+impl IdleReader {
+    /// True when a complete line already waits in the socket: it came while this thread was
+    /// answering a request instead of reading, so it counts as in time.
+    fn line_waiting(&self) -> bool {
+        let mut peek = [0u8; 4096];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        matches!(
+            rustix::net::recv(&self.stream, &mut peek[..], flags),
+            Ok((n, _)) if peek[..n].contains(&b'\n')
+        )
+    }
+}
+
 impl Read for IdleReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "client idle");
         let now = Instant::now();
-        if now >= self.deadline {
+        if now >= self.deadline && !self.line_waiting() {
             return Err(timed_out());
         }
-        self.stream.set_read_timeout(Some(self.deadline - now))?;
+        let wait = self
+            .deadline
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        self.stream.set_read_timeout(Some(wait))?;
         let n = match self.stream.read(buf) {
             Ok(n) => n,
             Err(e)
@@ -288,5 +305,35 @@ mod tests {
         let file = dir.join("file");
         std::fs::write(&file, b"x").unwrap();
         assert!(bind(&file).is_err());
+    }
+
+    #[test]
+    fn a_line_that_came_while_busy_counts_as_in_time() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_millis(50);
+        let mut reader = IdleReader {
+            stream: server,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
+        let mut buf = [0u8; 64];
+        // The line arrives in time, but the reader comes back only after the deadline.
+        client.write_all(b"{}\n").unwrap();
+        std::thread::sleep(timeout * 2);
+        assert_eq!(reader.read(&mut buf).unwrap(), 3);
+        // A partial line does not keep the connection.
+        client.write_all(b"{").unwrap();
+        std::thread::sleep(timeout * 2);
+        let e = reader.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        // Nor does silence.
+        let mut reader = IdleReader {
+            stream: reader.stream,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
+        assert_eq!(reader.read(&mut buf).unwrap(), 1);
+        let e = reader.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 }

@@ -29,6 +29,12 @@ impl<R: Read> LineReader<R> {
         }
     }
 
+    /// True when bytes already read from the stream wait in the buffer (the client sent more
+    /// than one line at once).
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
+    }
+
     /// The next frame. A final line without a newline is still a line.
     pub fn next_frame(&mut self) -> std::io::Result<Frame> {
         let mut line = Vec::new();

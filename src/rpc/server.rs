@@ -1,15 +1,19 @@
-//! The JSON-RPC loop: framing, handshake, dispatch onto worker threads, bounded concurrency.
+//! The JSON-RPC loop: framing, handshake, dispatch onto a pool of worker threads, bounded
+//! concurrency.
 //!
 //! The reader thread parses each line, answers framing and handshake errors itself (so they keep
-//! their order), and hands each `device/key/*` request to a thread of its own while fewer than
-//! `max_concurrent_requests` are in flight; past that bound the request gets `-32001`. Responses
-//! go through one writer thread, one line each. At end of input the loop waits for the requests
-//! in flight, flushes, and returns.
+//! their order), and queues each `device/key/*` request for a small pool of long-lived workers
+//! while fewer than `max_concurrent_requests` are queued or running; past that bound the request
+//! gets `-32001`. Each worker writes its own answer, one whole line under the output lock. A
+//! `public` or `sign` request that finds nothing in flight and no further input already read (a
+//! client waiting for its answer) runs on the reader thread itself. At end of input the loop
+//! waits for the requests in flight, stops the workers, flushes, and returns.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -31,9 +35,9 @@ pub const METHOD_PUBLIC: &str = "device/key/public";
 /// `device/key/sign`.
 pub const METHOD_SIGN: &str = "device/key/sign";
 
-/// Answers queued for the writer at most. Past it the reader waits, so a client that does not
-/// read its answers stops being read instead of growing the queue without bound.
-const MAX_QUEUED_ANSWERS: usize = 256;
+/// Worker threads of one server loop at most, whatever `max_concurrent_requests` says: the
+/// requests past the workers wait in the queue (still bounded by `max_concurrent_requests`).
+const MAX_WORKERS: usize = 8;
 
 /// What the server does for each method; implemented over PKCS#11 by
 /// [`super::client::TokenClient`].
@@ -121,13 +125,14 @@ struct InFlight {
 struct Permit(Arc<InFlight>);
 
 impl InFlight {
-    fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
+    /// A slot, if fewer than `max` are taken; with it, whether it is the only one taken.
+    fn try_acquire(self: &Arc<Self>, max: usize) -> Option<(Permit, bool)> {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
         if *count >= max {
             return None;
         }
         *count += 1;
-        Some(Permit(Arc::clone(self)))
+        Some((Permit(Arc::clone(self)), *count == 1))
     }
 
     fn wait_idle(&self) {
@@ -146,6 +151,186 @@ impl Drop for Permit {
     }
 }
 
+/// The output stream: whole lines, one writer at a time. After a failed write every further
+/// line is dropped and the reader stops reading.
+struct Output<W> {
+    stream: Mutex<W>,
+    broken: AtomicBool,
+}
+
+impl<W: Write> Output<W> {
+    fn new(stream: W) -> Self {
+        Self {
+            stream: Mutex::new(stream),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Writes one line (with its newline) and flushes.
+    fn write_line(&self, line: &[u8]) {
+        if self.is_broken() {
+            return;
+        }
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_broken() {
+            return;
+        }
+        if let Err(e) = stream.write_all(line).and_then(|()| stream.flush()) {
+            log::warn!("cannot write a response: {e}; dropping further responses");
+            self.broken.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn flush(&self) {
+        if self.is_broken() {
+            return;
+        }
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = stream.flush() {
+            log::warn!("cannot flush the responses: {e}");
+            self.broken.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One queued `device/key/*` request.
+struct Job {
+    method: String,
+    id: Value,
+    params: Value,
+    permit: Permit,
+}
+
+struct PoolState {
+    jobs: VecDeque<Job>,
+    /// Workers waiting for a job.
+    idle: usize,
+    workers: Vec<JoinHandle<()>>,
+    closed: bool,
+}
+
+/// Long-lived worker threads, started on demand up to `max_workers`. The queue needs no bound of
+/// its own: every job holds a [`Permit`], so at most `max_concurrent_requests` are queued or
+/// running.
+struct Pool<W> {
+    state: Mutex<PoolState>,
+    work: Condvar,
+    max_workers: usize,
+    service: Arc<dyn KeyService>,
+    output: Arc<Output<W>>,
+}
+
+impl<W: Write + Send + 'static> Pool<W> {
+    fn new(
+        max_concurrent: usize,
+        service: Arc<dyn KeyService>,
+        output: Arc<Output<W>>,
+    ) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_workers = max_concurrent.min(2 * cores).clamp(1, MAX_WORKERS);
+        Arc::new(Self {
+            state: Mutex::new(PoolState {
+                jobs: VecDeque::new(),
+                idle: 0,
+                workers: Vec::new(),
+                closed: false,
+            }),
+            work: Condvar::new(),
+            max_workers,
+            service,
+            output,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job, starting a worker when none is free and the pool may grow. Gives the job
+    /// back when no worker exists and none can be started.
+    fn submit(self: &Arc<Self>, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
+        state.jobs.push_back(job);
+        if state.idle >= state.jobs.len() || state.workers.len() >= self.max_workers {
+            drop(state);
+            self.work.notify_one();
+            return Ok(());
+        }
+        let pool = Arc::clone(self);
+        match std::thread::Builder::new()
+            .name("devicekey-rpc".into())
+            .spawn(move || pool.work_loop())
+        {
+            Ok(handle) => {
+                state.workers.push(handle);
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("cannot start a request thread: {e}");
+                if state.workers.is_empty() {
+                    // Nobody would ever run it (it is the only job: every earlier one found or
+                    // started a worker).
+                    return state.jobs.pop_back().map_or(Ok(()), Err);
+                }
+                drop(state);
+                self.work.notify_one();
+                Ok(())
+            }
+        }
+    }
+
+    fn work_loop(&self) {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                drop(state);
+                self.run(job);
+                state = self.lock();
+                continue;
+            }
+            if state.closed {
+                return;
+            }
+            state.idle += 1;
+            state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.idle -= 1;
+        }
+    }
+
+    fn run(&self, job: Job) {
+        let Job {
+            method,
+            id,
+            params,
+            permit,
+        } = job;
+        let line = run_method(&*self.service, &method, &id, params);
+        // Free the slot before answering, so a client that has its answer may send the next
+        // request without meeting -32001.
+        drop(permit);
+        self.output.write_line(&line);
+    }
+
+    /// Lets the workers finish the queue, then stops and joins them.
+    fn shutdown(&self) {
+        let workers = {
+            let mut state = self.lock();
+            state.closed = true;
+            std::mem::take(&mut state.workers)
+        };
+        self.work.notify_all();
+        for worker in workers {
+            if worker.join().is_err() {
+                log::error!("a request thread panicked");
+            }
+        }
+    }
+}
+
 /// Serves JSON-RPC from `input` to `output` until end of input; returns when every request in
 /// flight is answered. An error is returned only when reading `input` fails.
 pub fn serve<R, W>(
@@ -158,14 +343,12 @@ where
     R: Read,
     W: Write + Send + 'static,
 {
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(MAX_QUEUED_ANSWERS);
-    let broken = Arc::new(AtomicBool::new(false));
-    let writer = std::thread::Builder::new()
-        .name("devicekey-rpc-writer".into())
-        .spawn({
-            let broken = Arc::clone(&broken);
-            move || write_loop(output, rx, &broken)
-        })?;
+    let output = Arc::new(Output::new(output));
+    let pool = Pool::new(
+        options.max_concurrent_requests,
+        service,
+        Arc::clone(&output),
+    );
     let in_flight = Arc::new(InFlight::default());
     let mut state = Session {
         initialized: false,
@@ -173,7 +356,7 @@ where
     };
     let mut reader = LineReader::new(input, options.max_line_bytes);
     let result = loop {
-        if broken.load(Ordering::SeqCst) {
+        if output.is_broken() {
             // Nobody can receive answers any more: stop reading requests.
             break Ok(());
         }
@@ -188,7 +371,7 @@ where
                     "request line longer than {} bytes skipped",
                     options.max_line_bytes
                 );
-                let _ = tx.send(error_line(
+                output.write_line(&error_line(
                     &Value::Null,
                     INVALID_REQUEST,
                     &format!(
@@ -201,29 +384,15 @@ where
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                state.handle_line(&line, &tx, &service, &in_flight);
+                let input_idle = !reader.has_buffered();
+                state.handle_line(&line, &output, &pool, &in_flight, input_idle);
             }
         }
     };
     in_flight.wait_idle();
-    drop(tx);
-    if writer.join().is_err() {
-        log::error!("the response writer panicked");
-    }
+    pool.shutdown();
+    output.flush();
     result
-}
-
-fn write_loop<W: Write>(mut output: W, rx: mpsc::Receiver<Vec<u8>>, broken: &AtomicBool) {
-    for line in rx {
-        if broken.load(Ordering::SeqCst) {
-            // Keep draining, so no sender waits on a full queue.
-            continue;
-        }
-        if let Err(e) = output.write_all(&line).and_then(|()| output.flush()) {
-            log::warn!("cannot write a response: {e}; dropping further responses");
-            broken.store(true, Ordering::SeqCst);
-        }
-    }
 }
 
 struct Session {
@@ -241,16 +410,15 @@ fn valid_id(id: &Value) -> bool {
 }
 
 impl Session {
-    fn handle_line(
+    fn handle_line<W: Write + Send + 'static>(
         &mut self,
         line: &[u8],
-        tx: &mpsc::SyncSender<Vec<u8>>,
-        service: &Arc<dyn KeyService>,
+        output: &Output<W>,
+        pool: &Arc<Pool<W>>,
         in_flight: &Arc<InFlight>,
+        input_idle: bool,
     ) {
-        let send = |bytes: Vec<u8>| {
-            let _ = tx.send(bytes);
-        };
+        let send = |bytes: Vec<u8>| output.write_line(&bytes);
         let message: Value = match serde_json::from_slice(line) {
             Ok(v) => v,
             Err(e) => {
@@ -328,7 +496,8 @@ impl Session {
             ));
             return;
         }
-        let Some(permit) = in_flight.try_acquire(self.options.max_concurrent_requests) else {
+        let Some((permit, alone)) = in_flight.try_acquire(self.options.max_concurrent_requests)
+        else {
             send(error_line(
                 &id,
                 SERVER_OVERLOADED,
@@ -336,22 +505,24 @@ impl Session {
             ));
             return;
         };
-        let service = Arc::clone(service);
-        let tx = tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("devicekey-rpc".into())
-            .spawn({
-                let id = id.clone();
-                move || {
-                    let line = run_method(&*service, &method, &id, params);
-                    // Free the slot before answering, so a client that has its answer may send
-                    // the next request without meeting -32001.
-                    drop(permit);
-                    let _ = tx.send(line);
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a request thread: {e}");
+        if alone && input_idle && method != METHOD_CREATE {
+            // Nothing else to do: run it here, saving the hand-off to a worker (a wake-up of
+            // another thread, often on another CPU). A line that arrives meanwhile is read
+            // when this one is answered, as if it had come a moment later.
+            let line = run_method(&*pool.service, &method, &id, params);
+            drop(permit);
+            send(line);
+            return;
+        }
+        let job = Job {
+            method,
+            id,
+            params,
+            permit,
+        };
+        if let Err(job) = pool.submit(job) {
+            let Job { id, permit, .. } = job;
+            drop(permit);
             send(error_line(
                 &id,
                 SERVER_OVERLOADED,
@@ -509,5 +680,170 @@ mod tests {
         )
         .unwrap();
         assert!(read.load(Ordering::SeqCst) < 64 << 20);
+    }
+
+    /// `public` waits at a gate and records the thread that ran it.
+    #[derive(Default)]
+    struct Gated {
+        open: Mutex<bool>,
+        opened: Condvar,
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl KeyService for Gated {
+        fn create(&self, _: CreateParams) -> Result<KeyInfo, DeviceKeyError> {
+            Err(DeviceKeyError::KeyNotFound)
+        }
+        fn public(&self, p: PublicParams) -> Result<KeyInfo, DeviceKeyError> {
+            self.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            Ok(KeyInfo {
+                key_id: p.key_id,
+                public_key_spki_der_base64: String::new(),
+                algorithm: super::super::types::Algorithm::EcdsaP256Sha256,
+                protection_class: crate::backend::ProtectionClass::OsProtectedNonextractable,
+            })
+        }
+        fn sign(&self, _: SignParams) -> Result<SignResult, DeviceKeyError> {
+            Err(DeviceKeyError::KeyNotFound)
+        }
+    }
+
+    /// A shared output buffer.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn answers(&self) -> Vec<Value> {
+            let bytes = self.0.lock().unwrap().clone();
+            bytes
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).expect("each line is one JSON answer"))
+                .collect()
+        }
+    }
+
+    /// `initialize`, then `n` `public` requests with ids 1..=n, all in one buffer.
+    fn requests(n: usize) -> Vec<u8> {
+        let mut input =
+            b"{\"id\":0,\"method\":\"initialize\",\"params\":{\"clientInfo\":{\"name\":\"t\",\"version\":\"1\"}}}\n".to_vec();
+        for i in 1..=n {
+            input.extend_from_slice(
+                format!("{{\"id\":{i},\"method\":\"device/key/public\",\"params\":{{\"keyId\":\"k{i}\"}}}}\n")
+                    .as_bytes(),
+            );
+        }
+        input
+    }
+
+    fn options(max: usize) -> ServeOptions {
+        ServeOptions {
+            max_concurrent_requests: max,
+            max_line_bytes: 1 << 20,
+            home: String::new(),
+        }
+    }
+
+    /// Runs `serve` on another thread, waits until `ready` holds for the answers so far, opens
+    /// the gate, and returns every answer.
+    fn run_gated(
+        input: Vec<u8>,
+        max: usize,
+        ready: impl Fn(&[Value]) -> bool,
+    ) -> (Vec<Value>, Arc<Gated>) {
+        let service = Arc::new(Gated::default());
+        let out = Shared::default();
+        let server = std::thread::spawn({
+            let service = Arc::clone(&service) as Arc<dyn KeyService>;
+            let out = out.clone();
+            move || serve(&input[..], out, service, &options(max)).unwrap()
+        });
+        let start = std::time::Instant::now();
+        while !ready(&out.answers()) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "{:?}",
+                out.answers()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        service.open();
+        server.join().unwrap();
+        (out.answers(), service)
+    }
+
+    fn overloaded(answers: &[Value]) -> usize {
+        answers
+            .iter()
+            .filter(|a| a["error"]["code"] == serde_json::json!(SERVER_OVERLOADED))
+            .count()
+    }
+
+    #[test]
+    fn past_the_bound_requests_get_32001_while_the_rest_wait_for_workers() {
+        // Bound 2: the first two are queued, the other three are refused at once.
+        let (answers, _) = run_gated(requests(5), 2, |a| overloaded(a) == 3);
+        assert_eq!(answers.len(), 6, "{answers:?}");
+        let ok: Vec<_> = answers
+            .iter()
+            .filter(|a| a.get("result").is_some())
+            .map(|a| a["id"].clone())
+            .collect();
+        assert_eq!(ok.len(), 3, "initialize and two requests: {answers:?}");
+        assert!(ok.contains(&serde_json::json!(1)) && ok.contains(&serde_json::json!(2)));
+    }
+
+    #[test]
+    fn the_pool_is_bounded_and_queued_requests_are_all_answered() {
+        // 40 requests under the default bound of 64: none refused, a few workers run them all.
+        let (answers, service) = run_gated(requests(40), 64, |_| true);
+        assert_eq!(answers.len(), 41);
+        assert_eq!(overloaded(&answers), 0);
+        let mut threads = service.threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), 40);
+        threads.sort_by_key(|t| format!("{t:?}"));
+        threads.dedup();
+        // The workers, and the reader thread when the last request found nothing in flight.
+        assert!(
+            (1..=MAX_WORKERS + 1).contains(&threads.len()),
+            "{} threads",
+            threads.len()
+        );
+    }
+
+    #[test]
+    fn a_lone_request_with_no_more_input_runs_on_the_reader_thread() {
+        let caller = std::thread::current().id();
+        let service = Arc::new(Gated::default());
+        service.open();
+        let out = Shared::default();
+        let dyn_service = Arc::clone(&service) as Arc<dyn KeyService>;
+        serve(&requests(1)[..], out.clone(), dyn_service, &options(4)).unwrap();
+        assert_eq!(out.answers().len(), 2);
+        assert_eq!(*service.threads.lock().unwrap(), vec![caller]);
     }
 }

@@ -6,7 +6,17 @@
 //! by `create` is a P-256 key pair labelled with the key id, whose CKA_ID is the id's 32 random
 //! bytes; its `(accountUserId, clientId)` binding is a token data object
 //! (`CKA_APPLICATION = "devicekey-binding"`, `CKA_LABEL` = key id, `CKA_VALUE` = JSON).
+//!
+//! `public` and `sign` run on sessions kept open between requests (a pool per token) and look
+//! every object up on the token each time, so a key deleted anywhere is gone at once. What a
+//! lookup read (the binding's value, the public key) is cached by key id together with the
+//! object's handle, and used only while the same lookup finds the same handle. A handle or a
+//! reused session that went stale (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`,
+//! `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`) forgets the cache and pooled sessions and
+//! the request is tried once more from scratch.
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -37,6 +47,12 @@ pub const BINDING_APPLICATION: &str = "devicekey-binding";
 
 /// DER of the prime256v1 OID, the CKA_EC_PARAMS of every key.
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Open sessions kept per token between requests, at most.
+const MAX_POOLED_SESSIONS: usize = 16;
+
+/// Key ids whose lookups are remembered, at most (the cache starts over past it).
+const MAX_CACHED_KEYS: usize = 4096;
 
 /// The installed path of our module.
 pub const INSTALLED_MODULE: &str = "/usr/local/lib/devicekey/libdevicekey_pkcs11.so";
@@ -129,6 +145,209 @@ struct LoadedModule {
 struct Inventory {
     modules: Vec<LoadedModule>,
     slots: Vec<TokenSlot>,
+    /// Idle open sessions, per slot (same index as `slots`).
+    sessions: Vec<Mutex<Vec<Session>>>,
+    cache: Mutex<KeyCache>,
+}
+
+/// A binding as read from a token: which slot, which object, its value.
+#[derive(Clone)]
+struct CachedBinding {
+    slot: usize,
+    object: ObjectHandle,
+    binding: Binding,
+}
+
+/// A public key as read from a token.
+#[derive(Clone)]
+struct CachedPublic {
+    slot: usize,
+    object: ObjectHandle,
+    info: KeyInfo,
+}
+
+/// What lookups read, by key id; valid only while a fresh lookup finds the same object.
+#[derive(Default)]
+struct KeyCache {
+    bindings: HashMap<String, CachedBinding>,
+    publics: HashMap<String, CachedPublic>,
+}
+
+impl Inventory {
+    fn cache(&self) -> std::sync::MutexGuard<'_, KeyCache> {
+        // The cache holds no invariant a panic could break half-way.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached_binding(&self, key_id: &str) -> Option<CachedBinding> {
+        self.cache().bindings.get(key_id).cloned()
+    }
+
+    fn remember_binding(&self, key_id: &str, entry: CachedBinding) {
+        let mut cache = self.cache();
+        if cache.bindings.len() >= MAX_CACHED_KEYS {
+            cache.bindings.clear();
+        }
+        cache.bindings.insert(key_id.to_string(), entry);
+    }
+
+    fn cached_public(&self, key_id: &str) -> Option<CachedPublic> {
+        self.cache().publics.get(key_id).cloned()
+    }
+
+    fn remember_public(&self, key_id: &str, entry: CachedPublic) {
+        let mut cache = self.cache();
+        if cache.publics.len() >= MAX_CACHED_KEYS {
+            cache.publics.clear();
+        }
+        cache.publics.insert(key_id.to_string(), entry);
+    }
+
+    fn forget(&self, key_id: &str) {
+        let mut cache = self.cache();
+        cache.bindings.remove(key_id);
+        cache.publics.remove(key_id);
+    }
+
+    /// Closes every idle pooled session (after one was found dead).
+    fn drop_pooled_sessions(&self) {
+        for pool in &self.sessions {
+            let idle = std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(idle);
+        }
+    }
+
+    /// An open session on slot `index`: an idle pooled one, else a new one.
+    fn session(&self, index: usize) -> std::result::Result<PooledSession<'_>, Failure> {
+        let slot = &self.slots[index];
+        let pool = &self.sessions[index];
+        let idle = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let session = match idle {
+            Some(s) => s,
+            None => self.modules[slot.module]
+                .ctx
+                .open_rw_session(slot.slot)
+                .map_err(|e| {
+                    Failure::Fatal(platform(
+                        &format!("token {:?} C_OpenSession", slot.label),
+                        e,
+                    ))
+                })?,
+        };
+        Ok(PooledSession {
+            pool,
+            session: Some(session),
+            failed: Cell::new(false),
+        })
+    }
+}
+
+/// Why an attempt at `public` or `sign` failed.
+enum Failure {
+    /// A handle or a session went stale: forget what is cached and try once more.
+    Stale(DeviceKeyError),
+    /// The answer.
+    Fatal(DeviceKeyError),
+}
+
+impl From<DeviceKeyError> for Failure {
+    fn from(e: DeviceKeyError) -> Self {
+        Self::Fatal(e)
+    }
+}
+
+impl Failure {
+    fn into_error(self) -> DeviceKeyError {
+        match self {
+            Self::Stale(e) | Self::Fatal(e) => e,
+        }
+    }
+}
+
+/// A session taken from a slot's pool; back to the pool when dropped, unless a call on it
+/// failed (then it is closed, so no half-done operation is ever inherited).
+struct PooledSession<'a> {
+    pool: &'a Mutex<Vec<Session>>,
+    session: Option<Session>,
+    failed: Cell<bool>,
+}
+
+impl PooledSession<'_> {
+    fn get(&self) -> std::result::Result<&Session, Failure> {
+        self.session
+            .as_ref()
+            .ok_or_else(|| Failure::Fatal(DeviceKeyError::Platform("no session".into())))
+    }
+
+    /// Maps a cryptoki result, marking the session failed on error.
+    fn check<T>(
+        &self,
+        context: &str,
+        r: std::result::Result<T, CkError>,
+    ) -> std::result::Result<T, Failure> {
+        r.map_err(|e| {
+            self.failed.set(true);
+            let stale = matches!(
+                e,
+                CkError::Pkcs11(
+                    RvError::ObjectHandleInvalid
+                        | RvError::KeyHandleInvalid
+                        | RvError::SessionHandleInvalid
+                        | RvError::SessionClosed,
+                    _
+                )
+            );
+            let e = platform(context, e);
+            if stale {
+                Failure::Stale(e)
+            } else {
+                Failure::Fatal(e)
+            }
+        })
+    }
+
+    /// The first object matching `template`.
+    fn find_first(
+        &self,
+        template: &[Attribute],
+    ) -> std::result::Result<Option<ObjectHandle>, Failure> {
+        let session = self.get()?;
+        let found = session
+            .iter_objects(template)
+            .and_then(|mut objects| objects.next().transpose());
+        self.check("C_FindObjects", found)
+    }
+
+    /// An object's single attribute as bytes, if present.
+    fn attribute(
+        &self,
+        object: ObjectHandle,
+        kind: AttributeType,
+    ) -> std::result::Result<Option<Vec<u8>>, Failure> {
+        let session = self.get()?;
+        let attrs = self.check(
+            "C_GetAttributeValue",
+            session.get_attributes(object, &[kind]),
+        )?;
+        Ok(attribute_value(attrs))
+    }
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if self.failed.get() {
+            return;
+        }
+        let Ok(mut pool) = self.pool.lock() else {
+            return;
+        };
+        if pool.len() < MAX_POOLED_SESSIONS {
+            pool.push(session);
+        }
+    }
 }
 
 /// The device-key operations over PKCS#11; implements [`KeyService`] for the server.
@@ -280,12 +499,16 @@ fn attribute_bytes(
     let attrs = session
         .get_attributes(object, &[kind])
         .map_err(|e| platform("C_GetAttributeValue", e))?;
-    Ok(attrs.into_iter().find_map(|a| match a {
+    Ok(attribute_value(attrs))
+}
+
+fn attribute_value(attrs: Vec<Attribute>) -> Option<Vec<u8>> {
+    attrs.into_iter().find_map(|a| match a {
         Attribute::Label(v) | Attribute::Value(v) | Attribute::EcPoint(v) | Attribute::Id(v) => {
             Some(v)
         }
         _ => None,
-    }))
+    })
 }
 
 /// SubjectPublicKeyInfo DER from a CKA_EC_POINT (DER OCTET STRING, or raw SEC1 from lax modules).
@@ -361,7 +584,13 @@ impl TokenClient {
         }
         // Hardware first; within a class, config order.
         slots.sort_by_key(|s| rank(s.class));
-        let inv = Arc::new(Inventory { modules, slots });
+        let sessions = slots.iter().map(|_| Mutex::new(Vec::new())).collect();
+        let inv = Arc::new(Inventory {
+            modules,
+            slots,
+            sessions,
+            cache: Mutex::new(KeyCache::default()),
+        });
         *guard = Some(Arc::clone(&inv));
         Ok(inv)
     }
@@ -539,26 +768,82 @@ impl TokenClient {
             .map_err(|e| DeviceKeyError::Platform(format!("stored binding is unreadable: {e}")))
     }
 
+    /// Runs `attempt` with the cache, and once more without it when a handle or a reused
+    /// session went stale.
+    fn with_retry<T>(
+        inv: &Inventory,
+        key_id: &str,
+        attempt: impl Fn(bool) -> std::result::Result<T, Failure>,
+    ) -> Result<T> {
+        match attempt(true) {
+            Ok(v) => Ok(v),
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Stale(e)) => {
+                log::debug!("{e}; looking key {key_id} up again");
+                inv.forget(key_id);
+                inv.drop_pooled_sessions();
+                attempt(false).map_err(Failure::into_error)
+            }
+        }
+    }
+
     /// `device/key/public`.
     pub fn public_key(&self, key_id: &str) -> Result<KeyInfo> {
         let id = proof::parse_key_id(key_id)?;
         let inv = self.inventory()?;
-        for slot in Self::slots_for(&inv, id.class) {
-            let session = self.open(&inv, slot)?;
-            let template = Self::key_template(ObjectClass::PUBLIC_KEY, key_id, &id.random);
-            if let Some(public) = Self::find_one(&session, &template)? {
-                let point = attribute_bytes(&session, public, AttributeType::EcPoint)?.ok_or_else(
-                    || DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into()),
-                )?;
-                return Ok(KeyInfo {
-                    key_id: key_id.to_string(),
-                    public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
-                    algorithm: Algorithm::EcdsaP256Sha256,
-                    protection_class: slot.class,
-                });
+        Self::with_retry(&inv, key_id, |use_cache| {
+            Self::public_attempt(&inv, key_id, &id, use_cache)
+        })
+    }
+
+    fn public_attempt(
+        inv: &Inventory,
+        key_id: &str,
+        id: &proof::KeyId,
+        use_cache: bool,
+    ) -> std::result::Result<KeyInfo, Failure> {
+        let cached = if use_cache {
+            inv.cached_public(key_id)
+        } else {
+            None
+        };
+        let template = Self::key_template(ObjectClass::PUBLIC_KEY, key_id, &id.random);
+        for (index, slot) in inv.slots.iter().enumerate() {
+            if slot.class != id.class {
+                continue;
             }
+            let session = inv.session(index)?;
+            let Some(public) = session.find_first(&template)? else {
+                continue;
+            };
+            if let Some(c) = cached
+                .as_ref()
+                .filter(|c| c.slot == index && c.object == public)
+            {
+                return Ok(c.info.clone());
+            }
+            let point = session
+                .attribute(public, AttributeType::EcPoint)?
+                .ok_or_else(|| {
+                    DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
+                })?;
+            let info = KeyInfo {
+                key_id: key_id.to_string(),
+                public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
+                algorithm: Algorithm::EcdsaP256Sha256,
+                protection_class: slot.class,
+            };
+            inv.remember_public(
+                key_id,
+                CachedPublic {
+                    slot: index,
+                    object: public,
+                    info: info.clone(),
+                },
+            );
+            return Ok(info);
         }
-        Err(DeviceKeyError::KeyNotFound)
+        Err(DeviceKeyError::KeyNotFound.into())
     }
 
     /// `device/key/sign`, checking in the protocol's order.
@@ -566,35 +851,84 @@ impl TokenClient {
         let id = proof::parse_key_id(&params.key_id)?;
         proof::validate_payload(&params.payload, &self.policy, proof::unix_now()?)?;
         let inv = self.inventory()?;
+        Self::with_retry(&inv, &params.key_id, |use_cache| {
+            Self::sign_attempt(&inv, params, &id, use_cache)
+        })
+    }
+
+    fn sign_attempt(
+        inv: &Inventory,
+        params: &SignParams,
+        id: &proof::KeyId,
+        use_cache: bool,
+    ) -> std::result::Result<SignResult, Failure> {
+        let key_id = params.key_id.as_str();
         let (account, client) = params.payload.binding();
-        for slot in Self::slots_for(&inv, id.class) {
-            let session = self.open(&inv, slot)?;
-            let Some(binding) = Self::read_binding(&session, &params.key_id)? else {
+        let cached = if use_cache {
+            inv.cached_binding(key_id)
+        } else {
+            None
+        };
+        let binding_template = Self::binding_template(key_id);
+        for (index, slot) in inv.slots.iter().enumerate() {
+            if slot.class != id.class {
                 continue;
+            }
+            let session = inv.session(index)?;
+            let Some(object) = session.find_first(&binding_template)? else {
+                continue;
+            };
+            let binding = match cached
+                .as_ref()
+                .filter(|c| c.slot == index && c.object == object)
+            {
+                Some(c) => c.binding.clone(),
+                None => {
+                    let Some(value) = session.attribute(object, AttributeType::Value)? else {
+                        continue;
+                    };
+                    let binding: Binding = serde_json::from_slice(&value).map_err(|e| {
+                        DeviceKeyError::Platform(format!("stored binding is unreadable: {e}"))
+                    })?;
+                    inv.remember_binding(
+                        key_id,
+                        CachedBinding {
+                            slot: index,
+                            object,
+                            binding: binding.clone(),
+                        },
+                    );
+                    binding
+                }
             };
             if binding.account_user_id != account || binding.client_id != client {
                 return Err(DeviceKeyError::InvalidPayload(
                     "payload accountUserId/clientId does not match device key binding".into(),
-                ));
+                )
+                .into());
             }
-            let template = Self::key_template(ObjectClass::PRIVATE_KEY, &params.key_id, &id.random);
-            let Some(private) = Self::find_one(&session, &template)? else {
-                return Err(DeviceKeyError::KeyNotFound);
+            let template = Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+            let Some(private) = session.find_first(&template)? else {
+                return Err(DeviceKeyError::KeyNotFound.into());
             };
-            let bytes = proof::signing_bytes(&params.payload)?;
-            let raw = if slot.ecdsa_sha256 {
-                session.sign(&Mechanism::EcdsaSha256, private, &bytes)
+            let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
+            let signed = if slot.ecdsa_sha256 {
+                session
+                    .get()?
+                    .sign(&Mechanism::EcdsaSha256, private, &bytes)
             } else {
-                session.sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))
-            }
-            .map_err(|e| platform(&format!("token {:?} signing", slot.label), e))?;
+                session
+                    .get()?
+                    .sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))
+            };
+            let raw = session.check(&format!("token {:?} signing", slot.label), signed)?;
             return Ok(SignResult {
                 signature_der_base64: STANDARD.encode(der_signature(&raw)?),
                 signed_payload_base64: STANDARD.encode(&bytes),
                 algorithm: Algorithm::EcdsaP256Sha256,
             });
         }
-        Err(DeviceKeyError::KeyNotFound)
+        Err(DeviceKeyError::KeyNotFound.into())
     }
 
     /// Every key on every usable token, with its binding when it has one.
@@ -630,6 +964,7 @@ impl TokenClient {
     pub fn delete(&self, key_id: &str) -> Result<()> {
         let id = proof::parse_key_id(key_id)?;
         let inv = self.inventory()?;
+        inv.forget(key_id);
         let mut found = false;
         for slot in Self::slots_for(&inv, id.class) {
             let session = self.open(&inv, slot)?;

@@ -175,6 +175,13 @@ done
 phase "JSON-RPC device/key/sign over stdio"
 measure "$run_dir/rpc.toml" rpc --devicekey "$devicekey" --module "$ours" \
   --runs "$runs" --requests "$rpc_requests" --iterations "$iterations"
+# Again with client and server on one CPU: one request at a time over pipes between two CPUs
+# pays two cross-CPU wake-ups per round trip (tens of us each on a VM), which hides the server's
+# own cost; pinned, the round trip is two plain context switches.
+if command -v taskset >/dev/null 2>&1; then
+  DEVICEKEY_CONFIG=$run_dir/rpc.toml taskset -c 0 "$bench" rpc --devicekey "$devicekey" --module "$ours" \
+    --runs "$runs" --requests "$rpc_requests" --iterations "$iterations" --tag ", 1 CPU" | tee -a "$results"
+fi
 
 if [ "$tpm" = 1 ]; then
   phase "TPM: our TPM store vs tpm2-pkcs11 on swtpm"

@@ -45,6 +45,9 @@ pub struct RpcPlan {
     /// Requests in flight when pipelining (the server's default limit is 64).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
+    /// Appended to every variant name (bench.sh marks the run pinned to one CPU with it).
+    #[arg(long, default_value = "")]
+    pub tag: String,
 }
 
 struct Server {
@@ -175,8 +178,49 @@ fn check_response(r: &Value, id: u64, verifier: &Verifier, verify: bool) -> Resu
     Ok(signed)
 }
 
+/// The transport floor: one line at a time through `cat` over the same kind of pipes, p50 of
+/// each run in µs. No server can answer faster than this on the machine.
+fn echo_rtt(plan: &RpcPlan, line: &str) -> Result<Vec<f64>> {
+    let mut child = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut input = child
+        .stdin
+        .take()
+        .ok_or_else(|| BenchError::Other("no stdin".into()))?;
+    let mut output = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| BenchError::Other("no stdout".into()))?,
+    );
+    let mut back = String::new();
+    let mut p50 = Vec::new();
+    for _ in 0..plan.runs {
+        let mut lat = Vec::with_capacity(plan.requests);
+        for i in 0..WARMUP + plan.requests {
+            let t = Instant::now();
+            input.write_all(line.as_bytes())?;
+            input.flush()?;
+            back.clear();
+            output.read_line(&mut back)?;
+            if i >= WARMUP {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        p50.push(percentile(&mut lat, 0.50));
+    }
+    drop(input);
+    child.wait()?;
+    Ok(p50)
+}
+
 /// `rpc`: the whole JSON-RPC measurement.
 pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
+    let serial_v = format!("one at a time{}", plan.tag);
+    let pipe_v = format!("pipelined{}", plan.tag);
     let mut server = Server::spawn(&plan.devicekey)?;
     server.call(
         0,
@@ -285,39 +329,21 @@ pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
         public_p50.push(percentile(&mut lat, 0.50));
     }
     server.finish()?;
-    Record::new(
-        "rpc_public_p50",
-        "ours-serve",
-        "one at a time",
-        "us",
-        public_p50,
-    )
-    .with_detail(json!({"requests_per_run": plan.requests}))
-    .emit();
+    Record::new("rpc_public_p50", "ours-serve", &serial_v, "us", public_p50)
+        .with_detail(json!({"requests_per_run": plan.requests}))
+        .emit();
 
     let detail = json!({"requests_per_run": plan.requests, "signatures_checked": checked});
-    let serial = Record::new(
-        "rpc_sign_p50",
-        "ours-serve",
-        "one at a time",
-        "us",
-        serial_p50,
-    )
-    .with_detail(detail.clone());
+    let serial = Record::new("rpc_sign_p50", "ours-serve", &serial_v, "us", serial_p50)
+        .with_detail(detail.clone());
     serial.emit();
-    Record::new(
-        "rpc_sign_p99",
-        "ours-serve",
-        "one at a time",
-        "us",
-        serial_p99,
-    )
-    .with_detail(detail.clone())
-    .emit();
+    Record::new("rpc_sign_p99", "ours-serve", &serial_v, "us", serial_p99)
+        .with_detail(detail.clone())
+        .emit();
     Record::new(
         "rpc_sign_throughput",
         "ours-serve",
-        "one at a time",
+        &serial_v,
         "req/s",
         serial_rate,
     )
@@ -326,13 +352,13 @@ pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
     Record::new(
         "rpc_sign_throughput",
         "ours-serve",
-        "pipelined",
+        &pipe_v,
         "req/s",
         pipe_rate,
     )
     .with_detail(json!({"requests_per_run": plan.requests, "window": plan.window}))
     .emit();
-    Record::new("rpc_sign_p50", "ours-serve", "pipelined", "us", pipe_p50)
+    Record::new("rpc_sign_p50", "ours-serve", &pipe_v, "us", pipe_p50)
         .with_detail(json!({"requests_per_run": plan.requests, "window": plan.window}))
         .emit();
 
@@ -359,14 +385,20 @@ pub fn run(plan: &RpcPlan, sign_plan: &Plan) -> Result<()> {
         },
     )?;
     let overhead = serial.values.iter().map(|v| v - base_p50).collect();
+    Record::new("rpc_overhead_p50", "ours-serve", &serial_v, "us", overhead)
+        .with_detail(json!({"c_sign_p50_us": base_p50}))
+        .emit();
+
+    // The same round trip through `cat`: what the pipes and the scheduler alone cost.
+    let line = sign_lines(&key_id, 0, 1)?.concat();
     Record::new(
-        "rpc_overhead_p50",
-        "ours-serve",
-        "one at a time",
+        "pipe_echo_rtt_p50",
+        "cat",
+        &serial_v,
         "us",
-        overhead,
+        echo_rtt(plan, &line)?,
     )
-    .with_detail(json!({"c_sign_p50_us": base_p50}))
+    .with_detail(json!({"line_bytes": line.len(), "round_trips_per_run": plan.requests}))
     .emit();
     Ok(())
 }

@@ -75,7 +75,7 @@ impl Record {
     /// Prints the JSON line on stdout and a readable line on stderr.
     pub fn emit(&self) {
         eprintln!(
-            "  {:<24} {:<20} {:<14} {:>12} {:<5} (min {}, max {})",
+            "  {:<24} {:<18} {:<20} {:>10} {:<5} (min {}, max {})",
             self.bench,
             self.subject,
             self.variant,

@@ -69,9 +69,15 @@ impl Swtpm {
             .arg("--log")
             .arg(format!("file={}", state.join("swtpm.log").display()))
             .arg("--daemon")
-            .status()
+            .output()
             .expect("cannot run swtpm (is it installed? scripts/setup.sh installs it)");
-        if !status.success() {
+        if !status.status.success() {
+            let log = std::fs::read_to_string(state.join("swtpm.log")).unwrap_or_default();
+            eprintln!(
+                "swtpm on port {port} failed ({}): {}{log}",
+                status.status,
+                String::from_utf8_lossy(&status.stderr)
+            );
             return None;
         }
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -2,27 +2,170 @@
 //! and get-attribute on shared keys; 4 processes creating keys in one store at once; C_Finalize
 //! racing calls in flight on other threads.
 //!
+//! The thread and process tests run on three key stores: the software store, a
+//! `backend = "pkcs11"` slot wrapping a throwaway SoftHSM token (declared `hardware_tpm`), and a
+//! TPM slot on a throwaway swtpm (on swtpm the processes' TPM commands take turns, but their key
+//! files meet in one directory); the finalize race runs on the software store. SoftHSM and swtpm
+//! tests are skipped (with a message) when they are not installed.
+//!
 //! Counts scale with `STRESS_SCALE` (see `stress_common`): the CI run is small, `scripts/stress.sh`
-//! runs the full counts (16 x 1,000 operations, 4 x 100 keys, 200 finalize races).
+//! runs the full counts (16 x 1,000 operations, 4 x 100 keys, 200 finalize races). The TPM slot
+//! works one command at a time (about 1 ms a signature), so its CI counts are halved again (see
+//! [`Store::ci_factor`]).
 
 #[macro_use]
 mod common;
 mod stress_common;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{gen_p256, public_point, sha256, verify_prehash, Token};
+use common::softhsm::{self, have_softhsm, PIN, SOFTHSM};
+use common::swtpm::{self, Swtpm};
+use common::{gen_p256, public_point, sha256, use_config, verify_prehash, Token, TOKEN_LABEL};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki_sys::*;
-use stress_common::{scaled, with_watchdog, Rng};
+use stress_common::{scale, scaled, with_watchdog, Rng};
 
 const THREADS: usize = 16;
 const SHARED_KEYS: usize = 4;
+
+/// The key store behind the token under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// `backend = "software"`.
+    Software,
+    /// `backend = "pkcs11"` wrapping a throwaway SoftHSM token, declared `hardware_tpm`.
+    SoftHsm,
+    /// `backend = "tpm"` on a throwaway swtpm (`allow_simulator = true`).
+    Tpm,
+}
+
+/// The variable the SoftHSM slot reads its PIN from.
+const HSM_PIN_ENV: &str = "DEVICEKEY_STRESS_HSM_PIN";
+/// The SoftHSM tokens of this process, one per test (SoftHSM sees only tokens that exist when it
+/// is initialized).
+const HSM_TAGS: &[&str] = &["threads", "procs"];
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::Software => "software",
+            Store::SoftHsm => "pkcs11/SoftHSM",
+            Store::Tpm => "tpm/swtpm",
+        }
+    }
+
+    /// True when the store can run here; else says on stderr that the test is skipped.
+    fn available(self) -> bool {
+        match self {
+            Store::Software => true,
+            Store::SoftHsm => have_softhsm(),
+            Store::Tpm => {
+                let ok = swtpm::available();
+                if !ok {
+                    eprintln!("swtpm not installed: test skipped");
+                }
+                ok
+            }
+        }
+    }
+
+    /// Extra factor on the CI counts only (`STRESS_SCALE` unset), to keep the default
+    /// `cargo test` short on slow stores; `scripts/stress.sh` sets `STRESS_SCALE` and runs the
+    /// full counts on every store.
+    fn ci_factor(self) -> f64 {
+        match (self, std::env::var_os("STRESS_SCALE").is_some()) {
+            (Store::Tpm, false) => 0.5,
+            _ => 1.0,
+        }
+    }
+
+    /// `full` scaled by `STRESS_SCALE` and [`Store::ci_factor`], at least `min`.
+    fn scaled(self, full: usize, min: usize) -> usize {
+        ((full as f64 * scale() * self.ci_factor()).round() as usize).max(min)
+    }
+}
+
+/// Makes this process's SoftHSM tokens (once) and points SoftHSM at them. Call with the test lock
+/// held.
+fn softhsm_conf() -> &'static PathBuf {
+    static CONF: OnceLock<PathBuf> = OnceLock::new();
+    CONF.get_or_init(|| {
+        let dir = softhsm::process_dir("stress-pkcs11");
+        let conf = softhsm::write_conf(&dir);
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var(HSM_PIN_ENV, PIN);
+        for tag in HSM_TAGS {
+            softhsm::init_token(&conf, &softhsm::token_label("dkst", tag));
+        }
+        conf
+    })
+}
+
+/// A token on one store: the test lock and config (`Token`), and the swtpm behind a TPM slot.
+struct StoreToken {
+    t: Token,
+    /// Where the store keeps one file per key, with the file name's prefix and suffix (`None`:
+    /// the keys live in SoftHSM).
+    keys_dir: Option<(PathBuf, &'static str, &'static str)>,
+    _swtpm: Option<Swtpm>,
+}
+
+impl StoreToken {
+    /// A fresh one-slot config on `store` (for SoftHSM, the token of test `tag`), C_Initialize
+    /// done when `init`.
+    fn new(store: Store, tag: &str, init: bool) -> StoreToken {
+        let mut t = Token::uninitialized();
+        let root = t.root().to_path_buf();
+        let (slot, keys_dir, swtpm) = match store {
+            Store::Software => (None, Some((root.join("keys"), "", ".key")), None),
+            Store::SoftHsm => {
+                softhsm_conf();
+                let slot = format!(
+                    "backend = \"pkcs11\"\nmodule = \"{SOFTHSM}\"\ntoken = \"{}\"\n\
+                     pin_env = \"{HSM_PIN_ENV}\"\nprotection_class = \"hardware_tpm\"\n",
+                    softhsm::token_label("dkst", tag)
+                );
+                (Some(slot), None, None)
+            }
+            Store::Tpm => {
+                std::env::remove_var("DEVICEKEY_TPM_TCTI");
+                let swtpm = Swtpm::start(&root.join("swtpm"));
+                let keys = root.join("tpmkeys");
+                let slot = format!(
+                    "backend = \"tpm\"\ntcti = \"{}\"\ndir = \"{}\"\nallow_simulator = true\n",
+                    swtpm.tcti(),
+                    keys.display()
+                );
+                (Some(slot), Some((keys, "key", ".json")), Some(swtpm))
+            }
+        };
+        if let Some(slot) = slot {
+            let config = root.join("store.toml");
+            std::fs::write(
+                &config,
+                format!("[[slot]]\nlabel = \"{TOKEN_LABEL}\"\n{slot}"),
+            )
+            .expect("write config");
+            use_config(&config);
+            t.config = config;
+        }
+        if init {
+            t.initialize();
+        }
+        StoreToken {
+            t,
+            keys_dir,
+            _swtpm: swtpm,
+        }
+    }
+}
 
 #[derive(Clone)]
 struct SharedKey {
@@ -154,7 +297,26 @@ fn one_thread(
 
 #[test]
 fn sixteen_threads_mix_sessions_find_sign_and_attributes() {
-    let t = Token::new();
+    sixteen_threads(Store::Software);
+}
+
+#[test]
+fn sixteen_threads_on_a_softhsm_pkcs11_slot() {
+    sixteen_threads(Store::SoftHsm);
+}
+
+#[test]
+fn sixteen_threads_on_a_swtpm_tpm_slot() {
+    sixteen_threads(Store::Tpm);
+}
+
+/// 16 threads x 1,000 mixed operations on 4 shared keys of `store`.
+fn sixteen_threads(store: Store) {
+    if !store.available() {
+        return;
+    }
+    let st = StoreToken::new(store, "threads", true);
+    let t = &st.t;
     let slot = t.slot();
     let keys: Vec<SharedKey> = {
         let s = t.session();
@@ -171,7 +333,7 @@ fn sixteen_threads_mix_sessions_find_sign_and_attributes() {
             })
             .collect()
     };
-    let ops = scaled(1000, 50);
+    let ops = store.scaled(1000, 50);
     let (_, seed) = Rng::from_env_or_clock();
     let ctx = t.ctx.clone();
     let counts = Arc::new(Counts::default());
@@ -206,8 +368,9 @@ fn sixteen_threads_mix_sessions_find_sign_and_attributes() {
     };
     assert!(errors.is_empty(), "seed {seed}: failures: {errors:#?}");
     eprintln!(
-        "STRESS threads: {THREADS} x {ops} ops in {:?} (seed {seed}): open {} close {} find {} \
-         sign+verify {} get-attribute {}",
+        "STRESS threads ({}): {THREADS} x {ops} ops in {:?} (seed {seed}): open {} close {} \
+         find {} sign+verify {} get-attribute {}",
+        store.name(),
         started.elapsed(),
         counts.open.load(Ordering::Relaxed),
         counts.close.load(Ordering::Relaxed),
@@ -248,9 +411,28 @@ fn stress_child_create_keys() {
 
 #[test]
 fn four_processes_create_keys_in_one_store() {
+    four_processes(Store::Software);
+}
+
+#[test]
+fn four_processes_create_keys_on_a_softhsm_pkcs11_slot() {
+    four_processes(Store::SoftHsm);
+}
+
+#[test]
+fn four_processes_create_keys_on_a_swtpm_tpm_slot() {
+    four_processes(Store::Tpm);
+}
+
+/// 4 processes x 100 keys created at once on `store`; all present, readable and signing.
+fn four_processes(store: Store) {
     const PROCESSES: usize = 4;
-    let per = scaled(100, 10);
-    let mut t = Token::uninitialized();
+    if !store.available() {
+        return;
+    }
+    let per = store.scaled(100, 10);
+    let mut st = StoreToken::new(store, "procs", false);
+    let t = &mut st.t;
     let start_at = common::now_millis() + 1000;
     let started = Instant::now();
     let children: Vec<_> = (0..PROCESSES)
@@ -303,15 +485,21 @@ fn four_processes_create_keys_in_one_store() {
         let sig = s.sign(&Mechanism::Ecdsa, private, &d).expect("sign");
         assert!(verify_prehash(&point, &d, &sig), "key signs and verifies");
     }
-    let files = std::fs::read_dir(t.root().join("keys"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
-        .count();
-    assert_eq!(files, PROCESSES * per, "one key file per key");
+    if let Some((dir, prefix, suffix)) = &st.keys_dir {
+        let files = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(prefix) && name.ends_with(suffix)
+            })
+            .count();
+        assert_eq!(files, PROCESSES * per, "one key file per key");
+    }
     eprintln!(
-        "STRESS processes: {PROCESSES} x {per} keys created at once in {created_in:?}; all {} \
-         present, readable and signing",
+        "STRESS processes ({}): {PROCESSES} x {per} keys created at once in {created_in:?}; all \
+         {} present, readable and signing",
+        store.name(),
         PROCESSES * per
     );
 }

@@ -76,7 +76,7 @@ else
     fi
   done
 fi
-stage e2e bash scripts/e2e/run.sh # real tools (ssh, TLS, NSS, Chromium, GnuTLS, Java, p11-kit) on both key stores
+stage e2e bash scripts/e2e/run.sh # real tools (ssh, TLS, NSS, Chromium, GnuTLS, Java, p11-kit) on the software, SoftHSM-backed and TPM (swtpm) key stores
 
 echo
 echo "test.sh finished in $((SECONDS - START))s"

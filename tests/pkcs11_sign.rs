@@ -7,49 +7,16 @@ mod common;
 
 use std::ptr;
 
-use common::{expect_err, gen_p256, normalize_digest, public_point, sha256, verify_prehash, Token};
+use common::{
+    expect_err, gen_p256, mech, normalize_digest, public_point, sha256, sign_init, sign_raw,
+    verify_prehash, Token,
+};
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki_sys::*;
 use sha2::Digest;
-
-fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
-    CK_MECHANISM {
-        mechanism: m,
-        pParameter: ptr::null_mut(),
-        ulParameterLen: 0,
-    }
-}
-
-fn sign_init(s: &Session, m: CK_MECHANISM_TYPE, key: ObjectHandle) -> CK_RV {
-    let mut m = mech(m);
-    // SAFETY: m is a live CK_MECHANISM without parameters.
-    unsafe { ck!(C_SignInit)(s.handle(), &mut m, key.handle()) }
-}
-
-/// C_Sign with an output buffer of `buf_len` bytes (NULL when None) inside a 100-byte canary.
-fn sign_raw(s: &Session, data: &[u8], buf_len: Option<usize>) -> (CK_RV, CK_ULONG, Vec<u8>) {
-    let mut buf = vec![0xAAu8; 100];
-    let mut len: CK_ULONG = buf_len.unwrap_or(0) as CK_ULONG;
-    let out = if buf_len.is_some() {
-        buf.as_mut_ptr()
-    } else {
-        ptr::null_mut()
-    };
-    // SAFETY: data is readable for data.len() bytes; out is NULL or has 100 >= len bytes.
-    let rv = unsafe {
-        ck!(C_Sign)(
-            s.handle(),
-            data.as_ptr() as *mut u8,
-            data.len() as CK_ULONG,
-            out,
-            &mut len,
-        )
-    };
-    (rv, len, buf)
-}
 
 fn sign_final_raw(s: &Session, buf_len: Option<usize>) -> (CK_RV, CK_ULONG, Vec<u8>) {
     let mut buf = vec![0xAAu8; 100];

@@ -12,14 +12,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::ptr;
 use std::sync::{Arc, Barrier, OnceLock};
 
 use base64::Engine as _;
 use common::swtpm::Swtpm;
 use common::{
-    gen_p256, label_of, public_for, public_point, sha256, vendor_ulong, verify_prehash, Token,
-    CKA_DEVICEKEY_PROTECTION_CLASS, CLASS_OS_PROTECTED,
+    gen_p256, label_of, public_for, public_point, sha256, sign_init, sign_raw, vendor_ulong,
+    verify_prehash, Token, CKA_DEVICEKEY_PROTECTION_CLASS, CLASS_OS_PROTECTED,
 };
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
@@ -175,42 +174,6 @@ fn sign_digest_and_verify(s: &Session, private: ObjectHandle, point: &[u8], msg:
         verify_prehash(point, &digest, &sig),
         "CKM_ECDSA signature does not verify"
     );
-}
-
-fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
-    CK_MECHANISM {
-        mechanism: m,
-        pParameter: ptr::null_mut(),
-        ulParameterLen: 0,
-    }
-}
-
-fn sign_init(s: &Session, m: CK_MECHANISM_TYPE, key: ObjectHandle) -> CK_RV {
-    let mut m = mech(m);
-    // SAFETY: m is a live CK_MECHANISM without parameters.
-    unsafe { ck!(C_SignInit)(s.handle(), &mut m, key.handle()) }
-}
-
-/// Raw C_Sign with an output buffer of `buf_len` bytes (NULL when None) inside 100 bytes.
-fn sign_raw(s: &Session, data: &[u8], buf_len: Option<usize>) -> (CK_RV, CK_ULONG, Vec<u8>) {
-    let mut buf = vec![0xAAu8; 100];
-    let mut len: CK_ULONG = buf_len.unwrap_or(0) as CK_ULONG;
-    let out = if buf_len.is_some() {
-        buf.as_mut_ptr()
-    } else {
-        ptr::null_mut()
-    };
-    // SAFETY: data is readable for data.len() bytes; out is NULL or has 100 >= len bytes.
-    let rv = unsafe {
-        ck!(C_Sign)(
-            s.handle(),
-            data.as_ptr() as *mut u8,
-            data.len() as CK_ULONG,
-            out,
-            &mut len,
-        )
-    };
-    (rv, len, buf)
 }
 
 /// PEM of a P-256 public key (SubjectPublicKeyInfo) from its uncompressed point.

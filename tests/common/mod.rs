@@ -461,3 +461,45 @@ pub fn now_millis() -> u64 {
         .expect("clock after 1970")
         .as_millis() as u64
 }
+
+/// A `CK_MECHANISM` without parameters.
+pub fn mech(m: cryptoki_sys::CK_MECHANISM_TYPE) -> cryptoki_sys::CK_MECHANISM {
+    cryptoki_sys::CK_MECHANISM {
+        mechanism: m,
+        pParameter: std::ptr::null_mut(),
+        ulParameterLen: 0,
+    }
+}
+
+/// Raw C_SignInit with a mechanism without parameters.
+pub fn sign_init(s: &Session, m: cryptoki_sys::CK_MECHANISM_TYPE, key: ObjectHandle) -> CK_RV {
+    let mut m = mech(m);
+    // SAFETY: m is a live CK_MECHANISM without parameters.
+    unsafe { ck!(C_SignInit)(s.handle(), &mut m, key.handle()) }
+}
+
+/// Raw C_Sign with an output buffer of `buf_len` bytes (NULL when None) inside a 100-byte canary.
+pub fn sign_raw(
+    s: &Session,
+    data: &[u8],
+    buf_len: Option<usize>,
+) -> (CK_RV, cryptoki_sys::CK_ULONG, Vec<u8>) {
+    let mut buf = vec![0xAAu8; 100];
+    let mut len = buf_len.unwrap_or(0) as cryptoki_sys::CK_ULONG;
+    let out = if buf_len.is_some() {
+        buf.as_mut_ptr()
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: data is readable for data.len() bytes; out is NULL or has 100 >= len bytes.
+    let rv = unsafe {
+        ck!(C_Sign)(
+            s.handle(),
+            data.as_ptr() as *mut u8,
+            data.len() as cryptoki_sys::CK_ULONG,
+            out,
+            &mut len,
+        )
+    };
+    (rv, len, buf)
+}

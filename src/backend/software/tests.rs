@@ -212,8 +212,8 @@ fn refuses_group_writable_dir() {
 
 #[test]
 fn refuses_dir_owned_by_someone_else() {
+    // Handing the directory to another user needs root (CI runs as root).
     if rustix::process::geteuid().as_raw() != 0 {
-        eprintln!("skipped: needs root to chown");
         return;
     }
     let (_tmp, dir) = store_dir();
@@ -369,7 +369,6 @@ fn loads_ten_thousand_keys_quickly() {
     let keys = store.load_keys().unwrap();
     let took = start.elapsed();
     assert_eq!(keys.len(), 10_000);
-    eprintln!("loaded 10000 keys in {took:?}");
     // Release builds take a fraction of this; debug builds are slower.
     let limit = if cfg!(debug_assertions) { 3 } else { 1 };
     assert!(took < Duration::from_secs(limit), "{took:?}");

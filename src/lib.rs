@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod encoding;
 pub mod logging;
 pub mod pkcs11;
 pub mod proof;

@@ -1,9 +1,11 @@
 //! One TOML config file for the module and the server.
 //!
 //! Found at `$DEVICEKEY_CONFIG`, else `$XDG_CONFIG_HOME/devicekey/config.toml` (or
-//! `~/.config/devicekey/config.toml`), else `/etc/devicekey/config.toml`. With no file, the
-//! module serves one software slot in `$XDG_DATA_HOME/devicekey`. Unknown names are errors, so a
-//! typo is reported instead of ignored.
+//! `~/.config/devicekey/config.toml`), else `/etc/devicekey/config.toml`. With no file (or no
+//! `[[slot]]`), the module serves a software slot in `$XDG_DATA_HOME/devicekey`, plus a TPM slot
+//! when `/dev/tpmrm0` exists. Unknown names are errors, so a typo is reported instead of ignored:
+//! a wrong top-level name makes the file unusable; a wrong option in a `[[slot]]` makes that slot
+//! unusable, with an error naming the option and the backend it belongs to.
 
 use std::path::{Path, PathBuf};
 
@@ -38,9 +40,8 @@ pub enum ConfigError {
 /// The kernel's TPM resource manager; its presence adds a TPM slot to the default config.
 pub const DEFAULT_TPM_DEVICE: &str = "/dev/tpmrm0";
 
-/// Which kind of key store a slot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Which kind of key store a slot is: the `backend = "..."` of a `[[slot]]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// Keys in an owner-only directory (`os_protected_nonextractable`).
     Software,
@@ -52,31 +53,265 @@ pub enum BackendKind {
     SecureEnclave,
 }
 
-/// One `[[slot]]`: one key store.
-#[derive(Clone, Debug, Deserialize)]
+impl BackendKind {
+    /// Every kind, in the order the README lists them.
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Software,
+        BackendKind::Tpm,
+        BackendKind::Pkcs11,
+        BackendKind::SecureEnclave,
+    ];
+
+    /// The one spelling of the kind: what `backend = "..."` says and every message shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Software => "software",
+            Self::Tpm => "tpm",
+            Self::Pkcs11 => "pkcs11",
+            Self::SecureEnclave => "secure_enclave",
+        }
+    }
+
+    /// The inverse of [`Self::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The names a `[[slot]]` of this kind accepts (besides `backend`).
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::Software => SoftwareSlot::FIELDS,
+            Self::Tpm => TpmSlot::FIELDS,
+            Self::Pkcs11 => Pkcs11Slot::FIELDS,
+            Self::SecureEnclave => SecureEnclaveSlot::FIELDS,
+        }
+    }
+}
+
+/// So that `info.backend == "tpm"` reads naturally.
+impl PartialEq<&str> for BackendKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `backend = "software"`: keys in an owner-only directory.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct SlotConfig {
-    /// Token label; defaults to `devicekey` (then `devicekey-2`, ...).
-    pub label: Option<String>,
-    /// The backend.
-    pub backend: BackendKind,
-    /// Software and TPM stores: the key directory.
+pub struct SoftwareSlot {
+    /// Token label (resolved: the config's, else the default for the slot's position).
+    pub label: String,
+    /// The key directory; default `$XDG_DATA_HOME/devicekey`.
     pub dir: Option<PathBuf>,
-    /// TPM: the TCTI string (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`).
+}
+
+impl SoftwareSlot {
+    const FIELDS: &'static [&'static str] = &["label", "dir"];
+}
+
+/// `backend = "tpm"`: keys in a TPM 2.0.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSlot {
+    /// Token label (resolved).
+    pub label: String,
+    /// The key directory (blobs and their metadata); default `<data dir>/tpm`.
+    pub dir: Option<PathBuf>,
+    /// The TCTI string (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`); default
+    /// `$DEVICEKEY_TPM_TCTI`, else `device:/dev/tpmrm0`.
     pub tcti: Option<String>,
-    /// TPM: let a simulator report `hardware_tpm` (tests only).
+    /// Let a simulator report `hardware_tpm` (tests only).
     #[serde(default)]
     pub allow_simulator: bool,
-    /// pkcs11: the wrapped module's path.
+}
+
+impl TpmSlot {
+    const FIELDS: &'static [&'static str] = &["label", "dir", "tcti", "allow_simulator"];
+}
+
+/// `backend = "pkcs11"`: keys in another PKCS#11 token. What is missing is reported (with its
+/// fix) when the slot opens, by the store itself.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Slot {
+    /// Token label (resolved).
+    pub label: String,
+    /// The wrapped module's path.
     pub module: Option<PathBuf>,
-    /// pkcs11: the wrapped token's label.
+    /// The wrapped token's label.
     pub token: Option<String>,
-    /// pkcs11: the environment variable holding the wrapped token's PIN.
+    /// The environment variable holding the wrapped token's PIN.
     pub pin_env: Option<String>,
-    /// pkcs11: a file holding the wrapped token's PIN.
+    /// A file holding the wrapped token's PIN.
     pub pin_file: Option<PathBuf>,
-    /// pkcs11: the class the operator declares for the wrapped device.
+    /// The class the operator declares for the wrapped device.
     pub protection_class: Option<String>,
+}
+
+impl Pkcs11Slot {
+    const FIELDS: &'static [&'static str] = &[
+        "label",
+        "module",
+        "token",
+        "pin_env",
+        "pin_file",
+        "protection_class",
+    ];
+}
+
+/// `backend = "secure_enclave"`: keys in the Apple Secure Enclave (macOS).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecureEnclaveSlot {
+    /// Token label (resolved).
+    pub label: String,
+    /// Where the store keeps its metadata.
+    pub dir: Option<PathBuf>,
+    /// Keep the key references in the login keychain.
+    #[serde(default)]
+    pub keychain: bool,
+}
+
+impl SecureEnclaveSlot {
+    const FIELDS: &'static [&'static str] = &["label", "dir", "keychain"];
+}
+
+/// A `[[slot]]` whose backend is known but whose options are wrong. The rest of the config
+/// stays usable; this slot has no token, and opening it fails with `problem`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenSlot {
+    /// Token label (resolved).
+    pub label: String,
+    /// The backend the slot names.
+    pub backend: BackendKind,
+    /// What is wrong, naming the option.
+    pub problem: String,
+    /// What to do.
+    pub fix: String,
+}
+
+/// One `[[slot]]`: `backend = "..."` selects the store and the options it accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotConfig {
+    /// `backend = "software"`.
+    Software(SoftwareSlot),
+    /// `backend = "tpm"`.
+    Tpm(TpmSlot),
+    /// `backend = "pkcs11"`.
+    Pkcs11(Pkcs11Slot),
+    /// `backend = "secure_enclave"`.
+    SecureEnclave(SecureEnclaveSlot),
+    /// A slot whose options are wrong (see [`BrokenSlot`]).
+    Broken(BrokenSlot),
+}
+
+impl SlotConfig {
+    /// The token label, resolved when the config was read.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::Software(s) => &s.label,
+            Self::Tpm(s) => &s.label,
+            Self::Pkcs11(s) => &s.label,
+            Self::SecureEnclave(s) => &s.label,
+            Self::Broken(s) => &s.label,
+        }
+    }
+
+    /// The backend the slot names.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Self::Software(_) => BackendKind::Software,
+            Self::Tpm(_) => BackendKind::Tpm,
+            Self::Pkcs11(_) => BackendKind::Pkcs11,
+            Self::SecureEnclave(_) => BackendKind::SecureEnclave,
+            Self::Broken(s) => s.backend,
+        }
+    }
+
+    /// Reads one `[[slot]]` table in two steps: `backend` picks the struct, then the struct is
+    /// read with its own names only, so a wrong name is reported with the backend it belongs to
+    /// (serde cannot combine an internally tagged enum with `deny_unknown_fields`).
+    /// `default_label` is used when the table has no `label`.
+    ///
+    /// Errors (the whole config is unusable): no `backend`, or one that is not a key store.
+    /// A wrong option of a known backend gives [`SlotConfig::Broken`].
+    fn from_table(
+        index: usize,
+        mut table: toml::Table,
+        default_label: String,
+    ) -> Result<Self, String> {
+        let kinds = BackendKind::ALL.map(BackendKind::as_str).join(", ");
+        let kind = match table.remove("backend") {
+            None => return Err(format!("slot {index}: missing `backend` (one of {kinds})")),
+            Some(toml::Value::String(s)) => BackendKind::parse(&s).ok_or_else(|| {
+                format!("slot {index}: backend = \"{s}\" is not a key store (one of {kinds})")
+            })?,
+            Some(other) => {
+                return Err(format!(
+                    "slot {index}: `backend` must be a string (one of {kinds}), not {other}"
+                ))
+            }
+        };
+        let label = match table.get("label") {
+            Some(toml::Value::String(l)) => l.clone(),
+            _ => default_label,
+        };
+        let broken = |problem: String, fix: String| {
+            Self::Broken(BrokenSlot {
+                label: label.clone(),
+                backend: kind,
+                problem: format!("slot {index} (\"{label}\", backend = \"{kind}\"): {problem}"),
+                fix,
+            })
+        };
+        for name in table.keys() {
+            if kind.fields().contains(&name.as_str()) {
+                continue;
+            }
+            let owners: Vec<String> = BackendKind::ALL
+                .into_iter()
+                .filter(|k| k.fields().contains(&name.as_str()))
+                .map(|k| format!("backend = \"{k}\""))
+                .collect();
+            let problem = if owners.is_empty() {
+                format!("unknown option `{name}`")
+            } else {
+                format!(
+                    "option `{name}` belongs to {}, not to backend = \"{kind}\"",
+                    owners.join(" or ")
+                )
+            };
+            return Ok(broken(
+                problem,
+                format!(
+                    "remove `{name}` from the slot (a {kind} slot takes {})",
+                    kind.fields().join(", ")
+                ),
+            ));
+        }
+        table
+            .entry("label")
+            .or_insert_with(|| toml::Value::String(label.clone()));
+        let value = toml::Value::Table(table);
+        let parsed = match kind {
+            BackendKind::Software => value.try_into().map(Self::Software),
+            BackendKind::Tpm => value.try_into().map(Self::Tpm),
+            BackendKind::Pkcs11 => value.try_into().map(Self::Pkcs11),
+            BackendKind::SecureEnclave => value.try_into().map(Self::SecureEnclave),
+        };
+        Ok(parsed.unwrap_or_else(|e| {
+            broken(
+                e.to_string().trim().to_string(),
+                "correct the slot (see the README's Configuration section)".into(),
+            )
+        }))
+    }
 }
 
 /// An extra module the server may use, with the class it declares.
@@ -154,18 +389,25 @@ impl Default for ServerConfig {
 }
 
 /// The whole config.
-#[derive(Clone, Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct Config {
-    /// The slots, in order. Empty means the default software slot.
-    #[serde(default, rename = "slot")]
+    /// The slots, in order (the PKCS#11 slot ids). Never empty once read: see
+    /// [`Config::from_toml`] for the default.
     pub slots: Vec<SlotConfig>,
-    /// The server.
-    #[serde(default)]
+    /// The server, and the proof policy the token enforces.
     pub server: ServerConfig,
     /// Where the config came from (`None` for the built-in default).
-    #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// The file as written: slots still raw tables, read one by one by [`SlotConfig::from_table`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    slot: Vec<toml::Table>,
+    #[serde(default)]
+    server: ServerConfig,
 }
 
 impl Config {
@@ -189,7 +431,10 @@ impl Config {
                 return Self::from_file(&path);
             }
         }
-        Ok(Self::default().with_defaults())
+        Self::from_toml("").map_err(|message| ConfigError::Invalid {
+            path: PathBuf::new(),
+            message,
+        })
     }
 
     /// Reads one config file.
@@ -206,51 +451,57 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses config text; fills in defaults.
+    /// Parses config text. With no `[[slot]]`, the default: a software slot, plus a TPM slot
+    /// (`devicekey-tpm`) when the kernel's TPM resource manager exists and this build has TPM
+    /// support. A slot without a `label` gets `devicekey` (first slot) or `devicekey-N` (the
+    /// N-th), made unique among the labels of the file.
+    ///
+    /// Errors: bad TOML, an unknown top-level or `[server]` name, a slot without a known
+    /// `backend`. A wrong option inside a slot does not fail the config: that slot becomes
+    /// [`SlotConfig::Broken`].
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
-        Ok(config.with_defaults())
-    }
-
-    fn with_defaults(mut self) -> Self {
-        if self.slots.is_empty() {
-            let slot = |backend, label: Option<&str>| SlotConfig {
-                label: label.map(str::to_string),
-                backend,
-                dir: None,
-                tcti: None,
-                allow_simulator: false,
-                module: None,
-                token: None,
-                pin_env: None,
-                pin_file: None,
-                protection_class: None,
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        let mut tables = file.slot;
+        if tables.is_empty() {
+            let table = |pairs: &[(&str, &str)]| -> toml::Table {
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string())))
+                    .collect()
             };
-            self.slots.push(slot(BackendKind::Software, None));
-            // A machine with a TPM resource manager gets a TPM slot too.
+            tables.push(table(&[("backend", "software")]));
             if cfg!(all(feature = "tpm", target_os = "linux"))
                 && Path::new(DEFAULT_TPM_DEVICE).exists()
             {
-                self.slots
-                    .push(slot(BackendKind::Tpm, Some("devicekey-tpm")));
+                tables.push(table(&[("backend", "tpm"), ("label", "devicekey-tpm")]));
             }
         }
-        let mut used = std::collections::HashSet::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.label.is_none() {
-                let mut label = if i == 0 {
-                    "devicekey".to_string()
-                } else {
-                    format!("devicekey-{}", i + 1)
-                };
+        let mut used: std::collections::HashSet<String> = tables
+            .iter()
+            .filter_map(|t| t.get("label").and_then(toml::Value::as_str))
+            .map(str::to_string)
+            .collect();
+        let mut slots = Vec::with_capacity(tables.len());
+        for (index, table) in tables.into_iter().enumerate() {
+            let mut label = if index == 0 {
+                "devicekey".to_string()
+            } else {
+                format!("devicekey-{}", index + 1)
+            };
+            if !table.contains_key("label") {
                 while used.contains(&label) {
                     label.push('_');
                 }
-                slot.label = Some(label);
+                used.insert(label.clone());
             }
-            used.insert(slot.label.clone().unwrap_or_default());
+            slots.push(SlotConfig::from_table(index, table, label)?);
         }
-        self
+        Ok(Self {
+            slots,
+            server: file.server,
+            source: None,
+        })
     }
 }
 
@@ -276,17 +527,34 @@ pub fn default_data_dir() -> PathBuf {
 mod tests {
     use super::*;
 
-    #[test]
-    fn empty_config_gives_one_software_slot() {
-        let c = Config::from_toml("").unwrap();
+    fn one_slot(body: &str) -> SlotConfig {
+        let mut c = Config::from_toml(&format!("[[slot]]\n{body}\n")).unwrap();
         assert_eq!(c.slots.len(), 1);
-        assert_eq!(c.slots[0].backend, BackendKind::Software);
-        assert_eq!(c.slots[0].label.as_deref(), Some("devicekey"));
+        c.slots.remove(0)
+    }
+
+    #[test]
+    fn empty_config_gives_the_default_slots() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(
+            c.slots[0],
+            SlotConfig::Software(SoftwareSlot {
+                label: "devicekey".into(),
+                dir: None
+            })
+        );
+        let tpm = cfg!(all(feature = "tpm", target_os = "linux"))
+            && Path::new(DEFAULT_TPM_DEVICE).exists();
+        assert_eq!(c.slots.len(), if tpm { 2 } else { 1 });
+        if tpm {
+            assert_eq!(c.slots[1].kind(), BackendKind::Tpm);
+            assert_eq!(c.slots[1].label(), "devicekey-tpm");
+        }
         assert_eq!(c.server.max_proof_ttl_seconds, 900);
     }
 
     #[test]
-    fn full_config_parses() {
+    fn full_config_parses_into_one_struct_per_store() {
         let c = Config::from_toml(
             r#"
             [[slot]]
@@ -294,26 +562,175 @@ mod tests {
             backend = "software"
             dir = "/tmp/x"
             [[slot]]
+            backend = "tpm"
+            tcti = "swtpm:host=127.0.0.1,port=2321"
+            allow_simulator = true
+            [[slot]]
             label = "hsm"
             backend = "pkcs11"
             module = "/usr/lib/softhsm/libsofthsm2.so"
             token = "t"
             pin_env = "HSM_PIN"
             protection_class = "hardware_tpm"
+            [[slot]]
+            backend = "secure_enclave"
+            keychain = true
             [server]
             allowed_origin_hosts = ["example.com"]
             max_proof_ttl_seconds = 60
             "#,
         )
         .unwrap();
-        assert_eq!(c.slots.len(), 2);
-        assert_eq!(c.slots[1].backend, BackendKind::Pkcs11);
+        assert_eq!(
+            c.slots[0],
+            SlotConfig::Software(SoftwareSlot {
+                label: "devicekey".into(),
+                dir: Some("/tmp/x".into())
+            })
+        );
+        assert_eq!(
+            c.slots[1],
+            SlotConfig::Tpm(TpmSlot {
+                label: "devicekey-2".into(),
+                dir: None,
+                tcti: Some("swtpm:host=127.0.0.1,port=2321".into()),
+                allow_simulator: true,
+            })
+        );
+        let SlotConfig::Pkcs11(p) = &c.slots[2] else {
+            panic!("{:?}", c.slots[2]);
+        };
+        assert_eq!(p.label, "hsm");
+        assert_eq!(p.token.as_deref(), Some("t"));
+        assert_eq!(p.protection_class.as_deref(), Some("hardware_tpm"));
+        assert_eq!(
+            c.slots[3],
+            SlotConfig::SecureEnclave(SecureEnclaveSlot {
+                label: "devicekey-4".into(),
+                dir: None,
+                keychain: true,
+            })
+        );
         assert_eq!(c.server.allowed_origin_hosts, vec!["example.com"]);
+        assert_eq!(c.server.max_proof_ttl_seconds, 60);
     }
 
     #[test]
-    fn typo_is_an_error() {
-        let e = Config::from_toml("[[slot]]\nbackend = \"software\"\ndirr = \"x\"\n").unwrap_err();
-        assert!(e.contains("dirr"), "{e}");
+    fn an_option_of_another_backend_breaks_the_slot_and_names_both() {
+        let slot =
+            one_slot("label = \"soft\"\nbackend = \"software\"\ntcti = \"device:/dev/tpm0\"");
+        let SlotConfig::Broken(b) = &slot else {
+            panic!("{slot:?}");
+        };
+        assert_eq!(b.label, "soft");
+        assert_eq!(slot.kind(), BackendKind::Software);
+        assert!(b.problem.contains("`tcti`"), "{}", b.problem);
+        assert!(b.problem.contains("backend = \"tpm\""), "{}", b.problem);
+        assert!(
+            b.problem.contains("backend = \"software\""),
+            "{}",
+            b.problem
+        );
+        assert!(b.fix.contains("remove `tcti`"), "{}", b.fix);
+
+        // `dir` belongs to several stores, but not to pkcs11.
+        let slot = one_slot("backend = \"pkcs11\"\ndir = \"/tmp\"");
+        let SlotConfig::Broken(b) = &slot else {
+            panic!("{slot:?}");
+        };
+        assert!(b.problem.contains("`dir`"), "{}", b.problem);
+        assert!(
+            b.problem.contains("backend = \"software\" or"),
+            "{}",
+            b.problem
+        );
+    }
+
+    #[test]
+    fn a_typo_or_a_wrong_type_breaks_the_slot_naming_it() {
+        let slot = one_slot("backend = \"software\"\ndirr = \"x\"");
+        let SlotConfig::Broken(b) = &slot else {
+            panic!("{slot:?}");
+        };
+        assert!(b.problem.contains("unknown option `dirr`"), "{}", b.problem);
+        assert_eq!(b.label, "devicekey");
+
+        let slot = one_slot("backend = \"tpm\"\nallow_simulator = \"yes\"");
+        let SlotConfig::Broken(b) = &slot else {
+            panic!("{slot:?}");
+        };
+        assert!(b.problem.contains("allow_simulator"), "{}", b.problem);
+    }
+
+    #[test]
+    fn other_slots_survive_a_broken_one() {
+        let c = Config::from_toml(
+            "[[slot]]\nbackend = \"software\"\ntcti = \"x\"\n[[slot]]\nbackend = \"software\"\n",
+        )
+        .unwrap();
+        assert!(matches!(c.slots[0], SlotConfig::Broken(_)));
+        assert!(matches!(c.slots[1], SlotConfig::Software(_)));
+        assert_eq!(c.slots[1].label(), "devicekey-2");
+    }
+
+    #[test]
+    fn a_slot_without_a_known_backend_makes_the_config_unusable() {
+        let e = Config::from_toml("[[slot]]\nbackend = \"floppy\"\n").unwrap_err();
+        assert!(
+            e.contains("\"floppy\"") && e.contains("secure_enclave"),
+            "{e}"
+        );
+        let e = Config::from_toml("[[slot]]\nlabel = \"x\"\n").unwrap_err();
+        assert!(e.contains("missing `backend`"), "{e}");
+        let e = Config::from_toml("[[slot]]\nbackend = 3\n").unwrap_err();
+        assert!(e.contains("must be a string"), "{e}");
+        let e = Config::from_toml("[servr]\n").unwrap_err();
+        assert!(e.contains("servr"), "{e}");
+    }
+
+    #[test]
+    fn default_labels_avoid_the_labels_the_file_gives() {
+        let c = Config::from_toml(
+            "[[slot]]\nbackend = \"software\"\ndir = \"/a\"\n\
+             [[slot]]\nbackend = \"software\"\ndir = \"/b\"\n\
+             [[slot]]\nlabel = \"devicekey-2\"\nbackend = \"software\"\ndir = \"/c\"\n",
+        )
+        .unwrap();
+        let labels: Vec<&str> = c.slots.iter().map(SlotConfig::label).collect();
+        assert_eq!(labels, ["devicekey", "devicekey-2_", "devicekey-2"]);
+    }
+
+    #[test]
+    fn the_field_lists_match_the_structs() {
+        // serde lists a struct's names when it meets an unknown one: they must be FIELDS.
+        for kind in BackendKind::ALL {
+            let value: toml::Value = toml::from_str("label = \"l\"\nzz_unknown = 1\n").unwrap();
+            let e = match kind {
+                BackendKind::Software => value.try_into::<SoftwareSlot>().map(drop),
+                BackendKind::Tpm => value.try_into::<TpmSlot>().map(drop),
+                BackendKind::Pkcs11 => value.try_into::<Pkcs11Slot>().map(drop),
+                BackendKind::SecureEnclave => value.try_into::<SecureEnclaveSlot>().map(drop),
+            }
+            .unwrap_err()
+            .to_string();
+            let expected: Vec<String> = kind.fields().iter().map(|f| format!("`{f}`")).collect();
+            for f in &expected {
+                assert!(e.contains(f.as_str()), "{kind}: {f} not in {e}");
+            }
+            assert_eq!(
+                e.matches('`').count(),
+                2 * (expected.len() + 1),
+                "{kind}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_kind_has_one_spelling() {
+        for kind in BackendKind::ALL {
+            assert_eq!(BackendKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
+        assert_eq!(BackendKind::SecureEnclave.as_str(), "secure_enclave");
     }
 }

@@ -6,7 +6,7 @@ mod pkcs11_backend_support;
 
 use std::sync::Arc;
 
-use devicekey_pkcs11::backend::pkcs11::{probe, Pkcs11Backend};
+use devicekey_pkcs11::backend::pkcs11::{diagnose, Pkcs11Backend};
 use devicekey_pkcs11::backend::{Backend, BackendError, KeyPurpose, NewKey, ProtectionClass};
 use pkcs11_backend_support::*;
 use sha2::{Digest, Sha256};
@@ -394,7 +394,7 @@ fn wrong_token_label_is_not_found() {
     let err = Pkcs11Backend::open(&good_slot("no-such-token")).unwrap_err();
     assert!(matches!(err, BackendError::NotFound(_)), "{err:?}");
     assert!(err.to_string().contains("no-such-token"), "{err}");
-    let report = probe(&good_slot("no-such-token"));
+    let report = diagnose(&good_slot("no-such-token"));
     assert!(!report.reachable);
     assert!(report.fix.unwrap_or_default().contains("token"));
 }
@@ -409,7 +409,7 @@ fn missing_module_is_unusable() {
         err.to_string().contains("/nonexistent/libnothing.so"),
         "{err}"
     );
-    let report = probe(&config);
+    let report = diagnose(&config);
     assert!(!report.reachable);
     assert_eq!(report.protection_class, Some(ProtectionClass::HardwareTpm));
     assert!(report.fix.is_some());
@@ -500,8 +500,7 @@ fn config_errors() {
         ProtectionClass::HardwareSecureEnclave
     );
 
-    let report = probe(&good_slot(&token));
+    let report = diagnose(&good_slot(&token));
     assert!(report.reachable, "{report:?}");
-    assert_eq!(report.backend, "pkcs11");
     assert!(report.fix.is_none());
 }

@@ -4,16 +4,26 @@
 //! [`Backend`] for the keys and objects it holds, to generate a key pair, and for a [`Signer`] that
 //! signs a 32-byte digest. Every backend keeps private keys inside itself: nothing in this trait
 //! ever returns a private scalar.
+//!
+//! **The seam.** A `[[slot]]` is one [`SlotConfig`] variant holding its store's own struct
+//! (`crate::config`). Each store implements [`SlotStore`] on that struct: `open` (what the token
+//! uses) and `diagnose` (what `devicekey doctor` prints, in one shape for every store).
+//! [`store_of`] is the only place that matches on the variants. A new store is one module here
+//! plus one variant there.
 
 pub mod pkcs11;
 pub mod software;
 #[cfg(all(feature = "tpm", target_os = "linux"))]
 pub mod tpm;
+mod unavailable;
 pub mod verify;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::config::BackendKind;
+use crate::config::SlotConfig;
 
 /// How well a key store protects its keys. Reported honestly on the token and on every key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -165,8 +175,8 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 pub struct StoreInfo {
     /// Token label (32 characters at most; also the p11-kit URI's `token=`).
     pub label: String,
-    /// Which backend this is: `software`, `tpm`, `pkcs11`, `secure_enclave`.
-    pub backend: &'static str,
+    /// Which backend this is.
+    pub backend: BackendKind,
     /// Manufacturer of the device behind the store (32 characters at most).
     pub manufacturer: String,
     /// Serial number of the token (16 characters at most), stable across restarts.
@@ -266,31 +276,112 @@ pub trait Backend: Send + Sync {
     /// Deletes a stored object.
     fn destroy_object(&self, name: &str) -> Result<()>;
 
-    /// A cheap check whether another process changed the store since `since` was returned
-    /// (a directory mtime, a counter...). `None` when the store cannot tell.
+    /// A cheap check whether another process changed the store: a value (a directory mtime, a
+    /// counter...) that differs from the one returned before the change. `None` when the store
+    /// cannot tell.
     fn change_marker(&self) -> Option<u128> {
         None
     }
 }
 
+/// What `devicekey doctor` shows for one slot, in the same shape for every store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// The class its keys get (`None` when it cannot be told).
+    pub protection_class: Option<ProtectionClass>,
+    /// True when the key store opened.
+    pub reachable: bool,
+    /// What was found (device, where the keys are, how many), or what is wrong.
+    pub detail: String,
+    /// What to do when not reachable.
+    pub fix: Option<String>,
+}
+
+impl Diagnosis {
+    /// A store that opened.
+    pub fn reachable(class: ProtectionClass, detail: impl Into<String>) -> Self {
+        Self {
+            protection_class: Some(class),
+            reachable: true,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    /// A store that did not open, with the fix.
+    pub fn unreachable(
+        class: Option<ProtectionClass>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self {
+            protection_class: class,
+            reachable: false,
+            detail: problem.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// A key store as a `[[slot]]` selects it; implemented by each store on its own slot struct.
+pub trait SlotStore {
+    /// Opens the store (the token calls this on first use of the slot). A failure names the
+    /// slot and what is wrong.
+    fn open(&self) -> Result<Arc<dyn Backend>>;
+
+    /// Opens the store as [`SlotStore::open`] would, changing nothing (except creating a missing
+    /// key directory, as the module would), and says what is there or what is wrong and the fix.
+    fn diagnose(&self) -> Diagnosis;
+}
+
+/// The store a slot selects: the one match over the [`SlotConfig`] variants.
+pub fn store_of(slot: &SlotConfig) -> &dyn SlotStore {
+    match slot {
+        SlotConfig::Software(s) => s,
+        SlotConfig::Tpm(s) => s,
+        SlotConfig::Pkcs11(s) => s,
+        SlotConfig::SecureEnclave(s) => s,
+        SlotConfig::Broken(s) => s,
+    }
+}
+
 /// Opens the key store a `[[slot]]` entry describes.
-pub fn open(config: &crate::config::SlotConfig) -> Result<Arc<dyn Backend>> {
-    use crate::config::BackendKind;
-    let label = config.label.as_deref().unwrap_or("devicekey");
-    match config.backend {
-        BackendKind::Software => Ok(Arc::new(software::SoftwareStore::open(
-            label,
-            config.dir.as_deref(),
-        )?)),
-        #[cfg(all(feature = "tpm", target_os = "linux"))]
-        BackendKind::Tpm => Ok(Arc::new(tpm::TpmBackend::from_slot(config)?)),
-        #[cfg(not(all(feature = "tpm", target_os = "linux")))]
-        BackendKind::Tpm => Err(BackendError::Unusable(format!(
-            "slot \"{label}\": this build has no TPM support (build with --features tpm)"
-        ))),
-        BackendKind::Pkcs11 => Ok(Arc::new(pkcs11::Pkcs11Backend::open(config)?)),
-        BackendKind::SecureEnclave => Err(BackendError::Unusable(format!(
-            "slot \"{label}\": the Secure Enclave exists only on macOS"
-        ))),
+pub fn open(slot: &SlotConfig) -> Result<Arc<dyn Backend>> {
+    store_of(slot).open()
+}
+
+/// What `devicekey doctor` prints for a `[[slot]]` entry.
+pub fn diagnose(slot: &SlotConfig) -> Diagnosis {
+    store_of(slot).diagnose()
+}
+
+/// Splits a message that carries its own fix (`...; fix: ...` or `... Fix: ...`).
+pub(crate) fn split_fix(msg: &str) -> (String, Option<String>) {
+    for sep in ["; fix: ", ". Fix: ", " Fix: "] {
+        if let Some((problem, fix)) = msg.split_once(sep) {
+            return (problem.to_string(), Some(fix.to_string()));
+        }
+    }
+    (msg.to_string(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fix_is_split_from_messages_that_carry_one() {
+        assert_eq!(
+            split_fix("no token; fix: create it"),
+            ("no token".to_string(), Some("create it".to_string()))
+        );
+        assert_eq!(
+            split_fix("mode 0777; refusing it. Fix: `chmod 700 d`"),
+            (
+                "mode 0777; refusing it".to_string(),
+                Some("`chmod 700 d`".to_string())
+            )
+        );
+        assert_eq!(split_fix("plain"), ("plain".to_string(), None));
     }
 }

@@ -12,6 +12,7 @@
 
 mod format;
 mod signer;
+mod slot;
 #[cfg(test)]
 mod tests;
 
@@ -247,7 +248,7 @@ impl SoftwareStore {
         let store = SoftwareStore {
             info: StoreInfo {
                 label: label.to_string(),
-                backend: "software",
+                backend: crate::config::BackendKind::Software,
                 manufacturer: "devicekey".to_string(),
                 serial,
                 protection_class: ProtectionClass::OsProtectedNonextractable,

@@ -34,6 +34,7 @@
 
 mod device;
 mod keyfile;
+mod slot;
 mod store;
 
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     Signer, StoreInfo,
 };
-use crate::config::SlotConfig;
+use crate::config::TpmSlot;
 
 pub use device::{is_simulator, Identity, CACHE_SIZE};
 pub use keyfile::{KeyBlob, KeyFileError};
@@ -86,12 +87,9 @@ pub struct TpmConfig {
 
 impl TpmConfig {
     /// The config of a `[[slot]] backend = "tpm"`, defaults filled in.
-    pub fn from_slot(slot: &SlotConfig) -> Self {
+    pub fn from_slot(slot: &TpmSlot) -> Self {
         Self {
-            label: slot
-                .label
-                .clone()
-                .unwrap_or_else(|| "devicekey-tpm".to_string()),
+            label: slot.label.clone(),
             dir: slot.dir.clone().unwrap_or_else(default_dir),
             tcti: resolve_tcti(slot.tcti.as_deref()),
             allow_simulator: slot.allow_simulator,
@@ -213,7 +211,7 @@ fn truncate(s: &str, max: usize) -> String {
 
 impl TpmBackend {
     /// Opens the store of a `[[slot]] backend = "tpm"`.
-    pub fn from_slot(slot: &SlotConfig) -> Result<Self> {
+    pub fn from_slot(slot: &TpmSlot) -> Result<Self> {
         Self::open(&TpmConfig::from_slot(slot))
     }
 
@@ -235,7 +233,7 @@ impl TpmBackend {
         let manufacturer = format!("{} {}", identity.manufacturer, identity.vendor);
         let info = StoreInfo {
             label: truncate(&config.label, 32),
-            backend: "tpm",
+            backend: crate::config::BackendKind::Tpm,
             manufacturer: truncate(manufacturer.trim(), 32),
             serial: store::hex(&identity.srk_fingerprint),
             protection_class: class,

@@ -1,17 +1,20 @@
-//! `devicekey doctor`: which config file the module uses, and for each configured slot its label,
-//! backend, protection class, whether its key store is reachable, and the fix when it is not.
+//! `devicekey doctor`: which config file the module uses, the proof policy it enforces (allowed
+//! origin hosts, longest proof lifetime), and for each configured slot its label, backend,
+//! protection class, whether its key store is reachable, and the fix when it is not.
 //!
-//! The slots are opened the way the module opens them (software store, TPM probe, the wrapped
-//! PKCS#11 token found by label and logged in), but nothing is signed or changed, except that a
-//! missing software key directory is created (0700), as the module would. Nothing here prints:
+//! Each slot is diagnosed by its own store (`crate::backend::diagnose`: the software store
+//! opened, the TPM asked who it is, the wrapped PKCS#11 token found by label and logged in) and
+//! printed in one shape. Nothing is signed or changed, except that a missing software key
+//! directory is created (0700), as the module would. Nothing here prints:
 //! [`DoctorReport`] implements `Display` and the binary writes it; the exit code follows
 //! [`DoctorReport::healthy`]. A PIN is never shown.
 
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::backend::{Backend, BackendError, ProtectionClass};
-use crate::config::{BackendKind, Config, ConfigError, SlotConfig};
+use crate::backend::{BackendKind, ProtectionClass};
+use crate::config::{Config, ConfigError, SlotConfig};
+use crate::proof::ProofPolicy;
 
 /// `devicekey doctor`.
 #[derive(clap::Args, Debug, Default)]
@@ -41,6 +44,7 @@ impl DoctorArgs {
                 config: ConfigStatus::Loaded {
                     path: config.source.clone(),
                     from,
+                    policy: ProofPolicy::from_config(&config.server),
                 },
                 slots: config
                     .slots
@@ -69,6 +73,8 @@ pub enum ConfigStatus {
         path: Option<PathBuf>,
         /// How it was chosen.
         from: &'static str,
+        /// The proof policy the token enforces under this config (its `[server]` table).
+        policy: ProofPolicy,
     },
     /// The config could not be read.
     Broken {
@@ -86,8 +92,8 @@ pub struct SlotReport {
     pub index: usize,
     /// The token label.
     pub label: String,
-    /// `software`, `tpm`, `pkcs11` or `secure_enclave`.
-    pub backend: &'static str,
+    /// The backend the slot names.
+    pub backend: BackendKind,
     /// The class its keys get (`None` when it cannot be told).
     pub protection_class: Option<ProtectionClass>,
     /// True when the key store opened.
@@ -137,23 +143,50 @@ impl DoctorReport {
 
 impl fmt::Display for DoctorReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.config {
+        let (path, policy) = match &self.config {
             ConfigStatus::Loaded {
                 path: Some(path),
                 from,
-            } => writeln!(f, "config: {} (chosen by {from})", path.display())?,
-            ConfigStatus::Loaded { path: None, .. } => writeln!(
-                f,
-                "config: none found ($DEVICEKEY_CONFIG, $XDG_CONFIG_HOME/devicekey/config.toml, \
-                 /etc/devicekey/config.toml); using the built-in default"
-            )?,
+                policy,
+            } => {
+                writeln!(f, "config: {} (chosen by {from})", path.display())?;
+                (Some(path), policy)
+            }
+            ConfigStatus::Loaded {
+                path: None, policy, ..
+            } => {
+                writeln!(
+                    f,
+                    "config: none found ($DEVICEKEY_CONFIG, $XDG_CONFIG_HOME/devicekey/config.toml, \
+                     /etc/devicekey/config.toml); using the built-in default"
+                )?;
+                (None, policy)
+            }
             ConfigStatus::Broken { problem, fix } => {
                 writeln!(f, "config: NOT usable")?;
                 writeln!(f, "  problem: {problem}")?;
                 write!(f, "  fix:     {fix}")?;
                 return Ok(());
             }
-        }
+        };
+        writeln!(f)?;
+        writeln!(
+            f,
+            "proof policy (from {}; enforced by every process that reads this config):",
+            path.map_or("the built-in default".to_string(), |p| p
+                .display()
+                .to_string())
+        )?;
+        writeln!(
+            f,
+            "  allowed origin hosts: {} (https, and their subdomains; plus localhost and loopback IPs)",
+            if policy.allowed_origin_hosts.is_empty() {
+                "none".to_string()
+            } else {
+                policy.allowed_origin_hosts.join(", ")
+            }
+        )?;
+        writeln!(f, "  max proof TTL:        {} s", policy.max_ttl_seconds)?;
         for s in &self.slots {
             writeln!(f)?;
             writeln!(f, "slot {}: {}", s.index, s.label)?;
@@ -195,156 +228,30 @@ fn config_fix(e: &ConfigError) -> String {
             format!("make {} readable by this user", path.display())
         }
         ConfigError::Invalid { path, .. } => format!(
-            "correct {} (see the README for the [[slot]] keys: label, backend, dir, tcti, \
-             allow_simulator, module, token, pin_env, pin_file, protection_class)",
-            path.display()
+            "correct {} (see the README's Configuration section: each [[slot]] names its \
+             `backend`, one of {})",
+            path.display(),
+            BackendKind::ALL.map(BackendKind::as_str).join(", ")
         ),
     }
 }
 
-/// Splits a message that carries its own fix (`...; fix: ...` or `... Fix: ...`).
-fn split_fix(msg: &str) -> (String, Option<String>) {
-    for sep in ["; fix: ", ". Fix: ", " Fix: "] {
-        if let Some((problem, fix)) = msg.split_once(sep) {
-            return (problem.to_string(), Some(fix.to_string()));
-        }
-    }
-    (msg.to_string(), None)
-}
-
-fn backend_name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Software => "software",
-        BackendKind::Tpm => "tpm",
-        BackendKind::Pkcs11 => "pkcs11",
-        BackendKind::SecureEnclave => "secure_enclave",
-    }
-}
-
 fn check_slot(index: usize, slot: &SlotConfig) -> SlotReport {
-    let label = slot.label.clone().unwrap_or_else(|| "devicekey".into());
-    let mut report = SlotReport {
+    let d = crate::backend::diagnose(slot);
+    SlotReport {
         index,
-        label: label.clone(),
-        backend: backend_name(slot.backend),
-        protection_class: None,
-        reachable: false,
-        detail: String::new(),
-        fix: None,
-    };
-    match slot.backend {
-        BackendKind::Software => check_software(&mut report, slot),
-        BackendKind::Pkcs11 => {
-            let probe = crate::backend::pkcs11::probe(slot);
-            report.protection_class = probe.protection_class;
-            report.reachable = probe.reachable;
-            report.detail = probe.detail;
-            report.fix = probe.fix;
-        }
-        BackendKind::Tpm => check_tpm(&mut report, slot),
-        BackendKind::SecureEnclave => {
-            report.protection_class = Some(ProtectionClass::HardwareSecureEnclave);
-            report.detail = "the Secure Enclave exists only on macOS".into();
-            report.fix = Some(
-                "remove this slot, or use backend = \"tpm\" or \"software\" on this machine".into(),
-            );
-        }
+        label: slot.label().to_string(),
+        backend: slot.kind(),
+        protection_class: d.protection_class,
+        reachable: d.reachable,
+        detail: d.detail,
+        fix: d.fix,
     }
-    report
-}
-
-fn check_software(report: &mut SlotReport, slot: &SlotConfig) {
-    use crate::backend::software::SoftwareStore;
-    report.protection_class = Some(ProtectionClass::OsProtectedNonextractable);
-    let dir = slot
-        .dir
-        .clone()
-        .unwrap_or_else(crate::config::default_data_dir);
-    match SoftwareStore::open(&report.label, Some(&dir)) {
-        Ok(store) => {
-            report.reachable = true;
-            report.detail = match store.load_keys() {
-                Ok(keys) => format!("keys in {}, {} key(s)", dir.display(), keys.len()),
-                Err(e) => format!("keys in {} (not listed: {e})", dir.display()),
-            };
-        }
-        Err(e) => {
-            let (problem, fix) = match &e {
-                BackendError::Unusable(m) | BackendError::Io(m) | BackendError::Full(m) => {
-                    split_fix(m)
-                }
-                other => (other.to_string(), None),
-            };
-            report.detail = problem;
-            report.fix = Some(fix.unwrap_or_else(|| match e {
-                BackendError::Full(_) => {
-                    "free space on the file system of the key directory".into()
-                }
-                _ => format!(
-                    "make {} a directory you own with mode 0700, or set the slot's `dir` elsewhere",
-                    dir.display()
-                ),
-            }));
-        }
-    }
-}
-
-#[cfg(all(feature = "tpm", target_os = "linux"))]
-fn check_tpm(report: &mut SlotReport, slot: &SlotConfig) {
-    let config = crate::backend::tpm::TpmConfig::from_slot(slot);
-    let probe = crate::backend::tpm::probe(&config.tcti, config.allow_simulator);
-    report.protection_class = probe.class;
-    report.reachable = probe.reachable();
-    match (&probe.identity, &probe.error) {
-        (Some(id), _) => {
-            report.detail = format!(
-                "TPM at {} ({}, {}, firmware {}{}), keys in {}",
-                probe.tcti,
-                id.manufacturer,
-                id.vendor,
-                id.firmware,
-                if id.simulator { ", a simulator" } else { "" },
-                config.dir.display()
-            );
-        }
-        (None, error) => {
-            let msg = error.clone().unwrap_or_else(|| "no answer".into());
-            let (problem, fix) = split_fix(&msg);
-            report.detail = format!("TPM at {}: {problem}", probe.tcti);
-            report.fix = Some(fix.unwrap_or_else(|| {
-                "check that the TPM (or swtpm) is running and that `tcti` names it \
-                 (e.g. device:/dev/tpmrm0); you need access to the device"
-                    .into()
-            }));
-        }
-    }
-}
-
-#[cfg(not(all(feature = "tpm", target_os = "linux")))]
-fn check_tpm(report: &mut SlotReport, _slot: &SlotConfig) {
-    report.detail = "this build has no TPM support".into();
-    report.fix = Some("build with `cargo build --release --features tpm`".into());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fix_is_split_from_messages_that_carry_one() {
-        assert_eq!(
-            split_fix("no token; fix: create it"),
-            ("no token".to_string(), Some("create it".to_string()))
-        );
-        assert_eq!(
-            split_fix("mode 0777; refusing it. Fix: `chmod 700 d`"),
-            (
-                "mode 0777; refusing it".to_string(),
-                Some("`chmod 700 d`".to_string())
-            )
-        );
-        assert_eq!(split_fix("plain"), ("plain".to_string(), None));
-    }
 
     #[test]
     fn secure_enclave_slot_is_not_reachable_here() {
@@ -353,5 +260,30 @@ mod tests {
         assert!(!r.reachable);
         assert!(r.fix.is_some());
         assert_eq!(r.backend, "secure_enclave");
+        assert!(r.detail.contains("needs macOS"), "{}", r.detail);
+    }
+
+    #[test]
+    fn the_policy_in_force_is_printed() {
+        let mut config = Config::from_toml(
+            "[[slot]]\nbackend = \"secure_enclave\"\n[server]\nallowed_origin_hosts = [\"a.example\", \"b.example\"]\nmax_proof_ttl_seconds = 42\n",
+        )
+        .unwrap();
+        config.source = Some("/etc/dk.toml".into());
+        let report = DoctorReport {
+            config: ConfigStatus::Loaded {
+                path: config.source.clone(),
+                from: "--config",
+                policy: ProofPolicy::from_config(&config.server),
+            },
+            slots: vec![check_slot(0, &config.slots[0])],
+        };
+        let text = report.to_string();
+        assert!(text.contains("proof policy (from /etc/dk.toml;"), "{text}");
+        assert!(
+            text.contains("allowed origin hosts: a.example, b.example"),
+            "{text}"
+        );
+        assert!(text.contains("max proof TTL:        42 s"), "{text}");
     }
 }

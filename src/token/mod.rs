@@ -173,7 +173,7 @@ impl Token {
         Ok(SlotInfo {
             description: format!(
                 "devicekey {} slot {}{device}",
-                format!("{:?}", slot.config.backend).to_lowercase(),
+                slot.config.kind().as_str(),
                 slot.label
             ),
             flags,

@@ -369,7 +369,7 @@ enum StoreState {
 impl Slot {
     /// A slot for a config entry; the store opens on first use.
     pub fn new(config: SlotConfig) -> Self {
-        let label = config.label.clone().unwrap_or_else(|| "devicekey".into());
+        let label = config.label().to_string();
         Self {
             config,
             label,

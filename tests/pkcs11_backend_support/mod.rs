@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use devicekey_pkcs11::config::{Config, SlotConfig};
+use devicekey_pkcs11::config::{Config, Pkcs11Slot, SlotConfig};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
 pub use softhsm::{have_softhsm, PIN, SOFTHSM};
@@ -63,16 +63,19 @@ pub fn new_token(tag: &str) -> String {
 }
 
 /// A pkcs11 slot config; `extra` is appended to the `[[slot]]` table (TOML lines).
-pub fn slot(token: &str, extra: &str) -> SlotConfig {
+pub fn slot(token: &str, extra: &str) -> Pkcs11Slot {
     let text = format!(
         "[[slot]]\nlabel = \"hsm-{token}\"\nbackend = \"pkcs11\"\nmodule = \"{SOFTHSM}\"\ntoken = \"{token}\"\n{extra}\n"
     );
     let mut c = Config::from_toml(&text).expect("test config parses");
-    c.slots.remove(0)
+    match c.slots.remove(0) {
+        SlotConfig::Pkcs11(s) => s,
+        other => panic!("not a pkcs11 slot: {other:?}"),
+    }
 }
 
 /// The usual slot: PIN from the environment, declared hardware_tpm.
-pub fn good_slot(token: &str) -> SlotConfig {
+pub fn good_slot(token: &str) -> Pkcs11Slot {
     slot(
         token,
         &format!("pin_env = \"{PIN_ENV}\"\nprotection_class = \"hardware_tpm\""),

@@ -41,10 +41,10 @@ use pool::{lock, Inner};
 use settings::Settings;
 
 use crate::backend::{
-    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
-    Signer, StoreInfo,
+    Backend, BackendError, Diagnosis, KeyRecord, NewKey, ObjectRecord, ProtectionClass,
+    RawAttribute, Result, Signer, SlotStore, StoreInfo,
 };
-use crate::config::SlotConfig;
+use crate::config::Pkcs11Slot;
 
 /// A key store in another PKCS#11 token.
 pub struct Pkcs11Backend {
@@ -75,14 +75,14 @@ impl Pkcs11Backend {
     /// Errors: `Unusable` (config incomplete, module missing or not loadable, token not usable),
     /// `NotFound` (no token with that label), `Auth` (PIN missing, wrong or locked),
     /// `Unreachable` (the device does not answer).
-    pub fn open(config: &SlotConfig) -> Result<Self> {
+    pub fn open(config: &Pkcs11Slot) -> Result<Self> {
         Self::connect(config).map_err(|f| {
             log::error!("pkcs11 key store: {}; fix: {}", f.problem, f.fix);
             f.error
         })
     }
 
-    fn connect(config: &SlotConfig) -> std::result::Result<Self, Failure> {
+    fn connect(config: &Pkcs11Slot) -> std::result::Result<Self, Failure> {
         let settings = Settings::from_config(config)?;
         let inner = Arc::new(Inner::new(settings));
         let conn = inner.conn()?;
@@ -142,7 +142,7 @@ impl Pkcs11Backend {
         })?;
         let info = StoreInfo {
             label: truncate(&inner.settings.slot_label, 32),
-            backend: "pkcs11",
+            backend: crate::config::BackendKind::Pkcs11,
             manufacturer: truncate(token.manufacturer_id().trim_end(), 32),
             serial: truncate(token.serial_number().trim_end(), 16),
             protection_class: inner.settings.class,
@@ -294,27 +294,20 @@ impl Signer for Pkcs11Signer {
     }
 }
 
-/// What `devicekey doctor` prints for a pkcs11 slot.
-#[derive(Clone, Debug)]
-pub struct ProbeReport {
-    /// The slot's label.
-    pub label: String,
-    /// Always `pkcs11`.
-    pub backend: &'static str,
-    /// The declared class (`None` when the config lacks or misspells it).
-    pub protection_class: Option<ProtectionClass>,
-    /// True when the token was found, logged in and usable.
-    pub reachable: bool,
-    /// What was found (module, token, manufacturer, serial, keys), or what went wrong.
-    pub detail: String,
-    /// What to do when not reachable.
-    pub fix: Option<String>,
+impl SlotStore for Pkcs11Slot {
+    fn open(&self) -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(Pkcs11Backend::open(self)?))
+    }
+
+    fn diagnose(&self) -> Diagnosis {
+        diagnose(self)
+    }
 }
 
-/// Opens the slot as the module would and reports, without logging errors.
-pub fn probe(config: &SlotConfig) -> ProbeReport {
-    let label = config.label.clone().unwrap_or_default();
-    let protection_class = config
+/// Opens the slot as the module would and says what is there or what is wrong, without logging
+/// errors (what `devicekey doctor` prints for a pkcs11 slot).
+pub fn diagnose(config: &Pkcs11Slot) -> Diagnosis {
+    let declared = config
         .protection_class
         .as_deref()
         .and_then(ProtectionClass::parse);
@@ -324,28 +317,17 @@ pub fn probe(config: &SlotConfig) -> ProbeReport {
                 .load_keys()
                 .map(|k| format!("{} key(s)", k.len()))
                 .unwrap_or_else(|e| format!("keys not listed: {e}"));
-            ProbeReport {
-                label,
-                backend: "pkcs11",
-                protection_class,
-                reachable: true,
-                detail: format!(
+            Diagnosis::reachable(
+                backend.info.protection_class,
+                format!(
                     "token '{}' in {} (manufacturer '{}', serial '{}'), {keys}",
                     backend.inner.settings.token,
                     backend.inner.settings.module.display(),
                     backend.info.manufacturer,
                     backend.info.serial
                 ),
-                fix: None,
-            }
+            )
         }
-        Err(f) => ProbeReport {
-            label,
-            backend: "pkcs11",
-            protection_class,
-            reachable: false,
-            detail: f.problem,
-            fix: Some(f.fix),
-        },
+        Err(f) => Diagnosis::unreachable(declared, f.problem, f.fix),
     }
 }

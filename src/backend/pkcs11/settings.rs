@@ -1,4 +1,6 @@
-//! The slot config of a pkcs11 key store, checked and resolved (PIN read from its source).
+//! The options of a pkcs11 key store, read from its `[[slot]]` struct ([`Pkcs11Slot`]), checked
+//! (each missing or wrong option is reported with its fix) and resolved (PIN read from its
+//! source).
 
 use std::path::PathBuf;
 
@@ -6,7 +8,7 @@ use zeroize::Zeroizing;
 
 use super::errors::Failure;
 use crate::backend::{BackendError, ProtectionClass};
-use crate::config::SlotConfig;
+use crate::config::Pkcs11Slot;
 
 /// What a pkcs11 slot needs, checked.
 pub(super) struct Settings {
@@ -28,12 +30,8 @@ const CLASSES: &str = "hardware_tpm, hardware_secure_enclave or os_protected_non
 
 impl Settings {
     /// Checks a `[[slot]]` with `backend = "pkcs11"`. Never logs or returns the PIN.
-    pub(super) fn from_config(config: &SlotConfig) -> Result<Self, Failure> {
-        let slot_label = config
-            .label
-            .clone()
-            .or_else(|| config.token.clone())
-            .unwrap_or_else(|| "devicekey-hsm".to_string());
+    pub(super) fn from_config(config: &Pkcs11Slot) -> Result<Self, Failure> {
+        let slot_label = config.label.clone();
         let class = match config.protection_class.as_deref() {
             None => {
                 return Err(Failure::new(

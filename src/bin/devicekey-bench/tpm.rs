@@ -4,7 +4,7 @@
 
 use devicekey_pkcs11::backend::tpm::TpmBackend;
 use devicekey_pkcs11::backend::Backend;
-use devicekey_pkcs11::config::{BackendKind, Config};
+use devicekey_pkcs11::config::{Config, SlotConfig};
 use serde_json::json;
 
 use crate::p11::Verifier;
@@ -24,7 +24,10 @@ pub fn raw(label: &str, plan: &Plan) -> Result<()> {
     let slot = config
         .slots
         .iter()
-        .find(|s| s.backend == BackendKind::Tpm)
+        .find_map(|s| match s {
+            SlotConfig::Tpm(t) => Some(t),
+            _ => None,
+        })
         .ok_or_else(|| BenchError::Other("the config has no TPM slot".into()))?;
     let store = TpmBackend::from_slot(slot).map_err(store_err)?;
     let key = store

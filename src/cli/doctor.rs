@@ -7,7 +7,7 @@
 //! printed in one shape. Nothing is signed or changed, except that a missing software key
 //! directory is created (0700), as the module would. Nothing here prints:
 //! [`DoctorReport`] implements `Display` and the binary writes it; the exit code follows
-//! [`DoctorReport::healthy`]. A PIN is never shown.
+//! [`DoctorReport::problem_summary`]. A PIN is never shown.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -114,12 +114,8 @@ pub struct DoctorReport {
 }
 
 impl DoctorReport {
-    /// True when the config was read and every slot is reachable.
-    pub fn healthy(&self) -> bool {
-        matches!(self.config, ConfigStatus::Loaded { .. }) && self.slots.iter().all(|s| s.reachable)
-    }
-
-    /// A one-line summary of what is wrong (`None` when healthy).
+    /// A one-line summary of what is wrong; `None` when the config was read and every slot is
+    /// reachable (the exit code is 0 then, 1 otherwise).
     pub fn problem_summary(&self) -> Option<String> {
         if let ConfigStatus::Broken { .. } = self.config {
             return Some("the config cannot be used".into());

@@ -17,6 +17,9 @@ impl SlotStore for BrokenSlot {
     }
 }
 
+// When a Secure Enclave store exists, its module implements `SlotStore` for `SecureEnclaveSlot`
+// on macOS, and the impl below stays for every other system.
+
 /// Why a `secure_enclave` slot has no token here.
 const NO_SECURE_ENCLAVE: &str = "the Secure Enclave store needs macOS with a Secure Enclave";
 

@@ -49,7 +49,7 @@ pub use device::{is_simulator, Identity, CACHE_SIZE};
 pub use keyfile::{KeyBlob, KeyFileError};
 
 use device::{Device, TpmKey};
-use store::{random_name, KeyDir, KeyMeta};
+use store::{random_name, KeyFiles, KeyMeta};
 
 /// The TCTI used when neither the config nor `DEVICEKEY_TPM_TCTI` names one.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -191,7 +191,7 @@ impl Signer for TpmSigner {
 /// The TPM key store.
 pub struct TpmBackend {
     info: StoreInfo,
-    dir: KeyDir,
+    dir: KeyFiles,
     device: Arc<Device>,
     identity: Identity,
     allow_simulator: bool,
@@ -220,7 +220,7 @@ impl TpmBackend {
     /// Opens the key directory (creating it owner-only) and connects to the TPM, which must
     /// answer: its identity decides the class.
     pub fn open(config: &TpmConfig) -> Result<Self> {
-        let dir = KeyDir::open(&config.dir)?;
+        let dir = KeyFiles::open(&config.dir)?;
         let device = Arc::new(Device::new(&config.tcti));
         let identity = device.identity()?;
         let class = class_for(&identity, config.allow_simulator);
@@ -237,7 +237,7 @@ impl TpmBackend {
             label: truncate(&config.label, 32),
             backend: "tpm",
             manufacturer: truncate(manufacturer.trim(), 32),
-            serial: store::hex(&identity.srk_fingerprint),
+            serial: crate::encoding::hex(&identity.srk_fingerprint),
             protection_class: class,
         };
         log::info!(
@@ -359,7 +359,7 @@ impl Backend for TpmBackend {
         }
         let (mut meta, _) = self.dir.read_key(name)?;
         meta.label = label.to_string();
-        meta.id = store::hex(id);
+        meta.id = crate::encoding::hex(id);
         self.dir.write_meta(name, &meta)
     }
 

@@ -218,9 +218,14 @@ fn dir_problem(dir: &Path, st: &Stat) -> Option<String> {
     }
     let mode = mode_of(st);
     if mode & 0o077 != 0 {
+        let how = if mode & 0o022 != 0 {
+            "writable"
+        } else {
+            "readable"
+        };
         return Some(format!(
-            "the key directory {} is accessible to group or others (mode {mode:04o}); refusing \
-             it. Fix: `chmod 700 {}`",
+            "the key directory {} is {how} by group or others (mode {mode:04o}); refusing it. \
+             Fix: `chmod 700 {}`",
             dir.display(),
             dir.display()
         ));

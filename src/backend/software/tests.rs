@@ -200,7 +200,7 @@ fn refuses_group_accessible_dir() {
     let err = SoftwareStore::open("t", Some(&dir)).unwrap_err();
     match err {
         BackendError::Unusable(msg) => {
-            assert!(msg.contains("accessible to group or others"), "{msg}");
+            assert!(msg.contains("writable by group or others"), "{msg}");
             assert!(msg.contains("chmod 700"), "{msg}");
         }
         other => panic!("unexpected {other:?}"),

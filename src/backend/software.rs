@@ -1,14 +1,16 @@
 //! The software key store (`os_protected_nonextractable`): P-256 keys in an owner-only directory.
 //!
-//! Layout of the directory (0700, owned by the user; a directory owned by someone else or
-//! writable by group or others is refused):
+//! The directory is a [`KeyDir`]: owner-only (0700), safe ancestors, every file reached through
+//! the directory's descriptor and loaded only when it is a regular 0600 file of the user's (see
+//! the `keydir` module for the whole policy). Layout:
 //! - `<name>.key`: one key pair (JSON, see [`format::KeyFile`]), mode 0600;
 //! - `<name>.obj`: one stored non-key object (JSON, see [`format::ObjectFile`]), mode 0600;
 //! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes;
 //! - `.<name>.<ext>.<random>.tmp`: a file being written; never loaded, removed when stale.
 //!
-//! `<name>` is 32 lowercase hex digits (16 random bytes). Writes are atomic: temporary file,
-//! fsync, rename, fsync of the directory. Session keys (`persistent = false`) live only in memory.
+//! `<name>` is 32 lowercase hex digits (16 random bytes). Writes are atomic (temporary file,
+//! fsync, rename, fsync of the directory) and made holding the lock. Session keys
+//! (`persistent = false`) live only in memory.
 
 mod format;
 mod signer;
@@ -17,10 +19,7 @@ mod slot;
 mod tests;
 
 use std::collections::HashMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -29,15 +28,15 @@ use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
+use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     StoreInfo,
 };
+use crate::encoding;
 
 const KEY_EXT: &str = "key";
 const OBJ_EXT: &str = "obj";
-const TMP_EXT: &str = "tmp";
-const LOCK_FILE: &str = ".lock";
 const SESSION_PREFIX: &str = "session-";
 /// Key files are small; anything larger is not one of ours.
 const MAX_KEY_FILE: u64 = 64 * 1024;
@@ -52,9 +51,7 @@ struct SessionKey {
 /// The software key store.
 pub struct SoftwareStore {
     info: StoreInfo,
-    dir: PathBuf,
-    /// A handle on `.lock` to read the change counter without taking the lock.
-    counter: File,
+    dir: KeyDir,
     sessions: Mutex<HashMap<String, SessionKey>>,
 }
 
@@ -62,22 +59,9 @@ impl std::fmt::Debug for SoftwareStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SoftwareStore")
             .field("label", &self.info.label)
-            .field("dir", &self.dir)
+            .field("dir", &self.dir.path())
             .finish_non_exhaustive()
     }
-}
-
-fn io_err(what: &str, path: &Path, e: &std::io::Error) -> BackendError {
-    let msg = format!("{what} {}: {e}", path.display());
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => BackendError::Full(msg),
-        _ => BackendError::Io(msg),
-    }
-}
-
-fn unusable(msg: String) -> BackendError {
-    log::error!("{msg}");
-    BackendError::Unusable(msg)
 }
 
 fn poisoned() -> BackendError {
@@ -95,7 +79,7 @@ fn random_name() -> Result<String> {
     let mut b = [0u8; 16];
     getrandom::getrandom(&mut b)
         .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
-    Ok(format::hex_encode(&b))
+    Ok(encoding::hex(&b))
 }
 
 /// True for the names this store gives out: 32 lowercase hex digits.
@@ -109,125 +93,6 @@ fn stem_with_ext<'a>(file_name: &'a str, ext: &str) -> Option<&'a str> {
     valid_name(stem).then_some(stem)
 }
 
-/// Creates the directory (0700) if missing and checks its owner and mode.
-fn prepare_dir(dir: &Path) -> Result<PathBuf> {
-    match fs::metadata(dir) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| {
-                    unusable(format!(
-                        "cannot create the key directory {}: {e}; create it (mode 0700) or set \
-                         the slot's `dir` to a writable place",
-                        dir.display()
-                    ))
-                })?;
-            // The umask may have removed bits, never added any; make it exactly 0700.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| io_err("cannot set the mode of", dir, &e))?;
-            log::info!("created key directory {}", dir.display());
-        }
-        Err(e) => {
-            return Err(unusable(format!(
-                "cannot use the key directory {}: {e}",
-                dir.display()
-            )))
-        }
-    }
-    let meta = fs::metadata(dir).map_err(|e| {
-        unusable(format!(
-            "cannot use the key directory {}: {e}",
-            dir.display()
-        ))
-    })?;
-    if !meta.is_dir() {
-        return Err(unusable(format!(
-            "the key directory {} is not a directory; remove it or set the slot's `dir` elsewhere",
-            dir.display()
-        )));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(unusable(format!(
-            "the key directory {} is owned by uid {}, not by this user (uid {me}); refusing it. \
-             Fix: `chown {me} {}` if it is yours, or set the slot's `dir` to a directory you own",
-            dir.display(),
-            meta.uid(),
-            dir.display()
-        )));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(unusable(format!(
-            "the key directory {} is writable by group or others (mode {mode:04o}); refusing it. \
-             Fix: `chmod 700 {}`",
-            dir.display(),
-            dir.display()
-        )));
-    }
-    if mode & 0o077 != 0 {
-        log::warn!(
-            "the key directory {} is readable by others (mode {mode:04o}); `chmod 700` it",
-            dir.display()
-        );
-    }
-    fs::canonicalize(dir).map_err(|e| io_err("cannot resolve", dir, &e))
-}
-
-/// Reads a whole file into a buffer wiped on drop; refuses files larger than `max`.
-fn read_limited(path: &Path, max: u64) -> std::io::Result<Zeroizing<Vec<u8>>> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("file is {len} bytes, more than {max}"),
-        ));
-    }
-    let cap = usize::try_from(len).unwrap_or(0).saturating_add(1);
-    let mut buf = Zeroizing::new(Vec::with_capacity(cap));
-    Read::by_ref(&mut f).take(max + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "file grew while being read",
-        ));
-    }
-    Ok(buf)
-}
-
-/// Opens (creating it 0600 if missing) the lock file. On a read-only file system an existing
-/// lock file is opened read-only: `flock` works on it, so the store can still be read (writes
-/// then fail with a clear "Read-only file system").
-fn open_lock_file(path: &Path) -> Result<File> {
-    match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(f) => Ok(f),
-        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-            File::open(path).map_err(|_| io_err("cannot open the lock file", path, &e))
-        }
-        Err(e) => Err(io_err("cannot open the lock file", path, &e)),
-    }
-}
-
-fn flock(file: &File, op: rustix::fs::FlockOperation) -> std::io::Result<()> {
-    loop {
-        match rustix::fs::flock(file, op) {
-            Err(rustix::io::Errno::INTR) => continue,
-            r => return r.map_err(std::io::Error::from),
-        }
-    }
-}
-
 impl SoftwareStore {
     /// Opens (creating it if missing) the store in `dir`, or in
     /// [`crate::config::default_data_dir`] when `dir` is `None`.
@@ -236,15 +101,9 @@ impl SoftwareStore {
             Some(d) => d.to_path_buf(),
             None => crate::config::default_data_dir(),
         };
-        let dir = prepare_dir(&wanted)?;
-        let lock_path = dir.join(LOCK_FILE);
-        // The long-lived handle only reads the counter: a handle open for writing would keep
-        // the file system from being remounted read-only for as long as the module is loaded.
-        drop(open_lock_file(&lock_path)?);
-        let counter = File::open(&lock_path)
-            .map_err(|e| io_err("cannot open the lock file", &lock_path, &e))?;
-        let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
-        let serial = format::hex_encode(&digest[..8]);
+        let dir = KeyDir::open(&wanted)?;
+        let digest = Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
+        let serial = encoding::hex(&digest[..8]);
         let store = SoftwareStore {
             info: StoreInfo {
                 label: label.to_string(),
@@ -254,151 +113,79 @@ impl SoftwareStore {
                 protection_class: ProtectionClass::OsProtectedNonextractable,
             },
             dir,
-            counter,
             sessions: Mutex::new(HashMap::new()),
         };
-        // Cleaning up changes nothing visible, so it leaves the change counter alone.
-        store.locked(false, || {
-            store.remove_stale_temp_files();
-            Ok(())
-        })?;
+        // Every writer holds the lock while its temporary file exists, so any temporary file
+        // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
+        // change counter alone.
+        let lock = store.dir.lock()?;
+        store.dir.remove_stale_temp_files(None);
+        drop(lock);
         log::debug!(
             "software store {:?} opened in {}",
             label,
-            store.dir.display()
+            store.dir.path().display()
         );
         Ok(store)
     }
 
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
-    /// Runs `f` holding the store's lock, then bumps the change counter. The lock file is
-    /// opened afresh each time, so the `flock` excludes other threads of this process, other
-    /// processes and forked children alike (they never share the open file description).
+    /// Runs `f` holding the store's lock, then bumps the change counter, so other processes
+    /// reload.
     fn with_lock<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.locked(true, f)
-    }
-
-    /// Runs `f` holding the store's lock; bumps the change counter when `bump`.
-    fn locked<T>(&self, bump: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let lock_path = self.dir.join(LOCK_FILE);
-        let lock = open_lock_file(&lock_path)?;
-        flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io_err("cannot lock", &lock_path, &e))?;
+        let lock = self.dir.lock()?;
         let result = f();
-        if bump {
-            let mut count = [0u8; 8];
-            let n = lock.read_at(&mut count, 0).unwrap_or(0);
-            let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
-            if let Err(e) = lock.write_all_at(&next.to_le_bytes(), 0) {
-                log::warn!(
-                    "cannot update the change counter {}: {e}",
-                    lock_path.display()
-                );
-            }
-        }
-        // Closing the file releases the lock.
-        drop(lock);
+        lock.bump();
         result
     }
 
-    /// Removes temporary files left by a crash. Call with the lock held: every writer holds the
-    /// lock while its temporary file exists, so any temporary file seen now is stale.
-    fn remove_stale_temp_files(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') && name.ends_with(&format!(".{TMP_EXT}")) {
-                let path = entry.path();
-                match fs::remove_file(&path) {
-                    Ok(()) => log::warn!("removed a stale temporary file {}", path.display()),
-                    Err(e) => log::warn!("cannot remove stale {}: {e}", path.display()),
-                }
-            }
-        }
-    }
-
-    fn path_of(&self, name: &str, ext: &str) -> PathBuf {
-        self.dir.join(format!("{name}.{ext}"))
-    }
-
-    fn sync_dir(&self) -> Result<()> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err("cannot sync the directory", &self.dir, &e))
-    }
-
-    /// Writes `<name>.<ext>` atomically: temporary file (0600), fsync, rename, fsync directory.
-    /// Call with the lock held.
+    /// Writes `<name>.<ext>` atomically. Call with the lock held.
     fn write_atomic(&self, name: &str, ext: &str, contents: &[u8]) -> Result<()> {
-        let tmp = self
-            .dir
-            .join(format!(".{name}.{ext}.{}.{TMP_EXT}", random_name()?));
-        let target = self.path_of(name, ext);
-        let written = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(contents)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &target)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err("cannot write", &target, &e));
-        }
-        self.sync_dir()
+        self.dir.write_atomic(&format!("{name}.{ext}"), contents)
     }
 
     /// Removes `<name>.<ext>`; `NotFound` when absent. Call with the lock held.
     fn remove(&self, name: &str, ext: &str) -> Result<()> {
-        let path = self.path_of(name, ext);
-        match fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(BackendError::NotFound(format!("{name}.{ext}")))
-            }
-            Err(e) => Err(io_err("cannot remove", &path, &e)),
-        }
+        self.dir.remove(&format!("{name}.{ext}"))
     }
 
     /// Names of the `<name>.<ext>` files in the directory.
     fn list(&self, ext: &str) -> Result<Vec<String>> {
-        let entries = fs::read_dir(&self.dir).map_err(|e| io_err("cannot list", &self.dir, &e))?;
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_err("cannot list", &self.dir, &e))?;
-            if let Some(file_name) = entry.file_name().to_str() {
-                if let Some(stem) = stem_with_ext(file_name, ext) {
-                    names.push(stem.to_string());
-                }
+        Ok(self
+            .dir
+            .list()?
+            .iter()
+            .filter_map(|f| stem_with_ext(f, ext))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Reads a file of the store: `None` when absent, refused (logged once by the key
+    /// directory) or unreadable (logged).
+    fn read_file(&self, name: &str, ext: &str, max: u64) -> Option<Zeroizing<Vec<u8>>> {
+        let file = format!("{name}.{ext}");
+        match self.dir.read_limited(&file, max) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log::warn!("skipping {}: {e}", self.dir.path().join(&file).display());
+                None
             }
         }
-        Ok(names)
     }
 
     /// Reads and parses a key file; `Ok(None)` (with a warning) when it is damaged.
     fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
-        let path = self.path_of(name, KEY_EXT);
-        let bytes = match read_limited(&path, MAX_KEY_FILE) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                log::warn!("skipping key file {}: {e}", path.display());
-                return Ok(None);
-            }
+        let Some(bytes) = self.read_file(name, KEY_EXT, MAX_KEY_FILE) else {
+            return Ok(None);
         };
         match KeyFile::parse(&bytes) {
             Ok(k) => Ok(Some(k)),
             Err(e) => {
+                let path = self.dir.path().join(format!("{name}.{KEY_EXT}"));
                 log::warn!("skipping damaged key file {}: {e}", path.display());
                 Ok(None)
             }
@@ -406,18 +193,11 @@ impl SoftwareStore {
     }
 
     fn read_object(&self, name: &str) -> Option<ObjectFile> {
-        let path = self.path_of(name, OBJ_EXT);
-        let bytes = match read_limited(&path, MAX_OBJ_FILE) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                log::warn!("skipping object file {}: {e}", path.display());
-                return None;
-            }
-        };
+        let bytes = self.read_file(name, OBJ_EXT, MAX_OBJ_FILE)?;
         match ObjectFile::parse(&bytes) {
             Ok(o) => Some(o),
             Err(e) => {
+                let path = self.dir.path().join(format!("{name}.{OBJ_EXT}"));
                 log::warn!("skipping damaged object file {}: {e}", path.display());
                 None
             }
@@ -587,13 +367,7 @@ impl Backend for SoftwareStore {
     }
 
     fn change_marker(&self) -> Option<u128> {
-        let meta = fs::metadata(&self.dir).ok()?;
-        let mtime_ns =
-            (i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())) as u64;
-        let mut count = [0u8; 8];
-        let n = self.counter.read_at(&mut count, 0).unwrap_or(0);
-        let count = if n == 8 { u64::from_le_bytes(count) } else { 0 };
-        Some((u128::from(mtime_ns) << 64) | u128::from(count))
+        self.dir.change_marker()
     }
 }
 

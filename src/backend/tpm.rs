@@ -4,8 +4,9 @@
 //! created under the storage root key (SRK) of the owner hierarchy. Their blobs live in an
 //! owner-only directory as TSS2 PRIVATE KEY PEM files (`key-<hex>.pem`, readable by the tpm2
 //! OpenSSL provider and engines), each with a JSON sidecar (`key-<hex>.json`) holding CKA_ID,
-//! label and purpose. A blob is useless without this TPM: its private area is encrypted by the
-//! SRK.
+//! label and purpose. The purpose is also bound into the TPM object's public area, and that
+//! binding is what counts: a sidecar that disagrees marks the key damaged (see the `purpose`
+//! module). A blob is useless without this TPM: its private area is encrypted by the SRK.
 //!
 //! **The SRK is derived, not persisted.** Each connection runs TPM2_CreatePrimary with the TCG
 //! standard ECC P-256 storage template. The TPM derives the same key from the owner seed every
@@ -34,6 +35,7 @@
 
 mod device;
 mod keyfile;
+mod purpose;
 mod slot;
 mod store;
 
@@ -48,9 +50,11 @@ use crate::config::TpmSlot;
 
 pub use device::{is_simulator, Identity, CACHE_SIZE};
 pub use keyfile::{KeyBlob, KeyFileError};
+pub use purpose::{policy_digest, policy_text};
 
 use device::{Device, TpmKey};
-use store::{random_name, KeyDir, KeyMeta};
+use purpose::Binding;
+use store::{random_name, KeyFiles, KeyMeta};
 
 /// The TCTI used when neither the config nor `DEVICEKEY_TPM_TCTI` names one.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -189,7 +193,7 @@ impl Signer for TpmSigner {
 /// The TPM key store.
 pub struct TpmBackend {
     info: StoreInfo,
-    dir: KeyDir,
+    dir: KeyFiles,
     device: Arc<Device>,
     identity: Identity,
     allow_simulator: bool,
@@ -218,7 +222,7 @@ impl TpmBackend {
     /// Opens the key directory (creating it owner-only) and connects to the TPM, which must
     /// answer: its identity decides the class.
     pub fn open(config: &TpmConfig) -> Result<Self> {
-        let dir = KeyDir::open(&config.dir)?;
+        let dir = KeyFiles::open(&config.dir)?;
         let device = Arc::new(Device::new(&config.tcti));
         let identity = device.identity()?;
         let class = class_for(&identity, config.allow_simulator);
@@ -235,7 +239,7 @@ impl TpmBackend {
             label: truncate(&config.label, 32),
             backend: crate::config::BackendKind::Tpm,
             manufacturer: truncate(manufacturer.trim(), 32),
-            serial: store::hex(&identity.srk_fingerprint),
+            serial: crate::encoding::hex(&identity.srk_fingerprint),
             protection_class: class,
         };
         log::info!(
@@ -310,8 +314,35 @@ impl TpmBackend {
         let blob = KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
         let key =
             TpmKey::from_blob(name, &blob).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
+        check_purpose(&self.dir.path().join(name), &key, &meta)?;
         self.record(key, &meta, true)
     }
+}
+
+/// Checks that the purpose in the key's sidecar is the one bound into its TPM public area.
+fn check_purpose(path: &std::path::Path, key: &TpmKey, meta: &KeyMeta) -> Result<()> {
+    let problem = match key.binding() {
+        Binding::Bound(p) if p == meta.purpose => return Ok(()),
+        Binding::Bound(p) => format!(
+            "refusing the TPM key {}: its sidecar says purpose {:?} but the TPM object is bound \
+             to {p:?}; the sidecar was changed, the key is treated as damaged. Fix: restore the \
+             sidecar, or delete the key",
+            path.display(),
+            meta.purpose
+        ),
+        Binding::Unbound => format!(
+            "refusing the TPM key {}: it was created before key purposes were bound into TPM \
+             objects, so its purpose rests only on an editable sidecar. Fix: create a new key",
+            path.display()
+        ),
+        Binding::Foreign => format!(
+            "refusing the TPM key {}: its TPM object carries an authPolicy that is not one of \
+             devicekey's purpose bindings. Fix: delete it, it was not made by devicekey",
+            path.display()
+        ),
+    };
+    crate::backend::keydir::log_once(&problem);
+    Err(BackendError::Refused(problem))
 }
 
 /// Session keys (CKA_TOKEN = false) are never written; their names say so.
@@ -327,8 +358,8 @@ impl Backend for TpmBackend {
         for name in self.dir.names("key")? {
             match self.load_key(&name) {
                 Ok(record) => keys.push(record),
-                // A key removed meanwhile by another process.
-                Err(BackendError::NotFound(_)) => {}
+                // A key removed meanwhile by another process, or refused (logged once).
+                Err(BackendError::NotFound(_) | BackendError::Refused(_)) => {}
                 Err(e) => log::warn!("tpm: skipping key {name}: {e}"),
             }
         }
@@ -341,7 +372,7 @@ impl Backend for TpmBackend {
         } else {
             random_name("ses")?
         };
-        let key = self.device.create(&name)?;
+        let key = self.device.create(&name, request.purpose)?;
         let meta = KeyMeta::new(&request.id, &request.label, request.purpose);
         if request.persistent {
             let blob = key.to_blob().map_err(BackendError::Crypto)?;
@@ -357,7 +388,7 @@ impl Backend for TpmBackend {
         }
         let (mut meta, _) = self.dir.read_key(name)?;
         meta.label = label.to_string();
-        meta.id = store::hex(id);
+        meta.id = crate::encoding::hex(id);
         self.dir.write_meta(name, &meta)
     }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::backend::KeyPurpose;
+use crate::encoding;
 
 /// The `format` value of a key file.
 pub const KEY_FORMAT: &str = "devicekey-software-key";
@@ -65,51 +66,9 @@ pub struct ObjectFile {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lowercase hex of `bytes`.
-pub fn hex_encode(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
-    s
-}
-
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Decodes hex into `out`, which must be exactly half as long as `text`.
-fn hex_decode_into(text: &[u8], out: &mut [u8]) -> bool {
-    if text.len() != out.len() * 2 {
-        return false;
-    }
-    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        match (nibble(pair[0]), nibble(pair[1])) {
-            (Some(h), Some(l)) => *o = (h << 4) | l,
-            _ => return false,
-        }
-    }
-    true
-}
-
-/// Decodes hex; `None` for odd lengths or non-hex characters.
-pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    let mut out = vec![0u8; text.len() / 2];
-    hex_decode_into(text.as_bytes(), &mut out).then_some(out)
-}
-
 impl Serialize for Hex {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex_encode(&self.0))
+        s.serialize_str(&encoding::hex(&self.0))
     }
 }
 
@@ -122,7 +81,7 @@ impl<'de> Deserialize<'de> for Hex {
                 f.write_str("a hex string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Hex, E> {
-                hex_decode(v)
+                encoding::hex_decode(v)
                     .map(Hex)
                     .ok_or_else(|| E::custom("invalid hex"))
             }
@@ -158,7 +117,7 @@ impl<'de> Deserialize<'de> for Scalar {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
                 let mut out = Box::new(Zeroizing::new([0u8; 32]));
-                if hex_decode_into(v.as_bytes(), &mut out[..]) {
+                if encoding::hex_decode_into(v.as_bytes(), &mut out[..]) {
                     Ok(Scalar(out))
                 } else {
                     Err(E::custom("private scalar is not 64 hex digits"))

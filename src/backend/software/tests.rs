@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
@@ -192,7 +193,7 @@ fn temp_and_damaged_files_are_never_keys() {
 }
 
 #[test]
-fn refuses_group_writable_dir() {
+fn refuses_group_accessible_dir() {
     let (_tmp, dir) = store_dir();
     fs::create_dir(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
@@ -362,8 +363,10 @@ fn loads_ten_thousand_keys_quickly() {
     let k = store.generate_key(&new_key("k", true)).unwrap();
     let text = fs::read(dir.join(format!("{}.key", k.name))).unwrap();
     for i in 0u32..9_999 {
-        let name = format::hex_encode(&Sha256::digest(i.to_le_bytes())[..16]);
-        fs::write(dir.join(format!("{name}.key")), &text).unwrap();
+        let name = crate::encoding::hex(&Sha256::digest(i.to_le_bytes())[..16]);
+        let path = dir.join(format!("{name}.key"));
+        fs::write(&path, &text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     }
     let start = Instant::now();
     let keys = store.load_keys().unwrap();
@@ -457,7 +460,7 @@ fn key_file_format_is_pinned() {
     assert_eq!(v["id"], "dead");
     assert_eq!(v["label"], "label \"quoted\" é");
     assert_eq!(v["purpose"], "proof");
-    assert_eq!(v["public_point"], format::hex_encode(&k.public_point));
+    assert_eq!(v["public_point"], crate::encoding::hex(&k.public_point));
     assert_eq!(v["private_scalar"].as_str().unwrap().len(), 64);
     assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
     // The key file buffer is sized so that it never reallocates (no unwiped copies).

@@ -38,7 +38,8 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 
 use super::keyfile::KeyBlob;
-use crate::backend::{BackendError, Result};
+use super::purpose::{binding, policy_digest, Binding};
+use crate::backend::{BackendError, KeyPurpose, Result};
 
 /// Signing keys kept loaded besides the SRK (swtpm without a resource manager has 3 slots).
 pub const CACHE_SIZE: usize = 2;
@@ -109,6 +110,11 @@ impl TpmKey {
             public: tpm2b(&public)?,
             private: tpm2b(self.private.value())?,
         })
+    }
+
+    /// What the public area's `authPolicy` says about the key's purpose.
+    pub fn binding(&self) -> Binding {
+        binding(self.public.auth_policy().value())
     }
 
     /// The public point `04‖X‖Y` of a P-256 signing key; `None` for any other kind of key.
@@ -296,8 +302,9 @@ fn srk_template() -> tss_esapi::Result<Public> {
 }
 
 /// The public template of a signing key: P-256, unrestricted, no fixed scheme (the scheme is
-/// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign.
-fn key_template() -> tss_esapi::Result<Public> {
+/// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign, and
+/// the purpose bound as its `authPolicy` (see the `purpose` module).
+fn key_template(purpose: KeyPurpose) -> tss_esapi::Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -316,6 +323,7 @@ fn key_template() -> tss_esapi::Result<Public> {
             KeyDerivationFunctionScheme::Null,
         ))
         .with_ecc_unique_identifier(EccPoint::default())
+        .with_auth_policy(Digest::try_from(policy_digest(purpose).to_vec())?)
         .build()
 }
 
@@ -582,8 +590,8 @@ impl Conn {
         Ok(out)
     }
 
-    fn create(&mut self) -> Op<(Public, Private)> {
-        let template = tss("building the key template", key_template())?;
+    fn create(&mut self, purpose: KeyPurpose) -> Op<(Public, Private)> {
+        let template = tss("building the key template", key_template(purpose))?;
         let srk = self.srk()?;
         let ctx = self.ctx()?;
         let result = tss(
@@ -819,9 +827,9 @@ impl Device {
         self.with_conn(|c| c.identity(&tcti))
     }
 
-    /// Creates a P-256 signing key under the SRK.
-    pub fn create(&self, name: &str) -> Result<TpmKey> {
-        let (public, private) = self.with_conn(|c| c.create())?;
+    /// Creates a P-256 signing key under the SRK, its purpose bound into its public area.
+    pub fn create(&self, name: &str, purpose: KeyPurpose) -> Result<TpmKey> {
+        let (public, private) = self.with_conn(|c| c.create(purpose))?;
         Ok(TpmKey::new(name, public, private))
     }
 
@@ -891,8 +899,12 @@ mod tests {
     #[test]
     fn templates_build() {
         srk_template().unwrap();
-        let t = key_template().unwrap();
+        let t = key_template(KeyPurpose::Proof).unwrap();
         assert!(t.object_attributes().sign_encrypt());
+        assert_eq!(
+            binding(t.auth_policy().value()),
+            Binding::Bound(KeyPurpose::Proof)
+        );
         assert!(t.object_attributes().fixed_tpm());
     }
 }

@@ -1,0 +1,866 @@
+//! The owner-only key directory shared by the software and the TPM key stores: the only code
+//! that opens their files.
+//!
+//! **One permission policy.** A key directory is used only when
+//! - every ancestor (from `/` down) is owned by this user or by root, and is not writable by
+//!   others (or by a group other than the user's own) unless it has the sticky bit: otherwise
+//!   another user could rename the key directory away and put a directory of theirs in its place;
+//! - the directory itself is owned by this user and has no group or other bits (0700; a
+//!   directory this module creates is made exactly 0700);
+//! - every file loaded from it is a regular file (never a symlink), owned by this user, with no
+//!   group or other bits. Anything else is refused and logged once per file and process.
+//!
+//! **Reached through one descriptor.** The directory is opened once with
+//! `O_DIRECTORY | O_NOFOLLOW`; every file is reached relative to that descriptor with
+//! `O_NOFOLLOW`, so a symlink swapped in for the directory or a file is never followed. Before
+//! each reload and write, the directory's path must still name the opened directory (same device
+//! and inode) and its ancestors must still pass: a directory replaced under a running process is
+//! refused, it is never silently followed.
+//!
+//! **Writes are atomic**: a temporary file `.<name>.<random>.tmp` (0600), fsync, rename over the
+//! target, fsync of the directory. Temporary files left by a crash are removed by
+//! [`KeyDir::remove_stale_temp_files`].
+//!
+//! **Change marker**: the directory's mtime and a counter in `.lock` (bumped by
+//! [`KeyDirLock::bump`]), so another process's change is seen even within one mtime tick.
+//!
+//! [`diagnose`] reports the same problems, each with its fix, without opening anything.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat, CWD};
+use zeroize::Zeroizing;
+
+use crate::backend::{BackendError, Result};
+
+/// The lock file: held with `flock` around changes; its first 8 bytes count the changes.
+const LOCK_FILE: &str = ".lock";
+/// The suffix of temporary files.
+const TMP_SUFFIX: &str = ".tmp";
+/// The largest file [`KeyDir::read`] accepts.
+pub const MAX_FILE: u64 = 16 * 1024 * 1024;
+
+/// How ancestors are opened while walking down: without needing read permission on them.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const WALK_FLAGS: OFlags = OFlags::PATH;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const WALK_FLAGS: OFlags = OFlags::RDONLY;
+
+/// An opened, checked, owner-only key directory (it holds the directory's descriptor).
+pub struct KeyDir {
+    path: PathBuf,
+    fd: OwnedFd,
+    dev: u64,
+    ino: u64,
+    /// A read-only handle on `.lock`, to read the change counter without taking the lock.
+    counter: Mutex<Option<File>>,
+}
+
+impl std::fmt::Debug for KeyDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDir")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The exclusive lock on a key directory, held until dropped.
+pub struct KeyDirLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl KeyDirLock {
+    /// Counts one change in `.lock`, so other processes' [`KeyDir::change_marker`] moves.
+    pub fn bump(&self) {
+        let mut count = [0u8; 8];
+        let n = self.file.read_at(&mut count, 0).unwrap_or(0);
+        let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
+        if let Err(e) = self.file.write_all_at(&next.to_le_bytes(), 0) {
+            log::warn!(
+                "cannot update the change counter {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+fn me() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+fn my_group() -> u32 {
+    rustix::process::getegid().as_raw()
+}
+
+fn errno_io(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+fn io_err(what: &str, path: &Path, e: &std::io::Error) -> BackendError {
+    let msg = format!("{what} {}: {e}", path.display());
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => BackendError::Full(msg),
+        _ => BackendError::Io(msg),
+    }
+}
+
+fn unusable(msg: String) -> BackendError {
+    log_once(&msg);
+    BackendError::Unusable(msg)
+}
+
+/// Logs `msg` as an error the first time this process sees it.
+pub(crate) fn log_once(msg: &str) {
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let first = SEEN
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .map(|mut seen| seen.insert(msg.to_string()))
+        .unwrap_or(true);
+    if first {
+        log::error!("{msg}");
+    }
+}
+
+/// True for a name a store may use: not empty, no `/`, no NUL, not `.`/`..`, no leading `.`
+/// (dot files are this module's own: the lock and temporary files).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']) && name.len() <= 255
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(BackendError::NotFound(format!(
+            "{name:?} is not a valid file name"
+        )))
+    }
+}
+
+fn random_hex() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
+    Ok(crate::encoding::hex(&b))
+}
+
+// `st_mode` is a u32 on Linux and a u16 on macOS.
+#[allow(clippy::unnecessary_cast)]
+fn mode_of(st: &Stat) -> u32 {
+    st.st_mode as u32 & 0o7777
+}
+
+fn is_dir(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+}
+
+fn is_regular(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+}
+
+/// What is wrong with an ancestor of a key directory, with the fix; `None` when it is safe.
+fn ancestor_problem(dir: &Path, ancestor: &Path, st: &Stat) -> Option<String> {
+    let uid = st.st_uid;
+    let mode = mode_of(st);
+    if uid != me() && uid != 0 {
+        return Some(format!(
+            "the key directory {} is unsafe: its ancestor {} is owned by uid {uid}, neither this \
+             user (uid {}) nor root, who could replace the key directory. Fix: set the slot's \
+             `dir` to a directory under your home",
+            dir.display(),
+            ancestor.display(),
+            me()
+        ));
+    }
+    let sticky = mode & 0o1000 != 0;
+    let other_write = mode & 0o002 != 0;
+    let group_write = mode & 0o020 != 0 && st.st_gid != my_group();
+    if (other_write || group_write) && !sticky {
+        return Some(format!(
+            "the key directory {} is unsafe: its ancestor {} (mode {mode:04o}) is writable by \
+             other users and has no sticky bit, so they could replace the key directory. Fix: \
+             `chmod go-w {}` (or `chmod +t` it), or set the slot's `dir` elsewhere",
+            dir.display(),
+            ancestor.display(),
+            ancestor.display()
+        ));
+    }
+    None
+}
+
+/// What is wrong with the key directory itself, with the fix; `None` when it is safe.
+fn dir_problem(dir: &Path, st: &Stat) -> Option<String> {
+    if !is_dir(st) {
+        return Some(format!(
+            "the key directory {} is not a directory; remove it or set the slot's `dir` elsewhere",
+            dir.display()
+        ));
+    }
+    if st.st_uid != me() {
+        return Some(format!(
+            "the key directory {} is owned by uid {}, not by this user (uid {}); refusing it. \
+             Fix: `chown {} {}` if it is yours, or set the slot's `dir` to a directory you own",
+            dir.display(),
+            st.st_uid,
+            me(),
+            me(),
+            dir.display()
+        ));
+    }
+    let mode = mode_of(st);
+    if mode & 0o077 != 0 {
+        let how = if mode & 0o022 != 0 {
+            "writable"
+        } else {
+            "readable"
+        };
+        return Some(format!(
+            "the key directory {} is {how} by group or others (mode {mode:04o}); refusing it. \
+             Fix: `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    None
+}
+
+/// What is wrong with a file of the key directory, with the fix; `None` when it may be loaded.
+fn file_problem(path: &Path, st: &Stat) -> Option<String> {
+    if !is_regular(st) {
+        return Some(format!(
+            "refusing {}: not a regular file. Fix: remove it",
+            path.display()
+        ));
+    }
+    if st.st_uid != me() {
+        return Some(format!(
+            "refusing {}: owned by uid {}, not by this user (uid {}). Fix: remove it, or \
+             `chown {}` it if you put it there",
+            path.display(),
+            st.st_uid,
+            me(),
+            me()
+        ));
+    }
+    let mode = mode_of(st);
+    if mode & 0o077 != 0 {
+        return Some(format!(
+            "refusing {}: accessible to group or others (mode {mode:04o}). Fix: `chmod 600 {}` \
+             if you put it there, else remove it",
+            path.display(),
+            path.display()
+        ));
+    }
+    None
+}
+
+/// The absolute, lexically clean form of `path` (relative paths are taken from the current
+/// directory; `.` and `..` are resolved later by `canonicalize`).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .map_err(|e| io_err("cannot resolve", path, &e))
+}
+
+/// Walks from `/` to the parent of `canonical` without following symlinks, checking every
+/// ancestor; returns the parent's descriptor.
+fn walk_ancestors(canonical: &Path) -> Result<OwnedFd> {
+    let mut fd = rustix::fs::openat(
+        CWD,
+        "/",
+        WALK_FLAGS | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("cannot open", Path::new("/"), &errno_io(e)))?;
+    let mut here = PathBuf::from("/");
+    let parent = canonical.parent().unwrap_or(Path::new("/"));
+    for comp in parent.components() {
+        let Component::Normal(name) = comp else {
+            continue;
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &here, &errno_io(e)))?;
+        if let Some(p) = ancestor_problem(canonical, &here, &st) {
+            return Err(unusable(p));
+        }
+        here.push(name);
+        fd = rustix::fs::openat(
+            &fd,
+            name,
+            WALK_FLAGS | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            unusable(format!(
+                "the key directory {} is unsafe: cannot open its ancestor {} without following \
+                 a symlink ({}); set the slot's `dir` to its real path",
+                canonical.display(),
+                here.display(),
+                errno_io(e)
+            ))
+        })?;
+    }
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &here, &errno_io(e)))?;
+    if let Some(p) = ancestor_problem(canonical, &here, &st) {
+        return Err(unusable(p));
+    }
+    Ok(fd)
+}
+
+/// Creates `path` (and missing parents) mode 0700 when it does not exist.
+fn create_missing(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| {
+            unusable(format!(
+                "cannot create the key directory {}: {e}; create it (mode 0700) or set the \
+                 slot's `dir` to a writable place",
+                path.display()
+            ))
+        })?;
+    // The umask may have removed bits, never added any; make it exactly 0700.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io_err("cannot set the mode of", path, &e))?;
+    log::info!("created key directory {}", path.display());
+    Ok(())
+}
+
+impl KeyDir {
+    /// Opens the key directory, creating it (0700) when missing. Refuses it (logging why, with
+    /// the fix) when an ancestor, the directory or its owner breaks the policy of this module.
+    pub fn open(path: &Path) -> Result<KeyDir> {
+        let wanted = absolute(path)?;
+        create_missing(&wanted)?;
+        // Symlinks the user set up (a home on another volume...) are resolved once, here; from
+        // now on the real path is walked without following any.
+        let canonical = std::fs::canonicalize(&wanted).map_err(|e| {
+            unusable(format!(
+                "cannot use the key directory {}: {e}",
+                wanted.display()
+            ))
+        })?;
+        let parent = walk_ancestors(&canonical)?;
+        let name = canonical.file_name().unwrap_or_default();
+        let fd = rustix::fs::openat(
+            &parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            unusable(format!(
+                "cannot open the key directory {}: {}",
+                canonical.display(),
+                errno_io(e)
+            ))
+        })?;
+        let st =
+            rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &canonical, &errno_io(e)))?;
+        if let Some(p) = dir_problem(&canonical, &st) {
+            return Err(unusable(p));
+        }
+        let dir = KeyDir {
+            path: canonical,
+            fd,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            counter: Mutex::new(None),
+        };
+        dir.open_counter();
+        Ok(dir)
+    }
+
+    /// The directory's path (resolved when it was opened).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks that the path still names the directory opened, and that its ancestors are still
+    /// safe. A directory replaced (renamed away, a symlink or another directory put in its
+    /// place) is refused.
+    pub fn verify(&self) -> Result<()> {
+        self.verify_identity()?;
+        walk_ancestors(&self.path).map(drop)
+    }
+
+    fn verify_identity(&self) -> Result<()> {
+        let now = rustix::fs::statat(CWD, &self.path, AtFlags::SYMLINK_NOFOLLOW);
+        match now {
+            Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => Ok(()),
+            Ok(_) | Err(_) => Err(unusable(format!(
+                "the key directory {} was replaced since it was opened (it is now another \
+                 directory, a symlink or gone); refusing it. Fix: find out who replaced it, put \
+                 the original back, and restart the program",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// The names of the files in the directory (its own dot files left out), sorted.
+    pub fn list(&self) -> Result<Vec<String>> {
+        self.verify()?;
+        let mut dir = rustix::fs::Dir::read_from(&self.fd)
+            .map_err(|e| io_err("cannot list", &self.path, &errno_io(e)))?;
+        let mut names = Vec::new();
+        while let Some(entry) = dir.read() {
+            let entry = entry.map_err(|e| io_err("cannot list", &self.path, &errno_io(e)))?;
+            if let Ok(name) = entry.file_name().to_str() {
+                if valid_name(name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Reads a file (at most [`MAX_FILE`] bytes). `None` when it is absent, or when it is not a
+    /// regular file of this user's with no group or other bits (that refusal is logged once).
+    pub fn read(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        self.read_limited(name, MAX_FILE)
+    }
+
+    /// [`Self::read`] with a size limit; a larger file is an error.
+    pub fn read_limited(&self, name: &str, max: u64) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        check_name(name)?;
+        let path = self.path.join(name);
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(rustix::io::Errno::LOOP) => {
+                log_once(&format!(
+                    "refusing {}: it is a symlink. Fix: remove it",
+                    path.display()
+                ));
+                return Ok(None);
+            }
+            Err(e) => return Err(io_err("cannot open", &path, &errno_io(e))),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &path, &errno_io(e)))?;
+        if let Some(p) = file_problem(&path, &st) {
+            log_once(&p);
+            return Ok(None);
+        }
+        let len = u64::try_from(st.st_size).unwrap_or(0);
+        if len > max {
+            return Err(BackendError::Io(format!(
+                "{} is {len} bytes, more than {max}",
+                path.display()
+            )));
+        }
+        let mut file = File::from(fd);
+        let cap = usize::try_from(len).unwrap_or(0).saturating_add(1);
+        let mut buf = Zeroizing::new(Vec::with_capacity(cap));
+        Read::by_ref(&mut file)
+            .take(max + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_err("cannot read", &path, &e))?;
+        if buf.len() as u64 > max {
+            return Err(BackendError::Io(format!(
+                "{} grew while being read",
+                path.display()
+            )));
+        }
+        Ok(Some(buf))
+    }
+
+    /// Replaces (or creates) a file atomically: a temporary file (0600), fsync, rename over the
+    /// target, fsync of the directory.
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.verify_identity()?;
+        let target = self.path.join(name);
+        let tmp = format!(".{name}.{}{TMP_SUFFIX}", random_hex()?);
+        let written = (|| -> std::io::Result<()> {
+            let fd = rustix::fs::openat(
+                &self.fd,
+                tmp.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            // The umask may have removed bits; make the mode exactly 0600.
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600))?;
+            let mut f = File::from(fd);
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
+            return Err(io_err("cannot write", &target, &e));
+        }
+        self.sync()
+    }
+
+    /// Removes a file; `NotFound` when it is absent.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        self.verify_identity()?;
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+            Ok(()) => self.sync(),
+            Err(rustix::io::Errno::NOENT) => Err(BackendError::NotFound(name.to_string())),
+            Err(e) => Err(io_err("cannot remove", &self.path.join(name), &errno_io(e))),
+        }
+    }
+
+    /// True when `name` exists (whatever it is).
+    pub fn exists(&self, name: &str) -> bool {
+        valid_name(name) && rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    }
+
+    fn sync(&self) -> Result<()> {
+        rustix::fs::fsync(&self.fd)
+            .map_err(|e| io_err("cannot sync the directory", &self.path, &errno_io(e)))
+    }
+
+    /// Takes the directory's exclusive lock (`flock` on `.lock`, created 0600 when missing),
+    /// held until the returned guard is dropped. The lock file is opened afresh each time, so
+    /// the lock excludes other threads of this process, other processes and forked children
+    /// alike. On a read-only file system an existing lock file is opened read-only: `flock`
+    /// works on it, so the store can still be read.
+    pub fn lock(&self) -> Result<KeyDirLock> {
+        let path = self.path.join(LOCK_FILE);
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            LOCK_FILE,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::ROFS) => rustix::fs::openat(
+                &self.fd,
+                LOCK_FILE,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io_err("cannot open the lock file", &path, &errno_io(e)))?,
+            Err(e) => return Err(io_err("cannot open the lock file", &path, &errno_io(e))),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &path, &errno_io(e)))?;
+        if let Some(p) = file_problem(&path, &st) {
+            return Err(unusable(p));
+        }
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => r.map_err(|e| io_err("cannot lock", &path, &errno_io(e)))?,
+            }
+            break;
+        }
+        if self.counter.lock().is_ok_and(|c| c.is_none()) {
+            self.open_counter();
+        }
+        Ok(KeyDirLock {
+            file: File::from(fd),
+            path,
+        })
+    }
+
+    /// Opens the read-only handle on `.lock` when the file exists.
+    fn open_counter(&self) {
+        let Ok(fd) = rustix::fs::openat(
+            &self.fd,
+            LOCK_FILE,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        if rustix::fs::fstat(&fd).is_ok_and(|st| file_problem(Path::new(LOCK_FILE), &st).is_none())
+        {
+            if let Ok(mut c) = self.counter.lock() {
+                *c = Some(File::from(fd));
+            }
+        }
+    }
+
+    /// Removes temporary files left by a crash: all of them when `min_age` is `None` (call with
+    /// the lock held, when every writer takes it), else those older than `min_age`.
+    pub fn remove_stale_temp_files(&self, min_age: Option<Duration>) {
+        let Ok(mut dir) = rustix::fs::Dir::read_from(&self.fd) else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        while let Some(Ok(entry)) = dir.read() {
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) || name.contains('/') {
+                continue;
+            }
+            if let Some(age) = min_age {
+                match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if now - st.st_mtime >= age.as_secs() as i64 => {}
+                    _ => continue,
+                }
+            }
+            let path = self.path.join(name);
+            match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+                Ok(()) => log::warn!("removed a stale temporary file {}", path.display()),
+                Err(e) => log::warn!("cannot remove stale {}: {}", path.display(), errno_io(e)),
+            }
+        }
+    }
+
+    /// A value that moves whenever the directory changes: its mtime (nanoseconds) in the high
+    /// half, the change counter of `.lock` in the low half. When the path no longer names the
+    /// opened directory, a value that differs from every other, so the next reload runs and
+    /// refuses the directory.
+    pub fn change_marker(&self) -> Option<u128> {
+        if self.verify_identity().is_err() {
+            return Some(u128::MAX);
+        }
+        let st = rustix::fs::fstat(&self.fd).ok()?;
+        let mtime_ns =
+            (i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)) as u64;
+        let mut count = [0u8; 8];
+        let n = self
+            .counter
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|f| f.read_at(&mut count, 0).unwrap_or(0)))
+            .unwrap_or(0);
+        let count = if n == 8 { u64::from_le_bytes(count) } else { 0 };
+        Some((u128::from(mtime_ns) << 64) | u128::from(count))
+    }
+
+    /// The descriptor of the directory (for `fstat` in tests and diagnostics).
+    pub fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The problems of the key directory at `path`, each with its fix; empty when it is fine (or
+/// does not exist yet, when its nearest existing ancestors are fine). Opens nothing, creates
+/// nothing: `devicekey doctor` prints these.
+pub fn diagnose(path: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(wanted) = absolute(path) else {
+        return vec![format!(
+            "cannot resolve the key directory {}",
+            path.display()
+        )];
+    };
+    // The part that exists, with symlinks the user set up resolved.
+    let mut existing = wanted.as_path();
+    while std::fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    let Ok(canonical) = std::fs::canonicalize(existing) else {
+        return vec![format!(
+            "cannot resolve the key directory {}",
+            path.display()
+        )];
+    };
+    let exists = existing == wanted.as_path();
+    let ancestors_of = if exists {
+        canonical.parent().map(Path::to_path_buf)
+    } else {
+        Some(canonical.clone())
+    };
+    let mut here = PathBuf::from("/");
+    let mut check = |p: &Path| {
+        if let Ok(st) = rustix::fs::statat(CWD, p, AtFlags::SYMLINK_NOFOLLOW) {
+            if let Some(problem) = ancestor_problem(&wanted, p, &st) {
+                problems.push(problem);
+            }
+        }
+    };
+    check(&here);
+    if let Some(anc) = ancestors_of {
+        for comp in anc.components() {
+            if let Component::Normal(name) = comp {
+                here.push(name);
+                check(&here);
+            }
+        }
+    }
+    if !exists {
+        return problems;
+    }
+    match rustix::fs::statat(CWD, &canonical, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => {
+            if let Some(p) = dir_problem(&canonical, &st) {
+                problems.push(p);
+                return problems;
+            }
+        }
+        Err(e) => {
+            problems.push(format!(
+                "cannot stat {}: {}",
+                canonical.display(),
+                errno_io(e)
+            ));
+            return problems;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&canonical) {
+        let mut names: Vec<_> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_name(n) || n == LOCK_FILE)
+            .collect();
+        names.sort();
+        for name in names {
+            let p = canonical.join(&name);
+            match rustix::fs::statat(CWD, &p, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => {
+                    if let Some(problem) = file_problem(&p, &st) {
+                        problems.push(problem);
+                    }
+                }
+                Err(e) => problems.push(format!("cannot stat {}: {}", p.display(), errno_io(e))),
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn creates_0700_and_writes_0600_atomically() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a/b/keys");
+        let kd = KeyDir::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o700);
+        kd.write_atomic("one.key", b"hello").unwrap();
+        assert_eq!(mode(&path.join("one.key")), 0o600);
+        assert_eq!(&kd.read("one.key").unwrap().unwrap()[..], b"hello");
+        kd.write_atomic("one.key", b"again").unwrap();
+        assert_eq!(&kd.read("one.key").unwrap().unwrap()[..], b"again");
+        assert_eq!(kd.list().unwrap(), vec!["one.key".to_string()]);
+        assert!(kd.read("two.key").unwrap().is_none());
+        kd.remove("one.key").unwrap();
+        assert!(matches!(
+            kd.remove("one.key"),
+            Err(BackendError::NotFound(_))
+        ));
+        // Nothing left behind, not even a temporary file.
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", ".", "..", ".lock", "../x", "a/b", ".hidden"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_name("key-0123.pem"));
+        let tmp = tempfile::tempdir().unwrap();
+        let kd = KeyDir::open(&tmp.path().join("k")).unwrap();
+        assert!(kd.write_atomic("../escape", b"x").is_err());
+        assert!(kd.read("../escape").is_err());
+        assert!(!tmp.path().join("escape").exists());
+    }
+
+    #[test]
+    fn refuses_group_or_other_bits_on_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let err = KeyDir::open(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 700"), "{err}");
+        assert_eq!(diagnose(&path).len(), 1);
+    }
+
+    #[test]
+    fn refuses_an_ancestor_others_can_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = KeyDir::open(&open.join("keys")).unwrap_err().to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+        let problems = diagnose(&open.join("keys"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        // The sticky bit makes it safe (as /tmp).
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        KeyDir::open(&open.join("keys")).unwrap();
+        assert!(diagnose(&open.join("keys")).is_empty());
+    }
+
+    #[test]
+    fn refuses_symlinks_and_loose_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kd = KeyDir::open(&tmp.path().join("k")).unwrap();
+        kd.write_atomic("good", b"g").unwrap();
+        std::fs::write(tmp.path().join("outside"), b"o").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), kd.path().join("link")).unwrap();
+        std::fs::write(kd.path().join("loose"), b"l").unwrap();
+        std::fs::set_permissions(
+            kd.path().join("loose"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(kd.read("link").unwrap().is_none());
+        assert!(kd.read("loose").unwrap().is_none());
+        assert!(kd.read("good").unwrap().is_some());
+        assert_eq!(diagnose(kd.path()).len(), 2);
+    }
+
+    #[test]
+    fn a_replaced_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k");
+        let kd = KeyDir::open(&path).unwrap();
+        let before = kd.change_marker();
+        assert!(kd.list().is_ok());
+        std::fs::rename(&path, tmp.path().join("k.old")).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(kd.change_marker(), before);
+        assert!(matches!(kd.list(), Err(BackendError::Unusable(_))));
+        assert!(kd.write_atomic("x", b"x").is_err());
+    }
+
+    #[test]
+    fn stale_temp_files_go_and_the_marker_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kd = KeyDir::open(&tmp.path().join("k")).unwrap();
+        std::fs::write(kd.path().join(".x.abc.tmp"), b"t").unwrap();
+        kd.remove_stale_temp_files(Some(Duration::from_secs(3600)));
+        assert!(kd.path().join(".x.abc.tmp").exists());
+        let lock = kd.lock().unwrap();
+        kd.remove_stale_temp_files(None);
+        assert!(!kd.path().join(".x.abc.tmp").exists());
+        let before = kd.change_marker();
+        lock.bump();
+        assert_ne!(kd.change_marker(), before);
+    }
+}

@@ -5,7 +5,9 @@
 //! signs a 32-byte digest. Every backend keeps private keys inside itself: nothing in this trait
 //! ever returns a private scalar.
 
+pub mod keydir;
 pub mod pkcs11;
+pub mod secure_enclave;
 pub mod software;
 #[cfg(all(feature = "tpm", target_os = "linux"))]
 pub mod tpm;

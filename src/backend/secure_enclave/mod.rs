@@ -17,8 +17,9 @@
 //!    it to the key file. It is useless on any other device.
 //! 3. Later, `SecKeyCreateWithData` with attributes `kSecAttrTokenID = kSecAttrTokenIDSecureEnclave`
 //!    and `kSecAttrTokenOID = blob` hands the blob back to the enclave and returns a usable
-//!    `SecKey`. Because that call makes a token key from whatever attributes it gets, the store
-//!    checks that the rebuilt key's public point is the stored one before using it.
+//!    `SecKey`. Without a usable object ID that call asks the token to create (or update) an
+//!    object from the attributes it was given, so it can hand back some other key; the store
+//!    therefore checks that the rebuilt key's public point is the stored one before using it.
 //!
 //! Signing uses `SecKeyCreateSignature` with `kSecKeyAlgorithmECDSASignatureDigestX962SHA256` on
 //! the caller's 32-byte digest and converts the DER signature to raw `r‖s`; the public point comes
@@ -26,9 +27,11 @@
 //!
 //! Sources of this call sequence (read for the sequence only):
 //! - Apple's Security sources (apple-open-source/macos): `Security/keychain/SecItemPriv.h`
-//!   documents `kSecAttrTokenOID` as the token object's ID, "for kSecAttrTokenIDSecureEnclave …
-//!   libaks's blob representation of encoded key"; `SecKeyCreateWithData` in `SecKey.m` hands
-//!   any attribute dictionary with `kSecAttrTokenID` to `SecKeyCreateCTKKey`; and the regression
+//!   documents `kSecAttrTokenOID` as the ID of an object on a token, which for Secure Enclave keys
+//!   is the key-store (AKS) blob of the encoded key; `SecKeyCreateWithData` in
+//!   `Security/OSX/sec/Security/SecKey.m` hands any attribute dictionary with `kSecAttrTokenID`
+//!   to `SecKeyCreateCTKKey` (`SecCTKKey.m`), which takes `kSecAttrTokenOID` as the token object's
+//!   ID and passes it to `TKTokenCreateOrUpdateObject`; and the regression
 //!   test `Security/keychain/securityd/Regressions/secd-33-keychain-ctk.m` reads
 //!   `kSecAttrTokenOID` from `SecKeyCopyAttributes` of a token key and rebuilds the key with
 //!   `SecKeyCreateWithData(…, {kSecAttrTokenID, kSecAttrTokenOID}, …)`.
@@ -149,6 +152,52 @@ pub fn has_secure_enclave() -> bool {
     }
 }
 
+/// What `devicekey doctor` shows for a `secure_enclave` slot.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    /// The class the slot's keys have (the class it would have when it cannot open).
+    pub protection_class: crate::backend::ProtectionClass,
+    /// True when the store opened and listed its keys.
+    pub reachable: bool,
+    /// What was found (route, directory, keys), or what went wrong and what to do.
+    pub detail: String,
+    /// What to do when not reachable, when the problem alone does not say it.
+    pub fix: Option<String>,
+}
+
+/// Opens the slot's store and lists its keys, for `devicekey doctor`.
+pub fn probe(label: &str, options: &SecureEnclaveOptions) -> ProbeReport {
+    let opened = open(label, options).and_then(|store| {
+        let keys = store.load_keys()?.len();
+        Ok((store.info().protection_class, keys))
+    });
+    match opened {
+        Ok((protection_class, keys)) => ProbeReport {
+            protection_class,
+            reachable: true,
+            detail: format!(
+                "{}, {keys} key(s) in {}",
+                if protection_class.is_hardware() {
+                    "this Mac's Secure Enclave"
+                } else {
+                    "no Secure Enclave: non-extractable login-keychain keys"
+                },
+                options.dir.clone().unwrap_or_else(default_dir).display()
+            ),
+            fix: None,
+        },
+        Err(e) => ProbeReport {
+            protection_class: crate::backend::ProtectionClass::HardwareSecureEnclave,
+            reachable: false,
+            detail: e.to_string(),
+            fix: (!cfg!(target_os = "macos")).then(|| {
+                "remove this slot, or use backend = \"tpm\" or \"software\" on this machine"
+                    .to_string()
+            }),
+        },
+    }
+}
+
 /// The key store a default configuration (no config file) uses on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DefaultStore {
@@ -197,6 +246,19 @@ mod tests {
             Ok(_) => panic!("a Secure Enclave store opened off macOS"),
         }
         assert!(!has_secure_enclave());
+    }
+
+    #[cfg(not(target_os = "macos"))]
+    #[test]
+    fn off_macos_the_doctor_sees_an_unreachable_slot_with_a_fix() {
+        let r = probe("mac", &SecureEnclaveOptions::default());
+        assert!(!r.reachable);
+        assert!(
+            r.detail.contains("needs macOS with a Secure Enclave"),
+            "{}",
+            r.detail
+        );
+        assert!(r.fix.unwrap().contains("software"));
     }
 
     #[test]

@@ -289,14 +289,14 @@ fn key_from_blob(blob: &[u8]) -> Result<SecKey> {
     Ok(unsafe { SecKey::wrap_under_create_rule(key) })
 }
 
+/// The private key with this application label, in the route's keychain. (No return or limit
+/// keys: the same query serves `SecItemDelete`, which rejects them.)
 fn keychain_query(route: Route, application_label: &[u8]) -> ItemSearchOptions {
     let mut query = ItemSearchOptions::new();
     query
         .class(ItemClass::key())
         .key_class(KeyClass::private())
-        .application_label(application_label)
-        .load_refs(true)
-        .limit(1);
+        .application_label(application_label);
     if route == Route::EnclaveKeychain {
         query.ignore_legacy_keychains();
     }
@@ -305,6 +305,8 @@ fn keychain_query(route: Route, application_label: &[u8]) -> ItemSearchOptions {
 
 fn key_from_keychain(route: Route, application_label: &[u8]) -> Result<SecKey> {
     let found = keychain_query(route, application_label)
+        .load_refs(true)
+        .limit(1)
         .search()
         .map_err(|e| backend_error(&os_error(e), Operation::Open, route))?;
     found

@@ -246,3 +246,51 @@ impl KeyDir {
             .map_err(|e| io_err("cannot sync the key directory", &self.path, &e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_round_trip_and_are_owner_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = KeyDir::open(&tmp.path().join("d")).unwrap();
+        let mode = fs::metadata(dir.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(dir.read("a.key").unwrap().is_none());
+        dir.write_atomic("a.key", b"one").unwrap();
+        dir.write_atomic("a.key", b"two").unwrap();
+        assert_eq!(dir.read("a.key").unwrap().unwrap().as_slice(), b"two");
+        let mode = fs::metadata(dir.path().join("a.key")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _lock = dir.lock().unwrap();
+        assert_eq!(dir.list().unwrap(), vec!["a.key".to_string()]);
+        dir.remove("a.key").unwrap();
+        assert!(matches!(
+            dir.remove("a.key"),
+            Err(BackendError::NotFound(_))
+        ));
+        assert!(dir.read("../x").is_err());
+    }
+
+    #[test]
+    fn open_directories_and_links_are_refused() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let open_dir = tmp.path().join("open");
+        fs::create_dir(&open_dir).unwrap();
+        fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(matches!(
+            KeyDir::open(&open_dir),
+            Err(BackendError::Unusable(m)) if m.contains("chmod 700")
+        ));
+        let dir = KeyDir::open(&tmp.path().join("d")).unwrap();
+        fs::write(tmp.path().join("target"), b"secret").unwrap();
+        symlink(tmp.path().join("target"), dir.path().join("link.key")).unwrap();
+        assert!(dir.read("link.key").is_err());
+        let loose = dir.path().join("loose.key");
+        fs::write(&loose, b"x").unwrap();
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(dir.read("loose.key").is_err());
+    }
+}

@@ -173,13 +173,17 @@ pub struct SecureEnclaveSlot {
     pub label: String,
     /// Where the store keeps its metadata.
     pub dir: Option<PathBuf>,
-    /// Keep the key references in the login keychain.
+    /// Keep enclave keys in the data-protection keychain (the host needs entitlements).
     #[serde(default)]
     pub keychain: bool,
+    /// On a Mac without a Secure Enclave, accept non-extractable login-keychain keys
+    /// (`os_protected_nonextractable`).
+    #[serde(default)]
+    pub allow_os_protected: bool,
 }
 
 impl SecureEnclaveSlot {
-    const FIELDS: &'static [&'static str] = &["label", "dir", "keychain"];
+    const FIELDS: &'static [&'static str] = &["label", "dir", "keychain", "allow_os_protected"];
 }
 
 /// A `[[slot]]` whose backend is known but whose options are wrong. The rest of the config
@@ -470,7 +474,17 @@ impl Config {
                     .map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string())))
                     .collect()
             };
-            tables.push(table(&[("backend", "software")]));
+            let (store, _) = crate::backend::secure_enclave::default_store(
+                cfg!(target_os = "macos"),
+                crate::backend::secure_enclave::has_secure_enclave(),
+            );
+            tables.push(table(&[(
+                "backend",
+                match store {
+                    crate::backend::secure_enclave::DefaultStore::SecureEnclave => "secure_enclave",
+                    crate::backend::secure_enclave::DefaultStore::Software => "software",
+                },
+            )]));
             if cfg!(all(feature = "tpm", target_os = "linux"))
                 && Path::new(DEFAULT_TPM_DEVICE).exists()
             {
@@ -609,6 +623,7 @@ mod tests {
                 label: "devicekey-4".into(),
                 dir: None,
                 keychain: true,
+                allow_os_protected: false,
             })
         );
         assert_eq!(c.server.allowed_origin_hosts, vec!["example.com"]);

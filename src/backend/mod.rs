@@ -13,6 +13,7 @@
 
 pub mod keydir;
 pub mod pkcs11;
+pub mod secure_enclave;
 pub mod software;
 #[cfg(all(feature = "tpm", target_os = "linux"))]
 pub mod tpm;

@@ -1,11 +1,11 @@
-//! Slots this build or this machine cannot serve: a slot whose options are wrong, the Secure
-//! Enclave (no store yet; it needs macOS), and a TPM slot in a build without TPM support. Each
-//! opens to a clear error, and the doctor shows the same error with its fix.
+//! Slots this build cannot serve: a slot whose options are wrong, and a TPM slot in a build
+//! without TPM support. Each opens to a clear error, and the doctor shows the same error with its
+//! fix.
 
 use std::sync::Arc;
 
-use super::{Backend, BackendError, Diagnosis, ProtectionClass, Result, SlotStore};
-use crate::config::{BrokenSlot, SecureEnclaveSlot};
+use super::{Backend, BackendError, Diagnosis, Result, SlotStore};
+use crate::config::BrokenSlot;
 
 impl SlotStore for BrokenSlot {
     fn open(&self) -> Result<Arc<dyn Backend>> {
@@ -14,29 +14,6 @@ impl SlotStore for BrokenSlot {
 
     fn diagnose(&self) -> Diagnosis {
         Diagnosis::unreachable(None, self.problem.clone(), self.fix.clone())
-    }
-}
-
-// When a Secure Enclave store exists, its module implements `SlotStore` for `SecureEnclaveSlot`
-// on macOS, and the impl below stays for every other system.
-
-/// Why a `secure_enclave` slot has no token here.
-const NO_SECURE_ENCLAVE: &str = "the Secure Enclave store needs macOS with a Secure Enclave";
-
-impl SlotStore for SecureEnclaveSlot {
-    fn open(&self) -> Result<Arc<dyn Backend>> {
-        Err(BackendError::Unusable(format!(
-            "slot \"{}\": {NO_SECURE_ENCLAVE}",
-            self.label
-        )))
-    }
-
-    fn diagnose(&self) -> Diagnosis {
-        Diagnosis::unreachable(
-            Some(ProtectionClass::HardwareSecureEnclave),
-            NO_SECURE_ENCLAVE,
-            "remove this slot, or use backend = \"tpm\" or \"software\" on this machine",
-        )
     }
 }
 
@@ -62,19 +39,6 @@ impl SlotStore for crate::config::TpmSlot {
 mod tests {
     use super::*;
     use crate::config::{Config, SlotConfig};
-
-    #[test]
-    fn a_secure_enclave_slot_is_unreachable_with_the_reason() {
-        let config = Config::from_toml("[[slot]]\nbackend = \"secure_enclave\"\n").unwrap();
-        let err = super::super::open(&config.slots[0])
-            .err()
-            .expect("no store");
-        assert!(err.to_string().contains(NO_SECURE_ENCLAVE), "{err}");
-        let d = super::super::diagnose(&config.slots[0]);
-        assert!(!d.reachable);
-        assert_eq!(d.detail, NO_SECURE_ENCLAVE);
-        assert!(d.fix.is_some());
-    }
 
     #[test]
     fn a_broken_slot_opens_to_its_problem() {

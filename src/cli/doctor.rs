@@ -156,6 +156,11 @@ impl fmt::Display for DoctorReport {
                     "config: none found ($DEVICEKEY_CONFIG, $XDG_CONFIG_HOME/devicekey/config.toml, \
                      /etc/devicekey/config.toml); using the built-in default"
                 )?;
+                let (_, why) = crate::backend::secure_enclave::default_store(
+                    cfg!(target_os = "macos"),
+                    crate::backend::secure_enclave::has_secure_enclave(),
+                );
+                writeln!(f, "  default key store: {why}")?;
                 (None, policy)
             }
             ConfigStatus::Broken { problem, fix } => {

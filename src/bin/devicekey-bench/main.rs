@@ -15,7 +15,7 @@ mod runner;
 mod scale;
 mod sign;
 mod stats;
-#[cfg(feature = "tpm")]
+#[cfg(all(feature = "tpm", target_os = "linux"))]
 mod tpm;
 
 use std::path::PathBuf;
@@ -143,7 +143,7 @@ enum Cmd {
     },
     /// One TPM signature through our TPM key store in-process (no PKCS#11), to compare with a
     /// C_Sign through the module: a length query that signed would double the module's time.
-    #[cfg(feature = "tpm")]
+    #[cfg(all(feature = "tpm", target_os = "linux"))]
     TpmRaw {
         /// The key's label.
         #[arg(long)]
@@ -209,7 +209,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             rpc::run(&rpc, &plan)
         }
-        #[cfg(feature = "tpm")]
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
         Cmd::TpmRaw { label, plan } => tpm::raw(&label, &plan),
         Cmd::Report {
             file,

@@ -1,0 +1,393 @@
+//! The Secure Enclave store as plain Rust: key and object files in the key directory, session
+//! keys in memory, and an [`Enclave`] that does the Security-framework work (`platform` on macOS).
+//!
+//! Keys are opened lazily: a key file becomes a [`KeyRecord`] whose signer rebuilds the key from
+//! its handle on the first signature and keeps it, so loading a directory never touches the
+//! enclave, and a key that cannot be rebuilt fails its own signatures with the reason instead of
+//! hiding the other keys.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::keyfile::{self, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
+use super::policy::{self, Route};
+use crate::backend::keydir::KeyDir;
+use crate::backend::{
+    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
+};
+use crate::encoding::POINT_LEN;
+
+/// Session keys (CKA_TOKEN false) have names with this prefix and live in memory only.
+const SESSION_PREFIX: &str = "session-";
+
+/// A key the enclave just made.
+pub struct CreatedKey {
+    /// What the key file keeps to find the key again (blob or keychain application label).
+    pub handle: Vec<u8>,
+    /// SEC1 uncompressed public point.
+    pub public_point: [u8; POINT_LEN],
+    /// Signs with the new key.
+    pub signer: Arc<dyn Signer>,
+}
+
+/// The Security-framework side of the store.
+pub trait Enclave: Send + Sync {
+    /// Creates a P-256 key by `route`. `permanent` false makes a key that lives only as long as
+    /// the returned signer (session keys), whatever the route.
+    fn create(&self, route: Route, label: &str, permanent: bool) -> Result<CreatedKey>;
+
+    /// Rebuilds a key from its handle; fails unless its public point is `public_point`.
+    fn open(
+        &self,
+        route: Route,
+        handle: &[u8],
+        public_point: &[u8; POINT_LEN],
+    ) -> Result<Arc<dyn Signer>>;
+
+    /// Deletes a keychain key (blob keys need nothing: deleting the file is enough).
+    fn delete(&self, route: Route, handle: &[u8]) -> Result<()>;
+}
+
+/// A signer that rebuilds its key on first use.
+struct DeferredSigner {
+    enclave: Arc<dyn Enclave>,
+    route: Route,
+    handle: Vec<u8>,
+    public_point: [u8; POINT_LEN],
+    opened: Mutex<Option<Arc<dyn Signer>>>,
+}
+
+impl DeferredSigner {
+    fn signer(&self) -> Result<Arc<dyn Signer>> {
+        let mut opened = self.opened.lock().map_err(|_| poisoned())?;
+        if let Some(s) = opened.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self
+            .enclave
+            .open(self.route, &self.handle, &self.public_point)?;
+        *opened = Some(s.clone());
+        Ok(s)
+    }
+}
+
+impl Signer for DeferredSigner {
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        // The lock is released before signing: signatures with one key run in parallel.
+        let signer = self.signer()?;
+        signer.sign_digest(digest)
+    }
+}
+
+fn poisoned() -> BackendError {
+    BackendError::Io("a Secure Enclave store lock was poisoned by a panic".to_string())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_name() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
+    Ok(crate::encoding::hex(&b))
+}
+
+fn file_name(name: &str, ext: &str) -> String {
+    format!("{name}.{ext}")
+}
+
+/// A Secure Enclave key store in one key directory.
+pub struct EnclaveStore {
+    info: StoreInfo,
+    route: Route,
+    dir: KeyDir,
+    enclave: Arc<dyn Enclave>,
+    sessions: Mutex<HashMap<String, KeyRecord>>,
+}
+
+impl EnclaveStore {
+    /// A store whose new keys take `route`, with its files in `dir`.
+    pub fn new(label: &str, route: Route, dir: KeyDir, enclave: Arc<dyn Enclave>) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
+        EnclaveStore {
+            info: StoreInfo {
+                label: label.to_string(),
+                backend: crate::config::BackendKind::SecureEnclave,
+                manufacturer: "Apple".to_string(),
+                serial: crate::encoding::hex(&digest[..8]),
+                protection_class: route.protection_class(),
+            },
+            route,
+            dir,
+            enclave,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The route new keys take.
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    /// Reads a key file; `None` (with a warning) for a damaged file or a key of another class.
+    fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
+        let Some(bytes) = self.dir.read(&file_name(name, KEY_EXT))? else {
+            return Ok(None);
+        };
+        match KeyFile::decode(&bytes) {
+            Ok(file) if policy::key_belongs(self.route, file.route) => Ok(Some(file)),
+            Ok(file) => {
+                log::warn!(
+                    "skipping key {name}: made by the {} route ({}), but this store serves {}",
+                    file.route.as_str(),
+                    file.route.protection_class().as_str(),
+                    self.info.protection_class.as_str()
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                log::warn!("skipping damaged key file {name}.{KEY_EXT}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    fn write_key(&self, name: &str, file: &KeyFile) -> Result<()> {
+        let bytes = file
+            .encode()
+            .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
+        self.dir.write_atomic(&file_name(name, KEY_EXT), &bytes)
+    }
+
+    fn read_object(&self, name: &str) -> Result<Option<ObjectFile>> {
+        let Some(bytes) = self.dir.read(&file_name(name, OBJECT_EXT))? else {
+            return Ok(None);
+        };
+        match ObjectFile::decode(&bytes) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => {
+                log::warn!("skipping damaged object file {name}.{OBJECT_EXT}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    fn write_object(&self, name: &str, file: &ObjectFile) -> Result<()> {
+        let bytes = file
+            .encode()
+            .map_err(|e| BackendError::Io(format!("cannot encode an object file: {e}")))?;
+        self.dir.write_atomic(&file_name(name, OBJECT_EXT), &bytes)
+    }
+
+    fn names(&self, ext: &str) -> Result<Vec<String>> {
+        Ok(self
+            .dir
+            .list()?
+            .iter()
+            .filter_map(|f| keyfile::stem(f, ext).map(str::to_string))
+            .collect())
+    }
+
+    fn record_of(&self, name: String, file: KeyFile) -> KeyRecord {
+        KeyRecord {
+            name,
+            id: file.id,
+            label: file.label,
+            public_point: file.public_point,
+            purpose: file.purpose,
+            persistent: true,
+            signer: Arc::new(DeferredSigner {
+                enclave: self.enclave.clone(),
+                route: file.route,
+                handle: file.handle,
+                public_point: file.public_point,
+                opened: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl Backend for EnclaveStore {
+    fn info(&self) -> &StoreInfo {
+        &self.info
+    }
+
+    fn load_keys(&self) -> Result<Vec<KeyRecord>> {
+        let mut keys = Vec::new();
+        for name in self.names(KEY_EXT)? {
+            if let Some(file) = self.read_key(&name)? {
+                keys.push((file.created, self.record_of(name, file)));
+            }
+        }
+        keys.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+        Ok(keys.into_iter().map(|(_, k)| k).collect())
+    }
+
+    fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
+        let name = random_name()?;
+        let created = self
+            .enclave
+            .create(self.route, &request.label, request.persistent)?;
+        if !request.persistent {
+            let name = format!("{SESSION_PREFIX}{name}");
+            let record = KeyRecord {
+                name: name.clone(),
+                id: request.id.clone(),
+                label: request.label.clone(),
+                public_point: created.public_point,
+                purpose: request.purpose,
+                persistent: false,
+                signer: created.signer,
+            };
+            self.sessions
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert(name, record.clone());
+            return Ok(record);
+        }
+        let file = KeyFile {
+            route: self.route,
+            id: request.id.clone(),
+            label: request.label.clone(),
+            purpose: request.purpose,
+            public_point: created.public_point,
+            handle: created.handle,
+            created: now(),
+        };
+        let written = self
+            .dir
+            .lock()
+            .and_then(|_lock| self.write_key(&name, &file));
+        if let Err(e) = written {
+            // A keychain key without its file would be an orphan nobody can find again.
+            if self.route.uses_keychain() {
+                if let Err(d) = self.enclave.delete(self.route, &file.handle) {
+                    log::warn!("cannot delete the keychain key of unwritten key {name}: {d}");
+                }
+            }
+            return Err(e);
+        }
+        log::info!(
+            "created {} key {name} ({:?})",
+            self.route.as_str(),
+            request.label
+        );
+        Ok(KeyRecord {
+            name,
+            id: file.id,
+            label: file.label,
+            public_point: file.public_point,
+            purpose: file.purpose,
+            persistent: true,
+            signer: created.signer,
+        })
+    }
+
+    fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
+        if name.starts_with(SESSION_PREFIX) {
+            let mut sessions = self.sessions.lock().map_err(|_| poisoned())?;
+            let key = sessions
+                .get_mut(name)
+                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+            key.label = label.to_string();
+            key.id = id.to_vec();
+            return Ok(());
+        }
+        if !keyfile::valid_name(name) {
+            return Err(BackendError::NotFound(name.to_string()));
+        }
+        let _lock = self.dir.lock()?;
+        let mut file = self
+            .read_key(name)?
+            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        file.label = label.to_string();
+        file.id = id.to_vec();
+        self.write_key(name, &file)
+    }
+
+    fn destroy_key(&self, name: &str) -> Result<()> {
+        if name.starts_with(SESSION_PREFIX) {
+            return match self.sessions.lock().map_err(|_| poisoned())?.remove(name) {
+                Some(_) => Ok(()),
+                None => Err(BackendError::NotFound(name.to_string())),
+            };
+        }
+        if !keyfile::valid_name(name) {
+            return Err(BackendError::NotFound(name.to_string()));
+        }
+        let _lock = self.dir.lock()?;
+        let file = self
+            .read_key(name)?
+            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        if file.route.uses_keychain() {
+            match self.enclave.delete(file.route, &file.handle) {
+                Ok(()) | Err(BackendError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.dir.remove(&file_name(name, KEY_EXT))?;
+        log::info!("destroyed key {name}");
+        Ok(())
+    }
+
+    fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
+        let mut objects = Vec::new();
+        for name in self.names(OBJECT_EXT)? {
+            if let Some(file) = self.read_object(&name)? {
+                objects.push((
+                    file.created,
+                    ObjectRecord {
+                        name,
+                        attributes: file.attributes,
+                    },
+                ));
+            }
+        }
+        objects.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+        Ok(objects.into_iter().map(|(_, o)| o).collect())
+    }
+
+    fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
+        let name = random_name()?;
+        let file = ObjectFile {
+            created: now(),
+            attributes: attributes.to_vec(),
+        };
+        let _lock = self.dir.lock()?;
+        self.write_object(&name, &file)?;
+        Ok(name)
+    }
+
+    fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
+        if !keyfile::valid_name(name) {
+            return Err(BackendError::NotFound(name.to_string()));
+        }
+        let _lock = self.dir.lock()?;
+        let mut file = self
+            .read_object(name)?
+            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        file.attributes = attributes.to_vec();
+        self.write_object(name, &file)
+    }
+
+    fn destroy_object(&self, name: &str) -> Result<()> {
+        if !keyfile::valid_name(name) {
+            return Err(BackendError::NotFound(name.to_string()));
+        }
+        let _lock = self.dir.lock()?;
+        self.dir.remove(&file_name(name, OBJECT_EXT))
+    }
+
+    fn change_marker(&self) -> Option<u128> {
+        self.dir.change_marker()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,6 +13,7 @@
 
 pub mod entry;
 pub mod memory;
+pub mod rv;
 pub mod state;
 pub mod unsupported;
 
@@ -176,7 +177,8 @@ pub unsafe extern "C" fn C_GetInterfaceList(
     CKR_OK
 }
 
-/// `C_GetInterface` (3.0): "PKCS 11" (or NULL) at version 3.0 (default) or 2.40.
+/// `C_GetInterface` (3.0): "PKCS 11" (or NULL) at version 3.0 (default) or 2.40; any other
+/// version, 2.x included, is `CKR_ARGUMENTS_BAD` (we offer no list for it).
 #[no_mangle]
 pub unsafe extern "C" fn C_GetInterface(
     pInterfaceName: *mut CK_UTF8CHAR,
@@ -209,7 +211,10 @@ pub unsafe extern "C" fn C_GetInterface(
         // SAFETY: non-NULL version pointer from the caller.
         match unsafe { *pVersion } {
             CK_VERSION { major: 3, minor: 0 } => 0,
-            CK_VERSION { major: 2, .. } => 1,
+            CK_VERSION {
+                major: 2,
+                minor: 40,
+            } => 1,
             _ => return CKR_ARGUMENTS_BAD,
         }
     };

@@ -189,6 +189,44 @@ fn unavailable_capacity_with_a_real_buffer_is_refused_not_sliced() {
 }
 
 #[test]
+fn impossible_input_and_fill_lengths_are_refused() {
+    let t = Token::new();
+    let k = signer(&t);
+    let s = k.session.handle();
+    let mut buf = [0xA5u8; 128];
+    // C_GenerateRandom fills exactly the count it is given: a count no buffer can have is refused.
+    // SAFETY: a real 128-byte buffer; the module must not believe the count.
+    let rv = unsafe { ck!(C_GenerateRandom)(s, buf.as_mut_ptr(), UNAVAILABLE) };
+    assert_rv!(
+        rv,
+        CKR_ARGUMENTS_BAD,
+        "C_GenerateRandom with CK_UNAVAILABLE_INFORMATION"
+    );
+    assert!(buf.iter().all(|&b| b == 0xA5), "C_GenerateRandom wrote");
+    // An input count no buffer can have is refused before it is read.
+    assert_rv!(sign_init(&k.session, CKM_ECDSA_SHA256, k.private), CKR_OK);
+    // SAFETY: as above.
+    let rv = unsafe { ck!(C_SignUpdate)(s, buf.as_mut_ptr(), UNAVAILABLE) };
+    assert_rv!(
+        rv,
+        CKR_ARGUMENTS_BAD,
+        "C_SignUpdate with CK_UNAVAILABLE_INFORMATION"
+    );
+    let mut attr = CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: buf.as_mut_ptr() as *mut std::ffi::c_void,
+        ulValueLen: 4,
+    };
+    // SAFETY: one real attribute; the module must not believe the count.
+    let rv = unsafe { ck!(C_FindObjectsInit)(s, &mut attr, UNAVAILABLE) };
+    assert_rv!(
+        rv,
+        CKR_ARGUMENTS_BAD,
+        "C_FindObjectsInit with CK_UNAVAILABLE_INFORMATION"
+    );
+}
+
+#[test]
 fn sign_final_after_a_sign_length_query_is_refused() {
     let t = Token::new();
     let k = signer(&t);

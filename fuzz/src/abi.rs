@@ -3,7 +3,10 @@
 //! NULL pointers, stale and invalid handles, and mechanism parameters.
 //!
 //! The harness keeps every promise a C caller must keep (a non-NULL pointer points to as many
-//! bytes as its length says) and breaks every other rule. Properties: no call panics (the panic
+//! bytes as its length says) and breaks every other rule. One exception, because callers break
+//! it in the wild: a variable-length output sometimes claims a capacity no buffer can have
+//! (`CK_UNAVAILABLE_INFORMATION`, `isize::MAX + 1`) for a real buffer; the module must refuse it
+//! with `CKR_ARGUMENTS_BAD` and write nothing (it once made a slice of the claim, which aborts). Properties: no call panics (the panic
 //! hook turns a caught panic into a crash) and every output stays inside its buffer (each output
 //! buffer is followed by a canary that must survive); a length the module reports for a filled
 //! buffer fits it; a private key's CKA_VALUE is never revealed.
@@ -372,7 +375,12 @@ fn var_out(
     let null_len = input.below(32) == 0;
     let cap = input.below(80);
     let mut buf = OutBuf::new(cap);
-    let mut len: CK_ULONG = cap as CK_ULONG;
+    let impossible = match input.below(16) {
+        0 => Some(CK_UNAVAILABLE_INFORMATION),
+        1 => Some(isize::MAX as CK_ULONG + 1),
+        _ => None,
+    };
+    let mut len: CK_ULONG = impossible.unwrap_or(cap as CK_ULONG);
     let out = if null_out { null_mut() } else { buf.ptr() };
     let len_ptr = if null_len {
         null_mut()
@@ -381,6 +389,18 @@ fn var_out(
     };
     let rv = f(out, len_ptr);
     buf.check(what);
+    if let (Some(claimed), false, false) = (impossible, null_out, null_len) {
+        assert!(
+            rv == CKR_ARGUMENTS_BAD || rv == CKR_CRYPTOKI_NOT_INITIALIZED,
+            "{what}: a capacity of {claimed:#x} for a real buffer gave rv {rv:#x}"
+        );
+        assert_eq!(len, claimed, "{what}: changed the length of a refused call");
+        assert!(
+            buf.data[..cap].iter().all(|&b| b == 0),
+            "{what}: wrote into a buffer whose capacity it refused"
+        );
+        return rv;
+    }
     if rv == CKR_OK && !null_out && !null_len {
         assert!(
             len as usize <= cap,

@@ -1,5 +1,6 @@
 //! The PKCS#11 functions we implement. Each is a thin shim: it catches panics, checks the
-//! caller's pointers through `memory`, and calls the token.
+//! caller's pointers through `memory`, and calls the token. Each is declared through
+//! [`entry!`], which names it once: the same name goes to the log line of a failing call.
 
 #![allow(non_snake_case)]
 
@@ -12,18 +13,38 @@ use super::memory::{self, pad, AbiResult};
 use super::state;
 use crate::token::attributes::CK_UNAVAILABLE_INFORMATION;
 use crate::token::object::Lookup;
+use crate::token::session::{Capacity, Output};
 use crate::token::{self, Operation, Token};
 
+/// Declares one exported entry point: `#[no_mangle] pub unsafe extern "C"`, returning `CK_RV`,
+/// with `NAME` (the function's name, written once) in scope for its body.
+macro_rules! entry {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+            const NAME: &str = stringify!($name);
+            $body
+        }
+    };
+}
+
 /// Runs an entry point's body: a panic becomes `CKR_GENERAL_ERROR`, never an unwind into C.
-fn guard(name: &str, body: impl FnOnce() -> AbiResult<()>) -> CK_RV {
-    match catch_unwind(AssertUnwindSafe(body)) {
+/// Every failing call leaves a debug line with the function and the `CKR_` name it returned
+/// (never its arguments: a PIN or data to sign must not reach the log).
+pub(crate) fn guard(name: &str, body: impl FnOnce() -> AbiResult<()>) -> CK_RV {
+    let rv = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(rv)) => rv,
         Err(_) => {
             log::error!("{name}: internal error (panic caught at the ABI)");
             CKR_GENERAL_ERROR
         }
+    };
+    if rv != CKR_OK {
+        log::debug!("{name} returned {}", super::rv::name(rv));
     }
+    rv
 }
 
 /// Runs a body that needs the token.
@@ -56,27 +77,32 @@ fn rv<T>(r: token::Result<T>) -> AbiResult<T> {
 
 /// Runs a call that writes a variable-length result into `(out, out_len)` following the
 /// length-query rules: NULL `out` asks for the length; a short buffer gets the length and
-/// `CKR_BUFFER_TOO_SMALL`.
+/// `CKR_BUFFER_TOO_SMALL`. The caller's capacity is only compared: the bytes are copied through
+/// a slice of exactly their length, and a capacity no buffer can have (above `isize::MAX`) is
+/// `CKR_ARGUMENTS_BAD`. With a NULL `out` the capacity is not read as one.
 ///
 /// # Safety
 /// `out` must be NULL or point to `*out_len` writable bytes; `out_len` must be NULL or writable.
 unsafe fn variable_output(
     out: *mut CK_BYTE,
     out_len: *mut CK_ULONG,
-    call: impl FnOnce(Option<&mut [u8]>) -> token::Result<usize>,
+    call: impl FnOnce(Capacity) -> token::Result<Output>,
 ) -> AbiResult<()> {
     // SAFETY: forwarded contract.
-    let capacity = unsafe { memory::read(out_len) }?;
-    let buf = if out.is_null() {
+    let claimed = unsafe { memory::read(out_len) }?;
+    let capacity = if out.is_null() {
         None
     } else {
-        // SAFETY: forwarded contract.
-        Some(unsafe { memory::output(out, capacity) }?)
+        Some(memory::capacity(claimed)?)
     };
-    match call(buf) {
-        Ok(n) => {
+    match call(capacity) {
+        Ok(result) => {
+            if let (Some(bytes), Some(room)) = (&result.bytes, capacity) {
+                // SAFETY: `out` is non-NULL with `room` writable bytes per the caller.
+                unsafe { memory::copy_out(out, room, bytes) }?;
+            }
             // SAFETY: checked readable above, writable per contract.
-            unsafe { memory::write(out_len, n as CK_ULONG) }
+            unsafe { memory::write(out_len, result.len as CK_ULONG) }
         }
         Err(e) => {
             if let Some(n) = e.needed {
@@ -95,686 +121,690 @@ fn version(v: (u8, u8)) -> CK_VERSION {
     }
 }
 
-/// `C_Initialize`: the four locking cases; `pReserved` must be NULL.
-#[no_mangle]
-pub unsafe extern "C" fn C_Initialize(pInitArgs: *mut c_void) -> CK_RV {
-    guard("C_Initialize", || {
-        crate::logging::init();
-        if !pInitArgs.is_null() {
-            // SAFETY: non-NULL; the caller passes a CK_C_INITIALIZE_ARGS.
-            let args = unsafe { memory::read(pInitArgs as *const CK_C_INITIALIZE_ARGS) }?;
-            if !args.pReserved.is_null() {
+entry! {
+    /// `C_Initialize`: the four locking cases; `pReserved` must be NULL.
+    fn C_Initialize(pInitArgs: *mut c_void) {
+        guard(NAME, || {
+            crate::logging::init();
+            if !pInitArgs.is_null() {
+                // SAFETY: non-NULL; the caller passes a CK_C_INITIALIZE_ARGS.
+                let args = unsafe { memory::read(pInitArgs as *const CK_C_INITIALIZE_ARGS) }?;
+                if !args.pReserved.is_null() {
+                    return Err(CKR_ARGUMENTS_BAD);
+                }
+                let set = [
+                    args.CreateMutex.is_some(),
+                    args.DestroyMutex.is_some(),
+                    args.LockMutex.is_some(),
+                    args.UnlockMutex.is_some(),
+                ];
+                // Either all four mutex functions or none. With them, we still lock with the OS
+                // primitives, which any caller that passes mutex functions can live with: our locks
+                // never block on anything the application holds.
+                if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+                    return Err(CKR_ARGUMENTS_BAD);
+                }
+            }
+            state::initialize()
+        })
+    }
+}
+
+entry! {
+    /// `C_Finalize`: `pReserved` must be NULL.
+    fn C_Finalize(pReserved: *mut c_void) {
+        guard(NAME, || {
+            if !pReserved.is_null() {
                 return Err(CKR_ARGUMENTS_BAD);
             }
-            let set = [
-                args.CreateMutex.is_some(),
-                args.DestroyMutex.is_some(),
-                args.LockMutex.is_some(),
-                args.UnlockMutex.is_some(),
-            ];
-            // Either all four mutex functions or none. With them, we still lock with the OS
-            // primitives, which any caller that passes mutex functions can live with: our locks
-            // never block on anything the application holds.
-            if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+            state::finalize()
+        })
+    }
+}
+
+entry! {
+    /// `C_GetInfo`.
+    fn C_GetInfo(pInfo: *mut CK_INFO) {
+        with_token(NAME, |_| {
+            let mut info = CK_INFO {
+                cryptokiVersion: version((3, 0)),
+                libraryVersion: version(token::VERSION),
+                ..Default::default()
+            };
+            pad(
+                &mut info.manufacturerID,
+                crate::vendor::DEVICEKEY_MANUFACTURER,
+            );
+            pad(&mut info.libraryDescription, "devicekey PKCS#11 module");
+            // SAFETY: pInfo is NULL-checked by `write` and points to a CK_INFO per the spec.
+            unsafe { memory::write(pInfo, info) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetSlotList`, with the length-query rules.
+    fn C_GetSlotList(tokenPresent: CK_BBOOL, pSlotList: *mut CK_SLOT_ID, pulCount: *mut CK_ULONG) {
+        with_token(NAME, |t| {
+            let slots = t.slot_list(tokenPresent != CK_FALSE);
+            // SAFETY: NULL-checked read of the caller's count.
+            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
+            // SAFETY: NULL-checked write of the count.
+            unsafe { memory::write(pulCount, slots.len() as CK_ULONG) }?;
+            if pSlotList.is_null() {
+                return Ok(());
+            }
+            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
+            unsafe { memory::copy_out(pSlotList, capacity, &slots) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetSlotInfo`.
+    fn C_GetSlotInfo(slotID: CK_SLOT_ID, pInfo: *mut CK_SLOT_INFO) {
+        with_token(NAME, |t| {
+            let s = rv(t.slot_info(slotID))?;
+            let mut info = CK_SLOT_INFO {
+                flags: s.flags,
+                hardwareVersion: version(token::VERSION),
+                firmwareVersion: version(token::VERSION),
+                ..Default::default()
+            };
+            pad(&mut info.slotDescription, &s.description);
+            pad(
+                &mut info.manufacturerID,
+                crate::vendor::DEVICEKEY_MANUFACTURER,
+            );
+            // SAFETY: NULL-checked write of a CK_SLOT_INFO.
+            unsafe { memory::write(pInfo, info) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetTokenInfo`.
+    fn C_GetTokenInfo(slotID: CK_SLOT_ID, pInfo: *mut CK_TOKEN_INFO) {
+        with_token(NAME, |t| {
+            let ti = rv(t.token_info(slotID))?;
+            let mut info = CK_TOKEN_INFO {
+                flags: ti.flags,
+                ulMaxSessionCount: CK_EFFECTIVELY_INFINITE,
+                ulSessionCount: ti.session_count as CK_ULONG,
+                ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
+                ulRwSessionCount: ti.rw_session_count as CK_ULONG,
+                ulMaxPinLen: 255,
+                ulMinPinLen: 0,
+                ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
+                ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
+                ulTotalPrivateMemory: CK_UNAVAILABLE_INFORMATION,
+                ulFreePrivateMemory: CK_UNAVAILABLE_INFORMATION,
+                hardwareVersion: version(token::VERSION),
+                firmwareVersion: version(token::VERSION),
+                ..Default::default()
+            };
+            pad(&mut info.label, &ti.label);
+            pad(&mut info.manufacturerID, &ti.manufacturer);
+            pad(&mut info.model, &ti.model);
+            pad(&mut info.serialNumber, &ti.serial);
+            pad(&mut info.utcTime, "");
+            // SAFETY: NULL-checked write of a CK_TOKEN_INFO.
+            unsafe { memory::write(pInfo, info) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetMechanismList`, with the length-query rules.
+    fn C_GetMechanismList(
+        slotID: CK_SLOT_ID,
+        pMechanismList: *mut CK_MECHANISM_TYPE,
+        pulCount: *mut CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            let mechs = rv(t.mechanisms(slotID))?;
+            // SAFETY: NULL-checked read of the caller's count.
+            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(pulCount, mechs.len() as CK_ULONG) }?;
+            if pMechanismList.is_null() {
+                return Ok(());
+            }
+            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
+            unsafe { memory::copy_out(pMechanismList, capacity, mechs) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetMechanismInfo`.
+    fn C_GetMechanismInfo(
+        slotID: CK_SLOT_ID,
+        type_: CK_MECHANISM_TYPE,
+        pInfo: *mut CK_MECHANISM_INFO,
+    ) {
+        with_token(NAME, |t| {
+            let info = rv(t.mechanism_info(slotID, type_))?;
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(pInfo, info) }
+        })
+    }
+}
+
+entry! {
+    /// `C_OpenSession`; notification callbacks are accepted and never called.
+    fn C_OpenSession(
+        slotID: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        _pApplication: *mut c_void,
+        _Notify: CK_NOTIFY,
+        phSession: *mut CK_SESSION_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            if phSession.is_null() {
                 return Err(CKR_ARGUMENTS_BAD);
             }
-        }
-        state::initialize()
-    })
+            let h = rv(t.open_session(slotID, flags))?;
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(phSession, h) }
+        })
+    }
 }
 
-/// `C_Finalize`: `pReserved` must be NULL.
-#[no_mangle]
-pub unsafe extern "C" fn C_Finalize(pReserved: *mut c_void) -> CK_RV {
-    guard("C_Finalize", || {
-        if !pReserved.is_null() {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        state::finalize()
-    })
+entry! {
+    /// `C_CloseSession`.
+    fn C_CloseSession(hSession: CK_SESSION_HANDLE) {
+        with_token(NAME, |t| rv(t.close_session(hSession)))
+    }
 }
 
-/// `C_GetInfo`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetInfo(pInfo: *mut CK_INFO) -> CK_RV {
-    with_token("C_GetInfo", |_| {
-        let mut info = CK_INFO {
-            cryptokiVersion: version((3, 0)),
-            libraryVersion: version(token::VERSION),
-            ..Default::default()
-        };
-        pad(
-            &mut info.manufacturerID,
-            crate::vendor::DEVICEKEY_MANUFACTURER,
-        );
-        pad(&mut info.libraryDescription, "devicekey PKCS#11 module");
-        // SAFETY: pInfo is NULL-checked by `write` and points to a CK_INFO per the spec.
-        unsafe { memory::write(pInfo, info) }
-    })
+entry! {
+    /// `C_CloseAllSessions`.
+    fn C_CloseAllSessions(slotID: CK_SLOT_ID) {
+        with_token(NAME, |t| rv(t.close_all_sessions(slotID)))
+    }
 }
 
-/// `C_GetSlotList`, with the length-query rules.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetSlotList(
-    tokenPresent: CK_BBOOL,
-    pSlotList: *mut CK_SLOT_ID,
-    pulCount: *mut CK_ULONG,
-) -> CK_RV {
-    with_token("C_GetSlotList", |t| {
-        let slots = t.slot_list(tokenPresent != CK_FALSE);
-        // SAFETY: NULL-checked read of the caller's count.
-        let capacity = unsafe { memory::read(pulCount) }? as usize;
-        // SAFETY: NULL-checked write of the count.
-        unsafe { memory::write(pulCount, slots.len() as CK_ULONG) }?;
-        if pSlotList.is_null() {
-            return Ok(());
-        }
-        if capacity < slots.len() {
-            return Err(CKR_BUFFER_TOO_SMALL);
-        }
-        // SAFETY: non-NULL, and the caller promised `capacity` >= slots.len() entries.
-        let out = unsafe { std::slice::from_raw_parts_mut(pSlotList, slots.len()) };
-        out.copy_from_slice(&slots);
-        Ok(())
-    })
+entry! {
+    /// `C_GetSessionInfo`.
+    fn C_GetSessionInfo(hSession: CK_SESSION_HANDLE, pInfo: *mut CK_SESSION_INFO) {
+        with_token(NAME, |t| {
+            let s = rv(t.session_info(hSession))?;
+            let info = CK_SESSION_INFO {
+                slotID: s.slot,
+                state: s.state,
+                flags: s.flags,
+                ulDeviceError: 0,
+            };
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(pInfo, info) }
+        })
+    }
 }
 
-/// `C_GetSlotInfo`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetSlotInfo(slotID: CK_SLOT_ID, pInfo: *mut CK_SLOT_INFO) -> CK_RV {
-    with_token("C_GetSlotInfo", |t| {
-        let s = rv(t.slot_info(slotID))?;
-        let mut info = CK_SLOT_INFO {
-            flags: s.flags,
-            hardwareVersion: version(token::VERSION),
-            firmwareVersion: version(token::VERSION),
-            ..Default::default()
-        };
-        pad(&mut info.slotDescription, &s.description);
-        pad(
-            &mut info.manufacturerID,
-            crate::vendor::DEVICEKEY_MANUFACTURER,
-        );
-        // SAFETY: NULL-checked write of a CK_SLOT_INFO.
-        unsafe { memory::write(pInfo, info) }
-    })
+entry! {
+    /// `C_Login`.
+    fn C_Login(
+        hSession: CK_SESSION_HANDLE,
+        userType: CK_USER_TYPE,
+        pPin: *mut CK_UTF8CHAR,
+        ulPinLen: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
+            rv(t.login(hSession, userType, pin))
+        })
+    }
 }
 
-/// `C_GetTokenInfo`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetTokenInfo(slotID: CK_SLOT_ID, pInfo: *mut CK_TOKEN_INFO) -> CK_RV {
-    with_token("C_GetTokenInfo", |t| {
-        let ti = rv(t.token_info(slotID))?;
-        let mut info = CK_TOKEN_INFO {
-            flags: ti.flags,
-            ulMaxSessionCount: CK_EFFECTIVELY_INFINITE,
-            ulSessionCount: ti.session_count as CK_ULONG,
-            ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
-            ulRwSessionCount: ti.rw_session_count as CK_ULONG,
-            ulMaxPinLen: 255,
-            ulMinPinLen: 0,
-            ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
-            ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
-            ulTotalPrivateMemory: CK_UNAVAILABLE_INFORMATION,
-            ulFreePrivateMemory: CK_UNAVAILABLE_INFORMATION,
-            hardwareVersion: version(token::VERSION),
-            firmwareVersion: version(token::VERSION),
-            ..Default::default()
-        };
-        pad(&mut info.label, &ti.label);
-        pad(&mut info.manufacturerID, &ti.manufacturer);
-        pad(&mut info.model, &ti.model);
-        pad(&mut info.serialNumber, &ti.serial);
-        pad(&mut info.utcTime, "");
-        // SAFETY: NULL-checked write of a CK_TOKEN_INFO.
-        unsafe { memory::write(pInfo, info) }
-    })
+entry! {
+    /// `C_LoginUser` (PKCS#11 3.0): as C_Login; the user name is not used.
+    fn C_LoginUser(
+        hSession: CK_SESSION_HANDLE,
+        userType: CK_USER_TYPE,
+        pPin: *mut CK_UTF8CHAR,
+        ulPinLen: CK_ULONG,
+        _pUsername: *mut CK_UTF8CHAR,
+        _ulUsernameLen: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
+            rv(t.login(hSession, userType, pin))
+        })
+    }
 }
 
-/// `C_GetMechanismList`, with the length-query rules.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetMechanismList(
-    slotID: CK_SLOT_ID,
-    pMechanismList: *mut CK_MECHANISM_TYPE,
-    pulCount: *mut CK_ULONG,
-) -> CK_RV {
-    with_token("C_GetMechanismList", |t| {
-        let mechs = rv(t.mechanisms(slotID))?;
-        // SAFETY: NULL-checked read of the caller's count.
-        let capacity = unsafe { memory::read(pulCount) }? as usize;
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(pulCount, mechs.len() as CK_ULONG) }?;
-        if pMechanismList.is_null() {
-            return Ok(());
-        }
-        if capacity < mechs.len() {
-            return Err(CKR_BUFFER_TOO_SMALL);
-        }
-        // SAFETY: non-NULL, room for `capacity` >= mechs.len() entries per the caller.
-        let out = unsafe { std::slice::from_raw_parts_mut(pMechanismList, mechs.len()) };
-        out.copy_from_slice(mechs);
-        Ok(())
-    })
+entry! {
+    /// `C_Logout`.
+    fn C_Logout(hSession: CK_SESSION_HANDLE) {
+        with_token(NAME, |t| rv(t.logout(hSession)))
+    }
 }
 
-/// `C_GetMechanismInfo`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetMechanismInfo(
-    slotID: CK_SLOT_ID,
-    type_: CK_MECHANISM_TYPE,
-    pInfo: *mut CK_MECHANISM_INFO,
-) -> CK_RV {
-    with_token("C_GetMechanismInfo", |t| {
-        let info = rv(t.mechanism_info(slotID, type_))?;
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(pInfo, info) }
-    })
-}
-
-/// `C_OpenSession`; notification callbacks are accepted and never called.
-#[no_mangle]
-pub unsafe extern "C" fn C_OpenSession(
-    slotID: CK_SLOT_ID,
-    flags: CK_FLAGS,
-    _pApplication: *mut c_void,
-    _Notify: CK_NOTIFY,
-    phSession: *mut CK_SESSION_HANDLE,
-) -> CK_RV {
-    with_token("C_OpenSession", |t| {
-        if phSession.is_null() {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        let h = rv(t.open_session(slotID, flags))?;
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(phSession, h) }
-    })
-}
-
-/// `C_CloseSession`.
-#[no_mangle]
-pub unsafe extern "C" fn C_CloseSession(hSession: CK_SESSION_HANDLE) -> CK_RV {
-    with_token("C_CloseSession", |t| rv(t.close_session(hSession)))
-}
-
-/// `C_CloseAllSessions`.
-#[no_mangle]
-pub unsafe extern "C" fn C_CloseAllSessions(slotID: CK_SLOT_ID) -> CK_RV {
-    with_token("C_CloseAllSessions", |t| rv(t.close_all_sessions(slotID)))
-}
-
-/// `C_GetSessionInfo`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetSessionInfo(
-    hSession: CK_SESSION_HANDLE,
-    pInfo: *mut CK_SESSION_INFO,
-) -> CK_RV {
-    with_token("C_GetSessionInfo", |t| {
-        let s = rv(t.session_info(hSession))?;
-        let info = CK_SESSION_INFO {
-            slotID: s.slot,
-            state: s.state,
-            flags: s.flags,
-            ulDeviceError: 0,
-        };
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(pInfo, info) }
-    })
-}
-
-/// `C_Login`.
-#[no_mangle]
-pub unsafe extern "C" fn C_Login(
-    hSession: CK_SESSION_HANDLE,
-    userType: CK_USER_TYPE,
-    pPin: *mut CK_UTF8CHAR,
-    ulPinLen: CK_ULONG,
-) -> CK_RV {
-    with_token("C_Login", |t| {
-        // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
-        let pin = unsafe { memory::input(pPin, ulPinLen) }?;
-        rv(t.login(hSession, userType, pin))
-    })
-}
-
-/// `C_LoginUser` (PKCS#11 3.0): as C_Login; the user name is not used.
-#[no_mangle]
-pub unsafe extern "C" fn C_LoginUser(
-    hSession: CK_SESSION_HANDLE,
-    userType: CK_USER_TYPE,
-    pPin: *mut CK_UTF8CHAR,
-    ulPinLen: CK_ULONG,
-    _pUsername: *mut CK_UTF8CHAR,
-    _ulUsernameLen: CK_ULONG,
-) -> CK_RV {
-    // SAFETY: same contract as C_Login.
-    unsafe { C_Login(hSession, userType, pPin, ulPinLen) }
-}
-
-/// `C_Logout`.
-#[no_mangle]
-pub unsafe extern "C" fn C_Logout(hSession: CK_SESSION_HANDLE) -> CK_RV {
-    with_token("C_Logout", |t| rv(t.logout(hSession)))
-}
-
-/// `C_CreateObject`: certificates and data objects.
-#[no_mangle]
-pub unsafe extern "C" fn C_CreateObject(
-    hSession: CK_SESSION_HANDLE,
-    pTemplate: *mut CK_ATTRIBUTE,
-    ulCount: CK_ULONG,
-    phObject: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    with_token("C_CreateObject", |t| {
-        if phObject.is_null() {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        // SAFETY: the caller passes `ulCount` readable attributes.
-        let template = unsafe { memory::template(pTemplate, ulCount) }?;
-        let h = rv(t.create_object(hSession, &template))?;
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(phObject, h) }
-    })
-}
-
-/// `C_DestroyObject`.
-#[no_mangle]
-pub unsafe extern "C" fn C_DestroyObject(
-    hSession: CK_SESSION_HANDLE,
-    hObject: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    with_token("C_DestroyObject", |t| {
-        rv(t.destroy_object(hSession, hObject))
-    })
-}
-
-/// `C_GetObjectSize`: the total size of the object's attribute values.
-#[no_mangle]
-pub unsafe extern "C" fn C_GetObjectSize(
-    hSession: CK_SESSION_HANDLE,
-    hObject: CK_OBJECT_HANDLE,
-    pulSize: *mut CK_ULONG,
-) -> CK_RV {
-    with_token("C_GetObjectSize", |t| {
-        let n = rv(t.object_size(hSession, hObject))?;
-        // SAFETY: NULL-checked write.
-        unsafe { memory::write(pulSize, n as CK_ULONG) }
-    })
-}
-
-/// `C_GetAttributeValue`: every template entry is processed; the return value reports the
-/// first problem (sensitive, unknown type, or buffer too small).
-#[no_mangle]
-pub unsafe extern "C" fn C_GetAttributeValue(
-    hSession: CK_SESSION_HANDLE,
-    hObject: CK_OBJECT_HANDLE,
-    pTemplate: *mut CK_ATTRIBUTE,
-    ulCount: CK_ULONG,
-) -> CK_RV {
-    with_token("C_GetAttributeValue", |t| {
-        let obj = rv(t.get_object(hSession, hObject))?;
-        // SAFETY: the caller passes `ulCount` writable attributes.
-        let attrs = unsafe { memory::attributes_mut(pTemplate, ulCount) }?;
-        let mut result = CKR_OK;
-        let mut note = |rv: CK_RV| {
-            if result == CKR_OK {
-                result = rv;
+entry! {
+    /// `C_CreateObject`: certificates and data objects.
+    fn C_CreateObject(
+        hSession: CK_SESSION_HANDLE,
+        pTemplate: *mut CK_ATTRIBUTE,
+        ulCount: CK_ULONG,
+        phObject: *mut CK_OBJECT_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            if phObject.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
             }
-        };
-        for a in attrs.iter_mut() {
-            match obj.lookup(a.type_) {
-                Lookup::Value(v) => {
-                    if a.pValue.is_null() {
-                        a.ulValueLen = v.len() as CK_ULONG;
-                    } else if (a.ulValueLen as usize) < v.len() {
+            // SAFETY: the caller passes `ulCount` readable attributes.
+            let template = unsafe { memory::template(pTemplate, ulCount) }?;
+            let h = rv(t.create_object(hSession, &template))?;
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(phObject, h) }
+        })
+    }
+}
+
+entry! {
+    /// `C_DestroyObject`.
+    fn C_DestroyObject(hSession: CK_SESSION_HANDLE, hObject: CK_OBJECT_HANDLE) {
+        with_token(NAME, |t| {
+            rv(t.destroy_object(hSession, hObject))
+        })
+    }
+}
+
+entry! {
+    /// `C_GetObjectSize`: the total size of the object's attribute values.
+    fn C_GetObjectSize(
+        hSession: CK_SESSION_HANDLE,
+        hObject: CK_OBJECT_HANDLE,
+        pulSize: *mut CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            let n = rv(t.object_size(hSession, hObject))?;
+            // SAFETY: NULL-checked write.
+            unsafe { memory::write(pulSize, n as CK_ULONG) }
+        })
+    }
+}
+
+entry! {
+    /// `C_GetAttributeValue`: every template entry is processed; the return value reports the
+    /// first problem (sensitive, unknown type, or buffer too small).
+    fn C_GetAttributeValue(
+        hSession: CK_SESSION_HANDLE,
+        hObject: CK_OBJECT_HANDLE,
+        pTemplate: *mut CK_ATTRIBUTE,
+        ulCount: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            let obj = rv(t.get_object(hSession, hObject))?;
+            // SAFETY: the caller passes `ulCount` writable attributes.
+            let attrs = unsafe { memory::attributes_mut(pTemplate, ulCount) }?;
+            let mut result = CKR_OK;
+            let mut note = |rv: CK_RV| {
+                if result == CKR_OK {
+                    result = rv;
+                }
+            };
+            for a in attrs.iter_mut() {
+                match obj.lookup(a.type_) {
+                    Lookup::Value(v) => {
+                        if a.pValue.is_null() {
+                            a.ulValueLen = v.len() as CK_ULONG;
+                        } else if memory::entries(a.ulValueLen) < v.len() {
+                            a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                            note(CKR_BUFFER_TOO_SMALL);
+                        } else {
+                            let room = memory::entries(a.ulValueLen);
+                            // SAFETY: non-NULL with `ulValueLen` >= v.len() writable bytes per the
+                            // caller; copy_out makes a slice of v.len() bytes only.
+                            unsafe { memory::copy_out(a.pValue as *mut u8, room, v) }?;
+                            a.ulValueLen = v.len() as CK_ULONG;
+                        }
+                    }
+                    Lookup::Sensitive => {
                         a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-                        note(CKR_BUFFER_TOO_SMALL);
-                    } else {
-                        // SAFETY: non-NULL, and the caller promised `ulValueLen` >= v.len() bytes.
-                        let out =
-                            unsafe { std::slice::from_raw_parts_mut(a.pValue as *mut u8, v.len()) };
-                        out.copy_from_slice(v);
-                        a.ulValueLen = v.len() as CK_ULONG;
+                        note(CKR_ATTRIBUTE_SENSITIVE);
+                    }
+                    Lookup::Invalid => {
+                        a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                        note(CKR_ATTRIBUTE_TYPE_INVALID);
                     }
                 }
-                Lookup::Sensitive => {
-                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-                    note(CKR_ATTRIBUTE_SENSITIVE);
-                }
-                Lookup::Invalid => {
-                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-                    note(CKR_ATTRIBUTE_TYPE_INVALID);
-                }
             }
-        }
-        match result {
-            CKR_OK => Ok(()),
-            rv => Err(rv),
-        }
-    })
+            match result {
+                CKR_OK => Ok(()),
+                rv => Err(rv),
+            }
+        })
+    }
 }
 
-/// `C_SetAttributeValue`: CKA_LABEL and CKA_ID.
-#[no_mangle]
-pub unsafe extern "C" fn C_SetAttributeValue(
-    hSession: CK_SESSION_HANDLE,
-    hObject: CK_OBJECT_HANDLE,
-    pTemplate: *mut CK_ATTRIBUTE,
-    ulCount: CK_ULONG,
-) -> CK_RV {
-    with_token("C_SetAttributeValue", |t| {
-        // SAFETY: the caller passes `ulCount` readable attributes.
-        let template = unsafe { memory::template(pTemplate, ulCount) }?;
-        rv(t.set_attributes(hSession, hObject, &template))
-    })
+entry! {
+    /// `C_SetAttributeValue`: CKA_LABEL and CKA_ID.
+    fn C_SetAttributeValue(
+        hSession: CK_SESSION_HANDLE,
+        hObject: CK_OBJECT_HANDLE,
+        pTemplate: *mut CK_ATTRIBUTE,
+        ulCount: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: the caller passes `ulCount` readable attributes.
+            let template = unsafe { memory::template(pTemplate, ulCount) }?;
+            rv(t.set_attributes(hSession, hObject, &template))
+        })
+    }
 }
 
-/// `C_FindObjectsInit`.
-#[no_mangle]
-pub unsafe extern "C" fn C_FindObjectsInit(
-    hSession: CK_SESSION_HANDLE,
-    pTemplate: *mut CK_ATTRIBUTE,
-    ulCount: CK_ULONG,
-) -> CK_RV {
-    with_token("C_FindObjectsInit", |t| {
-        // SAFETY: the caller passes `ulCount` readable attributes.
-        let template = unsafe { memory::template(pTemplate, ulCount) }?;
-        rv(t.find_init(hSession, &template))
-    })
+entry! {
+    /// `C_FindObjectsInit`.
+    fn C_FindObjectsInit(
+        hSession: CK_SESSION_HANDLE,
+        pTemplate: *mut CK_ATTRIBUTE,
+        ulCount: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: the caller passes `ulCount` readable attributes.
+            let template = unsafe { memory::template(pTemplate, ulCount) }?;
+            rv(t.find_init(hSession, &template))
+        })
+    }
 }
 
-/// `C_FindObjects`.
-#[no_mangle]
-pub unsafe extern "C" fn C_FindObjects(
-    hSession: CK_SESSION_HANDLE,
-    phObject: *mut CK_OBJECT_HANDLE,
-    ulMaxObjectCount: CK_ULONG,
-    pulObjectCount: *mut CK_ULONG,
-) -> CK_RV {
-    with_token("C_FindObjects", |t| {
-        if pulObjectCount.is_null() || (phObject.is_null() && ulMaxObjectCount > 0) {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        let found = rv(t.find(hSession, ulMaxObjectCount as usize))?;
-        if !found.is_empty() {
-            // SAFETY: non-NULL, room for `ulMaxObjectCount` >= found.len() handles.
-            let out = unsafe { std::slice::from_raw_parts_mut(phObject, found.len()) };
-            out.copy_from_slice(&found);
-        }
-        // SAFETY: NULL-checked above.
-        unsafe { memory::write(pulObjectCount, found.len() as CK_ULONG) }
-    })
+entry! {
+    /// `C_FindObjects`.
+    fn C_FindObjects(
+        hSession: CK_SESSION_HANDLE,
+        phObject: *mut CK_OBJECT_HANDLE,
+        ulMaxObjectCount: CK_ULONG,
+        pulObjectCount: *mut CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            if pulObjectCount.is_null() || (phObject.is_null() && ulMaxObjectCount > 0) {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            let room = memory::entries(ulMaxObjectCount);
+            let found = rv(t.find(hSession, room))?;
+            if !found.is_empty() {
+                // SAFETY: non-NULL (found is empty when the count is 0), room for `ulMaxObjectCount`
+                // >= found.len() handles per the caller.
+                unsafe { memory::copy_out(phObject, room, &found) }?;
+            }
+            // SAFETY: NULL-checked above.
+            unsafe { memory::write(pulObjectCount, found.len() as CK_ULONG) }
+        })
+    }
 }
 
-/// `C_FindObjectsFinal`.
-#[no_mangle]
-pub unsafe extern "C" fn C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) -> CK_RV {
-    with_token("C_FindObjectsFinal", |t| rv(t.find_final(hSession)))
+entry! {
+    /// `C_FindObjectsFinal`.
+    fn C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) {
+        with_token(NAME, |t| rv(t.find_final(hSession)))
+    }
 }
 
-/// `C_GenerateKeyPair`: CKM_EC_KEY_PAIR_GEN on P-256.
-#[no_mangle]
-pub unsafe extern "C" fn C_GenerateKeyPair(
-    hSession: CK_SESSION_HANDLE,
-    pMechanism: *mut CK_MECHANISM,
-    pPublicKeyTemplate: *mut CK_ATTRIBUTE,
-    ulPublicKeyAttributeCount: CK_ULONG,
-    pPrivateKeyTemplate: *mut CK_ATTRIBUTE,
-    ulPrivateKeyAttributeCount: CK_ULONG,
-    phPublicKey: *mut CK_OBJECT_HANDLE,
-    phPrivateKey: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    with_token("C_GenerateKeyPair", |t| {
-        if phPublicKey.is_null() || phPrivateKey.is_null() {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        // SAFETY: NULL-checked read of a CK_MECHANISM.
-        let mech = unsafe { memory::mechanism(pMechanism) }?;
-        // SAFETY: the caller passes the stated numbers of readable attributes.
-        let public = unsafe { memory::template(pPublicKeyTemplate, ulPublicKeyAttributeCount) }?;
-        // SAFETY: as above.
-        let private = unsafe { memory::template(pPrivateKeyTemplate, ulPrivateKeyAttributeCount) }?;
-        let (pub_h, priv_h) = rv(t.generate_key_pair(hSession, mech, &public, &private))?;
-        // SAFETY: both NULL-checked above.
-        unsafe {
-            memory::write(phPublicKey, pub_h)?;
-            memory::write(phPrivateKey, priv_h)
-        }
-    })
+entry! {
+    /// `C_GenerateKeyPair`: CKM_EC_KEY_PAIR_GEN on P-256.
+    fn C_GenerateKeyPair(
+        hSession: CK_SESSION_HANDLE,
+        pMechanism: *mut CK_MECHANISM,
+        pPublicKeyTemplate: *mut CK_ATTRIBUTE,
+        ulPublicKeyAttributeCount: CK_ULONG,
+        pPrivateKeyTemplate: *mut CK_ATTRIBUTE,
+        ulPrivateKeyAttributeCount: CK_ULONG,
+        phPublicKey: *mut CK_OBJECT_HANDLE,
+        phPrivateKey: *mut CK_OBJECT_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            rv(t.check_session(hSession))?;
+            if phPublicKey.is_null() || phPrivateKey.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            // SAFETY: NULL-checked read of a CK_MECHANISM.
+            let mech = unsafe { memory::mechanism(pMechanism) }?;
+            // SAFETY: the caller passes the stated numbers of readable attributes.
+            let public = unsafe { memory::template(pPublicKeyTemplate, ulPublicKeyAttributeCount) }?;
+            // SAFETY: as above.
+            let private = unsafe { memory::template(pPrivateKeyTemplate, ulPrivateKeyAttributeCount) }?;
+            let (pub_h, priv_h) = rv(t.generate_key_pair(hSession, mech, &public, &private))?;
+            // SAFETY: both NULL-checked above.
+            unsafe {
+                memory::write(phPublicKey, pub_h)?;
+                memory::write(phPrivateKey, priv_h)
+            }
+        })
+    }
 }
 
-/// `C_SignInit`.
-#[no_mangle]
-pub unsafe extern "C" fn C_SignInit(
-    hSession: CK_SESSION_HANDLE,
-    pMechanism: *mut CK_MECHANISM,
-    hKey: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    with_token("C_SignInit", |t| {
-        // SAFETY: NULL-checked read of a CK_MECHANISM.
-        let mech = unsafe { memory::mechanism(pMechanism) }?;
-        rv(t.sign_init(hSession, mech, hKey))
-    })
+entry! {
+    /// `C_SignInit`.
+    fn C_SignInit(
+        hSession: CK_SESSION_HANDLE,
+        pMechanism: *mut CK_MECHANISM,
+        hKey: CK_OBJECT_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            rv(t.check_session(hSession))?;
+            // SAFETY: NULL-checked read of a CK_MECHANISM.
+            let mech = unsafe { memory::mechanism(pMechanism) }?;
+            rv(t.sign_init(hSession, mech, hKey))
+        })
+    }
 }
 
-/// `C_Sign`: a NULL signature buffer asks for the length (64) and keeps the operation.
-#[no_mangle]
-pub unsafe extern "C" fn C_Sign(
-    hSession: CK_SESSION_HANDLE,
-    pData: *mut CK_BYTE,
-    ulDataLen: CK_ULONG,
-    pSignature: *mut CK_BYTE,
-    pulSignatureLen: *mut CK_ULONG,
-) -> CK_RV {
-    with_operation("C_Sign", hSession, Operation::Sign, |t| {
-        // SAFETY: `ulDataLen` readable bytes per the caller.
-        let data = unsafe { memory::input(pData, ulDataLen) }?;
-        // SAFETY: forwarded output contract.
-        unsafe {
-            variable_output(pSignature, pulSignatureLen, |out| {
-                t.sign(hSession, data, out)
-            })
-        }
-    })
+entry! {
+    /// `C_Sign`: a NULL signature buffer asks for the length (64) and keeps the operation.
+    fn C_Sign(
+        hSession: CK_SESSION_HANDLE,
+        pData: *mut CK_BYTE,
+        ulDataLen: CK_ULONG,
+        pSignature: *mut CK_BYTE,
+        pulSignatureLen: *mut CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Sign, |t| {
+            // SAFETY: `ulDataLen` readable bytes per the caller.
+            let data = unsafe { memory::input(pData, ulDataLen) }?;
+            // SAFETY: forwarded output contract.
+            unsafe {
+                variable_output(pSignature, pulSignatureLen, |out| {
+                    t.sign(hSession, data, out)
+                })
+            }
+        })
+    }
 }
 
-/// `C_SignUpdate`.
-#[no_mangle]
-pub unsafe extern "C" fn C_SignUpdate(
-    hSession: CK_SESSION_HANDLE,
-    pPart: *mut CK_BYTE,
-    ulPartLen: CK_ULONG,
-) -> CK_RV {
-    with_operation("C_SignUpdate", hSession, Operation::Sign, |t| {
-        // SAFETY: `ulPartLen` readable bytes per the caller.
-        let data = unsafe { memory::input(pPart, ulPartLen) }?;
-        rv(t.sign_update(hSession, data))
-    })
+entry! {
+    /// `C_SignUpdate`.
+    fn C_SignUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
+        with_operation(NAME, hSession, Operation::Sign, |t| {
+            // SAFETY: `ulPartLen` readable bytes per the caller.
+            let data = unsafe { memory::input(pPart, ulPartLen) }?;
+            rv(t.sign_update(hSession, data))
+        })
+    }
 }
 
-/// `C_SignFinal`: a NULL signature buffer asks for the length and keeps the operation.
-#[no_mangle]
-pub unsafe extern "C" fn C_SignFinal(
-    hSession: CK_SESSION_HANDLE,
-    pSignature: *mut CK_BYTE,
-    pulSignatureLen: *mut CK_ULONG,
-) -> CK_RV {
-    with_operation("C_SignFinal", hSession, Operation::Sign, |t| {
-        // SAFETY: forwarded output contract.
-        unsafe {
-            variable_output(pSignature, pulSignatureLen, |out| {
-                t.sign_final(hSession, out)
-            })
-        }
-    })
+entry! {
+    /// `C_SignFinal`: a NULL signature buffer asks for the length and keeps the operation.
+    fn C_SignFinal(
+        hSession: CK_SESSION_HANDLE,
+        pSignature: *mut CK_BYTE,
+        pulSignatureLen: *mut CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Sign, |t| {
+            // SAFETY: forwarded output contract.
+            unsafe {
+                variable_output(pSignature, pulSignatureLen, |out| {
+                    t.sign_final(hSession, out)
+                })
+            }
+        })
+    }
 }
 
-/// `C_VerifyInit`.
-#[no_mangle]
-pub unsafe extern "C" fn C_VerifyInit(
-    hSession: CK_SESSION_HANDLE,
-    pMechanism: *mut CK_MECHANISM,
-    hKey: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    with_token("C_VerifyInit", |t| {
-        // SAFETY: NULL-checked read of a CK_MECHANISM.
-        let mech = unsafe { memory::mechanism(pMechanism) }?;
-        rv(t.verify_init(hSession, mech, hKey))
-    })
+entry! {
+    /// `C_VerifyInit`.
+    fn C_VerifyInit(
+        hSession: CK_SESSION_HANDLE,
+        pMechanism: *mut CK_MECHANISM,
+        hKey: CK_OBJECT_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            rv(t.check_session(hSession))?;
+            // SAFETY: NULL-checked read of a CK_MECHANISM.
+            let mech = unsafe { memory::mechanism(pMechanism) }?;
+            rv(t.verify_init(hSession, mech, hKey))
+        })
+    }
 }
 
-/// `C_Verify`.
-#[no_mangle]
-pub unsafe extern "C" fn C_Verify(
-    hSession: CK_SESSION_HANDLE,
-    pData: *mut CK_BYTE,
-    ulDataLen: CK_ULONG,
-    pSignature: *mut CK_BYTE,
-    ulSignatureLen: CK_ULONG,
-) -> CK_RV {
-    with_operation("C_Verify", hSession, Operation::Verify, |t| {
-        // SAFETY: readable input buffers per the caller.
-        let (data, sig) = unsafe {
-            (
-                memory::input(pData, ulDataLen)?,
-                memory::input(pSignature, ulSignatureLen)?,
-            )
-        };
-        rv(t.verify(hSession, data, sig))
-    })
+entry! {
+    /// `C_Verify`.
+    fn C_Verify(
+        hSession: CK_SESSION_HANDLE,
+        pData: *mut CK_BYTE,
+        ulDataLen: CK_ULONG,
+        pSignature: *mut CK_BYTE,
+        ulSignatureLen: CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Verify, |t| {
+            // SAFETY: readable input buffers per the caller.
+            let (data, sig) = unsafe {
+                (
+                    memory::input(pData, ulDataLen)?,
+                    memory::input(pSignature, ulSignatureLen)?,
+                )
+            };
+            rv(t.verify(hSession, data, sig))
+        })
+    }
 }
 
-/// `C_VerifyUpdate`.
-#[no_mangle]
-pub unsafe extern "C" fn C_VerifyUpdate(
-    hSession: CK_SESSION_HANDLE,
-    pPart: *mut CK_BYTE,
-    ulPartLen: CK_ULONG,
-) -> CK_RV {
-    with_operation("C_VerifyUpdate", hSession, Operation::Verify, |t| {
-        // SAFETY: `ulPartLen` readable bytes per the caller.
-        let data = unsafe { memory::input(pPart, ulPartLen) }?;
-        rv(t.verify_update(hSession, data))
-    })
+entry! {
+    /// `C_VerifyUpdate`.
+    fn C_VerifyUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
+        with_operation(NAME, hSession, Operation::Verify, |t| {
+            // SAFETY: `ulPartLen` readable bytes per the caller.
+            let data = unsafe { memory::input(pPart, ulPartLen) }?;
+            rv(t.verify_update(hSession, data))
+        })
+    }
 }
 
-/// `C_VerifyFinal`.
-#[no_mangle]
-pub unsafe extern "C" fn C_VerifyFinal(
-    hSession: CK_SESSION_HANDLE,
-    pSignature: *mut CK_BYTE,
-    ulSignatureLen: CK_ULONG,
-) -> CK_RV {
-    with_operation("C_VerifyFinal", hSession, Operation::Verify, |t| {
-        // SAFETY: `ulSignatureLen` readable bytes per the caller.
-        let sig = unsafe { memory::input(pSignature, ulSignatureLen) }?;
-        rv(t.verify_final(hSession, sig))
-    })
+entry! {
+    /// `C_VerifyFinal`.
+    fn C_VerifyFinal(
+        hSession: CK_SESSION_HANDLE,
+        pSignature: *mut CK_BYTE,
+        ulSignatureLen: CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Verify, |t| {
+            // SAFETY: `ulSignatureLen` readable bytes per the caller.
+            let sig = unsafe { memory::input(pSignature, ulSignatureLen) }?;
+            rv(t.verify_final(hSession, sig))
+        })
+    }
 }
 
-/// `C_DigestInit`.
-#[no_mangle]
-pub unsafe extern "C" fn C_DigestInit(
-    hSession: CK_SESSION_HANDLE,
-    pMechanism: *mut CK_MECHANISM,
-) -> CK_RV {
-    with_token("C_DigestInit", |t| {
-        // SAFETY: NULL-checked read of a CK_MECHANISM.
-        let mech = unsafe { memory::mechanism(pMechanism) }?;
-        rv(t.digest_init(hSession, mech))
-    })
+entry! {
+    /// `C_DigestInit`.
+    fn C_DigestInit(hSession: CK_SESSION_HANDLE, pMechanism: *mut CK_MECHANISM) {
+        with_token(NAME, |t| {
+            rv(t.check_session(hSession))?;
+            // SAFETY: NULL-checked read of a CK_MECHANISM.
+            let mech = unsafe { memory::mechanism(pMechanism) }?;
+            rv(t.digest_init(hSession, mech))
+        })
+    }
 }
 
-/// `C_Digest`: a NULL output asks for the length and keeps the operation.
-#[no_mangle]
-pub unsafe extern "C" fn C_Digest(
-    hSession: CK_SESSION_HANDLE,
-    pData: *mut CK_BYTE,
-    ulDataLen: CK_ULONG,
-    pDigest: *mut CK_BYTE,
-    pulDigestLen: *mut CK_ULONG,
-) -> CK_RV {
-    with_operation("C_Digest", hSession, Operation::Digest, |t| {
-        // SAFETY: `ulDataLen` readable bytes per the caller.
-        let data = unsafe { memory::input(pData, ulDataLen) }?;
-        // SAFETY: forwarded output contract.
-        unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest(hSession, data, out)) }
-    })
+entry! {
+    /// `C_Digest`: a NULL output asks for the length and keeps the operation.
+    fn C_Digest(
+        hSession: CK_SESSION_HANDLE,
+        pData: *mut CK_BYTE,
+        ulDataLen: CK_ULONG,
+        pDigest: *mut CK_BYTE,
+        pulDigestLen: *mut CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Digest, |t| {
+            // SAFETY: `ulDataLen` readable bytes per the caller.
+            let data = unsafe { memory::input(pData, ulDataLen) }?;
+            // SAFETY: forwarded output contract.
+            unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest(hSession, data, out)) }
+        })
+    }
 }
 
-/// `C_DigestUpdate`.
-#[no_mangle]
-pub unsafe extern "C" fn C_DigestUpdate(
-    hSession: CK_SESSION_HANDLE,
-    pPart: *mut CK_BYTE,
-    ulPartLen: CK_ULONG,
-) -> CK_RV {
-    with_operation("C_DigestUpdate", hSession, Operation::Digest, |t| {
-        // SAFETY: `ulPartLen` readable bytes per the caller.
-        let data = unsafe { memory::input(pPart, ulPartLen) }?;
-        rv(t.digest_update(hSession, data))
-    })
+entry! {
+    /// `C_DigestUpdate`.
+    fn C_DigestUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
+        with_operation(NAME, hSession, Operation::Digest, |t| {
+            // SAFETY: `ulPartLen` readable bytes per the caller.
+            let data = unsafe { memory::input(pPart, ulPartLen) }?;
+            rv(t.digest_update(hSession, data))
+        })
+    }
 }
 
-/// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
-#[no_mangle]
-pub unsafe extern "C" fn C_DigestFinal(
-    hSession: CK_SESSION_HANDLE,
-    pDigest: *mut CK_BYTE,
-    pulDigestLen: *mut CK_ULONG,
-) -> CK_RV {
-    with_operation("C_DigestFinal", hSession, Operation::Digest, |t| {
-        // SAFETY: forwarded output contract.
-        unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest_final(hSession, out)) }
-    })
+entry! {
+    /// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
+    fn C_DigestFinal(
+        hSession: CK_SESSION_HANDLE,
+        pDigest: *mut CK_BYTE,
+        pulDigestLen: *mut CK_ULONG,
+    ) {
+        with_operation(NAME, hSession, Operation::Digest, |t| {
+            // SAFETY: forwarded output contract.
+            unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest_final(hSession, out)) }
+        })
+    }
 }
 
-/// `C_SeedRandom`: the OS generator takes no seed (`CKR_RANDOM_SEED_NOT_SUPPORTED`).
-#[no_mangle]
-pub unsafe extern "C" fn C_SeedRandom(
-    hSession: CK_SESSION_HANDLE,
-    pSeed: *mut CK_BYTE,
-    ulSeedLen: CK_ULONG,
-) -> CK_RV {
-    with_token("C_SeedRandom", |t| {
-        // SAFETY: `ulSeedLen` readable bytes per the caller.
-        unsafe { memory::input(pSeed, ulSeedLen) }?;
-        rv(t.seed_random(hSession))
-    })
+entry! {
+    /// `C_SeedRandom`: the OS generator takes no seed (`CKR_RANDOM_SEED_NOT_SUPPORTED`).
+    fn C_SeedRandom(hSession: CK_SESSION_HANDLE, pSeed: *mut CK_BYTE, ulSeedLen: CK_ULONG) {
+        with_token(NAME, |t| {
+            // SAFETY: `ulSeedLen` readable bytes per the caller.
+            unsafe { memory::input(pSeed, ulSeedLen) }?;
+            rv(t.seed_random(hSession))
+        })
+    }
 }
 
-/// `C_GenerateRandom`.
-#[no_mangle]
-pub unsafe extern "C" fn C_GenerateRandom(
-    hSession: CK_SESSION_HANDLE,
-    RandomData: *mut CK_BYTE,
-    ulRandomLen: CK_ULONG,
-) -> CK_RV {
-    with_token("C_GenerateRandom", |t| {
-        if ulRandomLen == 0 {
-            return rv(t.generate_random(hSession, &mut []));
-        }
-        // SAFETY: `ulRandomLen` writable bytes per the caller.
-        let out = unsafe { memory::output(RandomData, ulRandomLen) }?;
-        rv(t.generate_random(hSession, out))
-    })
+entry! {
+    /// `C_GenerateRandom`.
+    fn C_GenerateRandom(
+        hSession: CK_SESSION_HANDLE,
+        RandomData: *mut CK_BYTE,
+        ulRandomLen: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            if ulRandomLen == 0 {
+                return rv(t.generate_random(hSession, &mut []));
+            }
+            // SAFETY: `ulRandomLen` writable bytes per the caller.
+            let out = unsafe { memory::output(RandomData, ulRandomLen) }?;
+            rv(t.generate_random(hSession, out))
+        })
+    }
 }
 
-/// `C_WaitForSlotEvent`: slots never change, so a non-blocking call has no event and a blocking
-/// one is not supported.
-#[no_mangle]
-pub unsafe extern "C" fn C_WaitForSlotEvent(
-    flags: CK_FLAGS,
-    pSlot: *mut CK_SLOT_ID,
-    _pReserved: *mut c_void,
-) -> CK_RV {
-    with_token("C_WaitForSlotEvent", |_| {
-        if pSlot.is_null() {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        if flags & CKF_DONT_BLOCK != 0 {
-            Err(CKR_NO_EVENT)
-        } else {
-            Err(CKR_FUNCTION_NOT_SUPPORTED)
-        }
-    })
+entry! {
+    /// `C_WaitForSlotEvent`: slots never change, so a non-blocking call has no event and a blocking
+    /// one is not supported.
+    fn C_WaitForSlotEvent(flags: CK_FLAGS, pSlot: *mut CK_SLOT_ID, _pReserved: *mut c_void) {
+        with_token(NAME, |_| {
+            if pSlot.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            if flags & CKF_DONT_BLOCK != 0 {
+                Err(CKR_NO_EVENT)
+            } else {
+                Err(CKR_FUNCTION_NOT_SUPPORTED)
+            }
+        })
+    }
 }

@@ -1,5 +1,10 @@
 //! Safe views of caller memory. Every raw pointer the C ABI receives passes through here, once,
 //! with its NULL and length checks; the rest of the crate sees slices and owned values.
+//!
+//! A caller's count is a claim, never a slice length by itself: input views are as long as the
+//! caller says only after the count is checked against what any real buffer can hold
+//! (`isize::MAX` bytes), and output is written through a slice of exactly the bytes written
+//! ([`copy_out`]), after comparing their number with the caller's capacity.
 
 use cryptoki_sys::*;
 
@@ -8,8 +13,48 @@ use crate::token::attributes::Template;
 /// The result of ABI helpers: a CK_RV on failure.
 pub type AbiResult<T> = Result<T, CK_RV>;
 
-fn len(n: CK_ULONG) -> AbiResult<usize> {
-    usize::try_from(n).map_err(|_| CKR_ARGUMENTS_BAD)
+/// A caller's count of `T`s, refused with `CKR_ARGUMENTS_BAD` when no buffer can be that large
+/// (more than `isize::MAX` bytes): making a slice of it would be undefined behaviour.
+fn count_of<T>(n: CK_ULONG) -> AbiResult<usize> {
+    let n = usize::try_from(n).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    match n.checked_mul(std::mem::size_of::<T>().max(1)) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(n),
+        _ => Err(CKR_ARGUMENTS_BAD),
+    }
+}
+
+/// The capacity of a caller's output buffer of `n` bytes (checked as [`count_of`] does); only
+/// ever compared, never made into a slice.
+pub fn capacity(n: CK_ULONG) -> AbiResult<usize> {
+    count_of::<u8>(n)
+}
+
+/// A caller's count of entries (slots, mechanisms, handles) its array holds: only compared.
+pub fn entries(n: CK_ULONG) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Copies `src` to the caller's array `p` that holds `capacity` entries: a slice of exactly
+/// `src.len()` entries, made only when they fit. NULL is `CKR_ARGUMENTS_BAD`; more entries than
+/// the capacity is `CKR_BUFFER_TOO_SMALL` (callers compare first and report the length).
+///
+/// # Safety
+/// `p` must be NULL or point to `capacity` writable `T`s.
+pub unsafe fn copy_out<T: Copy>(p: *mut T, capacity: usize, src: &[T]) -> AbiResult<()> {
+    if p.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    if src.len() > capacity {
+        return Err(CKR_BUFFER_TOO_SMALL);
+    }
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: non-NULL; src.len() <= capacity entries are writable per the caller's contract, and
+    // src.len() entries of a slice we hold cannot exceed isize::MAX bytes.
+    let out = unsafe { std::slice::from_raw_parts_mut(p, src.len()) };
+    out.copy_from_slice(src);
+    Ok(())
 }
 
 /// A caller's input buffer. NULL is allowed only with length 0.
@@ -17,7 +62,7 @@ fn len(n: CK_ULONG) -> AbiResult<usize> {
 /// # Safety
 /// `p` must be NULL or point to `n` readable bytes that stay valid for `'a`.
 pub unsafe fn input<'a>(p: *const CK_BYTE, n: CK_ULONG) -> AbiResult<&'a [u8]> {
-    let n = len(n)?;
+    let n = count_of::<u8>(n)?;
     if p.is_null() {
         return if n == 0 {
             Ok(&[])
@@ -29,12 +74,13 @@ pub unsafe fn input<'a>(p: *const CK_BYTE, n: CK_ULONG) -> AbiResult<&'a [u8]> {
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
-/// A caller's output buffer of `n` bytes. NULL is an error.
+/// A caller's output buffer of `n` bytes that the call fills completely (C_GenerateRandom: the
+/// count is what is asked for, so it is also exactly what is written). NULL is an error.
 ///
 /// # Safety
 /// `p` must be NULL or point to `n` writable bytes that stay valid for `'a`.
 pub unsafe fn output<'a>(p: *mut CK_BYTE, n: CK_ULONG) -> AbiResult<&'a mut [u8]> {
-    let n = len(n)?;
+    let n = count_of::<u8>(n)?;
     if p.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
     }
@@ -88,7 +134,7 @@ pub unsafe fn attributes_mut<'a>(
     p: *mut CK_ATTRIBUTE,
     n: CK_ULONG,
 ) -> AbiResult<&'a mut [CK_ATTRIBUTE]> {
-    let n = len(n)?;
+    let n = count_of::<CK_ATTRIBUTE>(n)?;
     if p.is_null() {
         return if n == 0 {
             Ok(&mut [])
@@ -106,7 +152,7 @@ pub unsafe fn attributes_mut<'a>(
 /// `p` must be NULL or point to `n` readable `CK_ATTRIBUTE`s whose `pValue`s point to
 /// `ulValueLen` readable bytes each.
 pub unsafe fn template(p: *const CK_ATTRIBUTE, n: CK_ULONG) -> AbiResult<Template> {
-    let n = len(n)?;
+    let n = count_of::<CK_ATTRIBUTE>(n)?;
     if p.is_null() {
         return if n == 0 {
             Ok(Vec::new())

@@ -13,6 +13,7 @@
 
 pub mod entry;
 pub mod memory;
+pub mod rv;
 pub mod state;
 pub mod unsupported;
 
@@ -143,12 +144,11 @@ static INTERFACES: std::sync::OnceLock<StaticInterfaces> = std::sync::OnceLock::
 /// `C_GetFunctionList`: the 2.40 list. Callable before C_Initialize.
 #[no_mangle]
 pub unsafe extern "C" fn C_GetFunctionList(ppFunctionList: *mut *mut CK_FUNCTION_LIST) -> CK_RV {
-    if ppFunctionList.is_null() {
-        return CKR_ARGUMENTS_BAD;
-    }
-    // SAFETY: non-NULL; the caller passes a writable pointer slot.
-    unsafe { *ppFunctionList = &FUNCTION_LIST as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST };
-    CKR_OK
+    entry::guard("C_GetFunctionList", || {
+        let list = &FUNCTION_LIST as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST;
+        // SAFETY: NULL-checked write of one pointer.
+        unsafe { memory::write(ppFunctionList, list) }
+    })
 }
 
 /// `C_GetInterfaceList` (3.0): our two interfaces, with the length-query rules.
@@ -157,26 +157,22 @@ pub unsafe extern "C" fn C_GetInterfaceList(
     pInterfacesList: *mut CK_INTERFACE,
     pulCount: *mut CK_ULONG,
 ) -> CK_RV {
-    if pulCount.is_null() {
-        return CKR_ARGUMENTS_BAD;
-    }
-    let list = interfaces();
-    // SAFETY: non-NULL count pointer from the caller.
-    let capacity = unsafe { *pulCount } as usize;
-    // SAFETY: as above.
-    unsafe { *pulCount = list.len() as CK_ULONG };
-    if pInterfacesList.is_null() {
-        return CKR_OK;
-    }
-    if capacity < list.len() {
-        return CKR_BUFFER_TOO_SMALL;
-    }
-    // SAFETY: non-NULL with room for `capacity` >= list.len() entries per the caller.
-    unsafe { std::ptr::copy_nonoverlapping(list.as_ptr(), pInterfacesList, list.len()) };
-    CKR_OK
+    entry::guard("C_GetInterfaceList", || {
+        let list = interfaces();
+        // SAFETY: NULL-checked read of the caller's count.
+        let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
+        // SAFETY: NULL-checked write of the count.
+        unsafe { memory::write(pulCount, list.len() as CK_ULONG) }?;
+        if pInterfacesList.is_null() {
+            return Ok(());
+        }
+        // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
+        unsafe { memory::copy_out(pInterfacesList, capacity, &list) }
+    })
 }
 
-/// `C_GetInterface` (3.0): "PKCS 11" (or NULL) at version 3.0 (default) or 2.40.
+/// `C_GetInterface` (3.0): "PKCS 11" (or NULL) at version 3.0 (default) or 2.40; any other
+/// version, 2.x included, is `CKR_ARGUMENTS_BAD` (we offer no list for it).
 #[no_mangle]
 pub unsafe extern "C" fn C_GetInterface(
     pInterfaceName: *mut CK_UTF8CHAR,
@@ -184,36 +180,38 @@ pub unsafe extern "C" fn C_GetInterface(
     ppInterface: *mut *mut CK_INTERFACE,
     flags: CK_FLAGS,
 ) -> CK_RV {
-    if ppInterface.is_null() {
-        return CKR_ARGUMENTS_BAD;
-    }
-    // Callers (and call tracers) read the pointer even after an error: leave it NULL until found.
-    // SAFETY: non-NULL; the caller passes a writable pointer slot.
-    unsafe { *ppInterface = std::ptr::null_mut() };
-    if !pInterfaceName.is_null() {
-        // SAFETY: a non-NULL name is a NUL-terminated string per the spec.
-        let name =
-            unsafe { std::ffi::CStr::from_ptr(pInterfaceName as *const std::os::raw::c_char) };
-        if name.to_bytes() != b"PKCS 11" {
-            return CKR_ARGUMENTS_BAD;
+    entry::guard("C_GetInterface", || {
+        // Callers (and call tracers) read the pointer even after an error: NULL until found.
+        // SAFETY: NULL-checked write of one pointer.
+        unsafe { memory::write(ppInterface, std::ptr::null_mut()) }?;
+        if !pInterfaceName.is_null() {
+            // SAFETY: a non-NULL name is a NUL-terminated string per the spec.
+            let name =
+                unsafe { std::ffi::CStr::from_ptr(pInterfaceName as *const std::os::raw::c_char) };
+            if name.to_bytes() != b"PKCS 11" {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
         }
-    }
-    if flags != 0 {
-        // We claim no interface flags (e.g. CKF_INTERFACE_FORK_SAFE).
-        return CKR_ARGUMENTS_BAD;
-    }
-    let all = &INTERFACES.get_or_init(|| StaticInterfaces(interfaces())).0;
-    let index = if pVersion.is_null() {
-        0
-    } else {
-        // SAFETY: non-NULL version pointer from the caller.
-        match unsafe { *pVersion } {
-            CK_VERSION { major: 3, minor: 0 } => 0,
-            CK_VERSION { major: 2, .. } => 1,
-            _ => return CKR_ARGUMENTS_BAD,
+        if flags != 0 {
+            // We claim no interface flags (e.g. CKF_INTERFACE_FORK_SAFE).
+            return Err(CKR_ARGUMENTS_BAD);
         }
-    };
-    // SAFETY: non-NULL; the interface lives in a static.
-    unsafe { *ppInterface = &all[index] as *const CK_INTERFACE as *mut CK_INTERFACE };
-    CKR_OK
+        let all = &INTERFACES.get_or_init(|| StaticInterfaces(interfaces())).0;
+        let index = if pVersion.is_null() {
+            0
+        } else {
+            // SAFETY: NULL-checked read of the caller's version.
+            match unsafe { memory::read(pVersion) }? {
+                CK_VERSION { major: 3, minor: 0 } => 0,
+                CK_VERSION {
+                    major: 2,
+                    minor: 40,
+                } => 1,
+                _ => return Err(CKR_ARGUMENTS_BAD),
+            }
+        };
+        let found = &all[index] as *const CK_INTERFACE as *mut CK_INTERFACE;
+        // SAFETY: NULL-checked write; the interface lives in a static.
+        unsafe { memory::write(ppInterface, found) }
+    })
 }

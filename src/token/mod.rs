@@ -22,7 +22,7 @@ use attributes::{find, Template};
 use error::fail;
 pub use error::{Error, Result};
 use object::{Lookup, Object, Origin};
-use session::Session;
+use session::{Capacity, Output, Session};
 use slot::{Handles, Login, Slot, Store};
 
 /// Library version reported by C_GetInfo and the token info.
@@ -78,10 +78,22 @@ pub enum Operation {
     Digest,
 }
 
+/// One open session. Its slot and RW flag are fixed at C_OpenSession and read without a lock,
+/// so token info, login and close never wait behind an operation in flight on the session; its
+/// operations sit behind the session's own mutex.
+struct SessionEntry {
+    /// Index of its slot.
+    slot: usize,
+    /// CKF_RW_SESSION.
+    rw: bool,
+    /// Find, sign, verify and digest state.
+    state: Mutex<Session>,
+}
+
 /// The whole module state between C_Initialize and C_Finalize.
 pub struct Token {
     slots: Vec<Slot>,
-    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>>,
     next_session: AtomicU64,
     handles: Handles,
     proof_policy: ProofPolicy,
@@ -122,18 +134,49 @@ impl Token {
             .ok_or(Error::rv(CKR_SLOT_ID_INVALID))
     }
 
-    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
+    /// Read access to the session table (held only for a lookup or a count).
+    fn sessions(
+        &self,
+    ) -> Result<std::sync::RwLockReadGuard<'_, HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>>> {
         self.sessions
             .read()
-            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    }
+
+    /// An open session, or `CKR_SESSION_HANDLE_INVALID`.
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<SessionEntry>> {
+        self.sessions()?
             .get(&h)
             .cloned()
             .ok_or(Error::rv(CKR_SESSION_HANDLE_INVALID))
     }
 
+    /// Runs `f` on a session's state, under the session's own lock.
+    fn with_session<T>(
+        &self,
+        h: CK_SESSION_HANDLE,
+        f: impl FnOnce(&SessionEntry, &mut Session) -> Result<T>,
+    ) -> Result<T> {
+        let entry = self.session(h)?;
+        let mut state = lock(&entry.state)?;
+        f(&entry, &mut state)
+    }
+
+    /// Checks that a session is open: the C ABI asks this before it reads a mechanism, so an
+    /// invalid session is reported before anything about the mechanism.
+    pub fn check_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        self.session(h).map(|_| ())
+    }
+
     /// The store of a session's slot.
-    fn session_store(&self, s: &Session) -> Result<Arc<Store>> {
+    fn session_store(&self, s: &SessionEntry) -> Result<Arc<Store>> {
         slot::require(self.slots.get(s.slot).and_then(Slot::opened))
+    }
+
+    /// The store of a session's slot and whether the session is read-write.
+    fn session_store_rw(&self, h: CK_SESSION_HANDLE) -> Result<(Arc<Store>, bool)> {
+        let s = self.session(h)?;
+        Ok((self.session_store(&s)?, s.rw))
     }
 
     /// Finds an object visible from a session.
@@ -185,13 +228,7 @@ impl Token {
         let slot = self.slot(id)?;
         let store = slot.store(&self.handles)?;
         let (mut count, mut rw) = (0, 0);
-        for s in self
-            .sessions
-            .read()
-            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
-            .values()
-        {
-            let s = lock(s)?;
+        for s in self.sessions()?.values() {
             if s.slot as CK_SLOT_ID == id {
                 count += 1;
                 if s.rw {
@@ -243,11 +280,15 @@ impl Token {
             return fail(CKR_SESSION_READ_WRITE_SO_EXISTS);
         }
         let h = self.next_session.fetch_add(1, Ordering::Relaxed) as CK_SESSION_HANDLE;
-        let session = Session::new(h, id as usize, rw);
+        let session = SessionEntry {
+            slot: id as usize,
+            rw,
+            state: Mutex::new(Session::new()),
+        };
         self.sessions
             .write()
             .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
-            .insert(h, Arc::new(Mutex::new(session)));
+            .insert(h, Arc::new(session));
         Ok(h)
     }
 
@@ -259,8 +300,7 @@ impl Token {
             .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
             .remove(&h)
             .ok_or(Error::rv(CKR_SESSION_HANDLE_INVALID))?;
-        let slot_index = lock(&removed)?.slot;
-        self.after_close(slot_index, &[h])
+        self.after_close(removed.slot, &[h])
     }
 
     /// C_CloseAllSessions.
@@ -272,15 +312,15 @@ impl Token {
                 .sessions
                 .write()
                 .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?;
-            let mine: Vec<_> = sessions
-                .iter()
-                .filter(|(_, s)| s.lock().map(|s| s.slot as CK_SLOT_ID == id).unwrap_or(true))
-                .map(|(h, _)| *h)
-                .collect();
-            for h in mine {
-                sessions.remove(&h);
-                closed.push(h);
-            }
+            // Slot ids are read without taking any session's lock: an operation in flight on
+            // one session never holds up the whole table here.
+            sessions.retain(|h, s| {
+                let mine = s.slot as CK_SLOT_ID == id;
+                if mine {
+                    closed.push(*h);
+                }
+                !mine
+            });
         }
         self.after_close(id as usize, &closed)
     }
@@ -307,12 +347,7 @@ impl Token {
                 }
             }
         }
-        let any_left = self
-            .sessions
-            .read()
-            .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
-            .values()
-            .any(|s| s.lock().map(|s| s.slot == slot_index).unwrap_or(false));
+        let any_left = self.sessions()?.values().any(|s| s.slot == slot_index);
         if !any_left {
             slot.set_login(Login::Public)?;
         }
@@ -322,7 +357,6 @@ impl Token {
     /// C_GetSessionInfo.
     pub fn session_info(&self, h: CK_SESSION_HANDLE) -> Result<SessionInfo> {
         let s = self.session(h)?;
-        let s = lock(&s)?;
         let login = self.slots.get(s.slot).map(Slot::login_state).transpose()?;
         let state = match (login, s.rw) {
             (Some(Login::So), _) => CKS_RW_SO_FUNCTIONS,
@@ -345,8 +379,7 @@ impl Token {
     /// C_Login. With no PIN configured any PIN is accepted: the token needs no login, but some
     /// tools always log in.
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, _pin: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let slot_index = lock(&s)?.slot;
+        let slot_index = self.session(h)?.slot;
         let slot = self
             .slots
             .get(slot_index)
@@ -363,15 +396,9 @@ impl Token {
                 Login::User => fail(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
                 Login::Public => {
                     let ro_exists = self
-                        .sessions
-                        .read()
-                        .map_err(|_| Error::rv(CKR_GENERAL_ERROR))?
+                        .sessions()?
                         .values()
-                        .any(|s| {
-                            s.lock()
-                                .map(|s| s.slot == slot_index && !s.rw)
-                                .unwrap_or(false)
-                        });
+                        .any(|s| s.slot == slot_index && !s.rw);
                     if ro_exists {
                         return fail(CKR_SESSION_READ_ONLY_EXISTS);
                     }
@@ -385,8 +412,7 @@ impl Token {
 
     /// C_Logout.
     pub fn logout(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let s = self.session(h)?;
-        let slot_index = lock(&s)?.slot;
+        let slot_index = self.session(h)?.slot;
         let slot = self
             .slots
             .get(slot_index)
@@ -399,46 +425,45 @@ impl Token {
 
     /// C_FindObjectsInit.
     pub fn find_init(&self, h: CK_SESSION_HANDLE, template: &Template) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        if s.find.is_some() {
-            return fail(CKR_OPERATION_ACTIVE);
-        }
-        let store = self.session_store(&s)?;
-        store.refresh(&self.handles)?;
-        let results = store.objects()?.find(template);
-        s.find = Some(session::FindState { results, pos: 0 });
-        Ok(())
+        self.with_session(h, |entry, s| {
+            if s.find.is_some() {
+                return fail(CKR_OPERATION_ACTIVE);
+            }
+            let store = self.session_store(entry)?;
+            store.refresh(&self.handles)?;
+            let results = store.objects()?.find(template);
+            s.find = Some(session::FindState { results, pos: 0 });
+            Ok(())
+        })
     }
 
     /// C_FindObjects.
     pub fn find(&self, h: CK_SESSION_HANDLE, max: usize) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        let f = s
-            .find
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        let end = f.results.len().min(f.pos.saturating_add(max));
-        let out = f.results[f.pos..end].to_vec();
-        f.pos = end;
-        Ok(out)
+        self.with_session(h, |_, s| {
+            let f = s
+                .find
+                .as_mut()
+                .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+            let end = f.results.len().min(f.pos.saturating_add(max));
+            let out = f.results[f.pos..end].to_vec();
+            f.pos = end;
+            Ok(out)
+        })
     }
 
     /// C_FindObjectsFinal.
     pub fn find_final(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.find
-            .take()
-            .map(|_| ())
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))
+        self.with_session(h, |_, s| {
+            s.find
+                .take()
+                .map(|_| ())
+                .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))
+        })
     }
 
     /// The object behind a handle, for C_GetAttributeValue and C_GetObjectSize.
     pub fn get_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
-        let s = self.session(h)?;
-        let store = self.session_store(&*lock(&s)?)?;
+        let store = self.session_store(&*self.session(h)?)?;
         self.object(&store, obj)
     }
 
@@ -455,11 +480,7 @@ impl Token {
         obj: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<()> {
-        let s = self.session(h)?;
-        let (store, rw) = {
-            let s = lock(&s)?;
-            (self.session_store(&s)?, s.rw)
-        };
+        let (store, rw) = self.session_store_rw(h)?;
         let o = self.object(&store, obj)?;
         for (t, _) in template {
             match *t {
@@ -518,11 +539,7 @@ impl Token {
         h: CK_SESSION_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let s = self.session(h)?;
-        let (store, rw) = {
-            let s = lock(&s)?;
-            (self.session_store(&s)?, s.rw)
-        };
+        let (store, rw) = self.session_store_rw(h)?;
         let attrs = object::parse_create(template)?;
         let class = attrs
             .get_ulong(CKA_CLASS)
@@ -544,11 +561,7 @@ impl Token {
     /// C_DestroyObject. Destroying a private key deletes the key pair from the store; its public
     /// half stays visible until the module is finalized.
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<()> {
-        let s = self.session(h)?;
-        let (store, rw) = {
-            let s = lock(&s)?;
-            (self.session_store(&s)?, s.rw)
-        };
+        let (store, rw) = self.session_store_rw(h)?;
         let o = self.object(&store, obj)?;
         if o.is_token() && !rw {
             return fail(CKR_SESSION_READ_ONLY);
@@ -576,14 +589,10 @@ impl Token {
         public: &Template,
         private: &Template,
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        let (store, rw) = self.session_store_rw(h)?;
         if mech != CKM_EC_KEY_PAIR_GEN {
             return fail(CKR_MECHANISM_INVALID);
         }
-        let s = self.session(h)?;
-        let (store, rw) = {
-            let s = lock(&s)?;
-            (self.session_store(&s)?, s.rw)
-        };
         let req = object::parse_keygen(public, private)?;
         if req.persistent && !rw {
             return fail(CKR_SESSION_READ_ONLY);
@@ -607,8 +616,7 @@ impl Token {
             purpose: req.purpose,
             persistent: req.persistent,
         })?;
-        let (mut priv_obj, mut pub_obj) =
-            object::key_pair(&rec, store.info.protection_class, store.private_flag());
+        let (mut priv_obj, mut pub_obj) = object::key_pair(&rec, store.info.protection_class);
         if !req.persistent {
             priv_obj.owner_session = Some(h);
             pub_obj.owner_session = Some(h);
@@ -619,7 +627,7 @@ impl Token {
         Ok((pub_h, priv_h))
     }
 
-    fn key_for(&self, s: &Session, key: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+    fn key_for(&self, s: &SessionEntry, key: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
         let store = self.session_store(s)?;
         self.object(&store, key)
             .map_err(|_| Error::rv(CKR_KEY_HANDLE_INVALID))
@@ -639,15 +647,14 @@ impl Token {
     /// Ends an operation that a call rejected before it reached the token (bad arguments): per
     /// the spec, every result but a length answer and `CKR_BUFFER_TOO_SMALL` ends it.
     pub fn end_operation(&self, h: CK_SESSION_HANDLE, op: Operation) {
-        if let Ok(s) = self.session(h) {
-            if let Ok(mut s) = lock(&s) {
-                match op {
-                    Operation::Sign => s.sign = None,
-                    Operation::Verify => s.verify = None,
-                    Operation::Digest => s.digest = None,
-                }
+        let _ = self.with_session(h, |_, s| {
+            match op {
+                Operation::Sign => s.sign = None,
+                Operation::Verify => s.verify = None,
+                Operation::Digest => s.digest = None,
             }
-        }
+            Ok(())
+        });
     }
 
     /// C_SignInit.
@@ -657,31 +664,22 @@ impl Token {
         mech: CK_MECHANISM_TYPE,
         key: CK_OBJECT_HANDLE,
     ) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        let key = self.key_for(&s, key)?;
-        s.sign_init(mech, key)
+        self.with_session(h, |entry, s| s.sign_init(mech, self.key_for(entry, key)?))
     }
 
     /// C_Sign.
-    pub fn sign(&self, h: CK_SESSION_HANDLE, data: &[u8], out: Option<&mut [u8]>) -> Result<usize> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.sign(data, out, &self.proof_check())
+    pub fn sign(&self, h: CK_SESSION_HANDLE, data: &[u8], out: Capacity) -> Result<Output> {
+        self.with_session(h, |_, s| s.sign(data, out, &self.proof_check()))
     }
 
     /// C_SignUpdate.
     pub fn sign_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.sign_update(data)
+        self.with_session(h, |_, s| s.sign_update(data))
     }
 
     /// C_SignFinal.
-    pub fn sign_final(&self, h: CK_SESSION_HANDLE, out: Option<&mut [u8]>) -> Result<usize> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.sign_final(out, &self.proof_check())
+    pub fn sign_final(&self, h: CK_SESSION_HANDLE, out: Capacity) -> Result<Output> {
+        self.with_session(h, |_, s| s.sign_final(out, &self.proof_check()))
     }
 
     /// C_VerifyInit.
@@ -691,64 +689,42 @@ impl Token {
         mech: CK_MECHANISM_TYPE,
         key: CK_OBJECT_HANDLE,
     ) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        let key = self.key_for(&s, key)?;
-        s.verify_init(mech, key)
+        self.with_session(h, |entry, s| s.verify_init(mech, self.key_for(entry, key)?))
     }
 
     /// C_Verify.
     pub fn verify(&self, h: CK_SESSION_HANDLE, data: &[u8], signature: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.verify(data, signature)
+        self.with_session(h, |_, s| s.verify(data, signature))
     }
 
     /// C_VerifyUpdate.
     pub fn verify_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.verify_update(data)
+        self.with_session(h, |_, s| s.verify_update(data))
     }
 
     /// C_VerifyFinal.
     pub fn verify_final(&self, h: CK_SESSION_HANDLE, signature: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.verify_final(signature)
+        self.with_session(h, |_, s| s.verify_final(signature))
     }
 
     /// C_DigestInit.
     pub fn digest_init(&self, h: CK_SESSION_HANDLE, mech: CK_MECHANISM_TYPE) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.digest_init(mech)
+        self.with_session(h, |_, s| s.digest_init(mech))
     }
 
     /// C_Digest.
-    pub fn digest(
-        &self,
-        h: CK_SESSION_HANDLE,
-        data: &[u8],
-        out: Option<&mut [u8]>,
-    ) -> Result<usize> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.digest(data, out)
+    pub fn digest(&self, h: CK_SESSION_HANDLE, data: &[u8], out: Capacity) -> Result<Output> {
+        self.with_session(h, |_, s| s.digest(data, out))
     }
 
     /// C_DigestUpdate.
     pub fn digest_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.digest_update(data)
+        self.with_session(h, |_, s| s.digest_update(data))
     }
 
     /// C_DigestFinal.
-    pub fn digest_final(&self, h: CK_SESSION_HANDLE, out: Option<&mut [u8]>) -> Result<usize> {
-        let s = self.session(h)?;
-        let mut s = lock(&s)?;
-        s.digest_final(out)
+    pub fn digest_final(&self, h: CK_SESSION_HANDLE, out: Capacity) -> Result<Output> {
+        self.with_session(h, |_, s| s.digest_final(out))
     }
 
     /// C_GenerateRandom.
@@ -766,5 +742,57 @@ impl Token {
     /// The purpose of a key, for callers that only have the token.
     pub fn key_purpose(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<KeyPurpose> {
         Ok(self.get_object(h, key)?.purpose)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn software_token(dir: &std::path::Path) -> Token {
+        let text = format!(
+            "[[slot]]\nlabel = \"lockfree\"\nbackend = \"software\"\ndir = \"{}\"\n",
+            dir.join("keys").display()
+        );
+        Token::new(&Config::from_toml(&text).expect("config"))
+    }
+
+    /// A session whose operation lock is held (as by a signature in flight) holds up nothing
+    /// but that session: token info, session info, login, logout and both closes answer.
+    #[test]
+    fn token_calls_do_not_wait_behind_a_busy_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = Arc::new(software_token(dir.path()));
+        let rw = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+        let busy = token.open_session(0, rw).expect("open busy session");
+        let other = token.open_session(0, CKF_SERIAL_SESSION).expect("open");
+        let entry = token.session(busy).expect("busy session");
+        let held = entry.state.lock().expect("session lock");
+
+        let (done, finished) = mpsc::channel();
+        let t = token.clone();
+        std::thread::spawn(move || {
+            let r = (|| -> Result<()> {
+                let info = t.token_info(0)?;
+                assert_eq!((info.session_count, info.rw_session_count), (2, 1));
+                assert_eq!(t.session_info(busy)?.flags & CKF_RW_SESSION, CKF_RW_SESSION);
+                t.login(other, CKU_USER, b"")?;
+                t.logout(other)?;
+                t.close_session(other)?;
+                t.close_all_sessions(0)
+            })();
+            let _ = done.send(r);
+        });
+        let r = finished.recv_timeout(Duration::from_secs(20));
+        drop(held);
+        r.expect("token calls waited behind a busy session")
+            .expect("token calls");
+        assert_eq!(
+            token.check_session(busy).unwrap_err().rv,
+            CKR_SESSION_HANDLE_INVALID,
+            "C_CloseAllSessions closed the busy session too"
+        );
     }
 }

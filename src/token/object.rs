@@ -7,19 +7,13 @@ use std::sync::Arc;
 
 use cryptoki_sys::*;
 use der::{Decode, Encode};
-use spki::EncodePublicKey;
 
 use super::attributes::{find, find_bool, find_ulong, ulong_bytes, Attributes, Template};
 use super::error::{fail, Result};
 use super::mechanism::{PRIVATE_KEY_MECHANISMS, PUBLIC_KEY_MECHANISMS};
 use crate::backend::{KeyPurpose, KeyRecord, ProtectionClass, Signer};
+use crate::encoding::{self, P256_EC_PARAMS};
 use crate::vendor::{CKA_DEVICEKEY_PROTECTION_CLASS, CKA_DEVICEKEY_PURPOSE};
-
-/// DER of the prime256v1 (P-256) OID: CKA_EC_PARAMS of every key.
-pub const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-/// DER of the `prime256v1` name as a PrintableString, which some callers send instead.
-const P256_PRINTABLE: &[u8] = b"\x13\x0aprime256v1";
 
 /// Where an object lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,21 +106,13 @@ impl Object {
     }
 }
 
-/// CKA_EC_POINT: the point wrapped in a DER OCTET STRING.
-pub fn ec_point_der(point: &[u8; 65]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(67);
-    v.extend_from_slice(&[0x04, 0x41]);
-    v.extend_from_slice(point);
-    v
-}
-
-/// CKA_PUBLIC_KEY_INFO: the SubjectPublicKeyInfo DER of a point (empty if the point is invalid).
-pub fn spki_der(point: &[u8; 65]) -> Vec<u8> {
-    p256::PublicKey::from_sec1_bytes(point)
-        .ok()
-        .and_then(|k| k.to_public_key_der().ok())
-        .map(|d| d.as_bytes().to_vec())
-        .unwrap_or_default()
+/// CKA_PUBLIC_KEY_INFO: the SubjectPublicKeyInfo DER of a point; empty (and logged) for a point
+/// a store handed us that is not on P-256.
+fn public_key_info(name: &str, point: &[u8; encoding::POINT_LEN]) -> Vec<u8> {
+    encoding::spki_der(point).unwrap_or_else(|e| {
+        log::warn!("key {name}: no CKA_PUBLIC_KEY_INFO: {e}");
+        Vec::new()
+    })
 }
 
 fn ulong_list(list: &[CK_MECHANISM_TYPE]) -> Vec<u8> {
@@ -137,15 +123,16 @@ fn ulong_list(list: &[CK_MECHANISM_TYPE]) -> Vec<u8> {
 pub fn check_ec_params(params: Option<&[u8]>) -> Result<()> {
     match params {
         None => Ok(()),
-        Some(p) if p == P256_EC_PARAMS || p == P256_PRINTABLE => Ok(()),
+        Some(p) if encoding::is_p256_params(p) => Ok(()),
         // Another named curve (an OID).
         Some([0x06, ..]) => fail(CKR_CURVE_NOT_SUPPORTED),
         Some(_) => fail(CKR_DOMAIN_PARAMS_INVALID),
     }
 }
 
-/// The private and public objects of a key pair.
-pub fn key_pair(rec: &KeyRecord, class: ProtectionClass, private_flag: bool) -> (Object, Object) {
+/// The private and public objects of a key pair. CKA_PRIVATE is false on both: the token needs
+/// no login, and OpenSSH and NSS enumerate keys before logging in.
+pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
     let origin = Origin::Key(rec.name.clone());
     let mut common = Attributes::new();
     common
@@ -163,8 +150,11 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass, private_flag: bool) -> 
         .set_ulong(CKA_KEY_GEN_MECHANISM, CKM_EC_KEY_PAIR_GEN)
         .set(CKA_SUBJECT, Vec::new())
         .set(CKA_EC_PARAMS, P256_EC_PARAMS.to_vec())
-        .set(CKA_EC_POINT, ec_point_der(&rec.public_point))
-        .set(CKA_PUBLIC_KEY_INFO, spki_der(&rec.public_point))
+        .set(CKA_EC_POINT, encoding::ec_point_der(&rec.public_point))
+        .set(
+            CKA_PUBLIC_KEY_INFO,
+            public_key_info(&rec.name, &rec.public_point),
+        )
         .set_bool(CKA_ENCRYPT, false)
         .set_bool(CKA_DECRYPT, false)
         .set_bool(CKA_WRAP, false)
@@ -184,7 +174,7 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass, private_flag: bool) -> 
     };
     private
         .set_ulong(CKA_CLASS, CKO_PRIVATE_KEY)
-        .set_bool(CKA_PRIVATE, private_flag)
+        .set_bool(CKA_PRIVATE, false)
         .set(CKA_UNIQUE_ID, format!("{}.private", rec.name).into_bytes())
         .set_bool(CKA_SIGN, true)
         .set_bool(CKA_VERIFY, false)

@@ -3,6 +3,12 @@
 //! Each session sits behind its own mutex, so two sessions sign in parallel. The rules here are
 //! the ones consumers punish: a length query (no output buffer) answers the length and keeps the
 //! operation; `CKR_BUFFER_TOO_SMALL` keeps it too; any other end, success or error, closes it.
+//! An operation is single-part or multi-part from its first call on (a length query counts): a
+//! call of the other style gets `CKR_OPERATION_ACTIVE` and leaves the operation as it was.
+//! `CKM_ECDSA` is single-part only.
+//!
+//! Output is never written here: a call gets the caller's capacity and answers an [`Output`],
+//! which the C ABI copies into exactly as many bytes as it holds.
 
 use std::sync::Arc;
 
@@ -17,14 +23,10 @@ use crate::backend::KeyPurpose;
 /// The most data a proof-only key accepts in one signature (the payload is validated whole).
 pub const MAX_PROOF_BYTES: usize = 64 * 1024;
 
-/// The state of one session.
+/// The mutable state of one session (its slot and RW flag never change and live outside the
+/// session's lock, in the token's session table).
+#[derive(Default)]
 pub struct Session {
-    /// This session's handle.
-    pub handle: CK_SESSION_HANDLE,
-    /// Index of its slot.
-    pub slot: usize,
-    /// CKF_RW_SESSION.
-    pub rw: bool,
     /// C_FindObjects state.
     pub find: Option<FindState>,
     /// C_Sign state.
@@ -49,7 +51,7 @@ pub struct SignOp {
     key: Arc<Object>,
     hasher: Option<Hasher>,
     data: Vec<u8>,
-    multipart: bool,
+    style: Style,
 }
 
 /// A running verification.
@@ -58,31 +60,63 @@ pub struct VerifyOp(SignOp);
 /// A running digest.
 pub struct DigestOp {
     hasher: Hasher,
-    multipart: bool,
+    style: Style,
+}
+
+/// Whether an operation has been driven single-part (C_Sign, C_Digest, C_Verify: a length
+/// query included) or multi-part (*Update, *Final), or not yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Style {
+    Undecided,
+    Single,
+    Multi,
+}
+
+impl Style {
+    /// Commits an operation to a style; the other style gets `CKR_OPERATION_ACTIVE`.
+    fn enter(&mut self, wanted: Style) -> Result<()> {
+        match *self {
+            Style::Undecided => {
+                *self = wanted;
+                Ok(())
+            }
+            current if current == wanted => Ok(()),
+            _ => fail(CKR_OPERATION_ACTIVE),
+        }
+    }
+}
+
+/// The caller's output buffer: `None` asks for the length only, `Some(n)` holds `n` bytes.
+pub type Capacity = Option<usize>;
+
+/// The answer of a call with variable-length output: the length the caller is told, and the
+/// bytes to copy when its buffer takes them (`None` for a length query).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Output {
+    /// The length of the result.
+    pub len: usize,
+    /// The result, when delivered; never longer than the caller's capacity.
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// Checks proof-only signing input; provided by the token (it knows the policy).
 pub type ProofCheck<'a> = &'a dyn Fn(&[u8]) -> Result<()>;
 
-/// Writes `value` into `out` following the length-query rules; `None` means a length query.
-fn deliver(value: &[u8], out: Option<&mut [u8]>) -> Result<usize> {
-    match out {
-        None => Ok(value.len()),
-        Some(buf) if buf.len() < value.len() => Err(Error::buffer_too_small(value.len())),
-        Some(buf) => {
-            buf[..value.len()].copy_from_slice(value);
-            Ok(value.len())
-        }
+/// The answer when the caller's output cannot take a result of `len` bytes (a length query or a
+/// short buffer): given without computing the result. `None` when the buffer is big enough.
+fn length_only(capacity: Capacity, len: usize) -> Option<Result<Output>> {
+    match capacity {
+        None => Some(Ok(Output { len, bytes: None })),
+        Some(n) if n < len => Some(Err(Error::buffer_too_small(len))),
+        Some(_) => None,
     }
 }
 
-/// True when the caller's output cannot take a signature (a length query or a short buffer);
-/// in that case the answer is given without signing.
-fn length_only(out: &Option<&mut [u8]>) -> Option<Result<usize>> {
-    match out {
-        None => Some(Ok(SIGNATURE_LEN)),
-        Some(buf) if buf.len() < SIGNATURE_LEN => Some(Err(Error::buffer_too_small(SIGNATURE_LEN))),
-        Some(_) => None,
+/// A delivered result.
+fn delivered(bytes: Vec<u8>) -> Output {
+    Output {
+        len: bytes.len(),
+        bytes: Some(bytes),
     }
 }
 
@@ -112,7 +146,7 @@ impl SignOp {
             hasher: Hasher::for_mechanism(mech),
             key,
             data: Vec::new(),
-            multipart: false,
+            style: Style::Undecided,
         })
     }
 
@@ -149,15 +183,23 @@ impl SignOp {
         }
     }
 
-    fn sign_now(&mut self, proof: ProofCheck<'_>, out: &mut [u8]) -> Result<usize> {
+    fn sign_now(&mut self, proof: ProofCheck<'_>) -> Result<Output> {
         let digest = self.digest(proof, false)?;
         let signer = match &self.key.signer {
             Some(s) => s,
             None => return fail(CKR_KEY_FUNCTION_NOT_PERMITTED),
         };
         let sig = signer.sign_digest(&digest)?;
-        out[..SIGNATURE_LEN].copy_from_slice(&sig);
-        Ok(SIGNATURE_LEN)
+        Ok(delivered(sig[..SIGNATURE_LEN].to_vec()))
+    }
+
+    /// Refuses the multi-part calls for a single-part-only mechanism (CKM_ECDSA).
+    fn check_multipart(&self) -> Result<()> {
+        if self.mech == CKM_ECDSA {
+            log::debug!("CKM_ECDSA is single-part only: use C_Sign / C_Verify");
+            return fail(CKR_FUNCTION_NOT_SUPPORTED);
+        }
+        Ok(())
     }
 
     fn verify_now(&mut self, signature: &[u8]) -> Result<()> {
@@ -184,7 +226,7 @@ impl SignOp {
 }
 
 /// Ends an operation unless the result says it must stay alive.
-fn settle<T>(slot: &mut Option<T>, result: &Result<usize>, length_query: bool) {
+fn settle<T>(slot: &mut Option<T>, result: &Result<Output>, length_query: bool) {
     let keep = length_query || matches!(result, Err(e) if e.rv == CKR_BUFFER_TOO_SMALL);
     if !keep {
         *slot = None;
@@ -192,17 +234,9 @@ fn settle<T>(slot: &mut Option<T>, result: &Result<usize>, length_query: bool) {
 }
 
 impl Session {
-    /// A new session.
-    pub fn new(handle: CK_SESSION_HANDLE, slot: usize, rw: bool) -> Self {
-        Self {
-            handle,
-            slot,
-            rw,
-            find: None,
-            sign: None,
-            verify: None,
-            digest: None,
-        }
+    /// A new session with no operation running.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// C_SignInit.
@@ -214,58 +248,56 @@ impl Session {
         Ok(())
     }
 
-    /// C_Sign. `out = None` asks for the length only.
+    /// C_Sign. A multi-part operation gets `CKR_OPERATION_ACTIVE` and stays as it was.
     pub fn sign(
         &mut self,
         data: &[u8],
-        out: Option<&mut [u8]>,
+        capacity: Capacity,
         proof: ProofCheck<'_>,
-    ) -> Result<usize> {
+    ) -> Result<Output> {
         let op = self
             .sign
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        if op.multipart {
-            self.sign = None;
-            return fail(CKR_FUNCTION_FAILED);
-        }
-        let length_query = out.is_none();
-        let result = match length_only(&out) {
+        op.style.enter(Style::Single)?;
+        let result = match length_only(capacity, SIGNATURE_LEN) {
             Some(r) => r,
-            None => {
-                let buf = out.unwrap_or_default();
-                op.feed(data, false).and_then(|_| op.sign_now(proof, buf))
-            }
+            None => op.feed(data, false).and_then(|_| op.sign_now(proof)),
         };
-        settle(&mut self.sign, &result, length_query);
+        settle(&mut self.sign, &result, capacity.is_none());
         result
     }
 
-    /// C_SignUpdate.
+    /// C_SignUpdate. A single-part operation gets `CKR_OPERATION_ACTIVE` and stays as it was;
+    /// a single-part-only mechanism ends the operation with `CKR_FUNCTION_NOT_SUPPORTED`.
     pub fn sign_update(&mut self, data: &[u8]) -> Result<()> {
         let op = self
             .sign
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        op.multipart = true;
-        let r = op.feed(data, false);
+        op.style.enter(Style::Multi)?;
+        let r = op.check_multipart().and_then(|_| op.feed(data, false));
         if r.is_err() {
             self.sign = None;
         }
         r
     }
 
-    /// C_SignFinal. `out = None` asks for the length only.
-    pub fn sign_final(&mut self, out: Option<&mut [u8]>, proof: ProofCheck<'_>) -> Result<usize> {
+    /// C_SignFinal, with the same rules as C_SignUpdate.
+    pub fn sign_final(&mut self, capacity: Capacity, proof: ProofCheck<'_>) -> Result<Output> {
         let op = self
             .sign
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        let length_query = out.is_none();
-        let result = match length_only(&out) {
-            Some(r) => r,
-            None => op.sign_now(proof, out.unwrap_or_default()),
+        op.style.enter(Style::Multi)?;
+        let result = match op.check_multipart() {
+            Err(e) => Err(e),
+            Ok(()) => match length_only(capacity, SIGNATURE_LEN) {
+                Some(r) => r,
+                None => op.sign_now(proof),
+            },
         };
+        let length_query = capacity.is_none() && result.is_ok();
         settle(&mut self.sign, &result, length_query);
         result
     }
@@ -279,27 +311,28 @@ impl Session {
         Ok(())
     }
 
-    /// C_Verify. Always ends the operation.
+    /// C_Verify. Ends the operation, except on a multi-part one, which gets
+    /// `CKR_OPERATION_ACTIVE` and stays as it was.
     pub fn verify(&mut self, data: &[u8], signature: &[u8]) -> Result<()> {
-        let mut op = self
+        let op = self
             .verify
-            .take()
+            .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        if op.0.multipart {
-            return fail(CKR_FUNCTION_FAILED);
-        }
+        op.0.style.enter(Style::Single)?;
+        let mut op = self.verify.take().ok_or(Error::rv(CKR_GENERAL_ERROR))?;
         op.0.feed(data, true)?;
         op.0.verify_now(signature)
     }
 
-    /// C_VerifyUpdate.
+    /// C_VerifyUpdate. A single-part-only mechanism ends the operation with
+    /// `CKR_FUNCTION_NOT_SUPPORTED`.
     pub fn verify_update(&mut self, data: &[u8]) -> Result<()> {
         let op = self
             .verify
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        op.0.multipart = true;
-        let r = op.0.feed(data, true);
+        op.0.style.enter(Style::Multi)?;
+        let r = op.0.check_multipart().and_then(|_| op.0.feed(data, true));
         if r.is_err() {
             self.verify = None;
         }
@@ -312,6 +345,8 @@ impl Session {
             .verify
             .take()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        op.0.style.enter(Style::Multi)?;
+        op.0.check_multipart()?;
         op.0.verify_now(signature)
     }
 
@@ -327,61 +362,53 @@ impl Session {
         let hasher = hasher.ok_or(Error::rv(CKR_MECHANISM_INVALID))?;
         self.digest = Some(DigestOp {
             hasher,
-            multipart: false,
+            style: Style::Undecided,
         });
         Ok(())
     }
 
-    /// C_Digest. `out = None` asks for the length only.
-    pub fn digest(&mut self, data: &[u8], out: Option<&mut [u8]>) -> Result<usize> {
+    /// C_Digest. A multi-part operation gets `CKR_OPERATION_ACTIVE` and stays as it was.
+    pub fn digest(&mut self, data: &[u8], capacity: Capacity) -> Result<Output> {
         let op = self
             .digest
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        if op.multipart {
-            self.digest = None;
-            return fail(CKR_FUNCTION_FAILED);
-        }
-        let length_query = out.is_none();
-        let len = op.hasher.output_len();
-        let result = match out {
-            None => Ok(len),
-            Some(buf) if buf.len() < len => Err(Error::buffer_too_small(len)),
-            Some(buf) => {
+        op.style.enter(Style::Single)?;
+        let result = match length_only(capacity, op.hasher.output_len()) {
+            Some(r) => r,
+            None => {
                 let mut h = op.hasher.clone();
                 h.update(data);
-                deliver(&h.finish(), Some(buf))
+                Ok(delivered(h.finish()))
             }
         };
-        settle(&mut self.digest, &result, length_query);
+        settle(&mut self.digest, &result, capacity.is_none());
         result
     }
 
-    /// C_DigestUpdate.
+    /// C_DigestUpdate. A single-part operation gets `CKR_OPERATION_ACTIVE`.
     pub fn digest_update(&mut self, data: &[u8]) -> Result<()> {
         let op = self
             .digest
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        op.multipart = true;
+        op.style.enter(Style::Multi)?;
         op.hasher.update(data);
         Ok(())
     }
 
-    /// C_DigestFinal. `out = None` asks for the length only.
-    pub fn digest_final(&mut self, out: Option<&mut [u8]>) -> Result<usize> {
+    /// C_DigestFinal. A single-part operation gets `CKR_OPERATION_ACTIVE`.
+    pub fn digest_final(&mut self, capacity: Capacity) -> Result<Output> {
         let op = self
             .digest
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        let length_query = out.is_none();
-        let len = op.hasher.output_len();
-        let result = match out {
-            None => Ok(len),
-            Some(buf) if buf.len() < len => Err(Error::buffer_too_small(len)),
-            Some(buf) => deliver(&op.hasher.clone().finish(), Some(buf)),
+        op.style.enter(Style::Multi)?;
+        let result = match length_only(capacity, op.hasher.output_len()) {
+            Some(r) => r,
+            None => Ok(delivered(op.hasher.clone().finish())),
         };
-        settle(&mut self.digest, &result, length_query);
+        settle(&mut self.digest, &result, capacity.is_none());
         result
     }
 }

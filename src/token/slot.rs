@@ -215,7 +215,6 @@ pub struct Store {
     /// The store's change marker at the last reload, behind the lock that orders changes:
     /// a reload and a change of ours (backend write + table update) never interleave.
     marker: Mutex<Option<u128>>,
-    private_flag: bool,
 }
 
 impl Store {
@@ -225,7 +224,6 @@ impl Store {
             info,
             objects: RwLock::new(ObjectTable::default()),
             marker: Mutex::new(backend.change_marker()),
-            private_flag: false,
             backend,
         };
         store.reload(handles)?;
@@ -244,11 +242,6 @@ impl Store {
         self.objects
             .write()
             .map_err(|_| Error::rv(CKR_GENERAL_ERROR))
-    }
-
-    /// CKA_PRIVATE of private keys: true only when the slot has a PIN.
-    pub fn private_flag(&self) -> bool {
-        self.private_flag
     }
 
     /// Takes the lock that orders changes to the store: hold it across a backend write and the
@@ -277,7 +270,7 @@ impl Store {
         let mut seen_keys = std::collections::HashSet::new();
         for rec in keys {
             seen_keys.insert(rec.name.clone());
-            let (private, public) = object::key_pair(&rec, class, self.private_flag);
+            let (private, public) = object::key_pair(&rec, class);
             match table.keys.get(&rec.name).copied() {
                 None => {
                     table.insert(handles, private);

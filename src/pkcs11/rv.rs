@@ -1,0 +1,50 @@
+//! The `CKR_` name of a return value, for the log lines of failing calls.
+
+use cryptoki_sys::*;
+
+macro_rules! names {
+    ($rv:expr; $($name:ident),* $(,)?) => {
+        match $rv {
+            $($name => Some(stringify!($name)),)*
+            _ => None,
+        }
+    };
+}
+
+/// The `CKR_` name of `rv`, or its value in hex when it is not one we ever return.
+pub fn name(rv: CK_RV) -> String {
+    let known = names!(rv;
+        CKR_OK, CKR_HOST_MEMORY, CKR_SLOT_ID_INVALID, CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED,
+        CKR_ARGUMENTS_BAD, CKR_NO_EVENT, CKR_ATTRIBUTE_READ_ONLY, CKR_ATTRIBUTE_SENSITIVE,
+        CKR_ATTRIBUTE_TYPE_INVALID, CKR_ATTRIBUTE_VALUE_INVALID, CKR_ACTION_PROHIBITED,
+        CKR_DATA_INVALID, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR, CKR_DEVICE_MEMORY,
+        CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_PARALLEL,
+        CKR_FUNCTION_NOT_SUPPORTED, CKR_KEY_HANDLE_INVALID, CKR_KEY_TYPE_INCONSISTENT,
+        CKR_KEY_FUNCTION_NOT_PERMITTED, CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID,
+        CKR_OBJECT_HANDLE_INVALID, CKR_OPERATION_ACTIVE, CKR_OPERATION_NOT_INITIALIZED,
+        CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE, CKR_PIN_LOCKED,
+        CKR_SESSION_HANDLE_INVALID, CKR_SESSION_PARALLEL_NOT_SUPPORTED, CKR_SESSION_READ_ONLY,
+        CKR_SESSION_READ_ONLY_EXISTS, CKR_SESSION_READ_WRITE_SO_EXISTS, CKR_SIGNATURE_INVALID,
+        CKR_SIGNATURE_LEN_RANGE, CKR_TEMPLATE_INCOMPLETE, CKR_TEMPLATE_INCONSISTENT,
+        CKR_TOKEN_NOT_PRESENT, CKR_USER_ALREADY_LOGGED_IN, CKR_USER_NOT_LOGGED_IN,
+        CKR_USER_TYPE_INVALID, CKR_USER_ANOTHER_ALREADY_LOGGED_IN, CKR_RANDOM_SEED_NOT_SUPPORTED,
+        CKR_BUFFER_TOO_SMALL, CKR_CRYPTOKI_NOT_INITIALIZED, CKR_CRYPTOKI_ALREADY_INITIALIZED,
+        CKR_CURVE_NOT_SUPPORTED, CKR_DOMAIN_PARAMS_INVALID, CKR_FUNCTION_REJECTED,
+    );
+    match known {
+        Some(n) => n.to_string(),
+        None => format!("CKR_0x{rv:x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_headers_spelling() {
+        assert_eq!(name(CKR_MECHANISM_INVALID), "CKR_MECHANISM_INVALID");
+        assert_eq!(name(CKR_OK), "CKR_OK");
+        assert_eq!(name(0x8000_1234), "CKR_0x80001234");
+    }
+}

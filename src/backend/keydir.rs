@@ -34,7 +34,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::OwnedFd;
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat, CWD};
 use zeroize::Zeroizing;
 
@@ -526,11 +526,6 @@ impl KeyDir {
         }
     }
 
-    /// True when `name` exists (whatever it is).
-    pub fn exists(&self, name: &str) -> bool {
-        valid_name(name) && rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
-    }
-
     fn sync(&self) -> Result<()> {
         rustix::fs::fsync(&self.fd)
             .map_err(|e| io_err("cannot sync the directory", &self.path, &errno_io(e)))
@@ -647,11 +642,6 @@ impl KeyDir {
             .unwrap_or(0);
         let count = if n == 8 { u64::from_le_bytes(count) } else { 0 };
         Some((u128::from(mtime_ns) << 64) | u128::from(count))
-    }
-
-    /// The descriptor of the directory (for `fstat` in tests and diagnostics).
-    pub fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
     }
 }
 

@@ -79,6 +79,20 @@ fn damage(file: &mut Vec<u8>, input: &mut Input<'_>) {
     }
 }
 
+/// Writes a store file as the store itself would: owner-only (the store refuses anything else).
+fn write_600(path: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .expect("write");
+}
+
 fn clear(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -93,21 +107,25 @@ pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.below(4);
     clear(&f.store_dir);
-    let _ = std::fs::create_dir_all(&f.store_dir);
+    if std::fs::create_dir(&f.store_dir).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f.store_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod 700");
+    }
     let key_path = f.store_dir.join(format!("{NAME}.key"));
     let mut expect_other = false;
     match mode {
-        0 => std::fs::write(&key_path, input.rest()).expect("write"),
+        0 => write_600(&key_path, input.rest()),
         1 | 2 => {
             let mut file = f.valid.clone();
             damage(&mut file, &mut input);
-            std::fs::write(&key_path, &file).expect("write");
+            write_600(&key_path, &file);
             if mode == 2 {
-                std::fs::write(f.store_dir.join(format!("{OTHER}.key")), &f.valid).expect("write");
+                write_600(&f.store_dir.join(format!("{OTHER}.key")), &f.valid);
                 expect_other = true;
             }
         }
-        _ => std::fs::write(f.store_dir.join(format!("{NAME}.obj")), input.rest()).expect("write"),
+        _ => write_600(&f.store_dir.join(format!("{NAME}.obj")), input.rest()),
     }
 
     let store = SoftwareStore::open("fuzz", Some(&f.store_dir)).expect("the store opens");

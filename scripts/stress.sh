@@ -73,7 +73,7 @@ stage() { # stage NAME CMD...
 echo "stress.sh: STRESS_SCALE=$STRESS_SCALE"
 stage build cargo build --release
 if [ "$ONLY_VALGRIND" -eq 0 ]; then
-  for t in stress_pkcs11 crash_kill crash_disk robust_server; do
+  for t in robust_stress robust_crash_kill robust_crash_disk robust_server; do
     stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
   done
 fi
@@ -126,10 +126,10 @@ valgrind_stage() {
       rc=1
     fi
   done
-  cargo test --release --test stress_pkcs11 --no-run >/dev/null 2>&1
+  cargo test --release --test robust_stress --no-run >/dev/null 2>&1
   local bin
-  bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' -newer Cargo.toml | head -n 1)
-  [ -n "$bin" ] || bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' | head -n 1)
+  bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'robust_stress-*' -newer Cargo.toml | head -n 1)
+  [ -n "$bin" ] || bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'robust_stress-*' | head -n 1)
   local lost=()
   for cycles in 1 10; do
     if DEVICEKEY_VALGRIND_CYCLES=$cycles "${vg[@]}" --log-file="$tmp/cycles.log" "$bin" \

@@ -15,12 +15,8 @@
 # The last line is `N passed, N failed`; exit status non-zero when a target crashed.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  PATH="$HOME/.cargo/bin:$PATH"
-fi
-export CARGO_TERM_PROGRESS_WHEN=never
+# shellcheck source=scripts/lib/stages.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/stages.sh"
 
 ALL_TARGETS=(abi rpc_lines proof_payload key_file)
 SECONDS_PER=300
@@ -42,18 +38,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
-
-PASSED=0
-FAILED=0
-record() {
-  if [ "$2" -eq 0 ]; then
-    PASSED=$((PASSED + 1))
-    echo "PASS $1"
-  else
-    FAILED=$((FAILED + 1))
-    echo "FAIL $1"
-  fi
-}
 
 have_cargo_fuzz() {
   cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --help >/dev/null 2>&1
@@ -107,5 +91,4 @@ else
     record "fuzz-$t" $?
   done
 fi
-echo "$PASSED passed, $FAILED failed"
-[ $FAILED -eq 0 ]
+stages_finish fuzz.sh

@@ -14,12 +14,8 @@
 # `N passed, N failed`. Exit status non-zero when anything failed.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  PATH="$HOME/.cargo/bin:$PATH"
-fi
-export CARGO_TERM_PROGRESS_WHEN=never
+# shellcheck source=scripts/lib/stages.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/stages.sh"
 
 SCALE=1
 VALGRIND=1
@@ -41,39 +37,13 @@ for arg in "$@"; do
 done
 export STRESS_SCALE=$SCALE
 
-PASSED=0
-FAILED=0
-FAILED_NAMES=()
-START=$SECONDS
-LOG=$(mktemp "${TMPDIR:-/tmp}/devicekey-stress.XXXXXX")
-trap 'rm -f "$LOG"' EXIT
-
-record() { # record NAME STATUS
-  if [ "$2" -eq 0 ]; then
-    PASSED=$((PASSED + 1))
-    echo "PASS $1"
-  else
-    FAILED=$((FAILED + 1))
-    FAILED_NAMES+=("$1")
-    echo "FAIL $1"
-  fi
-}
-
-stage() { # stage NAME CMD...
-  local name=$1 t0=$SECONDS rc
-  shift
-  echo "==> $name: $*"
-  "$@" </dev/null 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  echo "<== $name: exit $rc after $((SECONDS - t0))s"
-  record "$name" "$rc"
-  return "$rc"
-}
+STAGE_LOG=$(mktemp "${TMPDIR:-/tmp}/devicekey-stress.XXXXXX")
+trap 'rm -f "$STAGE_LOG"' EXIT
 
 echo "stress.sh: STRESS_SCALE=$STRESS_SCALE"
 stage build cargo build --release
 if [ "$ONLY_VALGRIND" -eq 0 ]; then
-  for t in stress_pkcs11 crash_kill crash_disk robust_server; do
+  for t in robust_stress robust_crash_kill robust_crash_disk robust_server; do
     stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
   done
 fi
@@ -126,10 +96,10 @@ valgrind_stage() {
       rc=1
     fi
   done
-  cargo test --release --test stress_pkcs11 --no-run >/dev/null 2>&1
+  cargo test --release --test robust_stress --no-run >/dev/null 2>&1
   local bin
-  bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' -newer Cargo.toml | head -n 1)
-  [ -n "$bin" ] || bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'stress_pkcs11-*' | head -n 1)
+  bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'robust_stress-*' -newer Cargo.toml | head -n 1)
+  [ -n "$bin" ] || bin=$(find target/release/deps -maxdepth 1 -type f -executable -name 'robust_stress-*' | head -n 1)
   local lost=()
   for cycles in 1 10; do
     if DEVICEKEY_VALGRIND_CYCLES=$cycles "${vg[@]}" --log-file="$tmp/cycles.log" "$bin" \
@@ -155,9 +125,5 @@ fi
 
 echo
 echo "Figures:"
-grep -oE '(STRESS|CRASH|SERVER|VALGRIND) .*' "$LOG" || true
-echo
-echo "stress.sh finished in $((SECONDS - START))s"
-if [ $FAILED -gt 0 ]; then echo "failed: ${FAILED_NAMES[*]}"; fi
-echo "$PASSED passed, $FAILED failed"
-[ $FAILED -eq 0 ]
+grep -oE '(STRESS|CRASH|SERVER|VALGRIND) .*' "$STAGE_LOG" || true
+stages_finish stress.sh

@@ -3,27 +3,13 @@
 //! backend, protection class, reachable or not, the fix) and its exit code (0 all reachable,
 //! 1 otherwise).
 
-#[path = "common/doctor.rs"]
-mod doctor;
-#[allow(dead_code)]
-#[path = "common/softhsm.rs"]
-mod softhsm;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use doctor::{assert_has, doctor_command, run, slot_block};
-use softhsm::{PIN, SOFTHSM};
+use testkit::doctor::{assert_has, doctor_command, run, slot_block};
+use testkit::softhsm::{self, have_softhsm, PIN};
 
 const PIN_ENV: &str = "DEVICEKEY_DOCTOR_TEST_PIN";
-
-fn have_softhsm() -> bool {
-    let ok = softhsm::installed();
-    if !ok {
-        eprintln!("SoftHSM not installed: the pkcs11 slot part is skipped");
-    }
-    ok
-}
 
 /// A private SoftHSM config under `root` and one token in it; returns (conf, label).
 fn softhsm_token(root: &Path, tag: &str) -> (PathBuf, String) {
@@ -71,7 +57,7 @@ fn all_slots_reachable_exits_0() {
     let mut text = software_slot("devicekey", &root.join("keys"));
     let softhsm = have_softhsm().then(|| softhsm_token(root, "good"));
     if let Some((_, token)) = &softhsm {
-        text.push_str(&pkcs11_slot("devicekey-hsm", SOFTHSM, token));
+        text.push_str(&pkcs11_slot("devicekey-hsm", softhsm::module(), token));
     }
     let config = root.join("config.toml");
     std::fs::write(&config, text).expect("config");
@@ -141,7 +127,7 @@ fn broken_slots_are_named_with_their_fix_and_exit_1() {
     if softhsm.is_some() {
         text.push_str(&pkcs11_slot(
             "wrong-label",
-            SOFTHSM,
+            softhsm::module(),
             "dk-doctor-no-such-token",
         ));
     }

@@ -3,8 +3,7 @@
 //! work); a Secure Enclave slot off macOS says why; the proof policy in force (allowed origin
 //! hosts, longest proof lifetime) is printed with the file it came from.
 
-#[path = "common/doctor.rs"]
-mod doctor;
+use testkit::doctor;
 
 use std::path::Path;
 use std::process::Output;

@@ -5,17 +5,11 @@
 //! and exit code 1.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
-#[path = "common/doctor.rs"]
-mod doctor;
-#[allow(dead_code)]
-#[path = "common/swtpm.rs"]
-mod swtpm;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use doctor::{assert_has, doctor_command, run, slot_block};
-use swtpm::Swtpm;
+use testkit::doctor::{assert_has, doctor_command, run, slot_block};
+use testkit::swtpm::Swtpm;
 
 fn tpm_slot(label: &str, tcti: &str, dir: &Path, allow_simulator: bool) -> String {
     format!(

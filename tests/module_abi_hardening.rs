@@ -13,7 +13,7 @@
 //! - A failing call leaves a debug log line with its function and `CKR_` name, and no PIN.
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ptr;
 

@@ -2,8 +2,7 @@
 //! succeeds, that slot has no token (`CKR_TOKEN_NOT_PRESENT`) and the module logs the option and
 //! the backend it belongs to; the other slot of the same config works.
 
-#[macro_use]
-mod common;
+use testkit as common;
 
 use common::{gen_p256, Token};
 use cryptoki::error::{Error, RvError};

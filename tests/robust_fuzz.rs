@@ -16,14 +16,13 @@ mod key_file;
 mod proof_payload;
 #[path = "../fuzz/src/rpc_lines.rs"]
 mod rpc_lines;
-mod stress_common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use stress_common::Rng;
+use testkit::stress::Rng;
 
 type Harness = fn(&[u8]);
 

@@ -5,7 +5,7 @@
 //! is refused at the next C_FindObjectsInit and the key planted in it never appears. As root, a
 //! throwaway second user does the swap and plants a key of theirs.
 
-mod common;
+use testkit as common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! left untouched; a new log file is created 0600 whatever the umask allows. The module sets its
 //! logger up once per process, so each case runs in a child process of this test binary.
 
-mod common;
+use testkit as common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;

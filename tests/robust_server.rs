@@ -9,9 +9,6 @@
 
 #![cfg(target_os = "linux")]
 
-mod rpc_common;
-mod stress_common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -19,9 +16,9 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_common::*;
 use serde_json::{json, Value};
-use stress_common::{proc_status_kib, scaled};
+use testkit::rpc::*;
+use testkit::stress::{proc_status_kib, scaled};
 
 /// Peak RSS bound for the server, in KiB.
 const MAX_HWM_KIB: u64 = 100 * 1024;

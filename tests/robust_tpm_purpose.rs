@@ -4,7 +4,7 @@
 //! comes back, still proof-only, when the sidecar is restored.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
-mod common;
+use testkit as common;
 
 use std::path::{Path, PathBuf};
 
@@ -80,7 +80,7 @@ fn set_purpose(sidecar: &Path, purpose: &str) {
 
 #[test]
 fn an_edited_sidecar_does_not_make_a_proof_key_general() {
-    if !common::swtpm::available() {
+    if !common::swtpm::have_swtpm() {
         println!(
             "SKIPPED an_edited_sidecar_does_not_make_a_proof_key_general: swtpm is not installed"
         );

@@ -2,12 +2,10 @@
 //! software slot's honest class, proof-only keys enforced by the token, and (when the module has
 //! its pkcs11 key store) a SoftHSM-backed slot declared `hardware_tpm`.
 
-mod rpc_common;
-
 use std::process::Command;
 
-use rpc_common::*;
 use serde_json::json;
+use testkit::rpc::*;
 
 const DEGRADED: &str = "hardware-backed device keys are not available; set protectionPolicy to allow_os_protected_nonextractable to allow key protection class os_protected_nonextractable";
 

@@ -1,13 +1,11 @@
 //! `devicekey serve` over pipes: framing, handshake, errors, validation rules, concurrency.
 //! The server uses a throwaway SoftHSM token as a foreign module declared `hardware_tpm`.
 
-mod rpc_common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rpc_common::*;
 use serde_json::{json, Value};
+use testkit::rpc::*;
 
 const KEY_ID_MESSAGE: &str = "invalid device key payload: keyId must be dk_hse_, dk_tpm_, or dk_osn_ followed by unpadded base64url-encoded 32 bytes";
 const UNKNOWN_KEY: &str = "dk_tpm_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";

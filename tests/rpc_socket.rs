@@ -3,8 +3,6 @@
 
 #![cfg(target_os = "linux")]
 
-mod rpc_common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -12,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_common::*;
 use serde_json::{json, Value};
+use testkit::rpc::*;
 
 struct SocketServer {
     child: Child,

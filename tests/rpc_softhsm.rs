@@ -2,10 +2,8 @@
 //! foreign module declared `hardware_tpm` (SoftHSM lacks CKM_ECDSA_SHA256, so this also covers
 //! the hash-then-CKM_ECDSA path), plus the CLI against the same token.
 
-mod rpc_common;
-
-use rpc_common::*;
 use serde_json::{json, Value};
+use testkit::rpc::*;
 
 #[test]
 fn softhsm_create_public_sign() {

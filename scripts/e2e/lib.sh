@@ -1,10 +1,13 @@
 # shellcheck shell=bash
 # Shared helpers of the end-to-end tests (sourced by each scripts/e2e/<tool>.sh).
 #
-# A test script sources this file, calls `e2e_setup`, makes keys with `make_key`, runs its checks
-# with `check NAME FUNCTION`, and ends with `e2e_finish`, which prints `N passed, N failed` and sets
-# the exit status. Every check runs in a subshell; inside it `run` runs a tool (timeout, no stdin)
-# and keeps its output in $OUT, `expect`/`reject` assert on $OUT, `fail` ends the check.
+# The one harness of the shell tests. A test script sources this file, calls `e2e_setup`, makes
+# keys with `make_key` (or `gen_key` inside a check), runs its checks with `check NAME FUNCTION`
+# (`skip NAME REASON` where a check does not apply to the key store), ends with a negative control
+# (`negative NAME FUNCTION`: the same consumer with the token's key broken must fail), and calls
+# `e2e_finish`, which prints `N passed, N failed` and sets the exit status. Every check runs in a
+# subshell; inside it `run` runs a tool (timeout, no stdin) and keeps its output in $OUT,
+# `expect`/`reject` assert on $OUT, `fail` ends the check.
 #
 # Environment:
 #   DEVICEKEY_MODULE  the module under test (default target/release/libdevicekey_pkcs11.so)
@@ -65,9 +68,39 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------------------------------------
 # Assertions (inside a check).
 
-# fail, run, expect, expect_re, reject: shared with the consumer suites.
-# shellcheck source=scripts/lib/assert.sh
-. "$E2E_ROOT/scripts/lib/assert.sh"
+# fail MESSAGE: end the check (its subshell) as failed.
+fail() {
+  echo "ASSERTION FAILED: $*"
+  exit 1
+}
+
+# run CMD...: run a command (with a timeout, no stdin), print and keep its output in $OUT,
+# fail when it exits non-zero.
+run() {
+  echo "\$ $*"
+  OUT=$(timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1)
+  local rc=$?
+  [ -n "$OUT" ] && printf '%s\n' "$OUT"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    fail "timed out after ${TIMEOUT}s: $*"
+  fi
+  [ $rc -eq 0 ] || fail "exit status $rc: $*"
+}
+
+# expect TEXT: the last command's output contains TEXT (fixed string).
+expect() {
+  grep -qF -- "$1" <<<"$OUT" || fail "expected output to contain: $1"
+}
+
+# expect_re REGEX: the last command's output matches an extended regex.
+expect_re() {
+  grep -qE -- "$1" <<<"$OUT" || fail "expected output to match: $1"
+}
+
+# reject TEXT: the last command's output does not contain TEXT.
+reject() {
+  if grep -qF -- "$1" <<<"$OUT"; then fail "output must not contain: $1"; fi
+}
 
 # run_fails CMD...: like run, but the command must fail (a negative control).
 run_fails() {
@@ -237,6 +270,64 @@ make_soft_cert() { # make_soft_cert NAME CN
   setup_step "software key" openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
     -nodes -keyout "$T/$1.key" -out "$T/$1.pem" -days 30 -subj "/CN=$2" \
     -addext "subjectAltName=DNS:localhost,IP:127.0.0.1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# pkcs11-tool and openssl inside a check (scripts/e2e/pkcs11tool.sh, openssl-engine.sh).
+
+# p11 ARGS...: pkcs11-tool on our token (it needs no login on any store).
+p11() { run pkcs11-tool --module "$MODULE" --token-label "$TOKEN_LABEL" "$@"; }
+
+# gen_key ID LABEL: a P-256 key pair made by pkcs11-tool; asserts the tool's report.
+gen_key() {
+  p11 --keypairgen --key-type EC:prime256v1 --id "$1" --label "$2"
+  expect "Key pair generated"
+  expect "Private Key Object; EC"
+  expect "Public Key Object; EC  EC_POINT 256 bits"
+  expect "EC_PARAMS:  06082a8648ce3d030107"
+  expect "label:      $2"
+  expect "ID:         $1"
+}
+
+# pub_pem ID: key ID's public key as SPKI DER from the token, in pub.der and pub.pem (P-256).
+pub_pem() {
+  p11 --read-object --type pubkey --id "$1" -o pub.der
+  [ -s pub.der ] || fail "pub.der is empty"
+  run openssl pkey -pubin -inform DER -in pub.der -out pub.pem
+  run openssl pkey -pubin -in pub.pem -noout -text
+  expect "ASN1 OID: prime256v1"
+  expect "NIST CURVE: P-256"
+}
+
+# rs_to_der RAW DER: a raw r||s signature (64 bytes) as DER SEQUENCE { r, s }.
+rs_to_der() {
+  local size hex
+  size=$(stat -c %s "$1")
+  [ "$size" = 64 ] || fail "raw signature $1 is $size bytes, expected 64"
+  hex=$(od -An -v -tx1 "$1" | tr -d ' \n')
+  printf 'asn1=SEQUENCE:sig\n[sig]\nr=INTEGER:0x%s\ns=INTEGER:0x%s\n' "${hex:0:64}" "${hex:64:64}" >"$1.cnf"
+  run openssl asn1parse -genconf "$1.cnf" -out "$2" -noout
+}
+
+# verify_ok SIG DATA / verify_fails SIG DATA: openssl accepts / rejects the DER signature SIG
+# over DATA with pub.pem.
+verify_ok() {
+  run openssl dgst -sha256 -verify pub.pem -signature "$1" "$2"
+  expect "Verified OK"
+}
+verify_fails() { run_fails openssl dgst -sha256 -verify pub.pem -signature "$1" "$2"; }
+
+# no_valid_signature SIG DATA CMD...: for a negative control, CMD (which signs into SIG) fails, or
+# SIG does not verify over DATA (a broken TPM key fails to sign; another store's signs wrongly).
+no_valid_signature() {
+  local sig=$1 data=$2
+  shift 2
+  echo "\$ $*   (must not give a valid signature)"
+  if timeout -k 5 "$TIMEOUT" "$@" </dev/null 2>&1; then
+    verify_fails "$sig" "$data"
+  else
+    echo "(signing failed, as it may)"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -97,31 +97,28 @@ check_tls12_client_key_on_token() {
   stop_bg "$SERVER_PID"
 }
 
-# Negative: the server trusts another certificate only; our client must be refused.
-check_untrusted_client_refused() {
-  s_server_start srv5 -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/softclient.pem"
+# client_refused NAME CA URI: an s_server that trusts CA only, and our client with the key URI and
+# client.pem. The handshake gets past the server's certificate; the client authentication fails.
+client_refused() {
+  s_server_start "$1" -key "$T/softserver.key" -cert "$T/softserver.pem" \
+    -Verify 1 -verify_return_error -CAfile "$2"
   # shellcheck disable=SC2046
-  tls_get -CAfile "$T/softserver.pem" $(engine_key "$CLIENT_URI") -cert "$T/client.pem"
-  # It got past the server's certificate: the failure is the client authentication.
+  tls_get -CAfile "$T/softserver.pem" $(engine_key "$3") -cert "$T/client.pem"
   expect "Verification: OK"
   reject "HTTP/1.0 200 ok"
   reject "Client certificate"
   stop_bg "$SERVER_PID"
+}
+
+# Negative: the server trusts another certificate only; our client must be refused.
+check_untrusted_client_refused() {
+  client_refused srv5 "$T/softclient.pem" "$CLIENT_URI"
   echo "(refused as it must be)"
 }
 
 negative_client_auth() {
-  s_server_start srv6 -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/client.pem"
   # By CKA_ID only: the replacement key of the softhsm control has no CKA_LABEL through our token.
-  # shellcheck disable=SC2046
-  tls_get -CAfile "$T/softserver.pem" $(engine_key "pkcs11:token=$TOKEN_LABEL;id=%01;type=private") -cert "$T/client.pem"
-  # It got past the server's certificate: the failure is the client authentication.
-  expect "Verification: OK"
-  reject "HTTP/1.0 200 ok"
-  reject "Client certificate"
-  stop_bg "$SERVER_PID"
+  client_refused srv6 "$T/client.pem" "pkcs11:token=$TOKEN_LABEL;id=%01;type=private"
   echo "(failed as it must)"
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the end-to-end tests: real tools against the module, with throwaway servers on 127.0.0.1.
 #
-#   scripts/e2e/run.sh [TEST...]      TEST: ssh openssl-tls nss chromium gnutls java p11kit (default: all)
+#   scripts/e2e/run.sh [STORE...] [TEST...]
+#     STORE: software softhsm tpm (default: all three, or E2E_BACKENDS)
+#     TEST:  pkcs11tool openssl-engine ssh openssl-tls nss chromium gnutls java p11kit (default: all)
 #
 # Installs what the tests need when it is missing (the packages of scripts/setup.sh, plus
 # `chromium` and a JDK with javac and keytool), builds the release module when it is missing, then
@@ -9,8 +11,8 @@
 # policy directory). Each test prints PASS/FAIL lines and its own `N passed, N failed`; the last
 # line here is the sum, `N passed, N failed`. Exit status non-zero when anything failed.
 #
-# Every test runs once per key store behind our token: E2E_BACKENDS (default
-# "software softhsm tpm"; softhsm is a `backend = "pkcs11"` slot wrapping a throwaway SoftHSM
+# Every test runs once per key store behind our token: the STOREs named, else E2E_BACKENDS (default
+# "software softhsm tpm"; `scripts/e2e/run.sh tpm pkcs11tool` runs one test on one store). softhsm is a `backend = "pkcs11"` slot wrapping a throwaway SoftHSM
 # token, tpm a `backend = "tpm"` slot on a throwaway swtpm started by each test script). The tpm
 # store is skipped, with a SKIP line, only when swtpm is not installed and cannot be installed.
 # Environment: E2E_NO_INSTALL=1 (no apt-get), E2E_TEST_TIMEOUT (seconds per test script, default
@@ -19,8 +21,15 @@ set -uo pipefail
 
 E2E=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$E2E/../.." && pwd)
-ALL=(ssh openssl-tls nss chromium gnutls java p11kit)
-TESTS=("$@")
+ALL=(pkcs11tool openssl-engine ssh openssl-tls nss chromium gnutls java p11kit)
+TESTS=()
+STORES=()
+for arg in "$@"; do
+  case "$arg" in
+    software | softhsm | tpm) STORES+=("$arg") ;;
+    *) TESTS+=("$arg") ;;
+  esac
+done
 [ ${#TESTS[@]} -eq 0 ] && TESTS=("${ALL[@]}")
 TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-300}
 START=$SECONDS
@@ -74,6 +83,7 @@ if [ ! -f "$MODULE" ] || [ ! -x "$BIN" ]; then
 fi
 
 BACKENDS=${E2E_BACKENDS:-software softhsm tpm}
+[ ${#STORES[@]} -gt 0 ] && BACKENDS="${STORES[*]}"
 if [[ " $BACKENDS " == *" tpm "* ]] && ! command -v swtpm >/dev/null 2>&1; then
   echo "SKIP the tpm key store: swtpm is not installed and could not be installed (apt-get install swtpm swtpm-tools, or scripts/setup.sh)"
   BACKENDS=$(tr ' ' '\n' <<<"$BACKENDS" | grep -vx tpm | tr '\n' ' ')

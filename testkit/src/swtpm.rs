@@ -30,6 +30,16 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// True when swtpm can be run; else says on stderr that the test is skipped (the caller
+/// returns), or panics when `DEVICEKEY_TEST_REQUIRE` names swtpm.
+pub fn have_swtpm() -> bool {
+    crate::require::available_or_skip(
+        "swtpm",
+        available(),
+        "swtpm is not installed (scripts/setup.sh installs swtpm and swtpm-tools)",
+    )
+}
+
 impl Swtpm {
     /// Starts swtpm with its state in `state` on a free port.
     pub fn start(state: &Path) -> Self {

@@ -3,7 +3,7 @@
 //! directory is refused; the key directory and files it creates are owner-only.
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::ptr;

@@ -3,7 +3,7 @@
 //! sessions, invalid handles, random numbers.
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ptr;
 

@@ -2,14 +2,24 @@
 //! test per process on purpose: a forked child inherits only the forking thread, so no other
 //! test may be running (and holding locks) when it forks.
 
-mod pkcs11_backend_support;
-
 use std::path::Path;
 
 use devicekey_pkcs11::backend::pkcs11::{shared_module, Pkcs11Backend};
 use devicekey_pkcs11::backend::{Backend, KeyPurpose, NewKey};
-use pkcs11_backend_support::*;
+use devicekey_pkcs11::config::{Config, Pkcs11Slot, SlotConfig};
 use sha2::{Digest, Sha256};
+use testkit::hsm_tokens::*;
+use testkit::softhsm;
+
+/// The usual pkcs11 slot over `token`: PIN from the environment, declared hardware_tpm.
+fn good_slot(token: &str) -> Pkcs11Slot {
+    let text = slot_toml(token, &good_slot_extra());
+    let mut c = Config::from_toml(&text).expect("test config parses");
+    match c.slots.remove(0) {
+        SlotConfig::Pkcs11(s) => s,
+        other => panic!("not a pkcs11 slot: {other:?}"),
+    }
+}
 
 fn new_key(id: &[u8]) -> NewKey {
     NewKey {
@@ -32,7 +42,7 @@ fn fork_and_finalize_are_survived() {
     let token = new_token("reinit");
     let backend = Pkcs11Backend::open(&good_slot(&token)).expect("open");
     let key = backend.generate_key(&new_key(b"r")).expect("generate");
-    let client = shared_module(Path::new(SOFTHSM)).expect("the shared client");
+    let client = shared_module(Path::new(softhsm::module())).expect("the shared client");
     client
         .context()
         .clone()

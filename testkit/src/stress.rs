@@ -4,8 +4,6 @@
 //! `STRESS_SCALE` scales every count: `1` (or `full`) gives the full counts, which
 //! `scripts/stress.sh` uses; unset, the tests run at the small CI scale (`0.1`).
 
-#![allow(dead_code)]
-
 use std::sync::mpsc;
 use std::time::Duration;
 

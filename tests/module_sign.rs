@@ -3,7 +3,7 @@
 //! C_Verify, and the SHA-2 digests.
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ptr;
 

@@ -9,12 +9,12 @@
 //!
 //! Skipped (with a message) when SoftHSM or pkcs11-tool is not installed.
 
-mod common;
+use testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::softhsm::{self, have_softhsm, PIN, SOFTHSM};
+use common::softhsm::{self, have_softhsm, PIN};
 use common::*;
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -40,7 +40,7 @@ fn have_pkcs11_tool() -> bool {
 fn pkcs11_tool(conf: &Path, token: &str, args: &[&str]) {
     let out = Command::new("pkcs11-tool")
         .env("SOFTHSM2_CONF", conf)
-        .args(["--module", SOFTHSM, "--token-label", token])
+        .args(["--module", softhsm::module(), "--token-label", token])
         .args(["--login", "--pin", PIN])
         .args(args)
         .output()
@@ -182,12 +182,13 @@ fn a_private_key_paired_with_another_keys_public_key_never_signs() {
             r#"[[slot]]
 label = "{HSM_LABEL}"
 backend = "pkcs11"
-module = "{SOFTHSM}"
+module = "{softhsm_module}"
 token = "{}"
 pin_env = "{PIN_ENV}"
 protection_class = "hardware_tpm"
 "#,
-            f.token
+            f.token,
+            softhsm_module = softhsm::module()
         ),
     )
     .expect("write config");

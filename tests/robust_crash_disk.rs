@@ -6,8 +6,7 @@
 //! Needs a small tmpfs: `mount -t tmpfs -o size=256k` (root). Without permission to mount, the
 //! test says SKIPPED and passes.
 
-#[macro_use]
-mod common;
+use testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,14 +2,13 @@
 //! trait: keys, signatures (also from several threads), objects, metadata, and the errors an
 //! operator meets (missing module, wrong token label, wrong PIN, missing class).
 
-mod pkcs11_backend_support;
-
 use std::sync::Arc;
 
 use devicekey_pkcs11::backend::pkcs11::{diagnose, Pkcs11Backend};
 use devicekey_pkcs11::backend::{Backend, BackendError, KeyPurpose, NewKey, ProtectionClass};
-use pkcs11_backend_support::*;
+use devicekey_pkcs11::config::{Config, Pkcs11Slot, SlotConfig};
 use sha2::{Digest, Sha256};
+use testkit::hsm_tokens::*;
 
 const CKA_CLASS: u64 = 0x0;
 const CKA_TOKEN: u64 = 0x1;
@@ -24,6 +23,20 @@ const CKA_ID: u64 = 0x102;
 const CKO_DATA: u64 = 0;
 const CKO_CERTIFICATE: u64 = 1;
 const CKC_X_509: u64 = 0;
+
+/// A pkcs11 slot config over `token`; `extra` is appended to the `[[slot]]` table (TOML lines).
+fn slot(token: &str, extra: &str) -> Pkcs11Slot {
+    let mut c = Config::from_toml(&slot_toml(token, extra)).expect("test config parses");
+    match c.slots.remove(0) {
+        SlotConfig::Pkcs11(s) => s,
+        other => panic!("not a pkcs11 slot: {other:?}"),
+    }
+}
+
+/// The usual slot: PIN from the environment, declared hardware_tpm.
+fn good_slot(token: &str) -> Pkcs11Slot {
+    slot(token, &good_slot_extra())
+}
 
 fn ulong(v: u64) -> Vec<u8> {
     v.to_ne_bytes().to_vec()

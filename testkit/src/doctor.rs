@@ -1,5 +1,4 @@
 //! Running `devicekey doctor` (the built binary) in a test and reading what it prints per slot.
-//! Included by path (`#[path = "common/doctor.rs"]`) by the doctor tests.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -7,7 +6,7 @@ use std::process::{Command, Output};
 /// `devicekey doctor` with HOME and the XDG directories under `root`, the module's log off and
 /// no DEVICEKEY_CONFIG; the caller adds its arguments and environment, then calls [`run`].
 pub fn doctor_command(root: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devicekey"));
+    let mut cmd = Command::new(crate::bin_path());
     cmd.arg("doctor")
         .env_remove("DEVICEKEY_CONFIG")
         .env("XDG_CONFIG_HOME", root.join("xdg-config"))

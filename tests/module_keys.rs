@@ -3,7 +3,7 @@
 //! lifetime (token objects persist, session objects do not).
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ffi::c_void;
 use std::ptr;

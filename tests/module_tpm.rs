@@ -8,7 +8,7 @@
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

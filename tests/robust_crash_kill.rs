@@ -7,8 +7,6 @@
 //!
 //! `STRESS_SCALE` sets the number of kills: 200 at full scale, 20 in CI.
 
-mod stress_common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +16,7 @@ use std::time::{Duration, Instant};
 use devicekey_pkcs11::backend::software::SoftwareStore;
 use devicekey_pkcs11::backend::{Backend, KeyPurpose, NewKey};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use stress_common::{scaled, Rng};
+use testkit::stress::{scaled, Rng};
 
 const DIR_ENV: &str = "DEVICEKEY_CRASH_DIR";
 const FIRST_ENV: &str = "DEVICEKEY_CRASH_FIRST";

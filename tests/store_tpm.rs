@@ -3,12 +3,8 @@
 //! signers, more keys than the TPM has object slots, and the honest protection class.
 //!
 //! Each test starts its own swtpm on a free loopback port with its own state directory and stops
-//! it by pid. Run with `cargo test --features tpm --test tpm_backend`.
+//! it by pid. Run with `cargo test --features tpm --test store_tpm`.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
-
-#[allow(dead_code)]
-#[path = "common/swtpm.rs"]
-mod swtpm;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -23,7 +19,7 @@ use devicekey_pkcs11::backend::{
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
-use swtpm::Swtpm;
+use testkit::swtpm::Swtpm;
 
 /// A swtpm, a key directory and the config that joins them.
 struct Fixture {

@@ -11,12 +11,12 @@
 //! this process needs is created up front in a private token directory (one per test).
 //! Skipped (with a message) when SoftHSM is not installed.
 
-mod common;
+use testkit as common;
 
 use std::path::PathBuf;
 use std::sync::{Barrier, OnceLock};
 
-use common::softhsm::{self, have_softhsm, PIN, SOFTHSM};
+use common::softhsm::{self, have_softhsm, PIN};
 use common::*;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -100,7 +100,7 @@ struct HsmSlot<'a> {
 impl HsmSlot<'_> {
     fn good(token: &str) -> HsmSlot<'_> {
         HsmSlot {
-            module: SOFTHSM,
+            module: softhsm::module(),
             token,
             pin_env: PIN_ENV,
         }
@@ -243,7 +243,7 @@ struct DirectSoftHsm {
 
 impl DirectSoftHsm {
     fn open() -> DirectSoftHsm {
-        let ctx = Pkcs11::new(SOFTHSM).expect("load SoftHSM");
+        let ctx = Pkcs11::new(softhsm::module()).expect("load SoftHSM");
         let ours = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) => true,
             Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
@@ -589,7 +589,7 @@ fn wrong_token_label_leaves_the_software_slot_working() {
     let offset = log_len();
     let wrong = format!("dk2s-absent-{}", now_millis() % 1_000_000);
     let two = TwoSlots::new(HsmSlot {
-        module: SOFTHSM,
+        module: softhsm::module(),
         token: &wrong,
         pin_env: PIN_ENV,
     });
@@ -613,7 +613,7 @@ fn wrong_pin_leaves_the_software_slot_working() {
     let offset = log_len();
     let token = token_label("pin");
     let two = TwoSlots::new(HsmSlot {
-        module: SOFTHSM,
+        module: softhsm::module(),
         token: &token,
         pin_env: WRONG_PIN_ENV,
     });

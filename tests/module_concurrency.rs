@@ -1,8 +1,9 @@
-//! Concurrency rules: many threads on many sessions, several processes creating keys in one store
-//! at the same moment, and a forked child that re-initializes and signs.
+//! Concurrency rules: many threads on many sessions, keys another process creates, and a forked
+//! child that re-initializes and signs. (Several processes creating keys in one store at the same
+//! moment, on every store: `tests/robust_stress.rs`.)
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::collections::BTreeSet;
 use std::sync::Barrier;
@@ -131,15 +132,15 @@ fn threads_mixing_keygen_find_sign_and_close() {
     assert_eq!(privs.len(), 4 * 3);
 }
 
-const PROCESSES: usize = 4;
 const KEYS_PER_PROCESS: usize = 25;
 const CHILD_ENV: &str = "DEVICEKEY_TEST_CHILD_INDEX";
 const START_ENV: &str = "DEVICEKEY_TEST_START_AT_MS";
 const COUNT_ENV: &str = "DEVICEKEY_TEST_KEY_COUNT";
 
-/// Child side of `four_processes_create_25_keys_each_at_once` (runs only when spawned by it).
+/// Child side of `keys_created_by_another_process_are_visible_without_reinitializing` (runs only
+/// when spawned by it). Four processes creating keys at once: `tests/robust_stress.rs`.
 #[test]
-#[ignore = "child process of four_processes_create_25_keys_each_at_once"]
+#[ignore = "child process of keys_created_by_another_process_are_visible_without_reinitializing"]
 fn child_create_keys() {
     let Some(index) = std::env::var(CHILD_ENV).ok() else {
         return;
@@ -161,74 +162,6 @@ fn child_create_keys() {
         .unwrap_or(KEYS_PER_PROCESS);
     for j in 0..count {
         gen_p256(&s, &format!("proc{index}-key{j}"), true);
-    }
-}
-
-#[test]
-fn four_processes_create_25_keys_each_at_once() {
-    let mut t = Token::uninitialized();
-    let start_at = common::now_millis() + 1500;
-    let children: Vec<_> = (0..PROCESSES)
-        .map(|i| {
-            common::spawn_self(
-                "child_create_keys",
-                &[
-                    (CHILD_ENV, i.to_string()),
-                    (START_ENV, start_at.to_string()),
-                    ("DEVICEKEY_CONFIG", t.config.display().to_string()),
-                ],
-            )
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for (i, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().expect("wait for child");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || !stdout.contains("1 passed") {
-            failures.push(format!(
-                "child {i}: {}\n--- stdout\n{stdout}\n--- stderr\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    t.initialize();
-    let s = t.session();
-    let privs = s
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
-        .expect("find");
-    let labels: BTreeSet<String> = privs.iter().map(|&h| common::label_of(&s, h)).collect();
-    let want: BTreeSet<String> = (0..PROCESSES)
-        .flat_map(|i| (0..KEYS_PER_PROCESS).map(move |j| format!("proc{i}-key{j}")))
-        .collect();
-    let missing: Vec<&String> = want.difference(&labels).collect();
-    assert!(
-        missing.is_empty(),
-        "{} keys lost: {missing:?}",
-        missing.len()
-    );
-    assert_eq!(privs.len(), PROCESSES * KEYS_PER_PROCESS, "no duplicates");
-    let ids: BTreeSet<Vec<u8>> = privs.iter().map(|&h| common::id_of(&s, h)).collect();
-    assert_eq!(ids.len(), privs.len(), "every key has its own CKA_ID");
-    let pubs = s
-        .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
-        .expect("find");
-    assert_eq!(
-        pubs.len(),
-        PROCESSES * KEYS_PER_PROCESS,
-        "every public key present"
-    );
-    for &private in &privs {
-        let point = public_point(&s, common::public_for(&s, private));
-        let d = sha256(&common::id_of(&s, private));
-        let sig = s.sign(&Mechanism::Ecdsa, private, &d).expect("sign");
-        assert!(
-            verify_prehash(&point, &d, &sig),
-            "{} signs",
-            common::label_of(&s, private)
-        );
     }
 }
 

@@ -8,14 +8,13 @@
 //! files meet in one directory); the finalize race runs on the software store. SoftHSM and swtpm
 //! tests are skipped (with a message) when they are not installed.
 //!
-//! Counts scale with `STRESS_SCALE` (see `stress_common`): the CI run is small, `scripts/stress.sh`
+//! Counts scale with `STRESS_SCALE` (see `testkit::stress`): the CI run is small, `scripts/stress.sh`
 //! runs the full counts (16 x 1,000 operations, 4 x 100 keys, 200 finalize races). The TPM slot
 //! works one command at a time (about 1 ms a signature), so its CI counts are halved again (see
 //! [`Store::ci_factor`]).
 
 #[macro_use]
-mod common;
-mod stress_common;
+extern crate testkit as common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -23,14 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::softhsm::{self, have_softhsm, PIN, SOFTHSM};
+use common::softhsm::{self, have_softhsm, PIN};
 use common::swtpm::{self, Swtpm};
 use common::{gen_p256, public_point, sha256, use_config, verify_prehash, Token, TOKEN_LABEL};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki_sys::*;
-use stress_common::{scale, scaled, with_watchdog, Rng};
+use testkit::stress::{scale, scaled, with_watchdog, Rng};
 
 const THREADS: usize = 16;
 const SHARED_KEYS: usize = 4;
@@ -66,13 +65,7 @@ impl Store {
         match self {
             Store::Software => true,
             Store::SoftHsm => have_softhsm(),
-            Store::Tpm => {
-                let ok = swtpm::available();
-                if !ok {
-                    eprintln!("swtpm not installed: test skipped");
-                }
-                ok
-            }
+            Store::Tpm => swtpm::have_swtpm(),
         }
     }
 
@@ -128,8 +121,9 @@ impl StoreToken {
             Store::SoftHsm => {
                 softhsm_conf();
                 let slot = format!(
-                    "backend = \"pkcs11\"\nmodule = \"{SOFTHSM}\"\ntoken = \"{}\"\n\
+                    "backend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\n\
                      pin_env = \"{HSM_PIN_ENV}\"\nprotection_class = \"hardware_tpm\"\n",
+                    softhsm::module(),
                     softhsm::token_label("dkst", tag)
                 );
                 (Some(slot), None, None)

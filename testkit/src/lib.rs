@@ -1,8 +1,12 @@
-//! Shared helpers for the PKCS#11 integration tests: locate and load the built module once per
-//! process, serialize tests (C_Initialize is process-global), give each test a fresh software token
-//! in a temporary directory, and offer both the `cryptoki` client and the raw function list.
-
-#![allow(dead_code)]
+//! The fixtures of devicekey's integration tests (`tests/`), one crate for all of them.
+//!
+//! This file: locate and load the built module once per process, serialize tests (C_Initialize is
+//! process-global), give each test a fresh software token in a temporary directory, and offer both
+//! the `cryptoki` client and the raw function list. The modules: a private SoftHSM ([`softhsm`],
+//! [`hsm_tokens`]), a throwaway swtpm ([`swtpm`]), `devicekey doctor` ([`doctor`]), `devicekey
+//! serve` ([`rpc`]), the robustness knobs ([`stress`]) and what a run requires ([`require`]).
+//!
+//! The crate does not depend on the main crate: the tests pass it paths, strings and bytes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
@@ -17,7 +21,12 @@ use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use tempfile::TempDir;
 
+pub mod doctor;
+pub mod hsm_tokens;
+pub mod require;
+pub mod rpc;
 pub mod softhsm;
+pub mod stress;
 pub mod swtpm;
 
 /// DER of the prime256v1 OID: what CKA_EC_PARAMS holds.
@@ -42,18 +51,29 @@ pub const TOKEN_LABEL: &str = "devicekey";
 /// Environment variable that overrides the module path.
 pub const MODULE_ENV: &str = "DEVICEKEY_TEST_MODULE";
 
+/// `target/<profile>`: the directory of the built module and CLI, the parent of `deps/` where
+/// the running test binary lives.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps")
+        .to_path_buf()
+}
+
 /// Path of the built module: `$DEVICEKEY_TEST_MODULE`, else `target/<profile>/libdevicekey_pkcs11.so`
 /// next to this test binary (which lives in `target/<profile>/deps/`).
 pub fn module_path() -> PathBuf {
     if let Some(p) = std::env::var_os(MODULE_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary is in target/<profile>/deps");
-    profile_dir.join("libdevicekey_pkcs11.so")
+    profile_dir().join("libdevicekey_pkcs11.so")
+}
+
+/// Path of the built CLI, `target/<profile>/devicekey` (cargo builds it before the integration
+/// tests run).
+pub fn bin_path() -> PathBuf {
+    profile_dir().join("devicekey")
 }
 
 fn check_module_exists() -> PathBuf {
@@ -107,7 +127,7 @@ pub fn fl() -> &'static CK_FUNCTION_LIST {
 #[macro_export]
 macro_rules! ck {
     ($name:ident) => {
-        $crate::common::fl()
+        $crate::fl()
             .$name
             .expect(concat!(stringify!($name), " is NULL in the function list"))
     };
@@ -141,8 +161,8 @@ macro_rules! assert_rv {
         assert!(
             a == e,
             "expected {}, got {}",
-            $crate::common::rv_name(e),
-            $crate::common::rv_name(a)
+            $crate::rv_name(e),
+            $crate::rv_name(a)
         );
     }};
     ($actual:expr, $expected:expr, $($msg:tt)+) => {{
@@ -152,8 +172,8 @@ macro_rules! assert_rv {
             a == e,
             "{}: expected {}, got {}",
             format!($($msg)+),
-            $crate::common::rv_name(e),
-            $crate::common::rv_name(a)
+            $crate::rv_name(e),
+            $crate::rv_name(a)
         );
     }};
 }
@@ -219,6 +239,8 @@ pub struct Token {
 
 impl Token {
     /// Lock, fresh config, C_Initialize(OS_LOCKING_OK).
+    // Not a Default: it takes the process-wide lock and initializes the module.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Token {
         let mut t = Token::uninitialized();
         t.initialize();

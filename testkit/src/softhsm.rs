@@ -6,37 +6,72 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
-/// SoftHSM's module.
-pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// SoftHSM's module where Debian and Ubuntu install it.
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The variable naming SoftHSM's module elsewhere.
+pub const MODULE_ENV: &str = "DEVICEKEY_TEST_SOFTHSM_MODULE";
+
+/// SoftHSM's module: `$DEVICEKEY_TEST_SOFTHSM_MODULE` when set, else [`DEFAULT_MODULE`].
+pub fn module() -> &'static str {
+    static MODULE: OnceLock<String> = OnceLock::new();
+    MODULE.get_or_init(|| {
+        std::env::var(MODULE_ENV)
+            .ok()
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| DEFAULT_MODULE.to_string())
+    })
+}
 /// The user PIN of every test token.
 pub const PIN: &str = "1234";
 /// The SO PIN of every test token.
 pub const SO_PIN: &str = "5678";
 
+/// What of SoftHSM is missing (its module, softhsm2-util), or None when both are there.
+fn missing() -> Option<String> {
+    let module = module();
+    if !Path::new(module).exists() {
+        return Some(format!(
+            "SoftHSM is not installed: no module at {module} (scripts/setup.sh installs it; {MODULE_ENV} names another place)"
+        ));
+    }
+    if Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Some(
+            "SoftHSM is not installed: softhsm2-util cannot run (scripts/setup.sh installs it)"
+                .into(),
+        );
+    }
+    None
+}
+
 /// True when SoftHSM's module and softhsm2-util are installed.
 pub fn installed() -> bool {
-    Path::new(SOFTHSM).exists()
-        && Command::new("softhsm2-util")
-            .arg("--version")
-            .output()
-            .is_ok()
+    missing().is_none()
 }
 
 /// True when SoftHSM is installed; else says on stderr that the test is skipped (the caller
-/// returns).
+/// returns), or panics when `DEVICEKEY_TEST_REQUIRE` names softhsm.
 pub fn have_softhsm() -> bool {
-    let ok = installed();
-    if !ok {
-        eprintln!("SoftHSM not installed ({SOFTHSM}, softhsm2-util): test skipped");
+    match missing() {
+        None => true,
+        Some(m) => crate::require::available_or_skip("softhsm", false, &m),
     }
-    ok
 }
 
-/// This process's directory `<cargo tmp dir>/<name>/<pid>`, created. Statics are never dropped,
+/// This process's directory `target/tmp/<name>/<pid>`, created. Statics are never dropped,
 /// so the directories of finished runs (whose process is gone) are removed here.
 pub fn process_dir(name: &str) -> PathBuf {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let target = crate::profile_dir();
+    let base = target
+        .parent()
+        .expect("target/<profile> has a parent")
+        .join("tmp")
+        .join(name);
     std::fs::create_dir_all(&base).expect("tmp dir");
     if let Ok(entries) = std::fs::read_dir(&base) {
         for entry in entries.flatten() {

@@ -1,8 +1,6 @@
 //! Shared helpers of the `rpc_*` tests: a throwaway SoftHSM token, configs, and a client that
 //! drives the real `devicekey serve` binary over pipes.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -13,7 +11,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::{json, Value};
 
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use crate::softhsm;
+
+pub use crate::softhsm::have_softhsm;
 /// Carries the SoftHSM token label inside `Env::vars`.
 const HSM_LABEL_VAR: &str = "DEVICEKEY_TEST_HSM_LABEL";
 pub const PIN_VAR: &str = "DEVICEKEY_TEST_HSM_PIN";
@@ -29,23 +29,9 @@ pub fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// True when SoftHSM is installed; tests that need it say so and pass otherwise.
-pub fn have_softhsm() -> bool {
-    let ok = Path::new(SOFTHSM_MODULE).exists()
-        && Command::new("softhsm2-util")
-            .arg("--version")
-            .output()
-            .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: SoftHSM is not installed (run scripts/setup.sh)");
-    }
-    ok
-}
-
 /// Our module next to the test binary, when it exists and lists a token.
 pub fn our_module() -> Option<PathBuf> {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_devicekey"));
-    let module = exe.parent()?.join("libdevicekey_pkcs11.so");
+    let module = crate::module_path();
     module.exists().then_some(module)
 }
 
@@ -84,36 +70,17 @@ impl Env {
     pub fn softhsm(extra_server: &str) -> Self {
         let mut env = Self::base(
             &format!(
-                "module = \"{SOFTHSM_MODULE}\"\nprotection_class = \"hardware_tpm\"\npin_env = \"{PIN_VAR}\"\n{extra_server}"
+                "module = \"{}\"\nprotection_class = \"hardware_tpm\"\npin_env = \"{PIN_VAR}\"\n{extra_server}",
+                softhsm::module()
             ),
             "[[slot]]\nbackend = \"software\"\ndir = \"@KEYS@\"\n",
         );
-        let tokens = env.dir.path().join("softhsm-tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = env.dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
+        let conf = softhsm::write_conf(env.dir.path());
         let label = format!("dk-rpc-{}", &URL_SAFE_NO_PAD.encode(rand_bytes())[..10]);
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", &label])
-            .args(["--pin", "1234", "--so-pin", "5678"])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .expect("softhsm2-util");
-        assert!(
-            out.status.success(),
-            "softhsm2-util: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        softhsm::init_token(&conf, &label);
         env.vars
             .push(("SOFTHSM2_CONF".into(), conf.display().to_string()));
-        env.vars.push((PIN_VAR.into(), "1234".into()));
+        env.vars.push((PIN_VAR.into(), softhsm::PIN.into()));
         env.vars.push((HSM_LABEL_VAR.into(), label));
         env
     }
@@ -141,15 +108,16 @@ impl Env {
         let env = Self::softhsm("");
         let keys = env.dir.path().join("keys");
         env.write_config(&format!(
-            "[[slot]]\nbackend = \"software\"\ndir = \"{}\"\n\n[[slot]]\nlabel = \"hsm\"\nbackend = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken = \"{}\"\npin_env = \"{PIN_VAR}\"\nprotection_class = \"hardware_tpm\"\n\n[server]\n{extra_server}\n",
+            "[[slot]]\nbackend = \"software\"\ndir = \"{}\"\n\n[[slot]]\nlabel = \"hsm\"\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_env = \"{PIN_VAR}\"\nprotection_class = \"hardware_tpm\"\n\n[server]\n{extra_server}\n",
             keys.display(),
+            softhsm::module(),
             env.softhsm_label()
         ));
         env
     }
 
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_devicekey"));
+        let mut cmd = Command::new(crate::bin_path());
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }

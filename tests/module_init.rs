@@ -2,7 +2,7 @@
 //! calls before C_Initialize, function lists and PKCS#11 3.0 interfaces, unsupported functions.
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ffi::c_void;
 use std::ptr;

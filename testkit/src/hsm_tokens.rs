@@ -1,19 +1,15 @@
-//! Helpers for the pkcs11 backend tests: one private SoftHSM config per test process (SoftHSM
-//! reads SOFTHSM2_CONF once, at C_Initialize) and one throwaway, uniquely labelled token per test.
-
-#![allow(dead_code)]
-
-#[path = "../common/softhsm.rs"]
-mod softhsm;
+//! Helpers for the pkcs11 key store tests (`tests/store_pkcs11*.rs`): one private SoftHSM config
+//! per test process (SoftHSM reads SOFTHSM2_CONF once, at C_Initialize) and one throwaway,
+//! uniquely labelled token per test.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use devicekey_pkcs11::config::{Config, Pkcs11Slot, SlotConfig};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
-pub use softhsm::{have_softhsm, PIN, SOFTHSM};
+use crate::softhsm;
+pub use crate::softhsm::{have_softhsm, PIN};
 
 /// The variable holding [`PIN`].
 pub const PIN_ENV: &str = "DEVICEKEY_TEST_HSM_PIN";
@@ -30,7 +26,7 @@ fn fixture() -> &'static Fixture {
         // Set once, before anything in this process loads SoftHSM.
         std::env::set_var("SOFTHSM2_CONF", &conf);
         std::env::set_var(PIN_ENV, PIN);
-        if Path::new(SOFTHSM).exists() {
+        if Path::new(softhsm::module()).exists() {
             for tag in TAGS {
                 softhsm::init_token(&conf, &token_label(tag));
             }
@@ -62,24 +58,18 @@ pub fn new_token(tag: &str) -> String {
     token_label(tag)
 }
 
-/// A pkcs11 slot config; `extra` is appended to the `[[slot]]` table (TOML lines).
-pub fn slot(token: &str, extra: &str) -> Pkcs11Slot {
-    let text = format!(
-        "[[slot]]\nlabel = \"hsm-{token}\"\nbackend = \"pkcs11\"\nmodule = \"{SOFTHSM}\"\ntoken = \"{token}\"\n{extra}\n"
-    );
-    let mut c = Config::from_toml(&text).expect("test config parses");
-    match c.slots.remove(0) {
-        SlotConfig::Pkcs11(s) => s,
-        other => panic!("not a pkcs11 slot: {other:?}"),
-    }
+/// The TOML of a pkcs11 slot over SoftHSM and `token`; `extra` is appended to the `[[slot]]`
+/// table (TOML lines).
+pub fn slot_toml(token: &str, extra: &str) -> String {
+    format!(
+        "[[slot]]\nlabel = \"hsm-{token}\"\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{token}\"\n{extra}\n",
+        softhsm::module()
+    )
 }
 
-/// The usual slot: PIN from the environment, declared hardware_tpm.
-pub fn good_slot(token: &str) -> Pkcs11Slot {
-    slot(
-        token,
-        &format!("pin_env = \"{PIN_ENV}\"\nprotection_class = \"hardware_tpm\""),
-    )
+/// The usual slot's extra lines: PIN from the environment, declared hardware_tpm.
+pub fn good_slot_extra() -> String {
+    format!("pin_env = \"{PIN_ENV}\"\nprotection_class = \"hardware_tpm\"")
 }
 
 /// Checks a raw r‖s signature over a digest with a SEC1 point.
@@ -94,7 +84,7 @@ pub fn pkcs11_tool(token: &str, args: &[&str]) -> std::process::Output {
     Command::new("pkcs11-tool")
         .args([
             "--module",
-            SOFTHSM,
+            softhsm::module(),
             "--token-label",
             token,
             "--login",

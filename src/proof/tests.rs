@@ -125,6 +125,17 @@ fn validate_signing_bytes_refuses_non_canonical_and_foreign_bytes() {
         CONNECTION_VECTOR.replacen(r#""accountUserId""#, r#""extra":1,"accountUserId""#, 1),
         // Extra top-level field.
         CONNECTION_VECTOR.replacen(r#"{"domain""#, r#"{"a":1,"domain""#, 1),
+        // A repeated key, in the payload and at the top.
+        CONNECTION_VECTOR.replacen(
+            r#""accountUserId""#,
+            r#""accountUserId":"someone-else","accountUserId""#,
+            1,
+        ),
+        CONNECTION_VECTOR.replacen(
+            r#"{"domain""#,
+            r#"{"domain":"codex-device-key-sign-payload/v1","domain""#,
+            1,
+        ),
         // Escaped slash.
         CONNECTION_VECTOR.replacen("https://", "https:\\/\\/", 1),
         // Trailing newline.

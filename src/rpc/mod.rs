@@ -6,8 +6,11 @@
 //! - [`server`]: handshake, dispatch, concurrency bound, the [`server::KeyService`] trait.
 //! - [`client`]: the three methods (and `list`/`delete` for the CLI) as a PKCS#11 client.
 //! - [`types`]: params and results; [`error`]: codes and messages.
-//! - `socket` (Linux): the same protocol on an owner-only Unix socket.
+//! - `socket` (Linux): the same protocol on an owner-only Unix socket; `activation` (Linux): that
+//!   socket passed by systemd instead.
 
+#[cfg(target_os = "linux")]
+pub mod activation;
 pub mod client;
 pub mod error;
 pub mod framing;

@@ -104,6 +104,9 @@ fn a_repeated_key_in_the_params_is_refused() {
     );
     assert_eq!(r["id"], json!(11));
     assert!(keys_listed(&env).is_empty(), "no key was created");
+    // A notification is refused too, and (as every notification) never answered.
+    server.send_raw(b"{\"method\":\"initialized\",\"params\":{\"a\":1,\"a\":2}}\n");
+    assert!(server.silent_for(std::time::Duration::from_millis(300)));
     // Without the repetition the key is made, bound to the one account.
     let r = server.request(
         "device/key/create",

@@ -430,14 +430,14 @@ impl Session {
             }
             Err(StrictJsonError::DuplicateKey(duplicate, value)) => {
                 // A proxy reading the first of two values and this server must never act on
-                // different requests: the whole request is refused. Its id is answered unless
-                // the id itself is repeated.
+                // different requests: the whole message is refused. A request is answered with
+                // its id (null when the id itself is repeated); a notification, never.
                 let message = duplicate.message();
-                log::debug!("request refused: {}", LogText(&message));
+                log::debug!("message refused: {}", LogText(&message));
+                let id_repeated = duplicate.top_level && duplicate.key == "id";
                 let id = match value.get("id") {
-                    Some(id) if valid_id(id) && !(duplicate.top_level && duplicate.key == "id") => {
-                        id.clone()
-                    }
+                    None if value.is_object() => return,
+                    Some(id) if valid_id(id) && !id_repeated => id.clone(),
                     _ => Value::Null,
                 };
                 send(error_line(

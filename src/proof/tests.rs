@@ -334,3 +334,23 @@ fn policy_comes_from_config() {
         ProofPolicy::default()
     );
 }
+
+#[test]
+fn a_payload_parsed_straight_from_text_refuses_a_repeated_field() {
+    // `devicekey sign --payload` parses the file into SignPayload directly: serde's derived
+    // structs (and the `type` tag) already refuse a repeated key there.
+    let wire: serde_json::Value = serde_json::from_str(CONNECTION_VECTOR).unwrap();
+    let text = wire["payload"].to_string();
+    for (field, first) in [
+        ("targetOrigin", "\"https://evil.example\""),
+        ("type", "\"remoteControlClientEnrollment\""),
+    ] {
+        let doubled = format!("{{\"{field}\":{first},{}", &text[1..]);
+        let e = serde_json::from_str::<SignPayload>(&doubled).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("duplicate field `{field}`")),
+            "{e}"
+        );
+    }
+}

@@ -7,6 +7,8 @@ PACKAGES=(
   softhsm2 opensc opensc-pkcs11 libengine-pkcs11-openssl
   openssh-client openssh-server gnutls-bin libnss3-tools p11-kit
   pkg-config libssl-dev libtss2-dev swtpm swtpm-tools tpm2-tools
+  # systemd-socket-activate: the socket-activation test of `devicekey serve --socket`.
+  systemd
 )
 
 installed() {

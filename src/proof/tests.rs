@@ -125,6 +125,17 @@ fn validate_signing_bytes_refuses_non_canonical_and_foreign_bytes() {
         CONNECTION_VECTOR.replacen(r#""accountUserId""#, r#""extra":1,"accountUserId""#, 1),
         // Extra top-level field.
         CONNECTION_VECTOR.replacen(r#"{"domain""#, r#"{"a":1,"domain""#, 1),
+        // A repeated key, in the payload and at the top.
+        CONNECTION_VECTOR.replacen(
+            r#""accountUserId""#,
+            r#""accountUserId":"someone-else","accountUserId""#,
+            1,
+        ),
+        CONNECTION_VECTOR.replacen(
+            r#"{"domain""#,
+            r#"{"domain":"codex-device-key-sign-payload/v1","domain""#,
+            1,
+        ),
         // Escaped slash.
         CONNECTION_VECTOR.replacen("https://", "https:\\/\\/", 1),
         // Trailing newline.
@@ -322,4 +333,24 @@ fn policy_comes_from_config() {
         ProofPolicy::from_config(&Default::default()),
         ProofPolicy::default()
     );
+}
+
+#[test]
+fn a_payload_parsed_straight_from_text_refuses_a_repeated_field() {
+    // `devicekey sign --payload` parses the file into SignPayload directly: serde's derived
+    // structs (and the `type` tag) already refuse a repeated key there.
+    let wire: serde_json::Value = serde_json::from_str(CONNECTION_VECTOR).unwrap();
+    let text = wire["payload"].to_string();
+    for (field, first) in [
+        ("targetOrigin", "\"https://evil.example\""),
+        ("type", "\"remoteControlClientEnrollment\""),
+    ] {
+        let doubled = format!("{{\"{field}\":{first},{}", &text[1..]);
+        let e = serde_json::from_str::<SignPayload>(&doubled).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("duplicate field `{field}`")),
+            "{e}"
+        );
+    }
 }

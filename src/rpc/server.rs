@@ -23,6 +23,8 @@ use super::error::{
     SERVER_OVERLOADED,
 };
 use super::framing::{Frame, LineReader};
+use super::log_text::LogText;
+use super::strict_json::{self, StrictJsonError};
 use super::types::{
     ClientInfo, CreateParams, InitializeParams, InitializeResult, KeyInfo, PublicParams,
     SignParams, SignResult,
@@ -419,11 +421,30 @@ impl Session {
         input_idle: bool,
     ) {
         let send = |bytes: Vec<u8>| output.write_line(&bytes);
-        let message: Value = match serde_json::from_slice(line) {
+        let message: Value = match strict_json::from_slice(line) {
             Ok(v) => v,
-            Err(e) => {
-                log::debug!("unparsable line: {e}");
+            Err(StrictJsonError::Syntax(e)) => {
+                log::debug!("unparsable line: {}", LogText(&e.to_string()));
                 send(error_line(&Value::Null, PARSE_ERROR, "Parse error"));
+                return;
+            }
+            Err(StrictJsonError::DuplicateKey(duplicate, value)) => {
+                // A proxy reading the first of two values and this server must never act on
+                // different requests: the whole message is refused. A request is answered with
+                // its id (null when the id itself is repeated); a notification, never.
+                let message = duplicate.message();
+                log::debug!("message refused: {}", LogText(&message));
+                let id_repeated = duplicate.top_level && duplicate.key == "id";
+                let id = match value.get("id") {
+                    None if value.is_object() => return,
+                    Some(id) if valid_id(id) && !id_repeated => id.clone(),
+                    _ => Value::Null,
+                };
+                send(error_line(
+                    &id,
+                    INVALID_REQUEST,
+                    &format!("Invalid request: {message}"),
+                ));
                 return;
             }
         };
@@ -538,7 +559,7 @@ impl Session {
                     log::warn!("`initialized` before `initialize`; ignored");
                 }
             }
-            other => log::debug!("ignoring notification {other}"),
+            other => log::debug!("ignoring notification {}", LogText(other)),
         }
     }
 
@@ -553,8 +574,8 @@ impl Session {
         self.initialized = true;
         log::info!(
             "client {} {} connected",
-            params.client_info.name,
-            params.client_info.version
+            LogText(&params.client_info.name),
+            LogText(&params.client_info.version)
         );
         let result = InitializeResult {
             user_agent: user_agent(&params.client_info),
@@ -593,7 +614,7 @@ fn run_method(service: &dyn KeyService, method: &str, id: &Value, params: Value)
         Ok(Ok(result)) => result_line(id, result),
         Ok(Err(e)) => error_line(id, e.code(), &e.to_string()),
         Err(_) => {
-            log::error!("{method} panicked");
+            log::error!("{} panicked", LogText(method));
             error_line(id, INTERNAL_ERROR, "Internal error")
         }
     }

@@ -3,10 +3,12 @@
 //!
 //! Only the owner may connect: the socket lives in a directory that must be owned by the server's
 //! user and closed to everyone else (0700), the socket itself is 0600, and each peer's uid is
-//! checked with SO_PEERCRED. Connections are capped, and a connection that sends no complete line
-//! within the idle timeout is closed, so a slow or idle client cannot hold the agent. Every request
-//! goes to the token, so deleting a key takes effect on every open connection at once. There is no
-//! network listener.
+//! checked with SO_PEERCRED. Under socket activation ([`super::activation`]) the socket comes
+//! from the service manager; its directory passes the same checks, and every peer the same uid
+//! check. Connections are capped, and a connection that sends no complete line within the idle
+//! timeout is closed, so a slow or idle client cannot hold the agent. Every request goes to the
+//! token, so deleting a key takes effect on every open connection at once. There is no network
+//! listener.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -259,15 +261,30 @@ pub fn serve_listener(
     Ok(())
 }
 
-/// `devicekey serve --socket`: binds and serves until the process is stopped.
+/// `devicekey serve --socket`: takes the socket passed by the service manager, or binds one,
+/// and serves until the process is stopped.
 pub fn serve_socket(
     config: &crate::config::Config,
     socket: &SocketOptions,
 ) -> Result<(), DeviceKeyError> {
+    // Taken first, before a PKCS#11 module loaded by the client can start threads.
+    let activated = super::activation::activated_listener(&socket.path)?;
     let client = super::TokenClient::new(&config.server)?;
     let options = ServeOptions::from_config(&config.server);
-    let listener = bind(&socket.path)?;
-    log::info!("listening at {}", socket.path.display());
+    let listener = match activated {
+        Some(listener) => {
+            log::info!(
+                "listening at {} (socket passed by the service manager)",
+                socket.path.display()
+            );
+            listener
+        }
+        None => {
+            let listener = bind(&socket.path)?;
+            log::info!("listening at {}", socket.path.display());
+            listener
+        }
+    };
     serve_listener(listener, socket, Arc::new(client), &options)
 }
 

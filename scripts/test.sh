@@ -18,6 +18,7 @@ stage setup bash scripts/setup.sh
 stage cargo-fmt cargo fmt --all -- --check
 stage cargo-build-release cargo build --release
 stage cargo-clippy cargo clippy --all-targets -- -D warnings
+stage macos-typecheck bash scripts/macos-typecheck.sh # the Secure Enclave store and the rest, checked and linted for aarch64/x86_64-apple-darwin
 # `cargo test` builds no cdylib: the integration tests load target/debug/libdevicekey_pkcs11.so.
 stage cargo-build-debug cargo build
 stage cargo-test env DEVICEKEY_TEST_REQUIRE=softhsm,swtpm cargo test --no-fail-fast

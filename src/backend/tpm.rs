@@ -333,6 +333,11 @@ impl TpmBackend {
         Ok(None)
     }
 
+    /// Whether this store holds the persistent key with this CKA_ID and public point.
+    pub fn holds_key(&self, id: &[u8], point: &[u8; 65]) -> Result<bool> {
+        Ok(self.find_key(id, point)?.is_some())
+    }
+
     /// The store's attestation key, created under the EK on first use (under the directory's
     /// lock, so that concurrent processes make one). One made under another EK is replaced.
     fn attestation_key(&self) -> Result<(Vec<u8>, AkParts)> {
@@ -405,8 +410,11 @@ impl TpmBackend {
             return Ok(None);
         };
         let (ek_name, ak) = self.attestation_key()?;
-        let (ek, certified) = self.device.certify(&ek_name, &ak, &key, qualifying)?;
-        self.device.forget(&key.name);
+        let certified = self.device.certify(&ek_name, &ak, &key, qualifying);
+        // Give the TPM's object slots back (without a resource manager they are shared with
+        // the module's own connection).
+        self.device.disconnect();
+        let (ek, certified) = certified?;
         let marshal = |p: &tss_esapi::structures::Public| {
             use tss_esapi::traits::Marshall;
             p.marshall()
@@ -430,7 +438,9 @@ impl TpmBackend {
         encrypted_secret: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
         let (_, ak) = self.attestation_key()?;
-        self.device.activate(&ak, id_object, encrypted_secret)
+        let secret = self.device.activate(&ak, id_object, encrypted_secret);
+        self.device.disconnect();
+        secret
     }
 
     /// Closes the TPM connection (flushing every object we loaded); the next call reconnects.

@@ -264,7 +264,8 @@ pub fn serve_socket(
     config: &crate::config::Config,
     socket: &SocketOptions,
 ) -> Result<(), DeviceKeyError> {
-    let client = super::TokenClient::new(&config.server)?;
+    let client =
+        super::attest::WithAttestation::new(super::TokenClient::new(&config.server)?, config);
     let options = ServeOptions::from_config(&config.server);
     let listener = bind(&socket.path)?;
     log::info!("listening at {}", socket.path.display());

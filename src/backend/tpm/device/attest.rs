@@ -174,16 +174,17 @@ impl Conn {
         let handle = NvIndexTpmHandle::new(index)
             .map_err(|_| other(format!("{index:#x} is not an NV index")))?;
         let ctx = self.ctx()?;
-        let mut object = tss(
+        let object = tss(
             "opening an NV index",
             ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(handle))),
         )?;
-        let data = ctx.execute_with_nullauth_session(|c| {
-            tss_esapi::abstraction::nv::read_full(c, NvAuth::NvIndex(object.into()), handle)
-        });
-        // read_full may have closed the ESYS handle itself.
-        let _ = ctx.tr_close(&mut object);
-        let data = tss("reading a certificate from NV (TPM2_NV_Read)", data)?;
+        // read_full closes the ESYS handle itself.
+        let data = tss(
+            "reading a certificate from NV (TPM2_NV_Read)",
+            ctx.execute_with_nullauth_session(|c| {
+                tss_esapi::abstraction::nv::read_full(c, NvAuth::NvIndex(object.into()), handle)
+            }),
+        )?;
         ekcert::exact_der(&data)
             .map(<[u8]>::to_vec)
             .map_err(|e| other(format!("NV index {index:#x}: {e}")))

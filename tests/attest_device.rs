@@ -176,9 +176,10 @@ fn tpm_env(tpm: &Swtpm) -> Env {
     std::fs::write(
         env.config_path(),
         format!(
-            "[[slot]]\nlabel = \"tpm\"\nbackend = \"tpm\"\ndir = \"{}\"\ntcti = \"{}\"\nallow_simulator = true\n\n[server]\n",
+            "[[slot]]\nlabel = \"tpm\"\nbackend = \"tpm\"\ndir = \"{}\"\ntcti = \"{}\"\nallow_simulator = true\n\n[[slot]]\nlabel = \"soft\"\nbackend = \"software\"\ndir = \"{}\"\n\n[server]\n",
             keys.display(),
-            tpm.tcti()
+            tpm.tcti(),
+            env.dir.path().join("soft-keys").display()
         ),
     )
     .unwrap();
@@ -364,6 +365,63 @@ fn tpm_key_attestation_through_serve_and_cli() {
     assert_eq!(code, 0, "{err}");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(b64(&answer["secretBase64"]), vec![7u8; 16]);
+
+    // PKCS#11: both halves of the TPM key carry their public area; a software key has none.
+    check_public_area_attribute(&env, &key_id, &key_public_area);
+}
+
+/// Reads CKA_DEVICEKEY_TPM_PUBLIC_AREA through the built module (this process, the env's config).
+fn check_public_area_attribute(env: &Env, key_id: &str, key_public_area: &[u8]) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
+    use devicekey_pkcs11::vendor::CKA_DEVICEKEY_TPM_PUBLIC_AREA;
+
+    // Only this test loads the module in this process.
+    std::env::set_var("DEVICEKEY_CONFIG", env.config_path());
+    let ctx = Pkcs11::new(common::module_path()).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot_of = |label: &str| {
+        ctx.get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
+            .unwrap_or_else(|| panic!("no token {label}"))
+    };
+    let vendor = AttributeType::VendorDefined(CKA_DEVICEKEY_TPM_PUBLIC_AREA as _);
+    let id = URL_SAFE_NO_PAD.decode(&key_id[7..]).unwrap();
+    let session = ctx.open_ro_session(slot_of("tpm")).unwrap();
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let found = session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.clone())])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{class:?}");
+        let attrs = session.get_attributes(found[0], &[vendor]).unwrap();
+        let [Attribute::VendorDefined((_, value))] = attrs.as_slice() else {
+            panic!("{class:?}: no CKA_DEVICEKEY_TPM_PUBLIC_AREA: {attrs:?}");
+        };
+        assert_eq!(value.as_slice(), key_public_area, "{class:?}");
+    }
+    drop(session);
+    let session = ctx.open_rw_session(slot_of("soft")).unwrap();
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let (public, private) = session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[Attribute::EcParams(p256), Attribute::Token(false)],
+            &[Attribute::Token(false), Attribute::Sign(true)],
+        )
+        .unwrap();
+    for key in [public, private] {
+        let info = session.get_attribute_info(key, &[vendor]).unwrap();
+        assert!(
+            matches!(info.as_slice(), [AttributeInfo::TypeInvalid]),
+            "{info:?}"
+        );
+    }
+    drop(session);
+    ctx.finalize().unwrap();
 }
 
 #[test]

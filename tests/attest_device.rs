@@ -296,6 +296,31 @@ fn tpm_key_attestation_through_serve_and_cli() {
             .contains("TPM2_ActivateCredential"),
         "{r}"
     );
+    eprintln!("another AK: {}", r["error"]["message"]);
+    let r = server.request(
+        "device/key/sign",
+        json!({"keyId": key_id, "payload": connection_payload()}),
+    );
+    assert!(result(&r)["signatureDerBase64"].is_string(), "{r}");
+
+    // A credential for another EK (the RSA modulus changed): refused too (swtpm answers
+    // TPM_RC_FAILURE), and the TPM is not given up for it: a good credential still activates.
+    let mut other_ek = ek_public_area.clone();
+    let at = other_ek.len() - 100;
+    other_ek[at] ^= 0x55;
+    let (blob, enc) = make_credential(tmp.path(), &other_ek, &ak_name, &secret);
+    let r = server.request(
+        "device/key/activateCredential",
+        json!({"keyId": key_id, "credentialBlobBase64": STANDARD.encode(&blob), "encryptedSecretBase64": STANDARD.encode(&enc)}),
+    );
+    assert_eq!(r["error"]["code"], json!(-32603), "{r}");
+    eprintln!("another EK: {}", r["error"]["message"]);
+    let (blob, enc) = make_credential(tmp.path(), &ek_public_area, &ak_name, &secret);
+    let r = server.request(
+        "device/key/activateCredential",
+        json!({"keyId": key_id, "credentialBlobBase64": STANDARD.encode(&blob), "encryptedSecretBase64": STANDARD.encode(&enc)}),
+    );
+    assert_eq!(b64(&result(&r)["secretBase64"]), secret.to_vec());
     let r = server.request(
         "device/key/sign",
         json!({"keyId": key_id, "payload": connection_payload()}),
@@ -319,6 +344,8 @@ fn tpm_key_attestation_through_serve_and_cli() {
     assert_eq!(server.finish(), 0);
     let log = env.log();
     assert_eq!(certifies(&log), 2, "{log}");
+    // A refused activation is not a lost connection.
+    assert_eq!(count(&log, "stale (activating"), 0, "{log}");
     assert_eq!(ak_creations(&log), 1, "{log}");
     eprintln!(
         "first server: {} TPM2_Certify ({} retried), {} TPM2_Create of the AK, {} TPM2_CreatePrimary (EK), {} TPM2_CreatePrimary (SRK), {} TPM2_Sign",
@@ -365,6 +392,39 @@ fn tpm_key_attestation_through_serve_and_cli() {
     assert_eq!(code, 0, "{err}");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(b64(&answer["secretBase64"]), vec![7u8; 16]);
+
+    // Without the persistent EK the store derives the same EK from the default template.
+    let evict = Command::new("tpm2_evictcontrol")
+        .args(["-C", "o", "-c", "0x81010001"])
+        .env("TPM2TOOLS_TCTI", tpm.tcti())
+        .output()
+        .unwrap();
+    assert!(
+        evict.status.success(),
+        "{}",
+        String::from_utf8_lossy(&evict.stderr)
+    );
+    let (nonce5, nonce5_bytes) = nonce();
+    let (code, out, err) = env.cli(&["attest", "--key-id", &key_id, "--nonce", &nonce5], None);
+    assert_eq!(code, 0, "{err}");
+    let ev5: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ev5["ekPublicArea"], ev["ekPublicArea"]);
+    assert_eq!(ev5["akPublicArea"], ev["akPublicArea"]);
+    check_certify_info(
+        &b64(&ev5["certifyInfo"]),
+        &nonce5_bytes,
+        &spki,
+        &key_public_area,
+    );
+    assert!(
+        err.contains("certificate at 0x1c00002, derived EK"),
+        "{err}"
+    );
+    assert!(
+        count(&err, "TPM2_CreatePrimary (endorsement hierarchy") >= 1,
+        "{err}"
+    );
+    assert_eq!(count(&err, "TPM2_Create of the AK"), 0, "{err}");
 
     // PKCS#11: both halves of the TPM key carry their public area; a software key has none.
     check_public_area_attribute(&env, &key_id, &key_public_area);

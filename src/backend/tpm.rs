@@ -27,6 +27,14 @@
 //! **Processes.** After `fork()` the child opens its own connection and never flushes the
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
+//! **Attestation** (ATTESTATION.md): [`TpmBackend::attest`] has a key certified (TPM2_Certify)
+//! by the store's attestation key (AK), a restricted P-256 signing key under the TPM's
+//! endorsement key (EK), created once and kept in the key directory (`attestation-key.json`,
+//! never listed as a token key); [`TpmBackend::activate_credential`] answers a verifier's
+//! MakeCredential challenge with the AK and the EK. The EK is the one whose certificate is in NV
+//! (see the `ekcert` module); both connections' object slots are given back after each call.
+//! Each half of a key also carries its public area as `CKA_DEVICEKEY_TPM_PUBLIC_AREA`.
+//!
 //! The TCTI comes from the slot's `tcti`, else `$DEVICEKEY_TPM_TCTI`, else `device:/dev/tpmrm0`
 //! (the kernel resource manager). swtpm (`swtpm:host=127.0.0.1,port=P`) serves one TCP connection
 //! at a time, but the swtpm TCTI opens one per command, so several processes share it; with no

@@ -384,7 +384,11 @@ impl Conn {
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("TPM connection closed".into())))
     }
 
-    fn srk(&self) -> Op<KeyHandle> {
+    /// The SRK, derived again if attestation released it to make room.
+    fn srk(&mut self) -> Op<KeyHandle> {
+        if self.srk.is_none() {
+            self.create_srk()?;
+        }
         self.srk
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("no storage root key".into())))
     }
@@ -750,10 +754,7 @@ impl Device {
                 )
             }
             Fail::Refused(what, e) => {
-                return BackendError::Refused(format!(
-                    "the TPM refused: {what}: {e} ({:#x})",
-                    raw_rc(&e)
-                ))
+                return BackendError::Refused(format!("{what}: {e} ({:#x})", raw_rc(&e)))
             }
             Fail::Tss(what, e) => (what, e),
         };

@@ -150,6 +150,16 @@ impl Conn {
         }
     }
 
+    /// Also flushes the SRK (derived again when a key is next loaded): creating the AK and
+    /// activating a credential do not need it, and a TPM without a resource manager may hold
+    /// another client's SRK besides the EK and the AK.
+    fn release_srk(&mut self) {
+        self.make_room();
+        if let Some(h) = self.srk.take() {
+            self.flush(h);
+        }
+    }
+
     /// NV indices from `first` on that the TPM lists.
     fn nv_indices(&mut self, first: u32) -> Op<Vec<u32>> {
         let ctx = self.ctx()?;
@@ -256,7 +266,7 @@ impl Conn {
         if let Some(e) = &self.endorsement {
             return Ok(e.clone());
         }
-        self.make_room();
+        self.release_srk();
         let indices = self.nv_indices(ekcert::RSA_2048_INDEX)?;
         let candidates = [
             (
@@ -374,7 +384,7 @@ impl Conn {
 
     /// Creates an AK under the EK.
     pub(super) fn create_ak(&mut self, ek: &Endorsement) -> Op<AkParts> {
-        self.make_room();
+        self.release_srk();
         self.with_ek(ek, |conn, ek_handle| {
             let ctx = conn.ctx()?;
             log::debug!("tpm: TPM2_Create of the AK (under the EK)");
@@ -497,7 +507,7 @@ impl Conn {
             .map_err(|_| other("the credential blob is too large for a TPM2B_ID_OBJECT"))?;
         let secret = EncryptedSecret::try_from(encrypted_secret.to_vec())
             .map_err(|_| other("the encrypted secret is too large for a TPM2B_ENCRYPTED_SECRET"))?;
-        self.make_room();
+        self.release_srk();
         self.with_ek(ek, |conn, ek_handle| {
             let ctx = conn.ctx()?;
             log::debug!("tpm: TPM2_Load of the AK");

@@ -12,8 +12,6 @@
 //! on the strength of its class or its label: only the TPM's own TPM2_Certify of the same public
 //! point says so.
 
-use std::sync::{Arc, Mutex};
-
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -287,7 +285,7 @@ struct TpmStores {
     #[cfg(all(feature = "tpm", target_os = "linux"))]
     slots: Vec<(
         crate::config::TpmSlot,
-        Mutex<Option<Arc<crate::backend::tpm::TpmBackend>>>,
+        std::sync::Mutex<Option<std::sync::Arc<crate::backend::tpm::TpmBackend>>>,
     )>,
 }
 
@@ -298,7 +296,7 @@ impl TpmStores {
             .slots
             .iter()
             .filter_map(|s| match s {
-                crate::config::SlotConfig::Tpm(t) => Some((t.clone(), Mutex::new(None))),
+                crate::config::SlotConfig::Tpm(t) => Some((t.clone(), std::sync::Mutex::new(None))),
                 _ => None,
             })
             .collect();
@@ -306,7 +304,10 @@ impl TpmStores {
     }
 
     /// Each TPM store, opening it if needed.
-    fn each(&self) -> impl Iterator<Item = Result<Arc<crate::backend::tpm::TpmBackend>>> + '_ {
+    fn each(
+        &self,
+    ) -> impl Iterator<Item = Result<std::sync::Arc<crate::backend::tpm::TpmBackend>>> + '_ {
+        use std::sync::Arc;
         self.slots.iter().map(|(slot, cell)| {
             let mut guard = cell
                 .lock()

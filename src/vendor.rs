@@ -4,6 +4,9 @@
 pub const CKA_DEVICEKEY_PROTECTION_CLASS: u64 = 0x8000_0000 | 0x444B_0001;
 /// `CKA_VENDOR_DEFINED | 0x444B0002`: the purpose of a key (CK_ULONG, fixed at creation).
 pub const CKA_DEVICEKEY_PURPOSE: u64 = 0x8000_0000 | 0x444B_0002;
+/// `CKA_VENDOR_DEFINED | 0x444B0003`: the TPM public area of a key in a TPM (byte array: the
+/// marshalled TPMT_PUBLIC, no size prefix; read-only; absent on other keys).
+pub const CKA_DEVICEKEY_TPM_PUBLIC_AREA: u64 = 0x8000_0000 | 0x444B_0003;
 
 /// Protection class `hardware_tpm`.
 pub const DEVICEKEY_CLASS_HARDWARE_TPM: u64 = 1;

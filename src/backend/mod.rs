@@ -204,6 +204,11 @@ pub struct NewKey {
 pub trait Signer: Send + Sync {
     /// Signs a 32-byte digest with ECDSA P-256; returns raw `r‖s`, each half left-padded to 32 bytes.
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]>;
+
+    /// The key's TPM public area (marshalled TPMT_PUBLIC), for keys that live in a TPM.
+    fn tpm_public_area(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A key pair as its store reports it.

@@ -27,6 +27,14 @@
 //! **Processes.** After `fork()` the child opens its own connection and never flushes the
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
+//! **Attestation** (ATTESTATION.md): [`TpmBackend::attest`] has a key certified (TPM2_Certify)
+//! by the store's attestation key (AK), a restricted P-256 signing key under the TPM's
+//! endorsement key (EK), created once and kept in the key directory (`attestation-key.json`,
+//! never listed as a token key); [`TpmBackend::activate_credential`] answers a verifier's
+//! MakeCredential challenge with the AK and the EK. The EK is the one whose certificate is in NV
+//! (see the `ekcert` module); both connections' object slots are given back after each call.
+//! Each half of a key also carries its public area as `CKA_DEVICEKEY_TPM_PUBLIC_AREA`.
+//!
 //! The TCTI comes from the slot's `tcti`, else `$DEVICEKEY_TPM_TCTI`, else `device:/dev/tpmrm0`
 //! (the kernel resource manager). swtpm (`swtpm:host=127.0.0.1,port=P`) serves one TCP connection
 //! at a time, but the swtpm TCTI opens one per command, so several processes share it; with no
@@ -34,6 +42,7 @@
 //! process that loses its objects reconnects (see the `device` module).
 
 mod device;
+mod ekcert;
 mod keyfile;
 mod purpose;
 mod slot;
@@ -48,13 +57,13 @@ use crate::backend::{
 };
 use crate::config::TpmSlot;
 
-pub use device::{is_simulator, Identity, CACHE_SIZE};
+pub use device::{is_simulator, name_of, Identity, CACHE_SIZE, PERSISTENT_EK};
 pub use keyfile::{KeyBlob, KeyFileError};
 pub use purpose::{policy_digest, policy_text};
 
-use device::{Device, TpmKey};
+use device::{ak_from_blobs, AkParts, Device, TpmKey};
 use purpose::Binding;
-use store::{random_name, KeyFiles, KeyMeta};
+use store::{random_name, AkFile, KeyFiles, KeyMeta};
 
 /// The TCTI used when neither the config nor `DEVICEKEY_TPM_TCTI` names one.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -188,6 +197,28 @@ impl Signer for TpmSigner {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
         self.device.sign(&self.key, digest)
     }
+
+    fn tpm_public_area(&self) -> Option<Vec<u8>> {
+        use tss_esapi::traits::Marshall;
+        self.key.public.marshall().ok()
+    }
+}
+
+/// The TPM's part of a key's attestation evidence (ATTESTATION.md): everything but the SPKI.
+#[derive(Clone, Debug)]
+pub struct Evidence {
+    /// The key's public area (TPMT_PUBLIC, marshalled).
+    pub key_public_area: Vec<u8>,
+    /// What TPM2_Certify returned (TPMS_ATTEST, marshalled).
+    pub certify_info: Vec<u8>,
+    /// The AK's signature over SHA-256(certify_info), raw `r‖s`.
+    pub signature: [u8; 64],
+    /// The AK's public area.
+    pub ak_public_area: Vec<u8>,
+    /// The EK's public area.
+    pub ek_public_area: Vec<u8>,
+    /// The EK certificate (DER) first, then the CA certificates the TPM holds.
+    pub ek_certificates: Vec<Vec<u8>>,
 }
 
 /// The TPM key store.
@@ -284,6 +315,140 @@ impl TpmBackend {
     /// How many TPM2_Sign commands this store has sent (for tests and benchmarks).
     pub fn signatures_made(&self) -> u64 {
         self.device.signatures()
+    }
+
+    /// Finds the persistent key with this CKA_ID whose public point is `point`.
+    fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
+        let id_hex = crate::encoding::hex(id);
+        for name in self.dir.names("key")? {
+            let (meta, pem) = match self.dir.read_key(&name) {
+                Ok(found) => found,
+                Err(BackendError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.id != id_hex {
+                continue;
+            }
+            let blob =
+                KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
+            let key = TpmKey::from_blob(&name, &blob)
+                .map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
+            check_purpose(&self.dir.path().join(&name), &key, &meta)?;
+            if key.public_point().as_ref() == Some(point) {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether this store holds the persistent key with this CKA_ID and public point.
+    pub fn holds_key(&self, id: &[u8], point: &[u8; 65]) -> Result<bool> {
+        Ok(self.find_key(id, point)?.is_some())
+    }
+
+    /// The store's attestation key, created under the EK on first use (under the directory's
+    /// lock, so that concurrent processes make one). One made under another EK is replaced.
+    fn attestation_key(&self) -> Result<(Vec<u8>, AkParts)> {
+        let ek_name = self.device.endorsement()?.name();
+        let usable = |file: &AkFile| -> Result<Option<(Vec<u8>, AkParts)>> {
+            if file.ek_name != crate::encoding::hex(&ek_name) {
+                log::warn!(
+                    "tpm: the stored attestation key belongs to another EK; making a new one"
+                );
+                return Ok(None);
+            }
+            let bad = |e: String| BackendError::Io(format!("{}: {e}", store::AK_FILE));
+            let public =
+                crate::encoding::hex_decode(&file.public).ok_or_else(|| bad("hex".into()))?;
+            let private =
+                crate::encoding::hex_decode(&file.private).ok_or_else(|| bad("hex".into()))?;
+            Ok(Some((
+                ek_name.clone(),
+                ak_from_blobs(&public, &private).map_err(bad)?,
+            )))
+        };
+        if let Some(found) = self
+            .dir
+            .read_ak()?
+            .as_ref()
+            .map(usable)
+            .transpose()?
+            .flatten()
+        {
+            return Ok(found);
+        }
+        let _lock = self.dir.lock()?;
+        if let Some(found) = self
+            .dir
+            .read_ak()?
+            .as_ref()
+            .map(usable)
+            .transpose()?
+            .flatten()
+        {
+            return Ok(found);
+        }
+        let parts = self.device.create_ak()?;
+        let key = TpmKey::new(
+            "attestation-key",
+            parts.public.clone(),
+            parts.private.clone(),
+        );
+        let blob = key.to_blob().map_err(BackendError::Crypto)?;
+        self.dir.write_ak(&AkFile {
+            format: AkFile::FORMAT.into(),
+            version: 1,
+            ek_name: crate::encoding::hex(&ek_name),
+            public: crate::encoding::hex(&blob.public),
+            private: crate::encoding::hex(&blob.private),
+        })?;
+        log::info!("tpm: created the store's attestation key");
+        Ok((ek_name, parts))
+    }
+
+    /// Attests the key with this CKA_ID and public point: TPM2_Certify by the store's AK with
+    /// `qualifying` as qualifying data. `None` when this store has no such key.
+    pub fn attest(
+        &self,
+        id: &[u8],
+        point: &[u8; 65],
+        qualifying: &[u8; 32],
+    ) -> Result<Option<Evidence>> {
+        let Some(key) = self.find_key(id, point)? else {
+            return Ok(None);
+        };
+        let (ek_name, ak) = self.attestation_key()?;
+        let certified = self.device.certify(&ek_name, &ak, &key, qualifying);
+        // Give the TPM's object slots back (without a resource manager they are shared with
+        // the module's own connection).
+        self.device.disconnect();
+        let (ek, certified) = certified?;
+        let marshal = |p: &tss_esapi::structures::Public| {
+            use tss_esapi::traits::Marshall;
+            p.marshall()
+                .map_err(|e| BackendError::Crypto(format!("cannot marshal a public area: {e}")))
+        };
+        Ok(Some(Evidence {
+            key_public_area: marshal(&key.public)?,
+            certify_info: certified.certify_info,
+            signature: certified.signature,
+            ak_public_area: marshal(&ak.public)?,
+            ek_public_area: ek.public_area,
+            ek_certificates: ek.certificates,
+        }))
+    }
+
+    /// TPM2_ActivateCredential with the store's AK and the EK: the secret a verifier sealed to
+    /// them with MakeCredential. `id_object` and `encrypted_secret` are TPM2B contents.
+    pub fn activate_credential(
+        &self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        let (_, ak) = self.attestation_key()?;
+        let secret = self.device.activate(&ak, id_object, encrypted_secret);
+        self.device.disconnect();
+        secret
     }
 
     /// Closes the TPM connection (flushing every object we loaded); the next call reconnects.

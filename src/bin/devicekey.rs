@@ -69,6 +69,8 @@ enum Command {
     Cert(devicekey_pkcs11::cli::CertArgs),
     /// Check the config and every slot: backend, protection class, reachable or not, and the fix.
     Doctor(devicekey_pkcs11::cli::doctor::DoctorArgs),
+    /// Key attestation: print the evidence that a key lives in a TPM, or answer a challenge.
+    Attest(AttestArgs),
 }
 
 impl Command {
@@ -82,6 +84,7 @@ impl Command {
             Self::Delete(a) => a.run(),
             Self::Uri(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Cert(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
+            Self::Attest(a) => a.run(),
             Self::Doctor(a) => {
                 let report = a.run();
                 emit(format_args!("{report}"))?;
@@ -136,6 +139,66 @@ fn print_key_info(info: &KeyInfo) -> Result<(), CliError> {
     out!("public key (SPKI DER, base64):");
     out!("  {}", info.public_key_spki_der_base64);
     Ok(())
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AttestArgs {
+    #[command(subcommand)]
+    command: Option<AttestCommand>,
+    #[command(flatten)]
+    show: AttestShowArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum AttestCommand {
+    /// Print the evidence JSON for a key (the default).
+    Show(AttestShowArgs),
+    /// Answer a credential challenge: reads {"credentialBlobBase64", "encryptedSecretBase64"}
+    /// on stdin, prints {"secretBase64"}.
+    Activate(AttestActivateArgs),
+}
+
+#[derive(Args, Debug)]
+struct AttestShowArgs {
+    /// The key id.
+    #[arg(long)]
+    key_id: Option<String>,
+    /// The relying party's nonce: unpadded base64url of 16 to 64 bytes.
+    #[arg(long)]
+    nonce: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct AttestActivateArgs {
+    /// The key id (its TPM store's attestation key answers).
+    #[arg(long)]
+    key_id: String,
+}
+
+impl AttestArgs {
+    fn run(self) -> Result<(), CliError> {
+        let config = Config::load()?;
+        let answer = match self.command.unwrap_or(AttestCommand::Show(self.show)) {
+            AttestCommand::Show(a) => {
+                let (Some(key_id), Some(nonce)) = (a.key_id, a.nonce) else {
+                    return Err(CliError::Input(
+                        "devicekey attest needs --key-id and --nonce".into(),
+                    ));
+                };
+                devicekey_pkcs11::cli::attest_device::show(&config, &key_id, &nonce)?
+            }
+            AttestCommand::Activate(a) => {
+                let mut challenge = Vec::new();
+                std::io::stdin()
+                    .take(1 << 20)
+                    .read_to_end(&mut challenge)
+                    .map_err(|e| CliError::Input(format!("cannot read stdin: {e}")))?;
+                devicekey_pkcs11::cli::attest_device::activate(&config, &a.key_id, &challenge)?
+            }
+        };
+        print_json(&answer)
+    }
 }
 
 #[derive(Args, Debug)]

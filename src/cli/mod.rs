@@ -6,6 +6,7 @@
 //! are signed by the token with `C_Sign`. Nothing here writes to stdout; the binary prints what
 //! the functions return.
 
+pub mod attest_device;
 pub mod cert;
 pub mod doctor;
 pub mod uri;

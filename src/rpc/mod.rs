@@ -6,11 +6,13 @@
 //! - [`server`]: handshake, dispatch, concurrency bound, the [`server::KeyService`] trait.
 //! - [`client`]: the three methods (and `list`/`delete` for the CLI) as a PKCS#11 client.
 //! - [`types`]: params and results; [`error`]: codes and messages.
+//! - [`attest`]: the attestation extension (`device/key/attest`, `device/key/activateCredential`).
 //! - `socket` (Linux): the same protocol on an owner-only Unix socket; `activation` (Linux): that
 //!   socket passed by systemd instead.
 
 #[cfg(target_os = "linux")]
 pub mod activation;
+pub mod attest;
 pub mod client;
 pub mod error;
 pub mod framing;
@@ -27,7 +29,7 @@ pub use server::{serve, KeyService, ServeOptions};
 
 /// Serves stdin/stdout with the config found as the module finds it. Returns at end of input.
 pub fn serve_stdio(config: &crate::config::Config) -> Result<(), DeviceKeyError> {
-    let client = TokenClient::new(&config.server)?;
+    let client = attest::WithAttestation::new(TokenClient::new(&config.server)?, config);
     let options = ServeOptions::from_config(&config.server);
     serve(
         std::io::stdin().lock(),

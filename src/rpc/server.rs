@@ -50,6 +50,11 @@ pub trait KeyService: Send + Sync {
     fn public(&self, params: PublicParams) -> Result<KeyInfo, DeviceKeyError>;
     /// `device/key/sign`.
     fn sign(&self, params: SignParams) -> Result<SignResult, DeviceKeyError>;
+    /// A devicekey extension method ([`super::attest::EXTENSIONS`]); `None` when this service
+    /// does not offer it.
+    fn extension(&self, _method: &str, _params: Value) -> Option<Result<Value, DeviceKeyError>> {
+        None
+    }
 }
 
 /// Limits of one server loop.
@@ -509,7 +514,9 @@ impl Session {
             send(error_line(&id, INVALID_REQUEST, "Not initialized"));
             return;
         }
-        if ![METHOD_CREATE, METHOD_PUBLIC, METHOD_SIGN].contains(&method.as_str()) {
+        if ![METHOD_CREATE, METHOD_PUBLIC, METHOD_SIGN].contains(&method.as_str())
+            && !super::attest::EXTENSIONS.contains(&method.as_str())
+        {
             send(error_line(
                 &id,
                 METHOD_NOT_FOUND,
@@ -582,6 +589,7 @@ impl Session {
             codex_home: self.options.home.clone(),
             platform_family: std::env::consts::FAMILY.to_string(),
             platform_os: std::env::consts::OS.to_string(),
+            extensions: super::attest::EXTENSIONS.to_vec(),
         };
         match serde_json::to_value(result) {
             Ok(v) => result_line(id, v),
@@ -633,6 +641,13 @@ fn call(service: &dyn KeyService, method: &str, params: Value) -> Result<Value, 
         METHOD_CREATE => to_value(service.create(parse(params)?)?),
         METHOD_PUBLIC => to_value(service.public(parse(params)?)?),
         METHOD_SIGN => to_value(service.sign(parse(params)?)?),
+        other if super::attest::EXTENSIONS.contains(&other) => {
+            service.extension(other, params).unwrap_or_else(|| {
+                Err(DeviceKeyError::InvalidRequest(format!(
+                    "unknown method {other}"
+                )))
+            })
+        }
         other => Err(DeviceKeyError::InvalidRequest(format!(
             "unknown method {other}"
         ))),

@@ -69,6 +69,8 @@ pub struct InitializeResult {
     pub platform_family: String,
     /// `linux`, `macos`, ...
     pub platform_os: String,
+    /// The devicekey extension methods this server answers (ATTESTATION.md).
+    pub extensions: Vec<&'static str>,
 }
 
 /// `device/key/create` params.

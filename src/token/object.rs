@@ -13,7 +13,9 @@ use super::error::{fail, Result};
 use super::mechanism::{PRIVATE_KEY_MECHANISMS, PUBLIC_KEY_MECHANISMS};
 use crate::backend::{KeyPurpose, KeyRecord, ProtectionClass, Signer};
 use crate::encoding::{self, P256_EC_PARAMS};
-use crate::vendor::{CKA_DEVICEKEY_PROTECTION_CLASS, CKA_DEVICEKEY_PURPOSE};
+use crate::vendor::{
+    CKA_DEVICEKEY_PROTECTION_CLASS, CKA_DEVICEKEY_PURPOSE, CKA_DEVICEKEY_TPM_PUBLIC_AREA,
+};
 
 /// Where an object lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +168,9 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
         .set_bool(CKA_TRUSTED, false)
         .set_ulong(CKA_DEVICEKEY_PROTECTION_CLASS, class.vendor_value())
         .set_ulong(CKA_DEVICEKEY_PURPOSE, rec.purpose.vendor_value());
+    if let Some(area) = rec.signer.tpm_public_area() {
+        common.set(CKA_DEVICEKEY_TPM_PUBLIC_AREA, area);
+    }
 
     let mut private = common.clone();
     let private_mechs: &[CK_MECHANISM_TYPE] = match rec.purpose {
@@ -363,6 +368,7 @@ pub fn parse_create(template: &Template) -> Result<Attributes> {
     for t in [
         CKA_DEVICEKEY_PROTECTION_CLASS,
         CKA_DEVICEKEY_PURPOSE,
+        CKA_DEVICEKEY_TPM_PUBLIC_AREA,
         CKA_UNIQUE_ID,
     ] {
         if find(template, t).is_some() {

@@ -40,6 +40,24 @@ pub fn have_swtpm() -> bool {
     )
 }
 
+/// Manufactures a TPM in `state` with EK certificates (`swtpm_setup --create-ek-cert`: RSA 2048
+/// at NV 0x01c00002, EK persisted at 0x81010001, and a P-384 one), issued by swtpm's local CA.
+/// Start it afterwards with [`Swtpm::start`]. Panics when swtpm_setup fails.
+pub fn provision_with_ek_certificates(state: &Path) {
+    std::fs::create_dir_all(state).expect("swtpm state dir");
+    let out = Command::new("swtpm_setup")
+        .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
+        .arg(state)
+        .output()
+        .expect("cannot run swtpm_setup (package swtpm-tools)");
+    assert!(
+        out.status.success(),
+        "swtpm_setup failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Swtpm {
     /// Starts swtpm with its state in `state` on a free port.
     pub fn start(state: &Path) -> Self {

@@ -37,6 +37,10 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 
+mod attest;
+
+pub use attest::{ak_from_blobs, name_of, AkParts, Certified, Endorsement, PERSISTENT_EK};
+
 use super::keyfile::KeyBlob;
 use super::purpose::{binding, policy_digest, Binding};
 use crate::backend::{BackendError, KeyPurpose, Result};
@@ -188,6 +192,9 @@ enum Fail {
     Tss(&'static str, tss_esapi::Error),
     /// The TPM signed, but not with our key: the handle named another object.
     WrongKey,
+    /// The TPM refused this request (a credential for another AK or EK): the connection is
+    /// fine, nothing is retried.
+    Refused(&'static str, tss_esapi::Error),
     Other(BackendError),
 }
 
@@ -235,7 +242,7 @@ fn is_transport_error(e: &Fail) -> bool {
     match e {
         Fail::Tss(_, err) => matches!(layer(raw_rc(err)), LAYER_TCTI | LAYER_RESMGR),
         Fail::Other(BackendError::Unreachable(_)) => true,
-        Fail::WrongKey | Fail::Other(_) => false,
+        Fail::WrongKey | Fail::Refused(..) | Fail::Other(_) => false,
     }
 }
 
@@ -263,7 +270,7 @@ fn worth_reconnecting(e: &Fail, fresh: bool) -> bool {
         }
         Fail::WrongKey => true,
         Fail::Other(BackendError::Unreachable(_)) => true,
-        Fail::Other(_) => false,
+        Fail::Refused(..) | Fail::Other(_) => false,
     }
 }
 
@@ -337,6 +344,8 @@ struct Conn {
     loaded: VecDeque<(String, KeyHandle)>,
     /// The connection failed: do not send it anything more.
     dead: bool,
+    /// The EK attestation uses, once found.
+    endorsement: Option<Endorsement>,
 }
 
 impl Drop for Conn {
@@ -375,7 +384,11 @@ impl Conn {
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("TPM connection closed".into())))
     }
 
-    fn srk(&self) -> Op<KeyHandle> {
+    /// The SRK, derived again if attestation released it to make room.
+    fn srk(&mut self) -> Op<KeyHandle> {
+        if self.srk.is_none() {
+            self.create_srk()?;
+        }
         self.srk
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("no storage root key".into())))
     }
@@ -424,6 +437,7 @@ impl Conn {
     fn create_srk(&mut self) -> Op<()> {
         let template = tss("building the SRK template", srk_template())?;
         let ctx = self.ctx()?;
+        log::debug!("tpm: TPM2_CreatePrimary (owner hierarchy, the SRK)");
         let result = tss(
             "creating the storage root key (TPM2_CreatePrimary, owner hierarchy)",
             ctx.execute_with_session(Some(AuthSession::Password), |c| {
@@ -698,6 +712,7 @@ impl Device {
             srk_fingerprint: [0; 8],
             loaded: VecDeque::new(),
             dead: false,
+            endorsement: None,
         };
         let setup = |conn: &mut Conn| -> Op<()> {
             let (mut started, mut flushed) = (false, flush_first);
@@ -737,6 +752,9 @@ impl Device {
                 return BackendError::Crypto(
                     "the TPM's signature does not verify with the key's public point".into(),
                 )
+            }
+            Fail::Refused(what, e) => {
+                return BackendError::Refused(format!("{what}: {e} ({:#x})", raw_rc(&e)))
             }
             Fail::Tss(what, e) => (what, e),
         };
@@ -806,7 +824,7 @@ impl Device {
             }
             flush_first = is_full(&e);
             let why = match &e {
-                Fail::Tss(what, err) => format!("{what}: {err}"),
+                Fail::Tss(what, err) | Fail::Refused(what, err) => format!("{what}: {err}"),
                 Fail::WrongKey => "a signature did not verify: a handle named another key".into(),
                 Fail::Other(err) => err.to_string(),
             };
@@ -844,6 +862,53 @@ impl Device {
             start.elapsed().as_secs_f64() * 1e3
         );
         Ok(sig)
+    }
+
+    /// The EK attestation uses and its certificates (found once per connection).
+    pub fn endorsement(&self) -> Result<Endorsement> {
+        self.with_conn(|c| c.endorsement())
+    }
+
+    /// Creates an attestation key under the EK.
+    pub fn create_ak(&self) -> Result<AkParts> {
+        self.with_conn(|c| {
+            let ek = c.endorsement()?;
+            c.create_ak(&ek)
+        })
+    }
+
+    /// TPM2_Certify of `key` by the AK, with `qualifying` as qualifying data. `ek_name` is the
+    /// name of the EK the AK was made under; the call fails if the TPM's EK is another.
+    pub fn certify(
+        &self,
+        ek_name: &[u8],
+        ak: &AkParts,
+        key: &TpmKey,
+        qualifying: &[u8; 32],
+    ) -> Result<(Endorsement, Certified)> {
+        self.with_conn(|c| {
+            let ek = c.endorsement()?;
+            if ek.name() != ek_name {
+                return Err(Fail::Other(BackendError::Refused(
+                    "the attestation key was made under another EK".into(),
+                )));
+            }
+            let certified = c.certify(&ek, ak, key, qualifying)?;
+            Ok((ek, certified))
+        })
+    }
+
+    /// TPM2_ActivateCredential with the AK and the EK; returns the secret.
+    pub fn activate(
+        &self,
+        ak: &AkParts,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        self.with_conn(|c| {
+            let ek = c.endorsement()?;
+            c.activate(&ek, ak, id_object, encrypted_secret)
+        })
     }
 
     /// Flushes a key from the cache, if it is loaded; never connects.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::backend::keydir::KeyDir;
+use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{BackendError, KeyPurpose, RawAttribute, Result};
 use crate::encoding::{hex, hex_decode as unhex};
 
@@ -83,6 +83,29 @@ fn valid_name(name: &str, prefix: &str) -> bool {
 #[derive(Debug)]
 pub struct KeyFiles {
     dir: KeyDir,
+}
+
+/// The file of the store's attestation key.
+pub const AK_FILE: &str = "attestation-key.json";
+
+/// The store's attestation key (AK): its blob and the EK it was made under. Not a key of the
+/// token: listings never show it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AkFile {
+    /// Always `devicekey-tpm-attestation-key`.
+    pub format: String,
+    /// Format version, 1.
+    pub version: u32,
+    /// The name of the EK (its parent), hex.
+    pub ek_name: String,
+    /// TPM2B_PUBLIC, hex.
+    pub public: String,
+    /// TPM2B_PRIVATE (encrypted by the EK), hex.
+    pub private: String,
+}
+
+impl AkFile {
+    pub const FORMAT: &'static str = "devicekey-tpm-attestation-key";
 }
 
 /// How old a temporary file must be before it counts as left by a crash (writers of this store
@@ -209,6 +232,33 @@ impl KeyFiles {
             return Err(BackendError::NotFound(name.to_string()));
         }
         self.dir.remove(&format!("{name}.json"))
+    }
+
+    /// The attestation key, when the store has one.
+    pub fn read_ak(&self) -> Result<Option<AkFile>> {
+        let Some(bytes) = self.dir.read(AK_FILE)? else {
+            return Ok(None);
+        };
+        let file: AkFile = serde_json::from_slice(&bytes)
+            .map_err(|e| BackendError::Io(format!("bad {AK_FILE}: {e}")))?;
+        if file.format != AkFile::FORMAT || file.version != 1 {
+            return Err(BackendError::Io(format!(
+                "{AK_FILE} is not a devicekey attestation key"
+            )));
+        }
+        Ok(Some(file))
+    }
+
+    /// Writes the attestation key.
+    pub fn write_ak(&self, file: &AkFile) -> Result<()> {
+        let json = serde_json::to_vec_pretty(file)
+            .map_err(|e| BackendError::Io(format!("cannot encode the attestation key: {e}")))?;
+        self.dir.write_atomic(AK_FILE, &json)
+    }
+
+    /// An exclusive lock on the directory (creating the attestation key once).
+    pub fn lock(&self) -> Result<KeyDirLock> {
+        self.dir.lock()
     }
 
     /// See [`KeyDir::change_marker`].

@@ -468,13 +468,9 @@ fn tpm2_certify_output_parses_and_its_signature_verifies() {
     assert!(!report.check(Check::Signature).unwrap().passed());
 }
 
-/// Evidence the way the contract defines it, from the real TPM: all six checks pass; then each
-/// tampering fails at its check, with a message that names it.
-#[test]
-fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
-    if !tools_present() {
-        return;
-    }
+/// A TPM with an EK certificate, an AK and two signing keys, and evidence for the first key
+/// made the way the contract says (a raw TPM2_Certify with the contract's qualifying data).
+fn evidence_from_the_tpm() -> (Tpm, TpmEvidence, Vec<u8>) {
     let tpm = Tpm::start(true);
     tpm.create_ak(EK_HANDLE, AK_HANDLE);
     tpm.create_signing_keys(&[KEY_HANDLE, OTHER_KEY_HANDLE]);
@@ -493,6 +489,17 @@ fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
         ek_public_area: tpm.public_area(EK_HANDLE),
         ek_certificates: vec![tpm.ek_certificate()],
     };
+    (tpm, evidence, nonce)
+}
+
+/// Evidence the way the contract defines it, from the real TPM: all six checks pass; then each
+/// tampering fails at its check, with a message that names it.
+#[test]
+fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
+    if !tools_present() {
+        return;
+    }
+    let (tpm, evidence, nonce) = evidence_from_the_tpm();
     let anchors = localca_anchors();
     let activate_with = |handle: &'static str| {
         let tpm = &tpm;
@@ -666,4 +673,124 @@ fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
         verify(&evidence, &[0; 8], &anchors, |_| Ok(Vec::new())),
         Err(AttestError::Input(_))
     ));
+}
+
+/// The activation command of `devicekey attest verify --activate-with`, as a shell script
+/// around tpm2-tools: one JSON object in, `{"secretBase64": ...}` out.
+fn activation_script(tpm: &Tpm, activate: &str) -> PathBuf {
+    let script = tpm.path(&format!("activate-{activate}.sh"));
+    let text = format!(
+        r#"#!/bin/sh
+set -e
+cd '{dir}'
+export TPM2TOOLS_TCTI='{tcti}'
+read -r line
+cred=$(printf '%s' "$line" | sed -n 's/.*"credentialBlobBase64":"\([^"]*\)".*/\1/p')
+sec=$(printf '%s' "$line" | sed -n 's/.*"encryptedSecretBase64":"\([^"]*\)".*/\1/p')
+{{ printf '\272\334\300\336\000\000\000\001'; printf '%s' "$cred" | base64 -d; printf '%s' "$sec" | base64 -d; }} > cli-cred.in
+tpm2_startauthsession --policy-session -S cli-s.ctx >/dev/null
+tpm2_policysecret -S cli-s.ctx -c e >/dev/null
+status=0
+tpm2_activatecredential -c {activate} -C {ek} -i cli-cred.in -o cli-secret.out -P session:cli-s.ctx >/dev/null || status=$?
+tpm2_flushcontext -t; tpm2_flushcontext -s
+[ "$status" = 0 ] || exit "$status"
+printf '{{"secretBase64":"%s"}}\n' "$(base64 -w0 cli-secret.out)"
+"#,
+        dir = tpm.dir.display(),
+        tcti = tpm.swtpm.tcti(),
+        ek = EK_HANDLE,
+    );
+    std::fs::write(&script, text).unwrap();
+    script
+}
+
+fn devicekey() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_devicekey"))
+}
+
+/// `devicekey attest verify`: the six checks in plain words and exit 0 on real evidence; a
+/// saved AK pins it; a wrong nonce, a refused activation and "none" evidence exit non-zero,
+/// naming the check.
+#[test]
+fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
+    if !tools_present() {
+        return;
+    }
+    let (tpm, evidence, nonce) = evidence_from_the_tpm();
+    let evidence_file = tpm.path("evidence.json");
+    std::fs::write(&evidence_file, evidence.to_json().to_string()).unwrap();
+    let root = PathBuf::from(LOCALCA).join("swtpm-localca-rootca-cert.pem");
+    let issuer = PathBuf::from(LOCALCA).join("issuercert.pem");
+    let b64url = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let run = |nonce: &[u8], activate: &str, extra: &[&str]| {
+        let out = devicekey()
+            .args(["attest", "verify", "--evidence"])
+            .arg(&evidence_file)
+            .args(["--nonce", &b64url(nonce), "--roots"])
+            .arg(&root)
+            .arg("--intermediates")
+            .arg(&issuer)
+            .arg("--activate-with")
+            .arg(format!(
+                "sh '{}'",
+                activation_script(&tpm, activate).display()
+            ))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let ak_file = tpm.path("pinned-ak.b64");
+    let (code, stdout, stderr) = run(&nonce, AK_HANDLE, &["--save-ak", ak_file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    for n in 1..=6 {
+        assert!(stdout.contains(&format!("check {n} (")), "{stdout}");
+    }
+    assert_eq!(stdout.matches(": pass: ").count(), 6, "{stdout}");
+    assert!(stdout.contains("verified: all six checks pass"), "{stdout}");
+
+    // Pinned: no roots, no activation.
+    let out = devicekey()
+        .args(["attest", "verify", "--evidence"])
+        .arg(&evidence_file)
+        .args(["--nonce", &b64url(&nonce), "--pinned-ak"])
+        .arg(&ak_file)
+        .output()
+        .unwrap();
+    let stdout_pinned = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout_pinned}");
+    assert!(stdout_pinned.contains("pinned AK"), "{stdout_pinned}");
+
+    let (code, stdout, stderr) = run(b"another nonce, not the one sent", AK_HANDLE, &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stdout.contains("check 5 (certifyInfo): FAIL: extraData does not match the nonce and SPKI"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("check 5 (certifyInfo)"), "{stderr}");
+
+    let (code, stdout, _) = run(&nonce, OTHER_KEY_HANDLE, &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stdout.contains("check 3 (credential activation): FAIL"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NOT verified: 1 of 6"), "{stdout}");
+
+    std::fs::write(
+        &evidence_file,
+        r#"{"format":"none","version":1,"protectionClass":"os_protected_nonextractable"}"#,
+    )
+    .unwrap();
+    let (code, stdout, _) = run(&nonce, AK_HANDLE, &[]);
+    assert_ne!(code, Some(0));
+    assert!(stdout.contains("format \"none\""), "{stdout}");
 }

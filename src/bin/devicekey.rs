@@ -69,6 +69,36 @@ enum Command {
     Cert(devicekey_pkcs11::cli::CertArgs),
     /// Check the config and every slot: backend, protection class, reachable or not, and the fix.
     Doctor(devicekey_pkcs11::cli::doctor::DoctorArgs),
+    /// TPM key attestation: check a device key's evidence (the reference verifier).
+    #[cfg(all(target_os = "linux", feature = "tpm"))]
+    #[command(subcommand)]
+    Attest(AttestCommand),
+}
+
+/// `devicekey attest ...`.
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+#[derive(Subcommand, Debug)]
+enum AttestCommand {
+    /// Verify attestation evidence: the six checks, each printed; exit 0 only when all pass.
+    Verify(devicekey_pkcs11::cli::attest_verify::VerifyArgs),
+}
+
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+impl AttestCommand {
+    fn run(self) -> Result<(), CliError> {
+        match self {
+            Self::Verify(a) => {
+                let output = a.run().map_err(DeviceKeyError::from)?;
+                emit(format_args!("{}", output.text))?;
+                match output.failure {
+                    None => Ok(()),
+                    Some(e) => {
+                        Err(DeviceKeyError::Crypto(format!("attestation not verified: {e}")).into())
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Command {
@@ -90,6 +120,8 @@ impl Command {
                     Some(p) => Err(DeviceKeyError::Platform(p).into()),
                 }
             }
+            #[cfg(all(target_os = "linux", feature = "tpm"))]
+            Self::Attest(a) => a.run(),
         }
     }
 }

@@ -6,6 +6,8 @@
 //! are signed by the token with `C_Sign`. Nothing here writes to stdout; the binary prints what
 //! the functions return.
 
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+pub mod attest_verify;
 pub mod cert;
 pub mod doctor;
 pub mod uri;

@@ -15,6 +15,7 @@
 //! skip, unless `DEVICEKEY_TEST_REQUIRE` contains `swtpm`, in which case they fail.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
+mod rpc_common;
 #[allow(dead_code)]
 #[path = "common/swtpm.rs"]
 mod swtpm;
@@ -751,6 +752,7 @@ fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
     let ak_file = tpm.path("pinned-ak.b64");
     let (code, stdout, stderr) = run(&nonce, AK_HANDLE, &["--save-ak", ak_file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
+    eprintln!("{stdout}");
     for n in 1..=6 {
         assert!(stdout.contains(&format!("check {n} (")), "{stdout}");
     }
@@ -784,6 +786,62 @@ fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
         "{stdout}"
     );
     assert!(stdout.contains("NOT verified: 1 of 6"), "{stdout}");
+
+    // Over the socket of a real `devicekey serve`: the exchange reaches the server, and a
+    // server that cannot activate (no such key here) fails check 3 with its own answer.
+    let env = rpc_common::Env::ours_software("");
+    let socket_dir = env.dir.path().join("run");
+    std::fs::create_dir(&socket_dir).unwrap();
+    std::fs::set_permissions(
+        &socket_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let socket = socket_dir.join("serve.sock");
+    let mut server = env
+        .command()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.dir.path().join("serve.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        let exited = server.try_wait().unwrap();
+        assert!(
+            exited.is_none() && std::time::Instant::now() < deadline,
+            "devicekey serve did not listen ({exited:?}): {}",
+            env.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = devicekey()
+        .args(["attest", "verify", "--evidence"])
+        .arg(&evidence_file)
+        .args(["--nonce", &b64url(&nonce), "--roots"])
+        .arg(&root)
+        .arg("--intermediates")
+        .arg(&issuer)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--key-id", "no-such-key"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{stdout}");
+    eprintln!("{stdout}");
+    assert!(
+        stdout.contains("check 3 (credential activation): FAIL: the device did not activate the credential: the server answered error"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("check 1 (EK certificate): pass"),
+        "{stdout}"
+    );
 
     std::fs::write(
         &evidence_file,

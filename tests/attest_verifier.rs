@@ -772,7 +772,7 @@ fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
     assert!(stdout_pinned.contains("pinned AK"), "{stdout_pinned}");
 
     let (code, stdout, stderr) = run(b"another nonce, not the one sent", AK_HANDLE, &[]);
-    assert_ne!(code, Some(0));
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
         stdout.contains("check 5 (certifyInfo): FAIL: extraData does not match the nonce and SPKI"),
         "{stdout}"
@@ -786,6 +786,11 @@ fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
         "{stdout}"
     );
     assert!(stdout.contains("NOT verified: 1 of 6"), "{stdout}");
+
+    // A nonce that is too short is a usage error (exit 2), not a verdict.
+    let (code, _, stderr) = run(b"short", AK_HANDLE, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("16 to 64"), "{stderr}");
 
     // Over the socket of a real `devicekey serve`: the exchange reaches the server, and a
     // server that cannot activate (no such key here) fails check 3 with its own answer.

@@ -88,7 +88,10 @@ impl AttestCommand {
     fn run(self) -> Result<(), CliError> {
         match self {
             Self::Verify(a) => {
-                let output = a.run().map_err(DeviceKeyError::from)?;
+                let output = a.run().map_err(|e| match e {
+                    devicekey_pkcs11::cli::ToolError::Usage(m) => CliError::Input(m),
+                    other => DeviceKeyError::from(other).into(),
+                })?;
                 emit(format_args!("{}", output.text))?;
                 match output.failure {
                     None => Ok(()),

@@ -89,10 +89,7 @@ pub struct VerifyOutput {
 }
 
 fn read_input(path: &Path) -> Result<Vec<u8>, ToolError> {
-    let io = |source| ToolError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |e: std::io::Error| ToolError::Usage(format!("{}: {e}", path.display()));
     if path.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::stdin()

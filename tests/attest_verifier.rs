@@ -571,6 +571,17 @@ fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
     assert_eq!(check, Check::CertifyInfo);
     assert!(reason.contains("extraData"), "{reason}");
 
+    // The EK certificate with NV padding after its DER: check 1 (the contract wants the exact DER).
+    let mut padded = evidence.clone();
+    padded.ek_certificates[0].extend_from_slice(&[0xff; 16]);
+    let report = verify(&padded, &nonce, &anchors, activate_with(AK_HANDLE)).unwrap();
+    let (check, reason) = first_failure(report);
+    assert_eq!(check, Check::EkCertificate);
+    assert!(
+        reason.contains("not exactly one DER certificate"),
+        "{reason}"
+    );
+
     // A roots file without the swtpm CA: check 1.
     let other_root = tpm.path("other-root.pem");
     let out = Command::new("openssl")

@@ -88,6 +88,23 @@ fn subject(cert: &X509) -> String {
     }
 }
 
+/// One certificate that is exactly its DER: no padding or other bytes after it (the contract
+/// wants the exact DER, not the NV index's content).
+fn exact_der(der: &[u8], what: &str) -> std::result::Result<X509, String> {
+    let cert = X509::from_der(der).map_err(|e| format!("{what} is not DER X.509: {e}"))?;
+    let again = cert
+        .to_der()
+        .map_err(|e| format!("{what} cannot be encoded again: {e}"))?;
+    if again != der {
+        return Err(format!(
+            "{what} is not exactly one DER certificate ({} bytes given, the certificate is {})",
+            der.len(),
+            again.len()
+        ));
+    }
+    Ok(cert)
+}
+
 /// Verifies `certs` (the EK certificate first, then chain certificates from the device) against
 /// `anchors`, and compares the EK certificate's key with `ek`'s. Returns the chain it built, as
 /// subjects from the EK certificate to the root.
@@ -97,8 +114,7 @@ pub fn verify_ek_certificate(
     ek: &PublicArea,
 ) -> std::result::Result<Vec<String>, String> {
     let (leaf_der, rest) = certs.split_first().ok_or("no EK certificate was sent")?;
-    let leaf = X509::from_der(leaf_der)
-        .map_err(|e| format!("the EK certificate is not DER X.509: {e}"))?;
+    let leaf = exact_der(leaf_der, "the EK certificate")?;
     let ek_key = ek.ek_pkey().map_err(|e| format!("ekPublicArea: {e}"))?;
     let cert_key = leaf
         .public_key()
@@ -114,8 +130,7 @@ pub fn verify_ek_certificate(
     let store = store.build();
     let mut chain = Stack::new().map_err(ossl)?;
     for (i, der) in rest.iter().enumerate() {
-        let cert = X509::from_der(der)
-            .map_err(|e| format!("ekCertificates[{}] is not DER X.509: {e}", i + 1))?;
+        let cert = exact_der(der, &format!("ekCertificates[{}]", i + 1))?;
         chain.push(cert).map_err(ossl)?;
     }
     for cert in &anchors.intermediates {

@@ -237,3 +237,78 @@ fn kind(public: &Public) -> &'static str {
         Public::SymCipher { .. } => "a symmetric cipher",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An AK's public area as tpm2_createak wrote it (swtpm), and the name tpm2-tools gave it.
+    const AK: &str = "0023000b00050072000000100018000b000300100020450effad5cd998c04ec1fd6ee66cf4dd8f86a3fe5acc2cc695bfd78f5eed22730020bb648085e15a969669ea42a6d69ff5dbfab844b5bbff47d21b40236277ad290c";
+    const AK_NAME: &str = "000b469e6eed427110fbbb85fa7d2f71f0448970abcf46f10cacffa83c82ae2bf5a7";
+
+    fn ak_bytes() -> Vec<u8> {
+        hex::decode(AK).unwrap()
+    }
+
+    #[test]
+    fn name_matches_tpm2_tools() {
+        let ak = PublicArea::parse(&ak_bytes()).unwrap();
+        assert_eq!(hex::encode(ak.name()), AK_NAME);
+        assert_eq!(ak.p256_point().unwrap()[0], 0x04);
+        ak.check_signing_key(true).unwrap();
+    }
+
+    #[test]
+    fn attribute_rules_name_what_is_wrong() {
+        let ak = PublicArea::parse(&ak_bytes()).unwrap();
+        assert_eq!(
+            ak.check_signing_key(false).unwrap_err(),
+            "restricted is set"
+        );
+
+        // objectAttributes is the big-endian u32 at offset 4: restricted is bit 16, decrypt 17,
+        // sign 18, fixedTPM 1.
+        let mut bytes = ak_bytes();
+        bytes[5] &= !0x01;
+        let err = PublicArea::parse(&bytes)
+            .unwrap()
+            .check_signing_key(true)
+            .unwrap_err();
+        assert_eq!(err, "restricted is clear");
+
+        let mut bytes = ak_bytes();
+        bytes[5] |= 0x02;
+        bytes[7] &= !0x02;
+        let err = PublicArea::parse(&bytes)
+            .unwrap()
+            .check_signing_key(true)
+            .unwrap_err();
+        assert_eq!(err, "fixedTPM is clear, decrypt is set");
+
+        let mut bytes = ak_bytes();
+        bytes[3] = 0x0c; // nameAlg SHA-384
+        let err = PublicArea::parse(&bytes)
+            .unwrap()
+            .check_signing_key(true)
+            .unwrap_err();
+        assert!(err.contains("nameAlg"), "{err}");
+    }
+
+    #[test]
+    fn trailing_and_truncated_bytes_refused() {
+        let mut bytes = ak_bytes();
+        bytes.push(0);
+        let err = PublicArea::parse(&bytes).unwrap_err();
+        assert!(err.contains("canonical"), "{err}");
+        let bytes = ak_bytes();
+        assert!(PublicArea::parse(&bytes[..bytes.len() - 1]).is_err());
+        assert!(PublicArea::parse(&[]).is_err());
+    }
+
+    #[test]
+    fn an_ak_is_not_an_ek() {
+        let ak = PublicArea::parse(&ak_bytes()).unwrap();
+        let err = ak.ek_key().unwrap_err();
+        assert!(err.contains("restricted decryption"), "{err}");
+    }
+}

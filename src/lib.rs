@@ -3,6 +3,8 @@
 //! Data flows one way: [`pkcs11`] (the C ABI) → [`token`] (plain Rust) → [`backend`] (key stores).
 //! [`rpc`] is a PKCS#11 client of any module; [`proof`] is shared by `rpc` and `token`.
 
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+pub mod attest;
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -69,7 +69,8 @@ enum Command {
     Cert(devicekey_pkcs11::cli::CertArgs),
     /// Check the config and every slot: backend, protection class, reachable or not, and the fix.
     Doctor(devicekey_pkcs11::cli::doctor::DoctorArgs),
-    /// Key attestation: print the evidence that a key lives in a TPM, or answer a challenge.
+    /// Key attestation: print the evidence that a key lives in a TPM, answer a challenge, or
+    /// verify evidence (the relying party's reference verifier).
     Attest(AttestArgs),
 }
 
@@ -157,6 +158,9 @@ enum AttestCommand {
     /// Answer a credential challenge: reads {"credentialBlobBase64", "encryptedSecretBase64"}
     /// on stdin, prints {"secretBase64"}.
     Activate(AttestActivateArgs),
+    /// Verify attestation evidence: the six checks, each printed; exit 0 only when all pass.
+    #[cfg(all(target_os = "linux", feature = "tpm"))]
+    Verify(devicekey_pkcs11::cli::attest_verify::VerifyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -178,8 +182,14 @@ struct AttestActivateArgs {
 
 impl AttestArgs {
     fn run(self) -> Result<(), CliError> {
+        let command = self.command.unwrap_or(AttestCommand::Show(self.show));
+        #[cfg(all(target_os = "linux", feature = "tpm"))]
+        let command = match command {
+            AttestCommand::Verify(a) => return verify_attestation(a),
+            other => other,
+        };
         let config = Config::load()?;
-        let answer = match self.command.unwrap_or(AttestCommand::Show(self.show)) {
+        let answer = match command {
             AttestCommand::Show(a) => {
                 let (Some(key_id), Some(nonce)) = (a.key_id, a.nonce) else {
                     return Err(CliError::Input(
@@ -196,8 +206,26 @@ impl AttestArgs {
                     .map_err(|e| CliError::Input(format!("cannot read stdin: {e}")))?;
                 devicekey_pkcs11::cli::attest_device::activate(&config, &a.key_id, &challenge)?
             }
+            #[cfg(all(target_os = "linux", feature = "tpm"))]
+            AttestCommand::Verify(_) => unreachable!("handled above"),
         };
         print_json(&answer)
+    }
+}
+
+/// `devicekey attest verify`: needs no module and no TPM.
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+fn verify_attestation(
+    args: devicekey_pkcs11::cli::attest_verify::VerifyArgs,
+) -> Result<(), CliError> {
+    let output = args.run().map_err(|e| match e {
+        devicekey_pkcs11::cli::ToolError::Usage(m) => CliError::Input(m),
+        other => DeviceKeyError::from(other).into(),
+    })?;
+    emit(format_args!("{}", output.text))?;
+    match output.failure {
+        None => Ok(()),
+        Some(e) => Err(DeviceKeyError::Crypto(format!("attestation not verified: {e}")).into()),
     }
 }
 

@@ -5,8 +5,13 @@
 //! or any other (SoftHSM, a smart card). They never touch key material: certificates and requests
 //! are signed by the token with `C_Sign`. Nothing here writes to stdout; the binary prints what
 //! the functions return.
+//!
+//! `devicekey attest verify` ([`attest_verify`], Linux with the `tpm` feature) is the relying
+//! party's reference verifier of TPM key attestation; it needs no module and no TPM.
 
 pub mod attest_device;
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+pub mod attest_verify;
 pub mod cert;
 pub mod doctor;
 pub mod uri;

@@ -19,7 +19,7 @@ set -uo pipefail
 
 E2E=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$E2E/../.." && pwd)
-ALL=(ssh openssl-tls nss chromium gnutls java p11kit p11kit-remote)
+ALL=(ssh openssl-tls nss chromium gnutls java p11kit p11kit-remote package)
 TESTS=("$@")
 [ ${#TESTS[@]} -eq 0 ] && TESTS=("${ALL[@]}")
 TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-300}

@@ -115,6 +115,14 @@ check_doctor() {
   run /usr/bin/devicekey --version
   run /usr/bin/devicekey doctor
   expect "config: $DEVICEKEY_CONFIG"
+  expect "reachable:        yes"
+}
+
+check_cli_finds_packaged_module() {
+  # The server side (devicekey list, devicekey serve) finds the module where the package put it.
+  run /usr/bin/devicekey list
+  reject "not found"
+  expect "pkgkey"
 }
 
 check_remove() {
@@ -142,6 +150,7 @@ check p11kit_lists_module check_p11kit_lists_module
 check proxy_reaches_token check_proxy_reaches_token
 check doctor_from_usr_bin check_doctor
 check user_units_verify check_user_units
+check cli_finds_packaged_module check_cli_finds_packaged_module
 check remove check_remove
 check negative_proxy_after_removal negative_proxy_after_removal
 e2e_finish

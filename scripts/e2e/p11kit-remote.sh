@@ -192,7 +192,14 @@ negative_sign_through_socket() {
 }
 
 negative_server_stopped() {
-  stop_bg "$SERVER_PID"
+  local i
+  kill "$SERVER_PID" 2>/dev/null
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$SERVER_PID" 2>/dev/null && fail "p11-kit server (pid $SERVER_PID) did not stop"
+  echo "(p11-kit server stopped)"
   run_fails "${CLIENT[@]}" "${P11TOOL[@]}" --token-label "$TOKEN_LABEL" --sign -m ECDSA --id 01 \
     -i "$C/payload.sha256" -o "$C/sig-none.der"
 }

@@ -57,6 +57,22 @@ const MAX_CACHED_KEYS: usize = 4096;
 /// The installed path of our module.
 pub const INSTALLED_MODULE: &str = "/usr/local/lib/devicekey/libdevicekey_pkcs11.so";
 
+/// Where the Debian package puts our module: p11-kit's module directory for this architecture
+/// (`scripts/package.sh`). `None` where there is no such package.
+pub fn packaged_module_path() -> Option<PathBuf> {
+    let multiarch = match (std::env::consts::OS, std::env::consts::ARCH) {
+        ("linux", "x86_64") => "x86_64-linux-gnu",
+        ("linux", "aarch64") => "aarch64-linux-gnu",
+        ("linux", "x86") => "i386-linux-gnu",
+        ("linux", "riscv64") => "riscv64-linux-gnu",
+        ("linux", "s390x") => "s390x-linux-gnu",
+        _ => return None,
+    };
+    Some(PathBuf::from(format!(
+        "/usr/lib/{multiarch}/pkcs11/libdevicekey_pkcs11.so"
+    )))
+}
+
 type Result<T> = std::result::Result<T, DeviceKeyError>;
 
 /// One PKCS#11 module to use, with what the config says about it.
@@ -105,7 +121,8 @@ pub fn module_specs(config: &ServerConfig) -> Result<Vec<ModuleSpec>> {
     Ok(specs)
 }
 
-/// Our own module: next to the running binary (a build tree), else the installed path.
+/// Our own module: next to the running binary (a build tree), else where the Debian package
+/// puts it, else the installed path (`scripts/install.sh`).
 pub fn default_module_path() -> PathBuf {
     let name = if cfg!(target_os = "macos") {
         "libdevicekey_pkcs11.dylib"
@@ -120,6 +137,9 @@ pub fn default_module_path() -> PathBuf {
                 }
             }
         }
+    }
+    if let Some(packaged) = packaged_module_path().filter(|p| p.is_file()) {
+        return packaged;
     }
     PathBuf::from(INSTALLED_MODULE)
 }

@@ -4,6 +4,7 @@
 
 pub mod attributes;
 pub mod error;
+pub mod host;
 pub mod mechanism;
 pub mod object;
 pub mod session;

@@ -10,6 +10,7 @@ use der::{Decode, Encode};
 
 use super::attributes::{find, find_bool, find_ulong, ulong_bytes, Attributes, Template};
 use super::error::{fail, Result};
+use super::host;
 use super::mechanism::{PRIVATE_KEY_MECHANISMS, PUBLIC_KEY_MECHANISMS};
 use crate::backend::{KeyPurpose, KeyRecord, ProtectionClass, Signer};
 use crate::encoding::{self, P256_EC_PARAMS};
@@ -186,8 +187,7 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
         .set_bool(CKA_SENSITIVE, true)
         .set_bool(CKA_EXTRACTABLE, false)
         .set_bool(CKA_ALWAYS_SENSITIVE, true)
-        .set_bool(CKA_NEVER_EXTRACTABLE, true)
-        .set(CKA_ALLOWED_MECHANISMS, ulong_list(private_mechs));
+        .set_bool(CKA_NEVER_EXTRACTABLE, true);
 
     let mut public = common;
     public
@@ -199,8 +199,12 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
         .set_bool(CKA_SENSITIVE, false)
         .set_bool(CKA_EXTRACTABLE, true)
         .set_bool(CKA_ALWAYS_SENSITIVE, false)
-        .set_bool(CKA_NEVER_EXTRACTABLE, false)
-        .set(CKA_ALLOWED_MECHANISMS, ulong_list(PUBLIC_KEY_MECHANISMS));
+        .set_bool(CKA_NEVER_EXTRACTABLE, false);
+    // Not through p11-kit's RPC, which cannot carry this attribute's length query (see `host`).
+    if !host::hosted_by_p11_kit_rpc() {
+        private.set(CKA_ALLOWED_MECHANISMS, ulong_list(private_mechs));
+        public.set(CKA_ALLOWED_MECHANISMS, ulong_list(PUBLIC_KEY_MECHANISMS));
+    }
 
     let owner = None;
     (

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the end-to-end tests: real tools against the module, with throwaway servers on 127.0.0.1.
 #
-#   scripts/e2e/run.sh [TEST...]      TEST: ssh openssl-tls nss chromium gnutls java p11kit (default: all)
+#   scripts/e2e/run.sh [TEST...]      TEST: ssh openssl-tls nss chromium gnutls java p11kit
+#                                     openssl-provider git-signing (default: all)
 #
 # Installs what the tests need when it is missing (the packages of scripts/setup.sh, plus
 # `chromium` and a JDK with javac and keytool), builds the release module when it is missing, then
@@ -19,7 +20,7 @@ set -uo pipefail
 
 E2E=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$E2E/../.." && pwd)
-ALL=(ssh openssl-tls nss chromium gnutls java p11kit)
+ALL=(ssh openssl-tls nss chromium gnutls java p11kit openssl-provider git-signing)
 TESTS=("$@")
 [ ${#TESTS[@]} -eq 0 ] && TESTS=("${ALL[@]}")
 TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-300}

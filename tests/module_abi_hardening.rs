@@ -411,7 +411,6 @@ fn ecdsa_is_single_part_only() {
 fn unsupported_calls(s: CK_SESSION_HANDLE) -> Vec<(&'static str, CK_RV)> {
     let mut m = mech(CKM_AES_CBC);
     let mut buf = [0u8; 64];
-    let mut len: CK_ULONG = buf.len() as CK_ULONG;
     let mut handle: CK_OBJECT_HANDLE = 0;
     let mut pin = *b"123456";
     // SAFETY: every pointer points to a live local of the right type and size.
@@ -431,10 +430,6 @@ fn unsupported_calls(s: CK_SESSION_HANDLE) -> Vec<(&'static str, CK_RV)> {
             (
                 "C_GenerateKey",
                 ck!(C_GenerateKey)(s, &mut m, ptr::null_mut(), 0, &mut handle),
-            ),
-            (
-                "C_GetOperationState",
-                ck!(C_GetOperationState)(s, buf.as_mut_ptr(), &mut len),
             ),
             ("C_DigestKey", ck!(C_DigestKey)(s, 1)),
             ("C_SignRecoverInit", ck!(C_SignRecoverInit)(s, &mut m, 1)),

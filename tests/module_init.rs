@@ -583,10 +583,6 @@ fn unsupported_functions_return_function_not_supported() {
                     "C_CopyObject",
                     ck!(C_CopyObject)(s, key, &mut attr, 1, &mut handle),
                 ),
-                (
-                    "C_GetOperationState",
-                    ck!(C_GetOperationState)(s, buf.as_mut_ptr(), &mut len),
-                ),
             ]
         };
         let wrong: Vec<String> = results

@@ -764,6 +764,43 @@ entry! {
 }
 
 entry! {
+    /// `C_GetOperationState`: a digest's saved state (docs/FEATURES.md); a NULL output asks
+    /// for the length. The operation goes on either way.
+    fn C_GetOperationState(
+        hSession: CK_SESSION_HANDLE,
+        pOperationState: *mut CK_BYTE,
+        pulOperationStateLen: *mut CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: forwarded output contract.
+            unsafe {
+                variable_output(pOperationState, pulOperationStateLen, |out| {
+                    t.operation_state(hSession, out)
+                })
+            }
+        })
+    }
+}
+
+entry! {
+    /// `C_SetOperationState`: restores a state C_GetOperationState gave.
+    fn C_SetOperationState(
+        hSession: CK_SESSION_HANDLE,
+        pOperationState: *mut CK_BYTE,
+        ulOperationStateLen: CK_ULONG,
+        hEncryptionKey: CK_OBJECT_HANDLE,
+        hAuthenticationKey: CK_OBJECT_HANDLE,
+    ) {
+        with_token(NAME, |t| {
+            t.check_session(hSession).map_err(|e| e.rv)?;
+            // SAFETY: `ulOperationStateLen` readable bytes per the caller.
+            let state = unsafe { memory::input(pOperationState, ulOperationStateLen) }?;
+            rv(t.set_operation_state(hSession, state, hEncryptionKey, hAuthenticationKey))
+        })
+    }
+}
+
+entry! {
     /// `C_SeedRandom`: the OS generator takes no seed (`CKR_RANDOM_SEED_NOT_SUPPORTED`).
     fn C_SeedRandom(hSession: CK_SESSION_HANDLE, pSeed: *mut CK_BYTE, ulSeedLen: CK_ULONG) {
         with_token(NAME, |t| {

@@ -33,14 +33,6 @@ not_supported! {
     C_InitToken(CK_SLOT_ID, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR);
     C_InitPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG);
     C_SetPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
-    C_GetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
-    C_SetOperationState(
-        CK_SESSION_HANDLE,
-        *mut CK_BYTE,
-        CK_ULONG,
-        CK_OBJECT_HANDLE,
-        CK_OBJECT_HANDLE,
-    );
     C_CopyObject(
         CK_SESSION_HANDLE,
         CK_OBJECT_HANDLE,

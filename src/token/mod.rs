@@ -7,6 +7,7 @@ pub mod error;
 pub mod host;
 pub mod mechanism;
 pub mod object;
+pub mod op_state;
 pub mod session;
 pub mod slot;
 
@@ -726,6 +727,24 @@ impl Token {
     /// C_DigestFinal.
     pub fn digest_final(&self, h: CK_SESSION_HANDLE, out: Capacity) -> Result<Output> {
         self.with_session(h, |_, s| s.digest_final(out))
+    }
+
+    /// C_GetOperationState.
+    pub fn operation_state(&self, h: CK_SESSION_HANDLE, out: Capacity) -> Result<Output> {
+        self.with_session(h, |_, s| s.operation_state(out))
+    }
+
+    /// C_SetOperationState.
+    pub fn set_operation_state(
+        &self,
+        h: CK_SESSION_HANDLE,
+        state: &[u8],
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        self.with_session(h, |_, s| {
+            s.set_operation_state(state, encryption_key, authentication_key)
+        })
     }
 
     /// C_GenerateRandom.

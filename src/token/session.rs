@@ -18,6 +18,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use super::error::{fail, Error, Result};
 use super::mechanism::{normalize_digest, Hasher, SIGNATURE_LEN};
 use super::object::Object;
+use super::op_state::{SavedDigest, MAX_SAVED_INPUT};
 use crate::backend::KeyPurpose;
 
 /// The most data a proof-only key accepts in one signature (the payload is validated whole).
@@ -59,8 +60,62 @@ pub struct VerifyOp(SignOp);
 
 /// A running digest.
 pub struct DigestOp {
+    mech: CK_MECHANISM_TYPE,
     hasher: Hasher,
     style: Style,
+    /// The input so far, for C_GetOperationState; `None` once longer than [`MAX_SAVED_INPUT`].
+    input: Option<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl DigestOp {
+    fn new(mech: CK_MECHANISM_TYPE) -> Result<Self> {
+        let hasher = match mech {
+            CKM_SHA256 | CKM_SHA384 | CKM_SHA512 => Hasher::for_mechanism(mech),
+            _ => None,
+        };
+        Ok(Self {
+            mech,
+            hasher: hasher.ok_or(Error::rv(CKR_MECHANISM_INVALID))?,
+            style: Style::Undecided,
+            input: Some(zeroize::Zeroizing::new(Vec::new())),
+        })
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        if let Some(input) = self.input.as_mut() {
+            if input.len() + data.len() <= MAX_SAVED_INPUT {
+                input.extend_from_slice(data);
+            } else {
+                self.input = None;
+            }
+        }
+    }
+
+    fn save(&self) -> Result<SavedDigest> {
+        let input = self.input.as_ref().ok_or(Error::rv(CKR_STATE_UNSAVEABLE))?;
+        Ok(SavedDigest {
+            mechanism: self.mech,
+            style: match self.style {
+                Style::Undecided => 0,
+                Style::Single => 1,
+                Style::Multi => 2,
+            },
+            input: input.clone(),
+        })
+    }
+
+    fn restore(saved: &SavedDigest) -> Result<Self> {
+        let mut op = Self::new(saved.mechanism).or(fail(CKR_SAVED_STATE_INVALID))?;
+        op.update(&saved.input);
+        op.style = match saved.style {
+            0 => Style::Undecided,
+            1 => Style::Single,
+            2 => Style::Multi,
+            _ => return fail(CKR_SAVED_STATE_INVALID),
+        };
+        Ok(op)
+    }
 }
 
 /// Whether an operation has been driven single-part (C_Sign, C_Digest, C_Verify: a length
@@ -355,15 +410,7 @@ impl Session {
         if self.digest.is_some() {
             return fail(CKR_OPERATION_ACTIVE);
         }
-        let hasher = match mech {
-            CKM_SHA256 | CKM_SHA384 | CKM_SHA512 => Hasher::for_mechanism(mech),
-            _ => None,
-        };
-        let hasher = hasher.ok_or(Error::rv(CKR_MECHANISM_INVALID))?;
-        self.digest = Some(DigestOp {
-            hasher,
-            style: Style::Undecided,
-        });
+        self.digest = Some(DigestOp::new(mech)?);
         Ok(())
     }
 
@@ -393,7 +440,7 @@ impl Session {
             .as_mut()
             .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
         op.style.enter(Style::Multi)?;
-        op.hasher.update(data);
+        op.update(data);
         Ok(())
     }
 
@@ -410,5 +457,41 @@ impl Session {
         };
         settle(&mut self.digest, &result, capacity.is_none());
         result
+    }
+
+    /// C_GetOperationState: only a digest is saved. With a sign or verify operation running,
+    /// or a digest whose input outgrew [`MAX_SAVED_INPUT`], the state is unsaveable.
+    pub fn operation_state(&self, capacity: Capacity) -> Result<Output> {
+        if self.sign.is_some() || self.verify.is_some() {
+            return fail(CKR_STATE_UNSAVEABLE);
+        }
+        let op = self
+            .digest
+            .as_ref()
+            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let bytes = op.save()?.encode()?;
+        match length_only(capacity, bytes.len()) {
+            Some(r) => r,
+            None => Ok(delivered(bytes.to_vec())),
+        }
+    }
+
+    /// C_SetOperationState: the session's operations become the saved one (a digest); any
+    /// operation it was running ends. A digest needs no keys (`CKR_KEY_NOT_NEEDED`).
+    pub fn set_operation_state(
+        &mut self,
+        state: &[u8],
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let saved = SavedDigest::decode(state)?;
+        if encryption_key != CK_INVALID_HANDLE || authentication_key != CK_INVALID_HANDLE {
+            return fail(CKR_KEY_NOT_NEEDED);
+        }
+        let op = DigestOp::restore(&saved)?;
+        self.sign = None;
+        self.verify = None;
+        self.digest = Some(op);
+        Ok(())
     }
 }

@@ -816,6 +816,14 @@ impl TokenClient {
             let Some(public) = session.find_first(&template)? else {
                 continue;
             };
+            if slot.ours {
+                let private_template =
+                    Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+                let Some(private) = session.find_first(&private_template)? else {
+                    return Err(DeviceKeyError::KeyNotFound.into());
+                };
+                Self::require_proof_purpose(&session, private)?;
+            }
             if let Some(c) = cached
                 .as_ref()
                 .filter(|c| c.slot == index && c.object == public)
@@ -844,6 +852,36 @@ impl TokenClient {
             return Ok(info);
         }
         Err(DeviceKeyError::KeyNotFound.into())
+    }
+
+    /// On our module, a device key is a proof-only key: refuses a private key whose
+    /// `CKA_DEVICEKEY_PURPOSE` is not proof (a general key labelled like a device key).
+    fn require_proof_purpose(
+        session: &PooledSession<'_>,
+        private: ObjectHandle,
+    ) -> std::result::Result<(), Failure> {
+        let kind = AttributeType::VendorDefined(crate::vendor::CKA_DEVICEKEY_PURPOSE);
+        let attrs = session.check(
+            "C_GetAttributeValue",
+            session.get()?.get_attributes(private, &[kind]),
+        )?;
+        let purpose = attrs.into_iter().find_map(|a| match a {
+            Attribute::VendorDefined((_, v)) => v
+                .as_slice()
+                .try_into()
+                .ok()
+                .map(cryptoki_sys::CK_ULONG::from_ne_bytes),
+            _ => None,
+        });
+        // CK_ULONG is 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        if purpose.map(u64::from) == Some(crate::vendor::DEVICEKEY_PURPOSE_PROOF) {
+            return Ok(());
+        }
+        Err(DeviceKeyError::InvalidRequest(
+            "key is not a proof-only device key (its CKA_DEVICEKEY_PURPOSE is not proof); device/key/sign and device/key/public use only keys made by device/key/create".into(),
+        )
+        .into())
     }
 
     /// `device/key/sign`, checking in the protocol's order.
@@ -911,6 +949,9 @@ impl TokenClient {
             let Some(private) = session.find_first(&template)? else {
                 return Err(DeviceKeyError::KeyNotFound.into());
             };
+            if slot.ours {
+                Self::require_proof_purpose(&session, private)?;
+            }
             let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
             let signed = if slot.ecdsa_sha256 {
                 session

@@ -6,6 +6,8 @@
 //! * [`token`]: tokens by label.
 //! * [`pin`]: the user PIN from an environment variable or a file, never logged.
 //! * [`pool`]: a token's logged-in session pool, with the one reconnect-and-retry rule.
+//! * [`lock`]: the cross-process write lock of a token (key generation, object creation and
+//!   deletion; never signing).
 //! * [`error`]: the one error type, the one CK_RV formatter (`C_Sign returned CKR_...`) and the
 //!   one classification of what a client recovers from.
 //!
@@ -13,6 +15,7 @@
 //! key tools (`cli`) and the benchmark.
 
 pub mod error;
+pub mod lock;
 pub mod pin;
 pub mod pool;
 pub mod registry;

@@ -20,6 +20,7 @@ use cryptoki::slot::{Slot, TokenInfo};
 use sha2::{Digest, Sha256};
 
 use super::error::{self, describe, Error, Kind, OpError};
+use super::lock::{self, WriteLock};
 use super::pin::Pin;
 use super::registry::{self, ModuleClient};
 use super::token;
@@ -29,6 +30,44 @@ const SESSION_WAIT: Duration = Duration::from_secs(10);
 
 /// Idle sessions kept per token, at most (more are closed when they come back).
 const MAX_IDLE_SESSIONS: usize = 64;
+
+/// The pauses before each retry of a token lookup or a login that met a transient answer (a
+/// file-backed token such as SoftHSM, read while another process rewrites it, briefly shows no
+/// token or an uninitialized PIN). 0.6 s in all: a real misconfiguration still fails within a
+/// second.
+const TRANSIENT_PAUSES_MS: [u64; 6] = [10, 20, 40, 80, 160, 300];
+
+/// Runs `f` until it succeeds or fails with an answer `transient` does not accept, pausing per
+/// [`TRANSIENT_PAUSES_MS`]; the last answer stands. Says in the log what was retried.
+fn ride_out<T, E: std::fmt::Display>(
+    who: &str,
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut retries = 0;
+    loop {
+        match f() {
+            Ok(v) => {
+                if retries > 0 {
+                    log::info!("{who}: {what} succeeded after {retries} retries");
+                }
+                return Ok(v);
+            }
+            Err(e) if retries < TRANSIENT_PAUSES_MS.len() && transient(&e) => {
+                log::debug!("{who}: {what}: {e}; retrying (the token may be mid-write)");
+                std::thread::sleep(Duration::from_millis(TRANSIENT_PAUSES_MS[retries]));
+                retries += 1;
+            }
+            Err(e) => {
+                if retries > 0 {
+                    log::info!("{who}: {what} still failing after {retries} retries");
+                }
+                return Err(e);
+            }
+        }
+    }
+}
 
 fn poisoned() -> Error {
     Error::new(
@@ -193,6 +232,9 @@ impl Token {
                 c.pid
             );
         }
+        // Loading the module reads (and SoftHSM even writes) the token's files: one of our
+        // processes at a time.
+        let _lock = self.write_lock();
         let client = registry::open(&self.spec.module)?;
         let (slot, _) = self.find(&client)?;
         let conn = Arc::new(Conn::new(client, slot));
@@ -202,9 +244,24 @@ impl Token {
         Ok(conn)
     }
 
-    /// The slot holding the token with our label, and its info.
+    /// The slot holding the token with our label, and its info. A token not found is looked
+    /// for again a few times within 0.6 s (a file-backed token being rewritten by another
+    /// process briefly disappears).
     pub fn find(&self, client: &ModuleClient) -> Result<(Slot, TokenInfo), Error> {
-        token::find_by_label(client, &self.spec.token).map_err(|e| e.context(&self.spec.who))
+        let _lock = self.write_lock();
+        ride_out(
+            &self.spec.who,
+            "finding the token",
+            |e: &Error| e.kind == Kind::NotFound,
+            || token::find_by_label(client, &self.spec.token),
+        )
+        .map_err(|e| e.context(&self.spec.who))
+    }
+
+    /// The cross-process lock of this token: held around loading the module, finding the
+    /// token, logging in, key generation, object creation and deletion (never around signing).
+    pub fn write_lock(&self) -> WriteLock {
+        lock::write_lock(&self.spec.module, &self.spec.token)
     }
 
     /// Re-establishes after `err` on `old`: re-initializes the module if it was finalized under
@@ -292,6 +349,7 @@ impl Token {
         }
         let who = &self.spec.who;
         let token = &self.spec.token;
+        let _lock = self.write_lock();
         let auth = |problem: String, fix: &str| {
             OpError::Fail(E::from(Error::new(Kind::Auth, problem, fix)))
         };
@@ -317,7 +375,18 @@ impl Token {
             _ => {}
         }
         let secret = cryptoki::types::AuthPin::from(pin.secret.to_string());
-        match s.login(UserType::User, Some(&secret)) {
+        // A token being rewritten by another process may briefly answer as if it had no user PIN
+        // or were not a token at all.
+        let transient = |e: &CkError| {
+            matches!(
+                error::rv(e),
+                Some(RvError::UserPinNotInitialized | RvError::TokenNotRecognized)
+            )
+        };
+        let logged_in = ride_out(who, "C_Login", transient, || {
+            s.login(UserType::User, Some(&secret))
+        });
+        match logged_in {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
                 lock(rejected_pins()).map_err(fail)?.insert(fingerprint);

@@ -409,6 +409,7 @@ impl TokenClient {
         let mut first_error = None;
         for slot in candidates {
             let random = proof::random_key_id_bytes()?;
+            let _write = slot.token.write_lock();
             let created = Self::on_token(slot, "key generation", |session| {
                 Ok(Self::create_in(
                     session, slot, &random, binding, purpose, label,
@@ -810,6 +811,7 @@ impl TokenClient {
         inv.forget(key_id);
         let mut found = false;
         for slot in Self::slots_for(&inv, id.class) {
+            let _write = slot.token.write_lock();
             found |= Self::on_token(slot, "deleting a key", |session| {
                 let mut objects = Vec::new();
                 for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {

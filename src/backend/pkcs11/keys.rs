@@ -137,7 +137,7 @@ impl Inner {
             let (public, point) = match pubs.get(&id).map(Vec::as_slice) {
                 None | Some([]) => {
                     log::warn!(
-                        "token '{token}': private key '{label}' (CKA_ID {}) has no public key object with the same CKA_ID; skipped",
+                        "token '{token}': private key '{label}' (CKA_ID {}) has no public key object with the same CKA_ID (another process may be writing the pair); skipped",
                         hex(&id)
                     );
                     continue;

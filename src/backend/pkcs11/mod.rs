@@ -208,6 +208,8 @@ impl Backend for Pkcs11Backend {
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         let entry = self
             .inner
             .run("generate a key pair", |s| self.inner.generate(s, request))?;
@@ -223,11 +225,15 @@ impl Backend for Pkcs11Backend {
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("update a key", |s| self.inner.relabel(s, name, label, id))
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("destroy a key", |s| self.inner.destroy(s, name))
     }
@@ -243,6 +249,8 @@ impl Backend for Pkcs11Backend {
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         let raw = objects::prepare(attributes)?;
         let template: Vec<_> = raw.iter().map(encoding::raw_to_attribute).collect();
         self.inner
@@ -250,12 +258,16 @@ impl Backend for Pkcs11Backend {
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner.run("update an object", |s| {
             self.inner.update(s, name, attributes)
         })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("destroy an object", |s| self.inner.destroy_named(s, name))
     }

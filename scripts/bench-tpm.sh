@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The TPM part of scripts/bench.sh (which runs it; it can also run alone after a
-# `cargo build --release --features tpm`): our TPM store and tpm2-pkcs11 on the same swtpm, both
+# `cargo build --release --features tpm` and the same in bench/): our TPM store and tpm2-pkcs11 on the same swtpm, both
 # through tpm2-abrmd (swtpm serves one client and has no resource manager; tpm2-pkcs11 needs one
 # to set up its token); one TPM signature through our TPM store in-process; and the number of
 # TPM2_Sign commands per C_Sign (a length query must send none).
@@ -17,7 +17,7 @@ run_dir=$1 results=$2
 mkdir -p "$run_dir"
 run_dir=$(cd "$run_dir" && pwd)
 runs=${BENCH_RUNS:-5}
-bench=$repo/target/release/devicekey-bench
+bench=$repo/bench/target/release/devicekey-bench
 ours=$repo/target/release/libdevicekey_pkcs11.so
 measure() {
   local config=$1

@@ -7,7 +7,7 @@
 #
 #   --quick     fewer, shorter runs: a smoke test, figures are noisy
 #   --record    write the results (date, machine) into docs/BENCHMARKS.md between its markers
-#   --no-build  use the binaries already in target/release
+#   --no-build  use the binaries already in target/release and bench/target/release
 #   --no-tpm    skip the TPM part (our TPM store vs tpm2-pkcs11 on swtpm; it needs --features tpm,
 #               swtpm, tpm2-abrmd and tpm2-pkcs11, which it installs)
 #
@@ -48,8 +48,10 @@ if [ "$build" = 1 ]; then
   features=()
   [ "$tpm" = 1 ] && features=(--features tpm)
   cargo build --release --quiet "${features[@]}"
+  # The harness is its own crate (bench/, beside fuzz/), built against the library by path.
+  cargo build --release --quiet --manifest-path bench/Cargo.toml "${features[@]}"
 fi
-bench=$repo/target/release/devicekey-bench
+bench=$repo/bench/target/release/devicekey-bench
 ours=$repo/target/release/libdevicekey_pkcs11.so
 devicekey=$repo/target/release/devicekey
 softhsm=/usr/lib/softhsm/libsofthsm2.so

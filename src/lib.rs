@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod encoding;
 pub mod logging;
+pub mod p11;
 pub mod pkcs11;
 pub mod proof;
 pub mod rpc;

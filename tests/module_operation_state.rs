@@ -5,7 +5,7 @@
 //! (`CKR_STATE_UNSAVEABLE`); a digest needs no keys (`CKR_KEY_NOT_NEEDED`).
 
 #[macro_use]
-mod common;
+extern crate testkit as common;
 
 use std::ptr;
 

@@ -6,8 +6,7 @@
 //! `CKR_DEVICE_ERROR` for every key. Served by p11-kit the module leaves that attribute out, so
 //! every attribute read through the client succeeds; loaded directly, the keys keep it.
 
-#[macro_use]
-mod common;
+use testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

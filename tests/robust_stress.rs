@@ -409,7 +409,6 @@ fn four_processes_create_keys_in_one_store() {
 }
 
 #[test]
-#[ignore = "flaky in a fresh clone: a child process sometimes sees no SoftHSM slot (not yet understood); run with --ignored"]
 fn four_processes_create_keys_on_a_softhsm_pkcs11_slot() {
     four_processes(Store::SoftHsm);
 }

@@ -434,35 +434,6 @@ fn update_destroy_objects_and_session_keys() {
     assert!(store.update_object(&name, &attrs2).is_err());
 }
 
-#[test]
-fn sign_latency_on_swtpm() {
-    let f = Fixture::new();
-    let store = f.open();
-    let key = store
-        .generate_key(&new_key("bench", KeyPurpose::General))
-        .unwrap();
-    let d = digest("bench");
-    // The first signature loads the key.
-    let t = Instant::now();
-    key.signer.sign_digest(&d).unwrap();
-    let first = t.elapsed();
-    let mut times: Vec<Duration> = (0..50)
-        .map(|_| {
-            let t = Instant::now();
-            key.signer.sign_digest(&d).unwrap();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    eprintln!(
-        "swtpm sign latency: first (with TPM2_Load) {:.2} ms, p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms",
-        first.as_secs_f64() * 1e3,
-        times[25].as_secs_f64() * 1e3,
-        times[45].as_secs_f64() * 1e3,
-        times[49].as_secs_f64() * 1e3
-    );
-}
-
 /// The transient objects swtpm holds, as tpm2-tools lists them (`None` without tpm2-tools).
 fn transient_objects(tcti: &str) -> Option<usize> {
     let out = Command::new("tpm2_getcap")

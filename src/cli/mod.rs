@@ -17,8 +17,8 @@ pub mod doctor;
 pub mod uri;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
@@ -28,7 +28,7 @@ use cryptoki::types::AuthPin;
 pub use cert::CertArgs;
 pub use uri::UriArgs;
 
-use crate::rpc::error::describe_cryptoki_error;
+use crate::p11::{self, ModuleClient};
 use crate::rpc::DeviceKeyError;
 
 /// Errors of the key tools.
@@ -82,7 +82,7 @@ type Result<T> = std::result::Result<T, ToolError>;
 
 /// `C_Function: CKR_...` for a failed call, with what we were doing.
 pub(crate) fn token_error(what: &str, e: CkError) -> ToolError {
-    ToolError::Token(format!("{what}: {}", describe_cryptoki_error(&e)))
+    ToolError::Token(format!("{what}: {}", p11::describe(&e)))
 }
 
 /// Which keys a command acts on. Empty fields match everything.
@@ -117,10 +117,7 @@ impl KeySelector {
     }
 }
 
-/// Lowercase hex of some bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::encoding::hex;
 
 /// Bytes from hex (`0a1b`, `0A:1B` and `0x0a1b` are accepted).
 pub fn parse_hex(text: &str) -> Result<Vec<u8>> {
@@ -135,24 +132,19 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>> {
             "{text:?} is not an even number of hex digits"
         )));
     }
-    (0..clean.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&clean[i..i + 2], 16)
-                .map_err(|_| ToolError::Usage(format!("{text:?} is not hex")))
-        })
-        .collect()
+    crate::encoding::hex_decode(&clean)
+        .ok_or_else(|| ToolError::Usage(format!("{text:?} is not hex")))
 }
 
 /// Our module: next to the running binary (a build tree), else the installed path.
 pub fn default_module() -> PathBuf {
-    crate::rpc::client::default_module_path()
+    p11::our_module_path()
 }
 
-/// A loaded, initialized module.
+/// A loaded, initialized module (the process-wide client of [`crate::p11`]).
 pub struct Module {
     path: PathBuf,
-    ctx: Pkcs11,
+    client: Arc<ModuleClient>,
 }
 
 impl std::fmt::Debug for Module {
@@ -202,14 +194,10 @@ impl Module {
                     .into(),
             ));
         }
-        let ctx = Pkcs11::new(path).map_err(|e| module_err(e.to_string()))?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(module_err(describe_cryptoki_error(&e))),
-        }
+        let client = p11::registry::open(path).map_err(|e| module_err(e.problem))?;
         Ok(Self {
             path: path.to_owned(),
-            ctx,
+            client,
         })
     }
 
@@ -221,13 +209,15 @@ impl Module {
     /// The tokens present, optionally only the one labelled `label`.
     pub fn tokens(&self, label: Option<&str>) -> Result<Vec<TokenRef>> {
         let slots = self
-            .ctx
+            .client
+            .context()
             .get_slots_with_initialized_token()
             .map_err(|e| token_error("listing slots", e))?;
         let mut out = Vec::new();
         for slot in slots {
             let info = self
-                .ctx
+                .client
+                .context()
                 .get_token_info(slot)
                 .map_err(|e| token_error("reading token info", e))?;
             let token = TokenRef {
@@ -247,7 +237,8 @@ impl Module {
     /// A read-write session on `token`, logged in when `pin` is given.
     pub fn session(&self, token: &TokenRef, pin: Option<&str>) -> Result<Session> {
         let session = self
-            .ctx
+            .client
+            .context()
             .open_rw_session(token.slot)
             .map_err(|e| token_error(&format!("opening a session on {:?}", token.label), e))?;
         if let Some(pin) = pin {

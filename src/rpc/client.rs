@@ -1,38 +1,35 @@
-//! The device-key operations as a PKCS#11 client (through `cryptoki`), against our own module by
-//! default or against any module named in `[server]`.
+//! The device-key logic of `devicekey serve` over PKCS#11: which tokens are candidate stores,
+//! key ids, bindings and the proof policy. Modules, tokens, logins and session pools come from
+//! the client layer ([`crate::p11`]); our own module is the default, any module named in
+//! `[server]` may be added.
 //!
 //! Each token is one candidate store. On our module the token's `model` names its protection class;
 //! on a foreign module the operator declares the class in the config and may name a PIN. A key made
 //! by `create` is a P-256 key pair labelled with the key id, whose CKA_ID is the id's 32 random
 //! bytes; its `(accountUserId, clientId)` binding is a token data object
-//! (`CKA_APPLICATION = "devicekey-binding"`, `CKA_LABEL` = key id, `CKA_VALUE` = JSON).
+//! (`CKA_APPLICATION = "devicekey-binding"`, `CKA_LABEL` = key id, `CKA_VALUE` = JSON). On our
+//! module `public` and `sign` also require the private key to be proof-only
+//! (`CKA_DEVICEKEY_PURPOSE` = proof), so a general key labelled like a device key is refused.
 //!
-//! `public` and `sign` run on sessions kept open between requests (a pool per token) and look
-//! every object up on the token each time, so a key deleted anywhere is gone at once. What a
-//! lookup read (the binding's value, the public key) is cached by key id together with the
-//! object's handle, and used only while the same lookup finds the same handle. A handle or a
-//! reused session that went stale (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`,
-//! `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`) forgets the cache and pooled sessions and
-//! the request is tried once more from scratch.
+//! `public` and `sign` run on the token's pooled sessions and look every object up on the token
+//! each time, so a key deleted anywhere is gone at once. What a lookup read (the binding's value,
+//! the public key) is cached by key id together with the object's handle, and used only while the
+//! same lookup finds the same handle. A session or token that went away is re-established once by
+//! the pool; a call that still fails with a recoverable answer ([`crate::p11::Recovery`], e.g. a
+//! stale object handle) forgets the cache and the request is tried once more from scratch.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
-use p256::pkcs8::EncodePublicKey;
+use cryptoki::session::Session;
 use sha2::{Digest, Sha256};
 
-use super::error::{describe_cryptoki_error, DeviceKeyError};
+use super::error::DeviceKeyError;
 use super::server::KeyService;
 use super::types::{
     Algorithm, Binding, CreateParams, KeyInfo, KeyListing, ProtectionPolicy, PublicParams,
@@ -40,40 +37,32 @@ use super::types::{
 };
 use crate::backend::{KeyPurpose, ProtectionClass};
 use crate::config::{Config, ServerConfig};
+use crate::encoding::{self, P256_EC_PARAMS};
+use crate::p11::{self, ModuleClient, Pin, Recovery, Token, TokenSpec};
 use crate::proof::{self, ProofPolicy};
 
 /// `CKA_APPLICATION` of binding data objects.
 pub const BINDING_APPLICATION: &str = "devicekey-binding";
 
-/// DER of the prime256v1 OID, the CKA_EC_PARAMS of every key.
-const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-/// Open sessions kept per token between requests, at most.
-const MAX_POOLED_SESSIONS: usize = 16;
-
 /// Key ids whose lookups are remembered, at most (the cache starts over past it).
 const MAX_CACHED_KEYS: usize = 4096;
 
-/// The installed path of our module.
-pub const INSTALLED_MODULE: &str = "/usr/local/lib/devicekey/libdevicekey_pkcs11.so";
+type Result<T> = std::result::Result<T, DeviceKeyError>;
 
-/// Where the Debian package puts our module: p11-kit's module directory for this architecture
-/// (`scripts/package.sh`). `None` where there is no such package.
-pub fn packaged_module_path() -> Option<PathBuf> {
-    let multiarch = match (std::env::consts::OS, std::env::consts::ARCH) {
-        ("linux", "x86_64") => "x86_64-linux-gnu",
-        ("linux", "aarch64") => "aarch64-linux-gnu",
-        ("linux", "x86") => "i386-linux-gnu",
-        ("linux", "riscv64") => "riscv64-linux-gnu",
-        ("linux", "s390x") => "s390x-linux-gnu",
-        _ => return None,
-    };
-    Some(PathBuf::from(format!(
-        "/usr/lib/{multiarch}/pkcs11/libdevicekey_pkcs11.so"
-    )))
+/// One attempt at an operation on a token: a module error (perhaps recoverable) or the answer.
+type Attempt<T> = std::result::Result<T, p11::OpError<DeviceKeyError>>;
+
+impl From<p11::Error> for DeviceKeyError {
+    fn from(e: p11::Error) -> Self {
+        Self::Platform(e.to_string())
+    }
 }
 
-type Result<T> = std::result::Result<T, DeviceKeyError>;
+impl From<DeviceKeyError> for p11::OpError<DeviceKeyError> {
+    fn from(e: DeviceKeyError) -> Self {
+        Self::Fail(e)
+    }
+}
 
 /// One PKCS#11 module to use, with what the config says about it.
 #[derive(Clone, Debug)]
@@ -103,7 +92,7 @@ pub fn module_specs(config: &ServerConfig) -> Result<Vec<ModuleSpec>> {
         }
     };
     let mut specs = vec![ModuleSpec {
-        path: config.module.clone().unwrap_or_else(default_module_path),
+        path: config.module.clone().unwrap_or_else(p11::our_module_path),
         token: None,
         declared_class: parse_class(&config.protection_class)?,
         pin_env: config.pin_env.clone(),
@@ -121,52 +110,19 @@ pub fn module_specs(config: &ServerConfig) -> Result<Vec<ModuleSpec>> {
     Ok(specs)
 }
 
-/// Our own module: next to the running binary (a build tree), else where the Debian package
-/// puts it, else the installed path (`scripts/install.sh`).
-pub fn default_module_path() -> PathBuf {
-    let name = if cfg!(target_os = "macos") {
-        "libdevicekey_pkcs11.dylib"
-    } else {
-        "libdevicekey_pkcs11.so"
-    };
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            for candidate in [dir.join(name), dir.join("..").join(name)] {
-                if candidate.is_file() {
-                    return candidate;
-                }
-            }
-        }
-    }
-    if let Some(packaged) = packaged_module_path().filter(|p| p.is_file()) {
-        return packaged;
-    }
-    PathBuf::from(INSTALLED_MODULE)
-}
-
-/// A token that may hold device keys.
-#[derive(Clone, Debug)]
+/// A token that may hold device keys, with its pool of logged-in sessions.
 struct TokenSlot {
-    module: usize,
-    slot: Slot,
     label: String,
     class: ProtectionClass,
     ours: bool,
     ecdsa_sha256: bool,
-}
-
-struct LoadedModule {
-    path: PathBuf,
-    ctx: Pkcs11,
-    /// Sessions kept open so that a login lasts (PKCS#11 logs out when the last one closes).
-    _anchors: Mutex<Vec<Session>>,
+    token: Token,
 }
 
 struct Inventory {
-    modules: Vec<LoadedModule>,
+    /// The modules in use (kept loaded while the inventory lives).
+    _modules: Vec<Arc<ModuleClient>>,
     slots: Vec<TokenSlot>,
-    /// Idle open sessions, per slot (same index as `slots`).
-    sessions: Vec<Mutex<Vec<Session>>>,
     cache: Mutex<KeyCache>,
 }
 
@@ -228,146 +184,6 @@ impl Inventory {
         cache.bindings.remove(key_id);
         cache.publics.remove(key_id);
     }
-
-    /// Closes every idle pooled session (after one was found dead).
-    fn drop_pooled_sessions(&self) {
-        for pool in &self.sessions {
-            let idle = std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner()));
-            drop(idle);
-        }
-    }
-
-    /// An open session on slot `index`: an idle pooled one, else a new one.
-    fn session(&self, index: usize) -> std::result::Result<PooledSession<'_>, Failure> {
-        let slot = &self.slots[index];
-        let pool = &self.sessions[index];
-        let idle = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let session = match idle {
-            Some(s) => s,
-            None => self.modules[slot.module]
-                .ctx
-                .open_rw_session(slot.slot)
-                .map_err(|e| {
-                    Failure::Fatal(platform(
-                        &format!("token {:?} C_OpenSession", slot.label),
-                        e,
-                    ))
-                })?,
-        };
-        Ok(PooledSession {
-            pool,
-            session: Some(session),
-            failed: Cell::new(false),
-        })
-    }
-}
-
-/// Why an attempt at `public` or `sign` failed.
-enum Failure {
-    /// A handle or a session went stale: forget what is cached and try once more.
-    Stale(DeviceKeyError),
-    /// The answer.
-    Fatal(DeviceKeyError),
-}
-
-impl From<DeviceKeyError> for Failure {
-    fn from(e: DeviceKeyError) -> Self {
-        Self::Fatal(e)
-    }
-}
-
-impl Failure {
-    fn into_error(self) -> DeviceKeyError {
-        match self {
-            Self::Stale(e) | Self::Fatal(e) => e,
-        }
-    }
-}
-
-/// A session taken from a slot's pool; back to the pool when dropped, unless a call on it
-/// failed (then it is closed, so no half-done operation is ever inherited).
-struct PooledSession<'a> {
-    pool: &'a Mutex<Vec<Session>>,
-    session: Option<Session>,
-    failed: Cell<bool>,
-}
-
-impl PooledSession<'_> {
-    fn get(&self) -> std::result::Result<&Session, Failure> {
-        self.session
-            .as_ref()
-            .ok_or_else(|| Failure::Fatal(DeviceKeyError::Platform("no session".into())))
-    }
-
-    /// Maps a cryptoki result, marking the session failed on error.
-    fn check<T>(
-        &self,
-        context: &str,
-        r: std::result::Result<T, CkError>,
-    ) -> std::result::Result<T, Failure> {
-        r.map_err(|e| {
-            self.failed.set(true);
-            let stale = matches!(
-                e,
-                CkError::Pkcs11(
-                    RvError::ObjectHandleInvalid
-                        | RvError::KeyHandleInvalid
-                        | RvError::SessionHandleInvalid
-                        | RvError::SessionClosed,
-                    _
-                )
-            );
-            let e = platform(context, e);
-            if stale {
-                Failure::Stale(e)
-            } else {
-                Failure::Fatal(e)
-            }
-        })
-    }
-
-    /// The first object matching `template`.
-    fn find_first(
-        &self,
-        template: &[Attribute],
-    ) -> std::result::Result<Option<ObjectHandle>, Failure> {
-        let session = self.get()?;
-        let found = session
-            .iter_objects(template)
-            .and_then(|mut objects| objects.next().transpose());
-        self.check("C_FindObjects", found)
-    }
-
-    /// An object's single attribute as bytes, if present.
-    fn attribute(
-        &self,
-        object: ObjectHandle,
-        kind: AttributeType,
-    ) -> std::result::Result<Option<Vec<u8>>, Failure> {
-        let session = self.get()?;
-        let attrs = self.check(
-            "C_GetAttributeValue",
-            session.get_attributes(object, &[kind]),
-        )?;
-        Ok(attribute_value(attrs))
-    }
-}
-
-impl Drop for PooledSession<'_> {
-    fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        if self.failed.get() {
-            return;
-        }
-        let Ok(mut pool) = self.pool.lock() else {
-            return;
-        };
-        if pool.len() < MAX_POOLED_SESSIONS {
-            pool.push(session);
-        }
-    }
 }
 
 /// The device-key operations over PKCS#11; implements [`KeyService`] for the server.
@@ -393,30 +209,13 @@ fn rank(class: ProtectionClass) -> u8 {
     }
 }
 
-fn read_pin(spec: &ModuleSpec) -> Result<Option<AuthPin>> {
-    if let Some(var) = &spec.pin_env {
-        return match std::env::var(var) {
-            Ok(pin) => Ok(Some(AuthPin::from(pin))),
-            Err(_) => Err(DeviceKeyError::Platform(format!(
-                "the PIN variable {var} named by the config is not set"
-            ))),
-        };
-    }
-    if let Some(file) = &spec.pin_file {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            DeviceKeyError::Platform(format!("cannot read the PIN file {}: {e}", file.display()))
-        })?;
-        let pin = text.trim_end_matches(['\r', '\n']).to_string();
-        return Ok(Some(AuthPin::from(pin)));
-    }
-    Ok(None)
+fn platform(context: &str, e: cryptoki::error::Error) -> DeviceKeyError {
+    DeviceKeyError::Platform(format!("{context}: {}", p11::describe(&e)))
 }
 
-fn platform(context: &str, e: CkError) -> DeviceKeyError {
-    DeviceKeyError::Platform(format!("{context}: {}", describe_cryptoki_error(&e)))
-}
-
-fn load_module(index: usize, spec: &ModuleSpec) -> Result<(LoadedModule, Vec<TokenSlot>)> {
+/// The usable tokens of one module: P-256 capable, of a known class, with a PIN when they need
+/// a login.
+fn load_module(spec: &ModuleSpec) -> Result<(Arc<ModuleClient>, Vec<TokenSlot>)> {
     let path = &spec.path;
     if !path.exists() {
         return Err(DeviceKeyError::Platform(format!(
@@ -424,27 +223,16 @@ fn load_module(index: usize, spec: &ModuleSpec) -> Result<(LoadedModule, Vec<Tok
             path.display()
         )));
     }
-    let ctx =
-        Pkcs11::new(path).map_err(|e| platform(&format!("cannot load {}", path.display()), e))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(platform(&format!("{} C_Initialize", path.display()), e)),
-    }
-    let pin = read_pin(spec)?;
+    let client = p11::registry::open(path)?;
+    let pin = p11::pin::read(
+        "[server]",
+        spec.pin_env.as_deref(),
+        spec.pin_file.as_deref(),
+    )?;
     let mut slots = Vec::new();
-    let mut anchors = Vec::new();
-    let all = ctx
-        .get_slots_with_initialized_token()
-        .map_err(|e| platform("C_GetSlotList", e))?;
-    for slot in all {
-        let info = match ctx.get_token_info(slot) {
-            Ok(i) => i,
-            Err(e) => {
-                log::warn!("{}: token info of slot {slot}: {e}", path.display());
-                continue;
-            }
-        };
-        let label = info.label().trim_end().to_string();
+    for entry in p11::token::tokens(&client)? {
+        let info = &entry.info;
+        let label = entry.label.clone();
         if spec.token.as_deref().is_some_and(|t| t != label) {
             continue;
         }
@@ -462,7 +250,10 @@ fn load_module(index: usize, spec: &ModuleSpec) -> Result<(LoadedModule, Vec<Tok
             );
             continue;
         };
-        let mechanisms = ctx.get_mechanism_list(slot).unwrap_or_default();
+        let mechanisms = client
+            .context()
+            .get_mechanism_list(entry.slot)
+            .unwrap_or_default();
         if !mechanisms.contains(&MechanismType::ECC_KEY_PAIR_GEN)
             || !(mechanisms.contains(&MechanismType::ECDSA)
                 || mechanisms.contains(&MechanismType::ECDSA_SHA256))
@@ -473,41 +264,28 @@ fn load_module(index: usize, spec: &ModuleSpec) -> Result<(LoadedModule, Vec<Tok
             );
             continue;
         }
-        if info.login_required() || pin.is_some() {
-            let session = ctx
-                .open_rw_session(slot)
-                .map_err(|e| platform(&format!("token {label:?} C_OpenSession"), e))?;
-            match (&pin, info.login_required()) {
-                (Some(pin), _) => match session.login(UserType::User, Some(pin)) {
-                    Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                    Err(e) => return Err(platform(&format!("token {label:?} C_Login"), e)),
-                },
-                (None, true) => {
-                    return Err(DeviceKeyError::Platform(format!(
-                        "token {label:?} needs a login; set pin_env or pin_file in [server]"
-                    )))
-                }
-                (None, false) => {}
-            }
-            anchors.push(session);
+        if info.login_required() && pin.is_none() {
+            return Err(DeviceKeyError::Platform(format!(
+                "token {label:?} needs a login; set pin_env or pin_file in [server]"
+            )));
         }
         slots.push(TokenSlot {
-            module: index,
-            slot,
+            token: Token::new(TokenSpec {
+                who: format!("[server] token {label:?}"),
+                module: path.clone(),
+                token: label.clone(),
+                pin: pin.as_ref().map(|p| Pin {
+                    secret: p.secret.clone(),
+                    source: p.source.clone(),
+                }),
+            }),
             label,
             class,
             ours,
             ecdsa_sha256: mechanisms.contains(&MechanismType::ECDSA_SHA256),
         });
     }
-    Ok((
-        LoadedModule {
-            path: path.clone(),
-            ctx,
-            _anchors: Mutex::new(anchors),
-        },
-        slots,
-    ))
+    Ok((client, slots))
 }
 
 /// Reads an object's single attribute as bytes, if present.
@@ -532,31 +310,16 @@ fn attribute_value(attrs: Vec<Attribute>) -> Option<Vec<u8>> {
 }
 
 /// SubjectPublicKeyInfo DER from a CKA_EC_POINT (DER OCTET STRING, or raw SEC1 from lax modules).
-pub fn spki_from_ec_point(ec_point: &[u8]) -> Result<Vec<u8>> {
-    use der::Decode;
-    let sec1 = if ec_point.len() == 65 && ec_point[0] == 0x04 {
-        ec_point.to_vec()
-    } else {
-        der::asn1::OctetString::from_der(ec_point)
-            .map_err(|e| DeviceKeyError::Crypto(format!("CKA_EC_POINT is not DER: {e}")))?
-            .into_bytes()
-    };
-    let key = p256::PublicKey::from_sec1_bytes(&sec1)
-        .map_err(|e| DeviceKeyError::Crypto(format!("CKA_EC_POINT is not a P-256 point: {e}")))?;
-    key.to_public_key_der()
-        .map(|d| d.as_bytes().to_vec())
-        .map_err(|e| DeviceKeyError::Crypto(format!("cannot encode the public key: {e}")))
+fn spki_from_ec_point(ec_point: &[u8]) -> Result<Vec<u8>> {
+    encoding::spki_from_ec_point(ec_point)
+        .map_err(|e| DeviceKeyError::Crypto(format!("CKA_EC_POINT: {e}")))
 }
 
 /// DER `SEQUENCE { r, s }` from a raw 64-byte `r‖s`.
-pub fn der_signature(raw: &[u8]) -> Result<Vec<u8>> {
-    let sig = p256::ecdsa::Signature::from_slice(raw).map_err(|e| {
-        DeviceKeyError::Crypto(format!(
-            "the token returned an invalid signature ({} bytes): {e}",
-            raw.len()
-        ))
-    })?;
-    Ok(sig.to_der().as_bytes().to_vec())
+fn der_signature(raw: &[u8]) -> Result<Vec<u8>> {
+    encoding::signature_to_der(raw).map_err(|e| {
+        DeviceKeyError::Crypto(format!("the token returned an invalid signature: {e}"))
+    })
 }
 
 impl TokenClient {
@@ -593,10 +356,10 @@ impl TokenClient {
                 continue;
             }
             seen.push(canonical);
-            let (module, found) = load_module(modules.len(), spec)?;
+            let (module, found) = load_module(spec)?;
             log::info!(
                 "module {}: {} usable token(s)",
-                module.path.display(),
+                module.path().display(),
                 found.len()
             );
             modules.push(module);
@@ -604,22 +367,20 @@ impl TokenClient {
         }
         // Hardware first; within a class, config order.
         slots.sort_by_key(|s| rank(s.class));
-        let sessions = slots.iter().map(|_| Mutex::new(Vec::new())).collect();
         let inv = Arc::new(Inventory {
-            modules,
+            _modules: modules,
             slots,
-            sessions,
             cache: Mutex::new(KeyCache::default()),
         });
         *guard = Some(Arc::clone(&inv));
         Ok(inv)
     }
 
-    fn open(&self, inv: &Inventory, slot: &TokenSlot) -> Result<Session> {
-        inv.modules[slot.module]
-            .ctx
-            .open_rw_session(slot.slot)
-            .map_err(|e| platform(&format!("token {:?} C_OpenSession", slot.label), e))
+    /// Runs `f` on a pooled session of `slot` (one reconnect-and-retry when the session or the
+    /// token went away); any error is final.
+    fn on_token<T>(slot: &TokenSlot, what: &str, f: impl Fn(&Session) -> Attempt<T>) -> Result<T> {
+        slot.token
+            .run(&format!("token {:?} {what}", slot.label), &|| {}, f)
     }
 
     /// Creates a key; `binding` is `None` only for general-purpose keys.
@@ -647,7 +408,14 @@ impl TokenClient {
         }
         let mut first_error = None;
         for slot in candidates {
-            match self.create_in(&inv, slot, binding, purpose, label) {
+            let random = proof::random_key_id_bytes()?;
+            let _write = slot.token.write_lock();
+            let created = Self::on_token(slot, "key generation", |session| {
+                Ok(Self::create_in(
+                    session, slot, &random, binding, purpose, label,
+                )?)
+            });
+            match created {
                 Ok(info) => return Ok(info),
                 Err(e) => {
                     log::warn!("creating a key in token {:?} failed: {e}", slot.label);
@@ -659,24 +427,22 @@ impl TokenClient {
     }
 
     fn create_in(
-        &self,
-        inv: &Inventory,
+        session: &Session,
         slot: &TokenSlot,
+        random: &[u8; 32],
         binding: Option<&Binding>,
         purpose: KeyPurpose,
         label: Option<&str>,
     ) -> Result<KeyInfo> {
-        let random = proof::random_key_id_bytes()?;
-        let key_id = proof::key_id_for(slot.class, &random);
+        let key_id = proof::key_id_for(slot.class, random);
         let label = label.unwrap_or(&key_id).to_string();
-        let session = self.open(inv, slot)?;
         let public_template = vec![
             Attribute::Class(ObjectClass::PUBLIC_KEY),
             Attribute::KeyType(KeyType::EC),
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(random.to_vec()),
         ];
@@ -721,7 +487,7 @@ impl TokenClient {
                 created.push(data);
             }
             let point =
-                attribute_bytes(&session, public, AttributeType::EcPoint)?.ok_or_else(|| {
+                attribute_bytes(session, public, AttributeType::EcPoint)?.ok_or_else(|| {
                     DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
                 })?;
             Ok(KeyInfo {
@@ -739,7 +505,7 @@ impl TokenClient {
                         log::error!("cannot remove a half-created key object: {de}");
                         return Err(DeviceKeyError::Platform(format!(
                             "{e}; and removing the new key failed: {}",
-                            describe_cryptoki_error(&de)
+                            p11::describe(&de)
                         )));
                     }
                 }
@@ -758,6 +524,22 @@ impl TokenClient {
             .find_objects(template)
             .map_err(|e| platform("C_FindObjects", e))?;
         Ok(found.into_iter().next())
+    }
+
+    /// The first object matching `template` (a module error stays recoverable).
+    fn find_first(session: &Session, template: &[Attribute]) -> Attempt<Option<ObjectHandle>> {
+        Ok(session
+            .iter_objects(template)
+            .and_then(|mut objects| objects.next().transpose())?)
+    }
+
+    /// An object's single attribute as bytes, if present (a module error stays recoverable).
+    fn attribute(
+        session: &Session,
+        object: ObjectHandle,
+        kind: AttributeType,
+    ) -> Attempt<Option<Vec<u8>>> {
+        Ok(attribute_value(session.get_attributes(object, &[kind])?))
     }
 
     fn key_template(class: ObjectClass, key_id: &str, random: &[u8]) -> Vec<Attribute> {
@@ -788,22 +570,22 @@ impl TokenClient {
             .map_err(|e| DeviceKeyError::Platform(format!("stored binding is unreadable: {e}")))
     }
 
-    /// Runs `attempt` with the cache, and once more without it when a handle or a reused
-    /// session went stale.
+    /// Runs `attempt` with the cache, and once more without it when a cached object handle went
+    /// stale (the pool already re-established a dropped session or token once).
     fn with_retry<T>(
         inv: &Inventory,
         key_id: &str,
-        attempt: impl Fn(bool) -> std::result::Result<T, Failure>,
+        attempt: impl Fn(bool) -> Attempt<T>,
     ) -> Result<T> {
+        let context = format!("key {key_id}");
         match attempt(true) {
             Ok(v) => Ok(v),
-            Err(Failure::Fatal(e)) => Err(e),
-            Err(Failure::Stale(e)) => {
-                log::debug!("{e}; looking key {key_id} up again");
+            Err(p11::OpError::Ck(e)) if p11::error::recovery(&e) != Recovery::None => {
+                log::debug!("{}; looking key {key_id} up again", p11::describe(&e));
                 inv.forget(key_id);
-                inv.drop_pooled_sessions();
-                attempt(false).map_err(Failure::into_error)
+                attempt(false).map_err(|e| e.into_final(&context))
             }
+            Err(e) => Err(e.into_final(&context)),
         }
     }
 
@@ -821,7 +603,7 @@ impl TokenClient {
         key_id: &str,
         id: &proof::KeyId,
         use_cache: bool,
-    ) -> std::result::Result<KeyInfo, Failure> {
+    ) -> Attempt<KeyInfo> {
         let cached = if use_cache {
             inv.cached_public(key_id)
         } else {
@@ -832,38 +614,73 @@ impl TokenClient {
             if slot.class != id.class {
                 continue;
             }
-            let session = inv.session(index)?;
-            let Some(public) = session.find_first(&template)? else {
-                continue;
-            };
-            if let Some(c) = cached
-                .as_ref()
-                .filter(|c| c.slot == index && c.object == public)
-            {
-                return Ok(c.info.clone());
+            let found = slot.token.try_run("public", &|| {}, |session| {
+                let Some(public) = Self::find_first(session, &template)? else {
+                    return Ok(None);
+                };
+                if slot.ours {
+                    let private_template =
+                        Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+                    let Some(private) = Self::find_first(session, &private_template)? else {
+                        return Err(DeviceKeyError::KeyNotFound.into());
+                    };
+                    Self::require_proof_purpose(session, private)?;
+                }
+                if let Some(c) = cached
+                    .as_ref()
+                    .filter(|c| c.slot == index && c.object == public)
+                {
+                    return Ok(Some(c.info.clone()));
+                }
+                let point =
+                    Self::attribute(session, public, AttributeType::EcPoint)?.ok_or_else(|| {
+                        DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
+                    })?;
+                let info = KeyInfo {
+                    key_id: key_id.to_string(),
+                    public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
+                    algorithm: Algorithm::EcdsaP256Sha256,
+                    protection_class: slot.class,
+                };
+                inv.remember_public(
+                    key_id,
+                    CachedPublic {
+                        slot: index,
+                        object: public,
+                        info: info.clone(),
+                    },
+                );
+                Ok(Some(info))
+            })?;
+            if let Some(info) = found {
+                return Ok(info);
             }
-            let point = session
-                .attribute(public, AttributeType::EcPoint)?
-                .ok_or_else(|| {
-                    DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
-                })?;
-            let info = KeyInfo {
-                key_id: key_id.to_string(),
-                public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
-                algorithm: Algorithm::EcdsaP256Sha256,
-                protection_class: slot.class,
-            };
-            inv.remember_public(
-                key_id,
-                CachedPublic {
-                    slot: index,
-                    object: public,
-                    info: info.clone(),
-                },
-            );
-            return Ok(info);
         }
         Err(DeviceKeyError::KeyNotFound.into())
+    }
+
+    /// On our module, a device key is a proof-only key: refuses a private key whose
+    /// `CKA_DEVICEKEY_PURPOSE` is not proof (a general key labelled like a device key).
+    fn require_proof_purpose(session: &Session, private: ObjectHandle) -> Attempt<()> {
+        let kind = AttributeType::VendorDefined(crate::vendor::CKA_DEVICEKEY_PURPOSE);
+        let attrs = session.get_attributes(private, &[kind])?;
+        let purpose = attrs.into_iter().find_map(|a| match a {
+            Attribute::VendorDefined((_, v)) => v
+                .as_slice()
+                .try_into()
+                .ok()
+                .map(cryptoki_sys::CK_ULONG::from_ne_bytes),
+            _ => None,
+        });
+        // CK_ULONG is 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        if purpose.map(u64::from) == Some(crate::vendor::DEVICEKEY_PURPOSE_PROOF) {
+            return Ok(());
+        }
+        Err(DeviceKeyError::InvalidRequest(
+            "key is not a proof-only device key (its CKA_DEVICEKEY_PURPOSE is not proof); device/key/sign and device/key/public use only keys made by device/key/create".into(),
+        )
+        .into())
     }
 
     /// `device/key/sign`, checking in the protocol's order.
@@ -881,7 +698,7 @@ impl TokenClient {
         params: &SignParams,
         id: &proof::KeyId,
         use_cache: bool,
-    ) -> std::result::Result<SignResult, Failure> {
+    ) -> Attempt<SignResult> {
         let key_id = params.key_id.as_str();
         let (account, client) = params.payload.binding();
         let cached = if use_cache {
@@ -894,59 +711,62 @@ impl TokenClient {
             if slot.class != id.class {
                 continue;
             }
-            let session = inv.session(index)?;
-            let Some(object) = session.find_first(&binding_template)? else {
-                continue;
-            };
-            let binding = match cached
-                .as_ref()
-                .filter(|c| c.slot == index && c.object == object)
-            {
-                Some(c) => c.binding.clone(),
-                None => {
-                    let Some(value) = session.attribute(object, AttributeType::Value)? else {
-                        continue;
-                    };
-                    let binding: Binding = serde_json::from_slice(&value).map_err(|e| {
-                        DeviceKeyError::Platform(format!("stored binding is unreadable: {e}"))
-                    })?;
-                    inv.remember_binding(
-                        key_id,
-                        CachedBinding {
-                            slot: index,
-                            object,
-                            binding: binding.clone(),
-                        },
-                    );
-                    binding
+            let signed = slot.token.try_run("signing", &|| {}, |session| {
+                let Some(object) = Self::find_first(session, &binding_template)? else {
+                    return Ok(None);
+                };
+                let binding = match cached
+                    .as_ref()
+                    .filter(|c| c.slot == index && c.object == object)
+                {
+                    Some(c) => c.binding.clone(),
+                    None => {
+                        let Some(value) = Self::attribute(session, object, AttributeType::Value)?
+                        else {
+                            return Ok(None);
+                        };
+                        let binding: Binding = serde_json::from_slice(&value).map_err(|e| {
+                            DeviceKeyError::Platform(format!("stored binding is unreadable: {e}"))
+                        })?;
+                        inv.remember_binding(
+                            key_id,
+                            CachedBinding {
+                                slot: index,
+                                object,
+                                binding: binding.clone(),
+                            },
+                        );
+                        binding
+                    }
+                };
+                if binding.account_user_id != account || binding.client_id != client {
+                    return Err(DeviceKeyError::InvalidPayload(
+                        "payload accountUserId/clientId does not match device key binding".into(),
+                    )
+                    .into());
                 }
-            };
-            if binding.account_user_id != account || binding.client_id != client {
-                return Err(DeviceKeyError::InvalidPayload(
-                    "payload accountUserId/clientId does not match device key binding".into(),
-                )
-                .into());
+                let template = Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+                let Some(private) = Self::find_first(session, &template)? else {
+                    return Err(DeviceKeyError::KeyNotFound.into());
+                };
+                if slot.ours {
+                    Self::require_proof_purpose(session, private)?;
+                }
+                let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
+                let raw = if slot.ecdsa_sha256 {
+                    session.sign(&Mechanism::EcdsaSha256, private, &bytes)?
+                } else {
+                    session.sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))?
+                };
+                Ok(Some(SignResult {
+                    signature_der_base64: STANDARD.encode(der_signature(&raw)?),
+                    signed_payload_base64: STANDARD.encode(&bytes),
+                    algorithm: Algorithm::EcdsaP256Sha256,
+                }))
+            })?;
+            if let Some(result) = signed {
+                return Ok(result);
             }
-            let template = Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
-            let Some(private) = session.find_first(&template)? else {
-                return Err(DeviceKeyError::KeyNotFound.into());
-            };
-            let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
-            let signed = if slot.ecdsa_sha256 {
-                session
-                    .get()?
-                    .sign(&Mechanism::EcdsaSha256, private, &bytes)
-            } else {
-                session
-                    .get()?
-                    .sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))
-            };
-            let raw = session.check(&format!("token {:?} signing", slot.label), signed)?;
-            return Ok(SignResult {
-                signature_der_base64: STANDARD.encode(der_signature(&raw)?),
-                signed_payload_base64: STANDARD.encode(&bytes),
-                algorithm: Algorithm::EcdsaP256Sha256,
-            });
         }
         Err(DeviceKeyError::KeyNotFound.into())
     }
@@ -956,26 +776,30 @@ impl TokenClient {
         let inv = self.inventory()?;
         let mut out = Vec::new();
         for slot in &inv.slots {
-            let session = self.open(&inv, slot)?;
-            let keys = session
-                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
-                .map_err(|e| platform("C_FindObjects", e))?;
-            for key in keys {
-                let label = attribute_bytes(&session, key, AttributeType::Label)?
-                    .map(|l| String::from_utf8_lossy(&l).into_owned())
-                    .unwrap_or_default();
-                let binding = if proof::parse_key_id(&label).is_ok() {
-                    Self::read_binding(&session, &label)?
-                } else {
-                    None
-                };
-                out.push(KeyListing {
-                    key_id: label,
-                    protection_class: slot.class,
-                    token: slot.label.clone(),
-                    binding,
-                });
-            }
+            let keys = Self::on_token(slot, "listing keys", |session| {
+                let keys = session
+                    .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                    .map_err(|e| platform("C_FindObjects", e))?;
+                let mut out = Vec::new();
+                for key in keys {
+                    let label = attribute_bytes(session, key, AttributeType::Label)?
+                        .map(|l| String::from_utf8_lossy(&l).into_owned())
+                        .unwrap_or_default();
+                    let binding = if proof::parse_key_id(&label).is_ok() {
+                        Self::read_binding(session, &label)?
+                    } else {
+                        None
+                    };
+                    out.push(KeyListing {
+                        key_id: label,
+                        protection_class: slot.class,
+                        token: slot.label.clone(),
+                        binding,
+                    });
+                }
+                Ok(out)
+            })?;
+            out.extend(keys);
         }
         Ok(out)
     }
@@ -987,26 +811,29 @@ impl TokenClient {
         inv.forget(key_id);
         let mut found = false;
         for slot in Self::slots_for(&inv, id.class) {
-            let session = self.open(&inv, slot)?;
-            let mut objects = Vec::new();
-            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let _write = slot.token.write_lock();
+            found |= Self::on_token(slot, "deleting a key", |session| {
+                let mut objects = Vec::new();
+                for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                    objects.extend(
+                        session
+                            .find_objects(&Self::key_template(class, key_id, &id.random))
+                            .map_err(|e| platform("C_FindObjects", e))?,
+                    );
+                }
                 objects.extend(
                     session
-                        .find_objects(&Self::key_template(class, key_id, &id.random))
+                        .find_objects(&Self::binding_template(key_id))
                         .map_err(|e| platform("C_FindObjects", e))?,
                 );
-            }
-            objects.extend(
-                session
-                    .find_objects(&Self::binding_template(key_id))
-                    .map_err(|e| platform("C_FindObjects", e))?,
-            );
-            for object in objects {
-                found = true;
-                session
-                    .destroy_object(object)
-                    .map_err(|e| platform("C_DestroyObject", e))?;
-            }
+                let any = !objects.is_empty();
+                for object in objects {
+                    session
+                        .destroy_object(object)
+                        .map_err(|e| platform("C_DestroyObject", e))?;
+                }
+                Ok(any)
+            })?;
         }
         if found {
             Ok(())

@@ -67,33 +67,8 @@ impl From<ProofError> for DeviceKeyError {
 
 impl From<cryptoki::error::Error> for DeviceKeyError {
     fn from(e: cryptoki::error::Error) -> Self {
-        Self::Platform(describe_cryptoki_error(&e))
+        Self::Platform(crate::p11::describe(&e))
     }
-}
-
-/// A short, readable description of a cryptoki error (`C_Sign: CKR_KEY_FUNCTION_NOT_PERMITTED`).
-pub fn describe_cryptoki_error(e: &cryptoki::error::Error) -> String {
-    match e {
-        cryptoki::error::Error::Pkcs11(rv, function) => {
-            format!("C_{function:?} returned {}", rv_name(*rv))
-        }
-        other => other.to_string(),
-    }
-}
-
-fn rv_name(rv: cryptoki::error::RvError) -> String {
-    // RvError's Display is a paragraph of spec text; the Debug name is what people search for.
-    let name = format!("{rv:?}");
-    let mut out = String::from("CKR_");
-    let mut prev_lower = false;
-    for c in name.chars() {
-        if c.is_ascii_uppercase() && prev_lower {
-            out.push('_');
-        }
-        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 #[cfg(test)]
@@ -109,9 +84,5 @@ mod tests {
         );
         assert_eq!(DeviceKeyError::KeyNotFound.code(), INVALID_REQUEST);
         assert_eq!(DeviceKeyError::Platform("x".into()).code(), INTERNAL_ERROR);
-        assert_eq!(
-            rv_name(cryptoki::error::RvError::KeyFunctionNotPermitted),
-            "CKR_KEY_FUNCTION_NOT_PERMITTED"
-        );
     }
 }

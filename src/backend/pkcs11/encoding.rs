@@ -1,4 +1,5 @@
-//! Byte-level helpers of the pkcs11 backend: EC points, signatures, raw attributes, stable names.
+//! Byte-level helpers of the pkcs11 backend that are its own: signatures as wrapped tokens return
+//! them, raw attributes, stable names. The P-256 OID, EC points and hex are [`crate::encoding`]'s.
 //!
 //! The token layer speaks in raw attributes `(type, bytes)` encoded as a C caller would see them
 //! (CK_ULONG as 8 native-endian bytes, CK_BBOOL as one byte). `cryptoki` 0.12 speaks in typed
@@ -9,10 +10,7 @@ use cryptoki_sys::{CK_ATTRIBUTE_TYPE, CK_CERTIFICATE_TYPE, CK_DATE, CK_OBJECT_CL
 use sha2::{Digest, Sha256};
 
 use crate::backend::{BackendError, RawAttribute, Result};
-
-/// DER of the prime256v1 OID, the CKA_EC_PARAMS of every key we serve.
-pub(super) const P256_EC_PARAMS: [u8; 10] =
-    [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+use crate::encoding::{self, hex};
 
 /// The CKA_APPLICATION of our key metadata objects in the wrapped token (reserved).
 pub(super) const META_APPLICATION: &[u8] = b"devicekey";
@@ -48,18 +46,6 @@ pub(super) const OBJECT_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::ObjectId,
 ];
 
-/// Decodes CKA_EC_POINT: a DER OCTET STRING holding `04‖X‖Y` (or, from lenient tokens, the bare
-/// 65 bytes). The point must lie on P-256.
-pub(super) fn decode_ec_point(value: &[u8]) -> Option<[u8; 65]> {
-    let raw = match value {
-        [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,
-        [0x04, ..] if value.len() == 65 => value,
-        _ => return None,
-    };
-    p256::PublicKey::from_sec1_bytes(raw).ok()?;
-    raw.try_into().ok()
-}
-
 /// Brings a CKM_ECDSA signature to raw `r‖s`, 32 bytes each. Tokens should answer 64 bytes; some
 /// strip leading zeros, a few answer DER. Anything that is not a valid P-256 signature is an error.
 pub(super) fn normalize_signature(sig: &[u8]) -> Result<[u8; 64]> {
@@ -67,10 +53,9 @@ pub(super) fn normalize_signature(sig: &[u8]) -> Result<[u8; 64]> {
     if sig.len() == 64 {
         out.copy_from_slice(sig);
     } else if sig.first() == Some(&0x30) {
-        let parsed = p256::ecdsa::Signature::from_der(sig).map_err(|e| {
+        out = encoding::signature_from_der(sig).map_err(|e| {
             BackendError::Crypto(format!("wrapped token returned a bad DER signature: {e}"))
         })?;
-        out.copy_from_slice(&parsed.to_bytes());
     } else if !sig.is_empty() && sig.len() % 2 == 0 {
         let half = sig.len() / 2;
         for (i, part) in sig.chunks(half).enumerate() {
@@ -99,11 +84,6 @@ pub(super) fn normalize_signature(sig: &[u8]) -> Result<[u8; 64]> {
         BackendError::Crypto(format!("wrapped token returned an invalid signature: {e}"))
     })?;
     Ok(out)
-}
-
-/// Lower-case hex.
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The stable name of a key pair: derived from its public point, which never changes (CKA_ID and
@@ -198,20 +178,6 @@ pub(super) fn raw_bytes(attributes: &[RawAttribute], t: u64) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ec_point_decodes_der_and_bare() {
-        let sk = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
-        let point = sk.public_key().to_sec1_bytes();
-        let mut der = vec![0x04, 0x41];
-        der.extend_from_slice(&point);
-        assert_eq!(decode_ec_point(&der).unwrap().as_slice(), &point[..]);
-        assert_eq!(decode_ec_point(&point).unwrap().as_slice(), &point[..]);
-        assert!(decode_ec_point(&der[..60]).is_none());
-        let mut off_curve = der.clone();
-        off_curve[10] ^= 1;
-        assert!(decode_ec_point(&off_curve).is_none());
-    }
 
     #[test]
     fn signatures_are_normalized() {

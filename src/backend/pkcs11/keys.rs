@@ -18,12 +18,11 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::encoding::{
-    decode_ec_point, hex, key_name, META_APPLICATION, META_LABEL_PREFIX, P256_EC_PARAMS,
-};
+use super::encoding::{key_name, META_APPLICATION, META_LABEL_PREFIX};
 use super::errors::{describe, handle_stale, OpError};
 use super::pool::{lock, Inner, KeyEntry};
 use crate::backend::{BackendError, KeyPurpose, NewKey};
+use crate::encoding::{decode_ec_point, hex, P256_EC_PARAMS};
 
 /// A key pair found in the wrapped token.
 pub(super) struct Scanned {
@@ -68,7 +67,7 @@ fn read_point(s: &Session, h: ObjectHandle) -> Op<Option<(Vec<u8>, [u8; 65])>> {
     if params.as_deref() != Some(&P256_EC_PARAMS[..]) {
         return Ok(None);
     }
-    match point.as_deref().and_then(decode_ec_point) {
+    match point.as_deref().and_then(|v| decode_ec_point(v).ok()) {
         Some(p) => Ok(Some((id, p))),
         None => {
             log::warn!(
@@ -138,7 +137,7 @@ impl Inner {
             let (public, point) = match pubs.get(&id).map(Vec::as_slice) {
                 None | Some([]) => {
                     log::warn!(
-                        "token '{token}': private key '{label}' (CKA_ID {}) has no public key object with the same CKA_ID; skipped",
+                        "token '{token}': private key '{label}' (CKA_ID {}) has no public key object with the same CKA_ID (another process may be writing the pair); skipped",
                         hex(&id)
                     );
                     continue;

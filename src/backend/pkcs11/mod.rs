@@ -11,16 +11,16 @@
 //! protection_class = "hardware_tpm"   # required: what the operator declares the device to be
 //! ```
 //!
-//! * One `cryptoki` context per wrapped module per process, shared ([`client`]); fork-safe.
-//! * A pool of logged-in sessions; a dropped session or token is re-established once and the call
-//!   retried once; anything else fails closed ([`errors`] has the CK_RV mapping).
+//! * The module, the token, the login and the session pool come from the PKCS#11 client layer
+//!   ([`crate::p11`]): one context per module per process, fork-safe; a dropped session or token
+//!   is re-established once and the call retried once; anything else fails closed ([`errors`]
+//!   maps its errors to ours).
 //! * Keys: P-256, generated in the wrapped token (CKA_SENSITIVE, not extractable, CKA_PRIVATE when
 //!   we log in), paired by CKA_ID, named by their public point. Signing is CKM_ECDSA on the
 //!   32-byte digest; the result is normalized to `r‖s` and checked against the public point.
 //! * Our metadata (the purpose) is a CKO_DATA object in the wrapped token (see [`keys`] for why).
 //! * Certificates and data objects go to the wrapped token as token objects.
 
-pub mod client;
 mod encoding;
 mod errors;
 mod keys;
@@ -34,9 +34,14 @@ use std::sync::Arc;
 use crate::backend::verify::PointVerifier;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 
-pub use client::{shared_module, ModuleClient};
+pub use crate::p11::ModuleClient;
+
+/// The process-wide client of the wrapped module at `path` (the one the slots use).
+pub fn shared_module(path: &std::path::Path) -> Result<Arc<ModuleClient>> {
+    crate::p11::registry::open(path).map_err(BackendError::from)
+}
+use crate::p11::{Error as P11Error, Kind};
 use encoding::normalize_signature;
-use errors::Failure;
 use pool::{lock, Inner};
 use settings::Settings;
 
@@ -76,13 +81,13 @@ impl Pkcs11Backend {
     /// `NotFound` (no token with that label), `Auth` (PIN missing, wrong or locked),
     /// `Unreachable` (the device does not answer).
     pub fn open(config: &Pkcs11Slot) -> Result<Self> {
-        Self::connect(config).map_err(|f| {
-            log::error!("pkcs11 key store: {}; fix: {}", f.problem, f.fix);
-            f.error
+        Self::connect(config).map_err(|e| {
+            log::error!("pkcs11 key store: {e}");
+            BackendError::from(e)
         })
     }
 
-    fn connect(config: &Pkcs11Slot) -> std::result::Result<Self, Failure> {
+    fn connect(config: &Pkcs11Slot) -> std::result::Result<Self, P11Error> {
         let settings = Settings::from_config(config)?;
         let inner = Arc::new(Inner::new(settings));
         let conn = inner.conn()?;
@@ -90,22 +95,22 @@ impl Pkcs11Backend {
         let s = &inner.settings;
         let name = format!("slot '{}': token '{}'", s.slot_label, s.token);
         if !token.token_initialized() {
-            return Err(Failure::new(
-                BackendError::Unusable,
+            return Err(P11Error::new(
+                Kind::Unusable,
                 format!("{name} is not initialized"),
                 "initialize it (SoftHSM: softhsm2-util --init-token)",
             ));
         }
         if s.pin.is_none() && token.login_required() {
-            return Err(Failure::new(
-                BackendError::Auth,
+            return Err(P11Error::new(
+                Kind::Auth,
                 format!("{name} requires a login and the slot names no PIN"),
                 "add `pin_env = \"VAR\"` or `pin_file = \"/path\"` to the slot",
             ));
         }
         if s.pin.is_some() && token.user_pin_locked() {
-            return Err(Failure::new(
-                BackendError::Auth,
+            return Err(P11Error::new(
+                Kind::Auth,
                 format!("{name}: the user PIN is locked"),
                 "unlock it with the SO PIN (SoftHSM: softhsm2-util; an HSM: its admin tool)",
             ));
@@ -118,27 +123,29 @@ impl Pkcs11Backend {
             .context()
             .get_mechanism_list(conn.slot)
             .map_err(|e| {
-                Failure::from_error(errors::map(&e, "C_GetMechanismList"), "check the device")
+                P11Error::from_ck(&e, "C_GetMechanismList").with_fix("check the device")
             })?;
         for (m, what) in [
             (MechanismType::ECC_KEY_PAIR_GEN, "CKM_EC_KEY_PAIR_GEN"),
             (MechanismType::ECDSA, "CKM_ECDSA"),
         ] {
             if !mechanisms.contains(&m) {
-                return Err(Failure::new(
-                    BackendError::Unusable,
+                return Err(P11Error::new(
+                    Kind::Unusable,
                     format!("{name} does not offer {what}"),
                     "use a token that supports ECDSA on P-256",
                 ));
             }
         }
         // Log in now, so that a wrong PIN shows when the slot opens.
-        inner.run("log in", |_| Ok(())).map_err(|e| {
-            let fix = match e {
-                BackendError::Auth(_) => format!("check the PIN in {}", inner.settings.pin_source),
+        let logged_in: std::result::Result<(), P11Error> =
+            inner.token().run("log in", &|| {}, |_| Ok(()));
+        logged_in.map_err(|e| {
+            let fix = match e.kind {
+                Kind::Auth => format!("check the PIN in {}", inner.settings.pin_source),
                 _ => "check that the device is connected and reachable".to_string(),
             };
-            Failure::from_error(e, fix)
+            e.with_fix(fix)
         })?;
         let info = StoreInfo {
             label: truncate(&inner.settings.slot_label, 32),
@@ -201,6 +208,8 @@ impl Backend for Pkcs11Backend {
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         let entry = self
             .inner
             .run("generate a key pair", |s| self.inner.generate(s, request))?;
@@ -216,11 +225,15 @@ impl Backend for Pkcs11Backend {
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("update a key", |s| self.inner.relabel(s, name, label, id))
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("destroy a key", |s| self.inner.destroy(s, name))
     }
@@ -236,6 +249,8 @@ impl Backend for Pkcs11Backend {
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         let raw = objects::prepare(attributes)?;
         let template: Vec<_> = raw.iter().map(encoding::raw_to_attribute).collect();
         self.inner
@@ -243,12 +258,16 @@ impl Backend for Pkcs11Backend {
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner.run("update an object", |s| {
             self.inner.update(s, name, attributes)
         })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
+        // Writes to the wrapped token go one process at a time (see p11::lock).
+        let _write = self.inner.token().write_lock();
         self.inner
             .run("destroy an object", |s| self.inner.destroy_named(s, name))
     }
@@ -328,6 +347,11 @@ pub fn diagnose(config: &Pkcs11Slot) -> Diagnosis {
                 ),
             )
         }
-        Err(f) => Diagnosis::unreachable(declared, f.problem, f.fix),
+        Err(f) => Diagnosis {
+            protection_class: declared,
+            reachable: false,
+            detail: f.problem,
+            fix: f.fix,
+        },
     }
 }

@@ -1,21 +1,22 @@
-//! Any PKCS#11 module by path, through `cryptoki`: opening a token, finding and making keys,
-//! reading the public point, and checking signatures against it with the `p256` crate.
+//! Any PKCS#11 module by path: loaded, initialized and logged in to through the library's client
+//! layer (`devicekey_pkcs11::p11`); finding and making keys, reading the public point, and
+//! checking signatures against it with the `p256` crate. The timed loops call `cryptoki` directly.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use devicekey_pkcs11::encoding::{self, P256_EC_PARAMS};
+use devicekey_pkcs11::p11::{self as client, ModuleClient};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 
 use crate::{BenchError, Ctx, Result};
-
-/// DER of the prime256v1 OID (CKA_EC_PARAMS).
-pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// Which module and token to measure.
 #[derive(clap::Args, Clone, Debug)]
@@ -43,21 +44,29 @@ pub struct Module {
     pub ctx: Pkcs11,
     /// The token's slot.
     pub slot: Slot,
+    /// The process-wide client that owns the context (finalized when the last user goes).
+    _client: Arc<ModuleClient>,
 }
 
 impl Module {
     /// Loads and initializes the module, finds the token, logs in when asked.
     pub fn open(t: &Target) -> Result<Module> {
-        let ctx = Pkcs11::new(&t.module).ctx("loading the module")?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .ctx("C_Initialize")?;
-        let slot = find_slot(&ctx, t.token.as_deref())?;
-        let login = match &t.pin_env {
-            Some(var) => {
-                let pin = std::env::var(var)
-                    .map_err(|_| BenchError::Other(format!("{var} is not set")))?;
+        let p11_err = |e: client::Error| BenchError::Other(e.to_string());
+        let module = client::registry::open(&t.module).map_err(p11_err)?;
+        let ctx = module.context().clone();
+        let slot = match t.token.as_deref() {
+            Some(label) => {
+                client::token::find_by_label(&module, label)
+                    .map_err(p11_err)?
+                    .0
+            }
+            None => find_slot(&ctx, None)?,
+        };
+        let pin = client::pin::read("the bench", t.pin_env.as_deref(), None).map_err(p11_err)?;
+        let login = match pin {
+            Some(pin) => {
                 let s = ctx.open_rw_session(slot).ctx("C_OpenSession")?;
-                s.login(UserType::User, Some(&AuthPin::from(pin)))
+                s.login(UserType::User, Some(&AuthPin::from(pin.secret.to_string())))
                     .ctx("C_Login")?;
                 Some(s)
             }
@@ -67,6 +76,7 @@ impl Module {
             _login: login,
             ctx,
             slot,
+            _client: module,
         })
     }
 
@@ -133,7 +143,7 @@ pub fn ensure_key(m: &Module, label: &str) -> Result<Vec<u8>> {
         Attribute::Id(id.clone()),
     ];
     let mut public = common.to_vec();
-    public.push(Attribute::EcParams(P256_PARAMS.to_vec()));
+    public.push(Attribute::EcParams(P256_EC_PARAMS.to_vec()));
     public.push(Attribute::Verify(true));
     let mut private = common.to_vec();
     private.push(Attribute::Sign(true));
@@ -154,14 +164,9 @@ pub fn attribute_bytes(s: &Session, h: ObjectHandle, t: AttributeType) -> Result
 
 /// The SEC1 point (`04‖X‖Y`) of a CKA_EC_POINT value (DER OCTET STRING or bare).
 pub fn decode_point(value: &[u8]) -> Result<Vec<u8>> {
-    match value {
-        [0x04, 0x41, rest @ ..] if rest.len() == 65 => Ok(rest.to_vec()),
-        v if v.len() == 65 && v[0] == 0x04 => Ok(v.to_vec()),
-        _ => Err(BenchError::Other(format!(
-            "CKA_EC_POINT is not a P-256 point ({} bytes)",
-            value.len()
-        ))),
-    }
+    encoding::decode_ec_point(value)
+        .map(|p| p.to_vec())
+        .map_err(|e| BenchError::Other(format!("CKA_EC_POINT: {e}")))
 }
 
 /// Checks signatures of one key.

@@ -1,0 +1,257 @@
+//! An advisory lock per (module, token) shared by every process of the user, held around the
+//! calls that read or write the token's state outside signing: loading the module (C_Initialize),
+//! finding the token, logging in, key generation, object creation and deletion. Never around
+//! signing.
+//!
+//! Why: SoftHSM rewrites its `token.object` in place and releases its own
+//! fcntl lock between the `ftruncate(0)` and the `write`, and every C_Initialize rewrites each
+//! token's `generation` file after unlocking it; another process that loads the module or logs in
+//! at that moment reads a torn file: the token is missing, or its user PIN "not initialized". With
+//! this lock our processes do these steps one at a time (what other programs do to the same token
+//! is ridden out by the retries in [`super::pool`]).
+//!
+//! The lock file is `<dir>/<hash of module path and token label>.lock`, where `<dir>` is
+//! `$XDG_RUNTIME_DIR/devicekey/locks`, else `$XDG_DATA_HOME/devicekey/locks`, else
+//! `~/.local/share/devicekey/locks`. The directory is created 0700 and must be the user's own with
+//! no group/other bits; the file is opened without following symlinks and must be the user's own
+//! regular file. When no safe place exists, or another process holds the lock for more than 10 s,
+//! the call goes ahead unlocked with a log line (the lock is advisory).
+//!
+//! In a process there is one open file per lock (flock works per open file), shared by its
+//! threads; a thread that holds the lock passes through nested sections (a write's session logs
+//! in).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+use sha2::{Digest, Sha256};
+
+/// How long a caller waits for another process's write before going ahead (with a warning).
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One lock file of this process, and the thread of this process that holds it.
+struct FileLock {
+    fd: OwnedFd,
+    pid: u32,
+    holder: Mutex<Option<ThreadId>>,
+    changed: Condvar,
+}
+
+fn table() -> &'static Mutex<HashMap<PathBuf, Arc<FileLock>>> {
+    static TABLE: OnceLock<Mutex<HashMap<PathBuf, Arc<FileLock>>>> = OnceLock::new();
+    TABLE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Holds the lock until dropped (nothing when the lock was not taken, or was already this
+/// thread's).
+pub struct WriteLock {
+    lock: Option<Arc<FileLock>>,
+}
+
+impl std::fmt::Debug for WriteLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLock")
+            .field("held", &self.lock.is_some())
+            .finish()
+    }
+}
+
+/// flock with a deadline; false when it was not obtained.
+fn flock_until(fd: &OwnedFd, op: FlockOperation, what: &str) -> bool {
+    let deadline = Instant::now() + WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match rustix::fs::flock(fd, op) {
+            Ok(()) => return true,
+            Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR)
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => {
+                log::warn!(
+                    "{what}: the cross-process token lock was not obtained ({e}); going ahead"
+                );
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let Some(lock) = self.lock.take() else {
+            return;
+        };
+        let mut holder = lock.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = rustix::fs::flock(&lock.fd, FlockOperation::Unlock);
+        *holder = None;
+        drop(holder);
+        lock.changed.notify_all();
+    }
+}
+
+fn lock_dir() -> Option<PathBuf> {
+    let from_env = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(run) = from_env("XDG_RUNTIME_DIR").filter(|p| p.is_dir()) {
+        return Some(run.join("devicekey").join("locks"));
+    }
+    if let Some(data) = from_env("XDG_DATA_HOME") {
+        return Some(data.join("devicekey").join("locks"));
+    }
+    from_env("HOME").map(|h| h.join(".local/share/devicekey/locks"))
+}
+
+/// The user's own directory with no group/other bits (created 0700 when missing).
+fn safe_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not the user's own owner-only directory",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn open_lock_file(path: &Path) -> Result<OwnedFd, String> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::CREATE | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+        || st.st_uid != rustix::process::geteuid().as_raw()
+    {
+        return Err(format!(
+            "{} is not the user's own regular file",
+            path.display()
+        ));
+    }
+    Ok(fd)
+}
+
+/// The file name of the lock of `token` in `module`.
+fn lock_name(module: &Path, token: &str) -> String {
+    let module = std::fs::canonicalize(module).unwrap_or_else(|_| module.to_path_buf());
+    let mut h = Sha256::new();
+    h.update(module.as_os_str().as_encoded_bytes());
+    h.update([0]);
+    h.update(token.as_bytes());
+    format!("{}.lock", &crate::encoding::hex(&h.finalize())[..32])
+}
+
+/// This process's lock file for `token` in `module`, opened on first use; `None` (with a log
+/// line) when there is no safe place for it.
+fn file_lock(module: &Path, token: &str) -> Option<Arc<FileLock>> {
+    let dir = match lock_dir() {
+        Some(d) => d,
+        None => {
+            log::info!(
+                "token '{token}': no XDG_RUNTIME_DIR, XDG_DATA_HOME or HOME; no cross-process lock"
+            );
+            return None;
+        }
+    };
+    let path = dir.join(lock_name(module, token));
+    let pid = std::process::id();
+    let mut table = table().lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(l) = table.get(&path).filter(|l| l.pid == pid) {
+        return Some(l.clone());
+    }
+    let opened = safe_dir(&dir).and_then(|()| open_lock_file(&path));
+    match opened {
+        Ok(fd) => {
+            let l = Arc::new(FileLock {
+                fd,
+                pid,
+                holder: Mutex::new(None),
+                changed: Condvar::new(),
+            });
+            table.insert(path, l.clone());
+            Some(l)
+        }
+        Err(why) => {
+            log::info!("token '{token}': no cross-process lock: {why}");
+            None
+        }
+    }
+}
+
+/// Takes the lock of `token` in `module`, waiting for other threads and processes; a thread that
+/// already holds it gets a guard that releases nothing.
+pub fn write_lock(module: &Path, token: &str) -> WriteLock {
+    let unlocked = WriteLock { lock: None };
+    let Some(lock) = file_lock(module, token) else {
+        return unlocked;
+    };
+    let me = std::thread::current().id();
+    let mut holder = lock.holder.lock().unwrap_or_else(PoisonError::into_inner);
+    if *holder == Some(me) {
+        return unlocked;
+    }
+    while holder.is_some() {
+        holder = lock
+            .changed
+            .wait(holder)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+    *holder = Some(me);
+    drop(holder);
+    if !flock_until(&lock.fd, FlockOperation::NonBlockingLockExclusive, token) {
+        *lock.holder.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        lock.changed.notify_all();
+        return unlocked;
+    }
+    WriteLock { lock: Some(lock) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_excludes_a_second_holder_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = dir.path().join("locks");
+        safe_dir(&locks).unwrap();
+        let path = locks.join(lock_name(Path::new("/nonexistent/module.so"), "t"));
+        let a = open_lock_file(&path).unwrap();
+        rustix::fs::flock(&a, FlockOperation::NonBlockingLockExclusive).unwrap();
+        let b = open_lock_file(&path).unwrap();
+        assert!(rustix::fs::flock(&b, FlockOperation::NonBlockingLockExclusive).is_err());
+        drop(a);
+        rustix::fs::flock(&b, FlockOperation::NonBlockingLockExclusive).unwrap();
+        // A symlink in place of the lock file is refused.
+        let link = locks.join("link.lock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(open_lock_file(&link).is_err());
+        assert_ne!(
+            lock_name(Path::new("/m"), "a"),
+            lock_name(Path::new("/m"), "b")
+        );
+    }
+}

@@ -58,6 +58,17 @@ fn nonce() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// A nonce whose base64url starts with `-` (one in 64 random nonces does): the command line must
+/// take it as the value of `--nonce`, not as an option.
+fn hyphen_nonce() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).unwrap();
+    bytes[0] = 0xf8 | (bytes[0] & 0x03); // first six bits 62: '-'
+    let nonce = URL_SAFE_NO_PAD.encode(bytes);
+    assert!(nonce.starts_with('-'), "{nonce}");
+    nonce
+}
+
 /// An env whose config has one TPM slot on `tpm`, with its key store in `store`.
 fn tpm_env(tpm: &Swtpm, store: &str) -> Env {
     let mut env = Env::ours_software("");
@@ -308,7 +319,7 @@ fn server_evidence_passes_the_reference_verifier_and_each_forgery_fails_at_its_c
     // The device under test: `devicekey serve --socket` on the TPM slot.
     let env = tpm_env(&tpm, "keys");
     let server = SocketServer::start(&env);
-    let (nonce1, nonce2, nonce3) = (nonce(), nonce(), nonce());
+    let (nonce1, nonce2, nonce3) = (nonce(), nonce(), hyphen_nonce());
     let answers = server.requests(&[
         (
             "device/key/create",
@@ -531,7 +542,7 @@ fn server_evidence_passes_the_reference_verifier_and_each_forgery_fails_at_its_c
 
     // Pinned: a later attest of the same store verifies against the saved AK without roots or
     // activation; the other store's evidence does not match it.
-    let nonce4 = nonce();
+    let nonce4 = hyphen_nonce();
     let (code, stdout, stderr) =
         env.cli(&["attest", "--key-id", &key_id, "--nonce", &nonce4], None);
     assert_eq!(code, 0, "{stderr}");

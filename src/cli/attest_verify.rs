@@ -43,8 +43,9 @@ pub struct VerifyArgs {
     /// The evidence JSON (the result of device/key/attest); `-` reads stdin.
     #[arg(long, value_name = "FILE")]
     pub evidence: PathBuf,
-    /// The nonce sent with the attest request: unpadded base64url of 16 to 64 bytes.
-    #[arg(long)]
+    /// The nonce sent with the attest request: unpadded base64url of 16 to 64 bytes (it may
+    /// start with `-`, a base64url character).
+    #[arg(long, allow_hyphen_values = true)]
     pub nonce: String,
     /// Trusted EK root certificates, PEM (one or more) or DER; repeat for more files.
     #[arg(

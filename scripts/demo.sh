@@ -15,7 +15,9 @@
 # token behind a second slot declared hardware_tpm, a key made on it, signed and verified through
 # our module.
 # Optional: `scripts/demo.sh --tpm` (or DEVICEKEY_DEMO_TPM=1) adds a TPM step: a throwaway swtpm
-# (stopped at the end) behind a `backend = "tpm"` slot; doctor, keygen, sign, verify, ssh-keygen -D.
+# (stopped at the end, manufactured with an EK certificate by swtpm_setup) behind a `backend = "tpm"`
+# slot; doctor, keygen, sign, verify, ssh-keygen -D, then key attestation: `devicekey attest` for a
+# fresh nonce and `devicekey attest verify` against swtpm's local CA, explained in plain words.
 set -euo pipefail
 DEMO_HSM=${DEVICEKEY_DEMO_HSM:-0}
 [ "${1:-}" = --hsm ] && DEMO_HSM=1
@@ -52,6 +54,7 @@ quiet() {
 }
 trap 'rc=$?; [ $rc -eq 0 ] || printf "\nDEMO FAILED at step %d (exit %d)\n" "$STEP" "$rc" >&2' EXIT
 SERVE_DONE=0
+ATTEST_DONE=0
 
 # ---------------------------------------------------------------------------------------------
 step "Installing the system packages devicekey uses (only those missing)"
@@ -271,6 +274,11 @@ fi
 # ---------------------------------------------------------------------------------------------
 if [ "$DEMO_TPM" = 1 ]; then
   step "Adding a TPM slot: a throwaway swtpm (TPM 2.0 simulator) on a free loopback port"
+  # Manufacture the TPM first, as a vendor would: an endorsement key (EK) and its certificate in
+  # NV, issued by swtpm's local test CA (created on first use in /var/lib/swtpm-localca).
+  mkdir -p "$DEMO/swtpm"
+  quiet swtpm_setup --tpm2 --create-ek-cert --tpmstate "$DEMO/swtpm" --overwrite
+  ok "swtpm_setup: the TPM holds an EK certificate issued by swtpm's local CA"
   swtpm_env=$(bash "$ROOT/scripts/swtpm.sh" start "$DEMO/swtpm") || die "cannot start swtpm"
   eval "$swtpm_env"
   # Stop swtpm (by its pid) before the usual cleanup, whatever happens.
@@ -313,6 +321,51 @@ EOF
   [ -n "$sshline" ] || die "ssh-keygen -D did not list the TPM key: $sshout"
   ok "ssh-keygen -D lists the TPM key:"
   printf '        %s\n' "$sshline"
+
+  step "Proving to a relying party that a key lives in this TPM (key attestation)"
+  LOCALCA=/var/lib/swtpm-localca
+  CA_ROOT=$LOCALCA/swtpm-localca-rootca-cert.pem
+  CA_ISSUER=$LOCALCA/issuercert.pem
+  [ -f "$CA_ROOT" ] && [ -f "$CA_ISSUER" ] || die "swtpm's local CA is not in $LOCALCA"
+  created=$("$CLI" create --account-user-id demo-user --client-id demo-attest --json 2>&1 </dev/null) ||
+    die "devicekey create failed: $created"
+  ATT_KEY=$(sed -n 's/.*"keyId": *"\([^"]*\)".*/\1/p' <<<"$created" | head -1)
+  [ -n "$ATT_KEY" ] || die "devicekey create printed no keyId: $created"
+  grep -q '"protectionClass": *"hardware_tpm"' <<<"$created" || die "the key is not in the TPM: $created"
+  ok "devicekey create -> $ATT_KEY (hardware_tpm)"
+  # The relying party picks a fresh nonce; the device answers with its evidence for that nonce.
+  ATT_NONCE=$(head -c 32 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')
+  "$CLI" attest --key-id "$ATT_KEY" --nonce "$ATT_NONCE" >evidence.json 2>attest.err </dev/null ||
+    die "devicekey attest failed: $(cat attest.err)"
+  grep -q '"format": *"tpm"' evidence.json || die "the evidence is not TPM evidence: $(cat evidence.json)"
+  ok "devicekey attest --nonce $ATT_NONCE -> evidence.json ($(stat -c %s evidence.json) bytes: the key's TPM public area, a TPM2_Certify of it by the attestation key, the EK and its certificate)"
+  # The relying party's side: needs no TPM; check 3 sends a challenge only the TPM can answer.
+  verify_out=$("$CLI" attest verify --evidence evidence.json --nonce "$ATT_NONCE" \
+    --roots "$CA_ROOT" --intermediates "$CA_ISSUER" \
+    --activate-with "'$CLI' attest activate --key-id '$ATT_KEY'" 2>&1 </dev/null) || {
+    printf '%s\n' "$verify_out"
+    die "devicekey attest verify did not verify the evidence"
+  }
+  ok "devicekey attest verify (roots: swtpm's test CA in $LOCALCA):"
+  printf '%s\n' "$verify_out" | sed 's/^/        /'
+  grep -q "verified: all six checks pass" <<<"$verify_out" || die "not all six checks passed"
+  # The same evidence with another nonce (a replay) is refused.
+  if replay=$("$CLI" attest verify --evidence evidence.json \
+    --nonce "$(head -c 32 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')" \
+    --roots "$CA_ROOT" --intermediates "$CA_ISSUER" \
+    --activate-with "'$CLI' attest activate --key-id '$ATT_KEY'" 2>&1 </dev/null); then
+    die "evidence replayed with another nonce was accepted: $replay"
+  fi
+  grep -q "check 5 (certifyInfo): FAIL" <<<"$replay" || die "a replay was refused for the wrong reason: $replay"
+  ok "the same evidence replayed for another nonce is refused: $(grep '^check 5' <<<"$replay")"
+  cat <<EOF
+    In plain words: the private key of $ATT_KEY was made inside this TPM and cannot leave it
+    (not even to devicekey; a compromised OS could use it while it runs, never copy it). The TPM
+    answered a challenge encrypted to its endorsement key, and that key's certificate is vouched
+    for by the TPM maker's CA: here swtpm's test CA, which a real relying party would not trust;
+    on real hardware it is the TPM manufacturer's root.
+EOF
+  ATTEST_DONE=1
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +393,9 @@ if [ "$DEMO_HSM" = 1 ]; then
 fi
 if [ "$DEMO_TPM" = 1 ]; then
   echo "  - A TPM slot on a throwaway swtpm made a key inside the TPM, signed with CKM_ECDSA and CKM_ECDSA_SHA256 (verified by openssl), and ssh-keygen -D listed it; swtpm is stopped at exit."
+fi
+if [ "$ATTEST_DONE" = 1 ]; then
+  echo "  - Attestation verified: devicekey attest verify proved that a new key was generated in that TPM and cannot leave it, and that the TPM is vouched for by its maker's certificate (here swtpm's test CA)."
 fi
 if [ "$KEEP" = 1 ]; then
   echo "  Key store and files kept in $DEMO."

@@ -168,8 +168,9 @@ struct AttestShowArgs {
     /// The key id.
     #[arg(long)]
     key_id: Option<String>,
-    /// The relying party's nonce: unpadded base64url of 16 to 64 bytes.
-    #[arg(long)]
+    /// The relying party's nonce: unpadded base64url of 16 to 64 bytes (it may start with `-`,
+    /// a base64url character).
+    #[arg(long, allow_hyphen_values = true)]
     nonce: Option<String>,
 }
 

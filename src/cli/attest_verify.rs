@@ -6,8 +6,8 @@
 //! - `--activate-with CMD`: runs `sh -c CMD`, writes one JSON object to its stdin,
 //!   `{"credentialBlobBase64": b64, "encryptedSecretBase64": b64}` (the params of
 //!   `device/key/activateCredential` without `keyId`), and reads one JSON object from its stdout,
-//!   `{"secretBase64": b64}` (that method's result). A non-zero exit is a refusal; its stderr is
-//!   the reason. `devicekey attest activate --key-id ID` speaks this exchange.
+//!   `{"secretBase64": b64}` (that method's result). A non-zero exit is a refusal; the last line
+//!   of its stderr is the reason. `devicekey attest activate --key-id ID` speaks this exchange.
 //! - `--socket PATH --key-id ID`: sends `initialize`, `initialized` and
 //!   `device/key/activateCredential` to a `devicekey serve --socket PATH`, one JSON line each.
 //!
@@ -43,8 +43,9 @@ pub struct VerifyArgs {
     /// The evidence JSON (the result of device/key/attest); `-` reads stdin.
     #[arg(long, value_name = "FILE")]
     pub evidence: PathBuf,
-    /// The nonce sent with the attest request: unpadded base64url of 16 to 64 bytes.
-    #[arg(long)]
+    /// The nonce sent with the attest request: unpadded base64url of 16 to 64 bytes (it may
+    /// start with `-`, a base64url character).
+    #[arg(long, allow_hyphen_values = true)]
     pub nonce: String,
     /// Trusted EK root certificates, PEM (one or more) or DER; repeat for more files.
     #[arg(
@@ -256,10 +257,15 @@ fn activate_with_command(cmd: &str, c: &CredentialChallenge) -> Result<Vec<u8>, 
     let out = out_reader.join().unwrap_or_default();
     let err = err_reader.join().unwrap_or_default();
     if !status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({status}): {}",
-            String::from_utf8_lossy(&err).trim()
-        ));
+        // The reason is the last line of its stderr (a command's earlier lines are its logs): the
+        // check's verdict stays one line.
+        let err = String::from_utf8_lossy(&err);
+        let reason = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(format!("{cmd:?} failed ({status}): {}", reason.trim()));
     }
     let answer: serde_json::Value = serde_json::from_slice(&out)
         .map_err(|e| format!("{cmd:?} did not print one JSON object: {e}"))?;

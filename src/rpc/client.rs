@@ -19,7 +19,7 @@
 //! stale object handle) forgets the cache and the request is tried once more from scratch.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD;
@@ -840,11 +840,6 @@ impl TokenClient {
         } else {
             Err(DeviceKeyError::KeyNotFound)
         }
-    }
-
-    /// The module paths in use (for messages).
-    pub fn module_paths(&self) -> Vec<&Path> {
-        self.specs.iter().map(|s| s.path.as_path()).collect()
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use cryptoki_sys::*;
 
-use crate::backend::{KeyPurpose, NewKey};
+use crate::backend::NewKey;
 use crate::config::Config;
 use crate::proof::ProofPolicy;
 use attributes::{find, Template};
@@ -757,11 +757,6 @@ impl Token {
     pub fn seed_random(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         self.session(h)?;
         fail(CKR_RANDOM_SEED_NOT_SUPPORTED)
-    }
-
-    /// The purpose of a key, for callers that only have the token.
-    pub fn key_purpose(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<KeyPurpose> {
-        Ok(self.get_object(h, key)?.purpose)
     }
 }
 

@@ -75,11 +75,6 @@ impl Object {
         self.attrs.get_bool(CKA_TOKEN)
     }
 
-    /// CKA_PRIVATE.
-    pub fn is_private(&self) -> bool {
-        self.attrs.get_bool(CKA_PRIVATE)
-    }
-
     /// The session that owns this object, if it is a session object.
     pub fn session_owner(&self) -> Option<CK_SESSION_HANDLE> {
         match self.origin {

@@ -273,11 +273,6 @@ impl SignOp {
         key.verify_prehash(&digest, &sig)
             .map_err(|_| Error::rv(CKR_SIGNATURE_INVALID))
     }
-
-    /// The mechanism.
-    pub fn mechanism(&self) -> CK_MECHANISM_TYPE {
-        self.mech
-    }
 }
 
 /// Ends an operation unless the result says it must stay alive.

@@ -117,11 +117,6 @@ impl ObjectTable {
         self.objects.get(&h)
     }
 
-    /// Every object, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (CK_OBJECT_HANDLE, &Arc<Object>)> {
-        self.objects.iter().map(|(h, o)| (*h, o))
-    }
-
     /// Adds an object under a new handle.
     pub fn insert(&mut self, handles: &Handles, obj: Object) -> CK_OBJECT_HANDLE {
         let h = handles.next();

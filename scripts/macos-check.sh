@@ -18,8 +18,8 @@
 # check failed.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+# shellcheck source=scripts/lib/stages.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/stages.sh" # the repository as working directory, cargo on PATH, record
 
 if [ "$(uname -s)" != Darwin ]; then
   echo "macos-check: this runs on macOS only (on Linux, scripts/macos-typecheck.sh type-checks the macOS build)" >&2
@@ -42,9 +42,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 TIMEOUT=${TIMEOUT:-120}
-PASSED=0
-FAILED=0
-FAILED_NAMES=()
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/devicekey-macos.XXXXXX")
 chmod 700 "$WORK"
@@ -58,14 +55,8 @@ check() {
   local name=$1
   shift
   echo "== $name"
-  if ("$@"); then
-    PASSED=$((PASSED + 1))
-    echo "PASS $name"
-  else
-    FAILED=$((FAILED + 1))
-    FAILED_NAMES+=("$name")
-    echo "FAIL $name"
-  fi
+  ("$@")
+  record "$name" $?
 }
 
 fail() {
@@ -216,9 +207,4 @@ if [ -f "$MODULE" ] && [ -x "$CLI" ]; then
   check "devicekey serve: device/key/create (hardware_only) and device/key/sign, verified by openssl" serve
 fi
 
-echo
-for name in "${FAILED_NAMES[@]+"${FAILED_NAMES[@]}"}"; do
-  echo "failed: $name"
-done
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ]
+stages_finish macos-check.sh

@@ -489,3 +489,22 @@ use_installed() {
     on_exit "bash '$E2E_ROOT/scripts/install.sh' --uninstall >/dev/null"
   fi
 }
+
+# write_sshd_config DIR PORT ROOT_LOGIN: a throwaway sshd's config in DIR/sshd_config (host key,
+# pid file and authorized_keys in DIR; public keys only; PermitRootLogin ROOT_LOGIN).
+write_sshd_config() {
+  cat >"$1/sshd_config" <<EOF
+Port $2
+ListenAddress 127.0.0.1
+HostKey $1/host_key
+PidFile $1/sshd.pid
+AuthorizedKeysFile $1/authorized_keys
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin $3
+LogLevel VERBOSE
+EOF
+}

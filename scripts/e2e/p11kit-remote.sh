@@ -84,20 +84,7 @@ SSH_PORT=$(free_port)
 } >"$S/p11kit-remote.sh"
 chmod 700 "$S/p11kit-remote.sh"
 printf 'command="%s",restrict %s\n' "$S/p11kit-remote.sh" "$(cut -d' ' -f1,2 "$C/id_ed25519.pub")" >"$S/authorized_keys"
-cat >"$S/sshd_config" <<EOF
-Port $SSH_PORT
-ListenAddress 127.0.0.1
-HostKey $S/host_key
-PidFile $S/sshd.pid
-AuthorizedKeysFile $S/authorized_keys
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin forced-commands-only
-LogLevel VERBOSE
-EOF
+write_sshd_config "$S" "$SSH_PORT" forced-commands-only
 printf '[127.0.0.1]:%s %s\n' "$SSH_PORT" "$(cut -d' ' -f1,2 "$S/host_key.pub")" >"$C/known_hosts"
 chown "$CLIENT_USER:$CLIENT_GROUP" "$C/known_hosts"
 start_bg sshd "$(command -v sshd)" -D -f "$S/sshd_config" -E "$S/sshd.log"

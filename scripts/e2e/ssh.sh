@@ -19,20 +19,7 @@ mkdir -p "$S" /run/sshd 2>/dev/null
 chmod 700 "$S"
 
 setup_step "sshd host key" ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
-cat >"$S/sshd_config" <<EOF
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $S/host_key
-PidFile $S/sshd.pid
-AuthorizedKeysFile $S/authorized_keys
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-LogLevel VERBOSE
-EOF
+write_sshd_config "$S" "$PORT" prohibit-password
 printf '[127.0.0.1]:%s %s\n' "$PORT" "$(cut -d' ' -f1,2 "$S/host_key.pub")" >"$T/known_hosts"
 
 # The token key's OpenSSH form and fingerprint, from the public key the token reports.

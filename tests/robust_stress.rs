@@ -429,7 +429,7 @@ fn four_processes(store: Store) {
     let start_at = common::now_millis() + 1000;
     let started = Instant::now();
     let children = spawn_creators(&st.t, per, start_at);
-    let failures = wait_children(children).1;
+    let failures = wait_children(children).failures;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let created_in = started.elapsed();
     check_all_keys(&mut st, &creator_labels(per));
@@ -469,23 +469,35 @@ fn creator_labels(per: usize) -> BTreeSet<String> {
         .collect()
 }
 
-/// Waits for `children`; returns each one's stdout, and a failure per child that did not pass.
-fn wait_children(children: Vec<(String, std::process::Child)>) -> (Vec<String>, Vec<String>) {
-    let mut stdouts = Vec::new();
-    let mut failures = Vec::new();
+/// What the child processes said.
+#[derive(Default)]
+struct ChildOutput {
+    /// Each child's stdout.
+    stdouts: Vec<String>,
+    /// The module's warnings that the cross-process token lock was not obtained in time (the
+    /// call went ahead unlocked), over all children.
+    lock_timeouts: usize,
+    /// One per child that did not pass.
+    failures: Vec<String>,
+}
+
+/// Waits for `children` and collects what they said.
+fn wait_children(children: Vec<(String, std::process::Child)>) -> ChildOutput {
+    let mut said = ChildOutput::default();
     for (name, child) in children {
         let out = child.wait_with_output().expect("wait for child");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        said.lock_timeouts += stderr
+            .matches("the cross-process token lock was not obtained")
+            .count();
         if !out.status.success() || !stdout.contains("1 passed") {
-            failures.push(format!(
-                "{name}: {}\n{stdout}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            said.failures
+                .push(format!("{name}: {}\n{stdout}\n{stderr}", out.status));
         }
-        stdouts.push(stdout);
+        said.stdouts.push(stdout);
     }
-    (stdouts, failures)
+    said
 }
 
 /// After the processes: exactly the keys `want` are on the store, each readable and signing, and
@@ -744,12 +756,14 @@ fn mixed_processes(store: Store) {
             (name, child)
         })
         .collect();
-    let (_, mut failures) = wait_children(creators);
+    let creators = wait_children(creators);
     let created_in = started.elapsed();
     std::fs::write(&stop, b"").expect("write the stop file");
-    let (stdouts, more) = wait_children(others);
-    failures.extend(more);
+    let others = wait_children(others);
+    let failures = [creators.failures, others.failures].concat();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let lock_timeouts = creators.lock_timeouts + others.lock_timeouts;
+    let stdouts = others.stdouts;
     // Each signer and lister prints its count (after libtest's "test <name> ... ").
     let count = |tag: &str, processes: usize| -> usize {
         let counts: Vec<usize> = stdouts
@@ -795,7 +809,8 @@ fn mixed_processes(store: Store) {
     eprintln!(
         "STRESS mixed processes ({}): {CREATORS} x {per} keys created in {created_in:?} while \
          {SIGNERS} processes made {signs} verified signatures and {LISTERS} processes made {lists} \
-         consistent listings ({}); all {} keys present and signing",
+         consistent listings (reloads: {}); all {} keys present and signing; {lock_timeouts} \
+         waits for the token lock ran out (with DEVICEKEY_LOG=warn or more)",
         store.name(),
         reloads.join(", "),
         want.len()

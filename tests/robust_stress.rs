@@ -455,11 +455,17 @@ fn spawn_creators(t: &Token, per: usize, start_at: u64) -> Vec<(String, std::pro
                     (START_ENV, start_at.to_string()),
                     (COUNT_ENV, per.to_string()),
                     ("DEVICEKEY_CONFIG", t.config.display().to_string()),
+                    ("DEVICEKEY_LOG", child_log_level()),
                 ],
             );
             (format!("creator {i}"), child)
         })
         .collect()
+}
+
+/// The children's log level: `DEVICEKEY_LOG` when set, else `warn` (their warnings are counted).
+fn child_log_level() -> String {
+    std::env::var("DEVICEKEY_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// The labels the creators make.
@@ -751,6 +757,7 @@ fn mixed_processes(store: Store) {
                     (START_ENV, start_at.to_string()),
                     (STOP_ENV, stop.display().to_string()),
                     ("DEVICEKEY_CONFIG", st.t.config.display().to_string()),
+                    ("DEVICEKEY_LOG", child_log_level()),
                 ],
             );
             (name, child)
@@ -810,7 +817,7 @@ fn mixed_processes(store: Store) {
         "STRESS mixed processes ({}): {CREATORS} x {per} keys created in {created_in:?} while \
          {SIGNERS} processes made {signs} verified signatures and {LISTERS} processes made {lists} \
          consistent listings (reloads: {}); all {} keys present and signing; {lock_timeouts} \
-         waits for the token lock ran out (with DEVICEKEY_LOG=warn or more)",
+         waits for the token lock ran out",
         store.name(),
         reloads.join(", "),
         want.len()

@@ -3,11 +3,16 @@
 # (SIGKILL loop, full and read-only disk), server abuse, and valgrind memcheck of the module.
 #
 #   scripts/stress.sh              full counts (STRESS_SCALE=1): 16 threads x 1,000 ops, 4 processes
-#                                  x 100 keys, 200 finalize races, 200 SIGKILLs, 10,000 pipelined
-#                                  requests, 1,000 socket connections; then valgrind
+#                                  x 100 keys (alone, and with 2 signing and 2 listing processes),
+#                                  200 finalize races, 200 SIGKILLs, 10,000 pipelined requests,
+#                                  1,000 socket connections; then valgrind
 #   scripts/stress.sh --quick      the CI counts (STRESS_SCALE=0.1)
 #   scripts/stress.sh --no-valgrind
 #   scripts/stress.sh --valgrind-only
+#   scripts/stress.sh --filter NAME [--filter NAME...]
+#                                  only the tests whose names contain a NAME (no valgrind), e.g.
+#                                  --filter four_processes_create_keys_on_a_softhsm
+#                                  --filter creators_signers_and_listers
 #
 # Tests run in release mode against target/release/libdevicekey_pkcs11.so. The figures (lines
 # starting STRESS, CRASH, SERVER, VALGRIND) are repeated at the end; the last line is
@@ -20,13 +25,25 @@ set -uo pipefail
 SCALE=1
 VALGRIND=1
 ONLY_VALGRIND=0
-for arg in "$@"; do
+FILTERS=()
+while [ $# -gt 0 ]; do
+  arg=$1
+  shift
   case "$arg" in
+    --filter)
+      if [ $# -eq 0 ] || [ -z "$1" ]; then
+        echo "stress.sh: --filter needs a test name" >&2
+        exit 2
+      fi
+      FILTERS+=("$1")
+      VALGRIND=0
+      shift
+      ;;
     --quick) SCALE=0.1 ;;
     --no-valgrind) VALGRIND=0 ;;
     --valgrind-only) ONLY_VALGRIND=1 ;;
     -h | --help)
-      sed -n '2,15p' "$0"
+      sed -n '2,19p' "$0"
       exit 0
       ;;
     *)
@@ -44,7 +61,7 @@ echo "stress.sh: STRESS_SCALE=$STRESS_SCALE"
 stage build cargo build --release
 if [ "$ONLY_VALGRIND" -eq 0 ]; then
   for t in robust_stress robust_crash_kill robust_crash_disk robust_server; do
-    stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1
+    stage "$t" cargo test --release --test "$t" -- --nocapture --test-threads=1 "${FILTERS[@]}"
   done
 fi
 

@@ -17,16 +17,23 @@
 //! regular file. When no safe place exists, or another process holds the lock for more than 10 s,
 //! the call goes ahead unlocked with a log line (the lock is advisory).
 //!
-//! In a process there is one open file per lock (flock works per open file), shared by its
-//! threads; a thread that holds the lock passes through nested sections (a write's session logs
-//! in).
+//! A waiter waits in the kernel (a blocking `flock`, on a short-lived helper thread so that the
+//! wait can end after 10 s), not by polling: processes that take the lock back to back (key
+//! generations in a loop) leave it free only for microseconds, and a poller that sleeps between
+//! tries almost never sees it free (a module load waited out the whole 10 s, then went ahead
+//! unlocked, while four processes generated keys).
+//!
+//! In a process the threads take turns first (a thread that holds the lock passes through nested
+//! sections: a write's session logs in); the holding thread has the lock file open on its own
+//! open file description (flock works per open file description), closed on release.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::ThreadId;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use sha2::{Digest, Sha256};
@@ -36,7 +43,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// One lock file of this process, and the thread of this process that holds it.
 struct FileLock {
-    fd: OwnedFd,
+    path: PathBuf,
     pid: u32,
     holder: Mutex<Option<ThreadId>>,
     changed: Condvar,
@@ -50,7 +57,8 @@ fn table() -> &'static Mutex<HashMap<PathBuf, Arc<FileLock>>> {
 /// Holds the lock until dropped (nothing when the lock was not taken, or was already this
 /// thread's).
 pub struct WriteLock {
-    lock: Option<Arc<FileLock>>,
+    /// The lock and the open lock file that holds it.
+    lock: Option<(Arc<FileLock>, OwnedFd)>,
 }
 
 impl std::fmt::Debug for WriteLock {
@@ -61,36 +69,60 @@ impl std::fmt::Debug for WriteLock {
     }
 }
 
-/// flock with a deadline; false when it was not obtained.
-fn flock_until(fd: &OwnedFd, op: FlockOperation, what: &str) -> bool {
-    let deadline = Instant::now() + WAIT;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match rustix::fs::flock(fd, op) {
-            Ok(()) => return true,
-            Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR)
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(20));
+/// The lock file at `path` opened and locked exclusively, waiting at most [`WAIT`]; `None` (with
+/// a log line) when it was not obtained.
+fn flock_within(path: &Path, what: &str) -> Option<OwnedFd> {
+    let not_obtained = |why: &dyn std::fmt::Display| {
+        log::warn!("{what}: the cross-process token lock was not obtained ({why}); going ahead");
+        None
+    };
+    let fd = match open_lock_file(path) {
+        Ok(fd) => fd,
+        Err(why) => return not_obtained(&why),
+    };
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => return Some(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return not_obtained(&e),
+    }
+    // Held by another process: wait in the kernel on a helper thread. When the wait is given up,
+    // the helper's lock (if it comes) is released as its file is dropped: a send into a channel
+    // whose receiver is gone hands the file back, and a file left in the buffer is dropped with
+    // the channel.
+    let (tx, rx) = mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("devicekey-token-lock".into())
+        .spawn(move || loop {
+            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(()) => {
+                    let _ = tx.send(Ok(fd));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
             }
-            Err(e) => {
-                log::warn!(
-                    "{what}: the cross-process token lock was not obtained ({e}); going ahead"
-                );
-                return false;
-            }
-        }
+        });
+    if let Err(e) = spawned {
+        return not_obtained(&format!("cannot start a thread to wait for it: {e}"));
+    }
+    match rx.recv_timeout(WAIT) {
+        Ok(Ok(fd)) => Some(fd),
+        Ok(Err(e)) => not_obtained(&e),
+        Err(_) => not_obtained(&format!("another process held it for more than {WAIT:?}")),
     }
 }
 
 impl Drop for WriteLock {
     fn drop(&mut self) {
-        let Some(lock) = self.lock.take() else {
+        let Some((lock, fd)) = self.lock.take() else {
             return;
         };
         let mut holder = lock.holder.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = rustix::fs::flock(&lock.fd, FlockOperation::Unlock);
+        let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
+        drop(fd);
         *holder = None;
         drop(holder);
         lock.changed.notify_all();
@@ -184,9 +216,9 @@ fn file_lock(module: &Path, token: &str) -> Option<Arc<FileLock>> {
     }
     let opened = safe_dir(&dir).and_then(|()| open_lock_file(&path));
     match opened {
-        Ok(fd) => {
+        Ok(_) => {
             let l = Arc::new(FileLock {
-                fd,
+                path: path.clone(),
                 pid,
                 holder: Mutex::new(None),
                 changed: Condvar::new(),
@@ -221,12 +253,14 @@ pub fn write_lock(module: &Path, token: &str) -> WriteLock {
     }
     *holder = Some(me);
     drop(holder);
-    if !flock_until(&lock.fd, FlockOperation::NonBlockingLockExclusive, token) {
+    let Some(fd) = flock_within(&lock.path, token) else {
         *lock.holder.lock().unwrap_or_else(PoisonError::into_inner) = None;
         lock.changed.notify_all();
         return unlocked;
+    };
+    WriteLock {
+        lock: Some((lock, fd)),
     }
-    WriteLock { lock: Some(lock) }
 }
 
 #[cfg(test)]
@@ -253,5 +287,32 @@ mod tests {
             lock_name(Path::new("/m"), "a"),
             lock_name(Path::new("/m"), "b")
         );
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_as_soon_as_another_holder_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let other = open_lock_file(&path).unwrap();
+        rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive).unwrap();
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let t0 = std::time::Instant::now();
+                let fd = flock_within(&path, "test");
+                (fd, t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(other);
+        let (fd, waited) = waiter.join().unwrap();
+        let fd = fd.expect("the lock, once released");
+        assert!(waited >= Duration::from_millis(150), "waited {waited:?}");
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        // Held now: another open file cannot take it.
+        let third = open_lock_file(&path).unwrap();
+        assert!(rustix::fs::flock(&third, FlockOperation::NonBlockingLockExclusive).is_err());
+        drop(fd);
+        rustix::fs::flock(&third, FlockOperation::NonBlockingLockExclusive).unwrap();
     }
 }

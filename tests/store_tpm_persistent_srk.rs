@@ -7,7 +7,9 @@
 //!   `tpm2_evictcontrol` with the standard template, a process that finds a key and signs sends
 //!   no CreatePrimary at all, and a key made before persisting still signs (verified with p256);
 //! - an RSA primary persisted at 0x81000001 is not used: the log says why, the SRK is derived,
-//!   and `persist-srk` refuses to replace it.
+//!   and `persist-srk` refuses to replace it;
+//! - on a TPM whose owner hierarchy has a password, `persist-srk` fails without it and succeeds
+//!   with `owner_auth_file`, and the store then signs with no owner authorization at all.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
 use std::path::{Path, PathBuf};
@@ -283,4 +285,34 @@ fn another_object_at_the_srk_handle_is_not_used() {
         doctor.contains("persistent SRK not used"),
         "doctor:\n{doctor}"
     );
+}
+
+#[test]
+fn persist_srk_takes_the_owner_authorization_from_the_config() {
+    if !have_swtpm() || !have_tools(&["pkcs11-tool", "tpm2_changeauth"]) {
+        return;
+    }
+    let f = Fixture::new();
+    f.keygen("01");
+    f.tpm2("tpm2_changeauth", &["-c", "o", "owner-secret"]);
+    let (out, _) = f.devicekey(&["tpm", "persist-srk", "--slot", LABEL]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("owner authorization"),
+        "persist-srk without the owner password: {err}"
+    );
+    let auth = f.tmp.path().join("owner-auth");
+    std::fs::write(&auth, "owner-secret\n").unwrap();
+    std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut config = std::fs::read_to_string(&f.config).unwrap();
+    config.push_str(&format!("owner_auth_file = \"{}\"\n", auth.display()));
+    std::fs::write(&f.config, config).unwrap();
+    let (out, _) = f.devicekey(&["tpm", "persist-srk", "--slot", LABEL]);
+    assert!(
+        out.status.success(),
+        "persist-srk with owner_auth_file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = f.sign_and_verify("01");
+    assert_eq!(create_primaries(&log), 0, "{log}");
 }

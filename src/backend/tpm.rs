@@ -202,7 +202,7 @@ pub fn probe(tcti: &str, allow_simulator: bool) -> TpmProbe {
 /// hierarchy's authorization (empty when the owner has none); refuses when another object holds
 /// the handle. Later connections use it instead of TPM2_CreatePrimary.
 pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
-    Device::new(tcti).persist_srk(owner_auth)
+    Device::persist_srk(tcti, owner_auth)
 }
 
 /// Signs with one TPM key.

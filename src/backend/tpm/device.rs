@@ -37,13 +37,14 @@ use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::resource_handles::Provision;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
+    Auth, CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
     KeyDerivationFunctionScheme, Private, Public, PublicBuilder, PublicEccParameters,
     PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
+use zeroize::Zeroizing;
 
 mod attest;
 
@@ -384,6 +385,21 @@ fn srk_mismatch(public: &Public) -> Option<String> {
     None
 }
 
+/// Runs `op` with the owner hierarchy's authorization set in the ESYS context (a password
+/// session), and empties it again afterwards.
+fn with_owner_auth<T>(
+    ctx: &mut Context,
+    auth: Auth,
+    op: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+) -> tss_esapi::Result<T> {
+    if !auth.value().is_empty() {
+        ctx.tr_set_auth(Hierarchy::Owner.into(), auth)?;
+    }
+    let result = ctx.execute_with_session(Some(AuthSession::Password), op);
+    let _ = ctx.tr_set_auth(Hierarchy::Owner.into(), Auth::default());
+    result
+}
+
 /// The public template of a signing key: P-256, unrestricted, no fixed scheme (the scheme is
 /// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign, and
 /// the purpose bound as its `authPolicy` (see the `purpose` module).
@@ -424,6 +440,8 @@ struct Conn {
     dead: bool,
     /// The EK attestation uses, once found.
     endorsement: Option<Endorsement>,
+    /// The owner hierarchy's authorization (empty unless `persist_srk` runs).
+    owner_auth: Zeroizing<Vec<u8>>,
 }
 
 impl Drop for Conn {
@@ -607,13 +625,18 @@ impl Conn {
     /// TPM2_CreatePrimary of the SRK from the standard template; the caller flushes it.
     fn create_primary_srk(&mut self) -> Op<(KeyHandle, Public)> {
         let template = tss("building the SRK template", srk_template())?;
+        let auth = tss(
+            "preparing the owner authorization",
+            Auth::try_from(self.owner_auth.to_vec()),
+        )?;
         let ctx = self.ctx()?;
         log::debug!("tpm: TPM2_CreatePrimary (owner hierarchy, the SRK)");
+        let result = with_owner_auth(ctx, auth, |c| {
+            c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+        });
         let result = tss(
             "creating the storage root key (TPM2_CreatePrimary, owner hierarchy)",
-            ctx.execute_with_session(Some(AuthSession::Password), |c| {
-                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
-            }),
+            result,
         )?;
         Ok((result.key_handle, result.out_public))
     }
@@ -621,7 +644,7 @@ impl Conn {
     /// Makes the SRK persistent at [`PERSISTENT_SRK`] (TPM2_EvictControl with owner
     /// authorization), unless the standard SRK is there already; refuses when another object
     /// holds the handle.
-    fn persist_srk(&mut self, owner_auth: &[u8]) -> Op<PersistOutcome> {
+    fn persist_srk(&mut self) -> Op<PersistOutcome> {
         if self.srk_source == SrkSource::Persistent {
             return Ok(PersistOutcome::AlreadyThere);
         }
@@ -634,7 +657,7 @@ impl Conn {
         let srk = self.srk()?;
         let auth = tss(
             "preparing the owner authorization",
-            tss_esapi::structures::Auth::try_from(owner_auth.to_vec()),
+            Auth::try_from(self.owner_auth.to_vec()),
         )?;
         let persistent = PersistentTpmHandle::new(PERSISTENT_SRK).map_err(|_| {
             Fail::Other(BackendError::Unusable(
@@ -642,23 +665,22 @@ impl Conn {
             ))
         })?;
         let ctx = self.ctx()?;
-        tss(
-            "setting the owner authorization",
-            ctx.tr_set_auth(Hierarchy::Owner.into(), auth),
-        )?;
         log::debug!("tpm: TPM2_EvictControl of the SRK to {PERSISTENT_SRK:#x}");
-        let result = ctx.execute_with_session(Some(AuthSession::Password), |c| {
+        let result = with_owner_auth(ctx, auth, |c| {
             c.evict_control(
                 Provision::Owner,
                 srk.into(),
                 Persistent::Persistent(persistent),
             )
         });
-        let _ = ctx.tr_set_auth(
-            Hierarchy::Owner.into(),
-            tss_esapi::structures::Auth::default(),
-        );
-        let mut object = tss("making the SRK persistent (TPM2_EvictControl)", result)?;
+        let mut object = result.map_err(|e| match tpm_code(raw_rc(&e)) {
+            // TPM_RC_AUTH_FAIL, TPM_RC_BAD_AUTH: the owner authorization is wrong.
+            0x8e | 0xa2 => Fail::Other(BackendError::Auth(format!(
+                "the TPM refused the owner authorization ({e}); set the slot's owner_auth_env \
+                 or owner_auth_file to the owner hierarchy's password"
+            ))),
+            _ => Fail::Tss("making the SRK persistent (TPM2_EvictControl)", e),
+        })?;
         let _ = ctx.tr_close(&mut object);
         Ok(PersistOutcome::Persisted)
     }
@@ -856,6 +878,9 @@ pub struct Device {
     tcti: String,
     conn: Mutex<Option<Conn>>,
     signatures: AtomicU64,
+    /// The owner hierarchy's authorization, for TPM2_CreatePrimary and TPM2_EvictControl
+    /// (only `persist_srk` sets it; the store itself runs with an empty one).
+    owner_auth: Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -873,6 +898,7 @@ impl Device {
             tcti: tcti.to_string(),
             conn: Mutex::new(None),
             signatures: AtomicU64::new(0),
+            owner_auth: Zeroizing::new(Vec::new()),
         }
     }
 
@@ -923,6 +949,7 @@ impl Device {
             loaded: VecDeque::new(),
             dead: false,
             endorsement: None,
+            owner_auth: self.owner_auth.clone(),
         };
         let setup = |conn: &mut Conn| -> Op<()> {
             let (mut started, mut flushed) = (false, flush_first);
@@ -987,7 +1014,9 @@ impl Device {
             )),
             // TPM_RC_AUTH_FAIL, TPM_RC_BAD_AUTH (format one).
             0x8e | 0xa2 => BackendError::Auth(format!(
-                "{msg}; the owner hierarchy has a password, which this store does not support"
+                "{msg}; the owner hierarchy has a password: persist the SRK once with \
+                 `devicekey tpm persist-srk` (owner_auth_env or owner_auth_file in the slot), \
+                 then the store needs no owner authorization"
             )),
             // TPM_RC_INTEGRITY: the blob was made under another SRK (another TPM, or a cleared one).
             0x9f => BackendError::Refused(format!(
@@ -1124,9 +1153,13 @@ impl Device {
     /// Makes the SRK persistent at [`PERSISTENT_SRK`] with the owner hierarchy's
     /// authorization (empty when the owner has none), then disconnects so that the next
     /// connection uses it.
-    pub fn persist_srk(&self, owner_auth: &[u8]) -> Result<PersistOutcome> {
-        let outcome = self.with_conn(|c| c.persist_srk(owner_auth));
-        self.disconnect();
+    pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
+        let device = Self {
+            owner_auth: Zeroizing::new(owner_auth.to_vec()),
+            ..Self::new(tcti)
+        };
+        let outcome = device.with_conn(Conn::persist_srk);
+        device.disconnect();
         outcome
     }
 

@@ -129,10 +129,23 @@ pub struct TpmSlot {
     /// Let a simulator report `hardware_tpm` (tests only).
     #[serde(default)]
     pub allow_simulator: bool,
+    /// The environment variable holding the owner hierarchy's authorization, for
+    /// `devicekey tpm persist-srk` only (never on the command line).
+    pub owner_auth_env: Option<String>,
+    /// A file (mode 0600) holding the owner hierarchy's authorization, for
+    /// `devicekey tpm persist-srk` only. Neither set: the owner authorization is empty.
+    pub owner_auth_file: Option<PathBuf>,
 }
 
 impl TpmSlot {
-    const FIELDS: &'static [&'static str] = &["label", "dir", "tcti", "allow_simulator"];
+    const FIELDS: &'static [&'static str] = &[
+        "label",
+        "dir",
+        "tcti",
+        "allow_simulator",
+        "owner_auth_env",
+        "owner_auth_file",
+    ];
 }
 
 /// `backend = "pkcs11"`: keys in another PKCS#11 token. What is missing is reported (with its
@@ -609,6 +622,8 @@ mod tests {
                 dir: None,
                 tcti: Some("swtpm:host=127.0.0.1,port=2321".into()),
                 allow_simulator: true,
+                owner_auth_env: None,
+                owner_auth_file: None,
             })
         );
         let SlotConfig::Pkcs11(p) = &c.slots[2] else {

@@ -57,7 +57,10 @@ use crate::backend::{
 };
 use crate::config::TpmSlot;
 
-pub use device::{is_simulator, name_of, Identity, CACHE_SIZE, PERSISTENT_EK};
+pub use device::{
+    is_simulator, name_of, Identity, PersistOutcome, SrkSource, CACHE_SIZE, PERSISTENT_EK,
+    PERSISTENT_SRK,
+};
 pub use keyfile::{KeyBlob, KeyFileError};
 pub use purpose::{policy_digest, policy_text};
 
@@ -151,6 +154,14 @@ impl std::fmt::Display for TpmProbe {
                     "  simulator:    {}",
                     if id.simulator { "yes" } else { "no" }
                 )?;
+                match &id.srk {
+                    SrkSource::Persistent => {
+                        writeln!(f, "  SRK:          persistent at {PERSISTENT_SRK:#x}")?
+                    }
+                    SrkSource::Derived(why) => {
+                        writeln!(f, "  SRK:          derived per connection ({why})")?
+                    }
+                }
                 write!(f, "  class:        {}", class.as_str())?;
                 if id.simulator && class == ProtectionClass::OsProtectedNonextractable {
                     write!(f, " (a simulator; allow_simulator = true makes it hardware_tpm, for tests only)")?;
@@ -185,6 +196,13 @@ pub fn probe(tcti: &str, allow_simulator: bool) -> TpmProbe {
             error: Some(e.to_string()),
         },
     }
+}
+
+/// Makes the SRK persistent at [`PERSISTENT_SRK`] on the TPM at `tcti`, with the owner
+/// hierarchy's authorization (empty when the owner has none); refuses when another object holds
+/// the handle. Later connections use it instead of TPM2_CreatePrimary.
+pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
+    Device::persist_srk(tcti, owner_auth)
 }
 
 /// Signs with one TPM key.

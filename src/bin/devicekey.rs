@@ -72,6 +72,9 @@ enum Command {
     /// Key attestation: print the evidence that a key lives in a TPM, answer a challenge, or
     /// verify evidence (the relying party's reference verifier).
     Attest(AttestArgs),
+    /// TPM housekeeping: `persist-srk --slot LABEL` makes the storage root key persistent.
+    #[cfg(all(target_os = "linux", feature = "tpm"))]
+    Tpm(devicekey_pkcs11::cli::tpm::TpmArgs),
 }
 
 impl Command {
@@ -86,6 +89,15 @@ impl Command {
             Self::Uri(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Cert(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Attest(a) => a.run(),
+            #[cfg(all(target_os = "linux", feature = "tpm"))]
+            Self::Tpm(a) => {
+                let config = Config::load()?;
+                let text = a.run(&config).map_err(|e| match e {
+                    devicekey_pkcs11::cli::ToolError::Usage(m) => CliError::Input(m),
+                    other => DeviceKeyError::from(other).into(),
+                })?;
+                emit(format_args!("{text}"))
+            }
             Self::Doctor(a) => {
                 let report = a.run();
                 emit(format_args!("{report}"))?;

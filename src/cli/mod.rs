@@ -14,6 +14,8 @@ pub mod attest_device;
 pub mod attest_verify;
 pub mod cert;
 pub mod doctor;
+#[cfg(all(target_os = "linux", feature = "tpm"))]
+pub mod tpm;
 pub mod uri;
 
 use std::path::{Path, PathBuf};

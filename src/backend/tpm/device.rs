@@ -7,6 +7,12 @@
 //! connection is dropped. Without a resource manager (swtpm, `/dev/tpm0`) the TPM has only three
 //! object slots, so the cache holds at most [`CACHE_SIZE`] keys besides the SRK.
 //!
+//! The SRK is the persistent object at [`PERSISTENT_SRK`] (`0x81000001`, where tpm2-tools and
+//! tpm2-pkcs11 keep it) when its public area is the standard ECC P-256 storage template; it is
+//! then never created nor flushed. Otherwise (nothing there, or another object, which is not
+//! used and is logged once) the connection derives it with TPM2_CreatePrimary from that template
+//! in the owner hierarchy. Both are the same key: the primary seed and the template decide it.
+//!
 //! The connection belongs to the process that opened it: after `fork()` the child never touches
 //! (or flushes) the parent's objects, it opens its own connection. When the connection drops (a
 //! TCTI error), the next call reconnects once and retries.
@@ -23,19 +29,22 @@ use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCode;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
 use tss_esapi::constants::{CapabilityType, PropertyTag, StartupType};
-use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::resource_handles::Provision;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
+    Auth, CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
     KeyDerivationFunctionScheme, Private, Public, PublicBuilder, PublicEccParameters,
     PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
+use zeroize::Zeroizing;
 
 mod attest;
 
@@ -47,6 +56,9 @@ use crate::backend::{BackendError, KeyPurpose, Result};
 
 /// Signing keys kept loaded besides the SRK (swtpm without a resource manager has 3 slots).
 pub const CACHE_SIZE: usize = 2;
+
+/// Where the persistent SRK lives (the TCG provisioning guidance's SRK handle).
+pub const PERSISTENT_SRK: u32 = 0x8100_0001;
 
 /// TPM_RC_OBJECT_MEMORY: out of object slots.
 const RC_OBJECT_MEMORY: u32 = 0x902;
@@ -185,6 +197,27 @@ pub struct Identity {
     /// The first 8 bytes of SHA-256 over the SRK's public point: stable while the owner
     /// hierarchy is not cleared.
     pub srk_fingerprint: [u8; 8],
+    /// What the store uses as its SRK.
+    pub srk: SrkSource,
+}
+
+/// Where the connection's SRK comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SrkSource {
+    /// The persistent SRK at [`PERSISTENT_SRK`].
+    Persistent,
+    /// Derived with TPM2_CreatePrimary on each connection; the text says why the persistent
+    /// handle was not used (empty, or holding another object).
+    Derived(String),
+}
+
+/// What `persist_srk` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PersistOutcome {
+    /// The SRK was made persistent at [`PERSISTENT_SRK`].
+    Persisted,
+    /// The standard SRK was there already.
+    AlreadyThere,
 }
 
 /// Why a TPM operation failed, before it becomes a [`BackendError`].
@@ -308,6 +341,65 @@ fn srk_template() -> tss_esapi::Result<Public> {
         .build()
 }
 
+/// Why a persistent object's public area is not the SRK template's (`None`: it is). Compared
+/// field by field; only the unique point (the key itself) may differ.
+fn srk_mismatch(public: &Public) -> Option<String> {
+    let Ok(Public::Ecc {
+        object_attributes: want_attributes,
+        parameters: want_parameters,
+        ..
+    }) = srk_template()
+    else {
+        return Some("the SRK template does not build".into());
+    };
+    let Public::Ecc {
+        object_attributes,
+        name_hashing_algorithm,
+        auth_policy,
+        parameters,
+        ..
+    } = public
+    else {
+        return Some("it is not an ECC key".into());
+    };
+    if *name_hashing_algorithm != HashingAlgorithm::Sha256 {
+        return Some(format!(
+            "its name algorithm is {name_hashing_algorithm:?}, not SHA-256"
+        ));
+    }
+    if *object_attributes != want_attributes {
+        return Some(format!(
+            "its attributes are {:#x}, not {:#x} (restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda)",
+            u32::from(*object_attributes),
+            u32::from(want_attributes)
+        ));
+    }
+    if *parameters != want_parameters {
+        return Some(format!(
+            "its parameters are {parameters:?}, not AES-128-CFB, no scheme, NIST P-256, no KDF"
+        ));
+    }
+    if !auth_policy.value().is_empty() {
+        return Some("it has an authPolicy".into());
+    }
+    None
+}
+
+/// Runs `op` with the owner hierarchy's authorization set in the ESYS context (a password
+/// session), and empties it again afterwards.
+fn with_owner_auth<T>(
+    ctx: &mut Context,
+    auth: Auth,
+    op: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+) -> tss_esapi::Result<T> {
+    if !auth.value().is_empty() {
+        ctx.tr_set_auth(Hierarchy::Owner.into(), auth)?;
+    }
+    let result = ctx.execute_with_session(Some(AuthSession::Password), op);
+    let _ = ctx.tr_set_auth(Hierarchy::Owner.into(), Auth::default());
+    result
+}
+
 /// The public template of a signing key: P-256, unrestricted, no fixed scheme (the scheme is
 /// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign, and
 /// the purpose bound as its `authPolicy` (see the `purpose` module).
@@ -339,6 +431,8 @@ struct Conn {
     pid: u32,
     ctx: Option<Context>,
     srk: Option<KeyHandle>,
+    /// Where `srk` came from (a persistent SRK is closed, never flushed).
+    srk_source: SrkSource,
     srk_fingerprint: [u8; 8],
     /// Loaded signing keys, most recently used first.
     loaded: VecDeque<(String, KeyHandle)>,
@@ -346,6 +440,8 @@ struct Conn {
     dead: bool,
     /// The EK attestation uses, once found.
     endorsement: Option<Endorsement>,
+    /// The owner hierarchy's authorization (empty unless `persist_srk` runs).
+    owner_auth: Zeroizing<Vec<u8>>,
 }
 
 impl Drop for Conn {
@@ -361,7 +457,7 @@ impl Drop for Conn {
         }
         if self.dead {
             // Forget the handles locally so that dropping the context sends no flush to a dead
-            // connection.
+            // connection (a persistent SRK is only closed either way).
             let handles = self
                 .srk
                 .take()
@@ -384,13 +480,28 @@ impl Conn {
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("TPM connection closed".into())))
     }
 
-    /// The SRK, derived again if attestation released it to make room.
+    /// The SRK, found (or derived) again if attestation released it to make room.
     fn srk(&mut self) -> Op<KeyHandle> {
         if self.srk.is_none() {
             self.create_srk()?;
         }
         self.srk
             .ok_or_else(|| Fail::Other(BackendError::Unreachable("no storage root key".into())))
+    }
+
+    /// Lets go of the SRK: a derived one is flushed, the persistent one only closed.
+    fn drop_srk(&mut self) {
+        let Some(h) = self.srk.take() else {
+            return;
+        };
+        if self.srk_source == SrkSource::Persistent {
+            if let Ok(ctx) = self.ctx() {
+                let mut object = ObjectHandle::from(h);
+                let _ = ctx.tr_close(&mut object);
+            }
+        } else {
+            self.flush(h);
+        }
     }
 
     fn flush(&mut self, handle: KeyHandle) {
@@ -434,25 +545,144 @@ impl Conn {
         Ok(())
     }
 
-    fn create_srk(&mut self) -> Op<()> {
-        let template = tss("building the SRK template", srk_template())?;
+    /// Whether a persistent object sits at `handle`.
+    fn persistent_present(&mut self, handle: u32) -> Op<bool> {
         let ctx = self.ctx()?;
-        log::debug!("tpm: TPM2_CreatePrimary (owner hierarchy, the SRK)");
-        let result = tss(
-            "creating the storage root key (TPM2_CreatePrimary, owner hierarchy)",
-            ctx.execute_with_session(Some(AuthSession::Password), |c| {
-                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
-            }),
+        let (data, _) = tss(
+            "listing persistent objects",
+            ctx.execute_without_session(|c| c.get_capability(CapabilityType::Handles, handle, 1)),
         )?;
+        Ok(matches!(&data, CapabilityData::Handles(list)
+            if list.iter().any(|h| matches!(h, TpmHandle::Persistent(p) if u32::from(*p) == handle))))
+    }
+
+    /// The persistent SRK, opened, with its public area, when [`PERSISTENT_SRK`] holds the
+    /// standard SRK; otherwise why not.
+    fn open_persistent_srk(&mut self) -> Op<std::result::Result<(KeyHandle, Public), String>> {
+        if !self.persistent_present(PERSISTENT_SRK)? {
+            return Ok(Err(format!("no persistent object at {PERSISTENT_SRK:#x}")));
+        }
+        let handle = PersistentTpmHandle::new(PERSISTENT_SRK).map_err(|_| {
+            Fail::Other(BackendError::Unusable(
+                "0x81000001 is not a persistent handle".into(),
+            ))
+        })?;
+        let ctx = self.ctx()?;
+        let mut object = tss(
+            "opening the persistent SRK",
+            ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(handle))),
+        )?;
+        let read = ctx.execute_without_session(|c| c.read_public(object.into()));
+        let public = match read {
+            Ok((public, _, _)) => public,
+            Err(e) => {
+                let _ = ctx.tr_close(&mut object);
+                return Err(Fail::Tss("reading the persistent SRK (TPM2_ReadPublic)", e));
+            }
+        };
+        match srk_mismatch(&public) {
+            None => Ok(Ok((KeyHandle::from(object), public))),
+            Some(why) => {
+                let _ = ctx.tr_close(&mut object);
+                Ok(Err(format!(
+                    "the object at {PERSISTENT_SRK:#x} is not the standard ECC P-256 SRK: {why}"
+                )))
+            }
+        }
+    }
+
+    /// Finds the SRK: the persistent one when it is the standard SRK, else derived with
+    /// TPM2_CreatePrimary.
+    fn create_srk(&mut self) -> Op<()> {
+        let (handle, public) = match self.open_persistent_srk()? {
+            Ok((handle, public)) => {
+                log::debug!("tpm: using the persistent SRK at {PERSISTENT_SRK:#x}");
+                self.srk_source = SrkSource::Persistent;
+                (handle, public)
+            }
+            Err(why) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                if why.starts_with("no persistent object") {
+                    log::debug!("tpm: {why}; deriving the SRK");
+                } else {
+                    LOGGED.call_once(|| log::warn!("tpm: {why}; not using it, deriving the SRK"));
+                }
+                self.srk_source = SrkSource::Derived(why);
+                self.create_primary_srk()?
+            }
+        };
         let mut hasher = Sha256::new();
-        if let Public::Ecc { unique, .. } = &result.out_public {
+        if let Public::Ecc { unique, .. } = &public {
             hasher.update(unique.x().value());
             hasher.update(unique.y().value());
         }
         let digest = hasher.finalize();
         self.srk_fingerprint.copy_from_slice(&digest[..8]);
-        self.srk = Some(result.key_handle);
+        self.srk = Some(handle);
         Ok(())
+    }
+
+    /// TPM2_CreatePrimary of the SRK from the standard template; the caller flushes it.
+    fn create_primary_srk(&mut self) -> Op<(KeyHandle, Public)> {
+        let template = tss("building the SRK template", srk_template())?;
+        let auth = tss(
+            "preparing the owner authorization",
+            Auth::try_from(self.owner_auth.to_vec()),
+        )?;
+        let ctx = self.ctx()?;
+        log::debug!("tpm: TPM2_CreatePrimary (owner hierarchy, the SRK)");
+        let result = with_owner_auth(ctx, auth, |c| {
+            c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+        });
+        let result = tss(
+            "creating the storage root key (TPM2_CreatePrimary, owner hierarchy)",
+            result,
+        )?;
+        Ok((result.key_handle, result.out_public))
+    }
+
+    /// Makes the SRK persistent at [`PERSISTENT_SRK`] (TPM2_EvictControl with owner
+    /// authorization), unless the standard SRK is there already; refuses when another object
+    /// holds the handle.
+    fn persist_srk(&mut self) -> Op<PersistOutcome> {
+        if self.srk_source == SrkSource::Persistent {
+            return Ok(PersistOutcome::AlreadyThere);
+        }
+        if self.persistent_present(PERSISTENT_SRK)? {
+            return Err(Fail::Other(BackendError::Refused(match &self.srk_source {
+                SrkSource::Derived(why) => format!("{why}; remove it first (tpm2_evictcontrol -C o -c {PERSISTENT_SRK:#x}) if it is not needed"),
+                SrkSource::Persistent => format!("{PERSISTENT_SRK:#x} is taken"),
+            })));
+        }
+        let srk = self.srk()?;
+        let auth = tss(
+            "preparing the owner authorization",
+            Auth::try_from(self.owner_auth.to_vec()),
+        )?;
+        let persistent = PersistentTpmHandle::new(PERSISTENT_SRK).map_err(|_| {
+            Fail::Other(BackendError::Unusable(
+                "0x81000001 is not a persistent handle".into(),
+            ))
+        })?;
+        let ctx = self.ctx()?;
+        log::debug!("tpm: TPM2_EvictControl of the SRK to {PERSISTENT_SRK:#x}");
+        let result = with_owner_auth(ctx, auth, |c| {
+            c.evict_control(
+                Provision::Owner,
+                srk.into(),
+                Persistent::Persistent(persistent),
+            )
+        });
+        let mut object = result.map_err(|e| match tpm_code(raw_rc(&e)) {
+            // TPM_RC_AUTH_FAIL, TPM_RC_BAD_AUTH: the owner authorization is wrong.
+            0x8e | 0xa2 => Fail::Other(BackendError::Auth(format!(
+                "the TPM refused the owner authorization ({e}); set the slot's owner_auth_env \
+                 or owner_auth_file to the owner hierarchy's password"
+            ))),
+            _ => Fail::Tss("making the SRK persistent (TPM2_EvictControl)", e),
+        })?;
+        let _ = ctx.tr_close(&mut object);
+        Ok(PersistOutcome::Persisted)
     }
 
     fn identity(&mut self, tcti: &str) -> Op<Identity> {
@@ -499,6 +729,7 @@ impl Conn {
             vendor,
             firmware,
             srk_fingerprint: self.srk_fingerprint,
+            srk: self.srk_source.clone(),
         })
     }
 
@@ -647,6 +878,9 @@ pub struct Device {
     tcti: String,
     conn: Mutex<Option<Conn>>,
     signatures: AtomicU64,
+    /// The owner hierarchy's authorization, for TPM2_CreatePrimary and TPM2_EvictControl
+    /// (only `persist_srk` sets it; the store itself runs with an empty one).
+    owner_auth: Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -664,6 +898,7 @@ impl Device {
             tcti: tcti.to_string(),
             conn: Mutex::new(None),
             signatures: AtomicU64::new(0),
+            owner_auth: Zeroizing::new(Vec::new()),
         }
     }
 
@@ -709,10 +944,12 @@ impl Device {
             pid: std::process::id(),
             ctx: Some(ctx),
             srk: None,
+            srk_source: SrkSource::Derived(String::new()),
             srk_fingerprint: [0; 8],
             loaded: VecDeque::new(),
             dead: false,
             endorsement: None,
+            owner_auth: self.owner_auth.clone(),
         };
         let setup = |conn: &mut Conn| -> Op<()> {
             let (mut started, mut flushed) = (false, flush_first);
@@ -777,7 +1014,9 @@ impl Device {
             )),
             // TPM_RC_AUTH_FAIL, TPM_RC_BAD_AUTH (format one).
             0x8e | 0xa2 => BackendError::Auth(format!(
-                "{msg}; the owner hierarchy has a password, which this store does not support"
+                "{msg}; the owner hierarchy has a password: persist the SRK once with \
+                 `devicekey tpm persist-srk` (owner_auth_env or owner_auth_file in the slot), \
+                 then the store needs no owner authorization"
             )),
             // TPM_RC_INTEGRITY: the blob was made under another SRK (another TPM, or a cleared one).
             0x9f => BackendError::Refused(format!(
@@ -911,6 +1150,19 @@ impl Device {
         })
     }
 
+    /// Makes the SRK persistent at [`PERSISTENT_SRK`] with the owner hierarchy's
+    /// authorization (empty when the owner has none), then disconnects so that the next
+    /// connection uses it.
+    pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
+        let device = Self {
+            owner_auth: Zeroizing::new(owner_auth.to_vec()),
+            ..Self::new(tcti)
+        };
+        let outcome = device.with_conn(Conn::persist_srk);
+        device.disconnect();
+        outcome
+    }
+
     /// Flushes a key from the cache, if it is loaded; never connects.
     pub fn forget(&self, name: &str) {
         if let Ok(mut guard) = self.conn.lock() {
@@ -959,6 +1211,14 @@ mod tests {
         assert_eq!(tpm_code(0xa000a), 0);
         assert_eq!(layer(0xa000a), LAYER_TCTI);
         assert_eq!(ascii4(0x4942_4D00), "IBM");
+    }
+
+    #[test]
+    fn srk_template_is_recognised_and_others_are_not() {
+        assert_eq!(srk_mismatch(&srk_template().unwrap()), None);
+        let signing = key_template(KeyPurpose::Proof).unwrap();
+        let why = srk_mismatch(&signing).unwrap();
+        assert!(why.contains("attributes"), "{why}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{probe, TpmBackend, TpmConfig};
+use super::{probe, SrkSource, TpmBackend, TpmConfig, PERSISTENT_SRK};
 use crate::backend::{split_fix, Backend, Diagnosis, Result, SlotStore};
 use crate::config::TpmSlot;
 
@@ -19,13 +19,14 @@ impl SlotStore for TpmSlot {
             (Some(id), Some(class)) => Diagnosis::reachable(
                 class,
                 format!(
-                    "TPM at {} ({}, {}, firmware {}{}), keys in {}",
+                    "TPM at {} ({}, {}, firmware {}{}), keys in {}; {}",
                     probe.tcti,
                     id.manufacturer,
                     id.vendor,
                     id.firmware,
                     if id.simulator { ", a simulator" } else { "" },
-                    config.dir.display()
+                    config.dir.display(),
+                    srk_note(&id.srk, &self.label)
                 ),
             ),
             _ => {
@@ -41,6 +42,21 @@ impl SlotStore for TpmSlot {
                     }),
                 )
             }
+        }
+    }
+}
+
+/// What doctor says about the SRK: the persistent one in use, or how to persist it.
+fn srk_note(srk: &SrkSource, label: &str) -> String {
+    match srk {
+        SrkSource::Persistent => format!("persistent SRK at {PERSISTENT_SRK:#x} in use"),
+        SrkSource::Derived(why) if why.starts_with("no persistent object") => format!(
+            "no persistent SRK: each process derives it (TPM2_CreatePrimary); persist it with \
+             `devicekey tpm persist-srk --slot {label}` (owner authorization from the slot's \
+             owner_auth_env or owner_auth_file)"
+        ),
+        SrkSource::Derived(why) => {
+            format!("persistent SRK not used ({why}); each process derives it (TPM2_CreatePrimary)")
         }
     }
 }

@@ -155,9 +155,7 @@ impl Conn {
     /// another client's SRK besides the EK and the AK.
     fn release_srk(&mut self) {
         self.make_room();
-        if let Some(h) = self.srk.take() {
-            self.flush(h);
-        }
+        self.drop_srk();
     }
 
     /// NV indices from `first` on that the TPM lists.

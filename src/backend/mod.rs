@@ -11,6 +11,7 @@
 //! [`store_of`] is the only place that matches on the variants. A new store is one module here
 //! plus one variant there.
 
+mod file_store;
 pub mod keydir;
 pub mod pkcs11;
 pub mod secure_enclave;

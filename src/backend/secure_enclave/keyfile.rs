@@ -228,20 +228,10 @@ impl ObjectFile {
     }
 }
 
-/// The store name in a file name `<name>.<ext>`, when the name is one the store makes.
-pub fn stem<'a>(file_name: &'a str, ext: &str) -> Option<&'a str> {
-    let stem = file_name.strip_suffix(ext)?.strip_suffix('.')?;
-    valid_name(stem).then_some(stem)
-}
-
-/// True for the names the store gives keys and objects (32 lowercase hex digits).
-pub fn valid_name(name: &str) -> bool {
-    name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::file_store::stem;
 
     fn point() -> [u8; POINT_LEN] {
         let key = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();

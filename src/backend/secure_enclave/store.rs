@@ -6,19 +6,18 @@
 //! enclave, and a key that cannot be rebuilt fails its own signatures with the reason instead of
 //! hiding the other keys.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::keyfile::{self, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
+use super::keyfile::{KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
 use super::policy::{self, Route};
+use crate::backend::file_store::{
+    self, check_name, file_name, now, oldest_first, random_name, SessionKeys,
+};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
 };
 use crate::encoding::POINT_LEN;
-
-/// Session keys (CKA_TOKEN false) have names with this prefix and live in memory only.
-const SESSION_PREFIX: &str = "session-";
 
 /// A key the enclave just made.
 pub struct CreatedKey {
@@ -83,31 +82,13 @@ fn poisoned() -> BackendError {
     BackendError::Io("a Secure Enclave store lock was poisoned by a panic".to_string())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn random_name() -> Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b)
-        .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
-    Ok(crate::encoding::hex(&b))
-}
-
-fn file_name(name: &str, ext: &str) -> String {
-    format!("{name}.{ext}")
-}
-
 /// A Secure Enclave key store in one key directory.
 pub struct EnclaveStore {
     info: StoreInfo,
     route: Route,
     dir: KeyDir,
     enclave: Arc<dyn Enclave>,
-    sessions: Mutex<HashMap<String, KeyRecord>>,
+    sessions: SessionKeys,
 }
 
 impl EnclaveStore {
@@ -126,7 +107,7 @@ impl EnclaveStore {
             route,
             dir,
             enclave,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: SessionKeys::default(),
         }
     }
 
@@ -185,15 +166,6 @@ impl EnclaveStore {
         self.dir.write_atomic(&file_name(name, OBJECT_EXT), &bytes)
     }
 
-    fn names(&self, ext: &str) -> Result<Vec<String>> {
-        Ok(self
-            .dir
-            .list()?
-            .iter()
-            .filter_map(|f| keyfile::stem(f, ext).map(str::to_string))
-            .collect())
-    }
-
     fn record_of(&self, name: String, file: KeyFile) -> KeyRecord {
         KeyRecord {
             name,
@@ -220,13 +192,12 @@ impl Backend for EnclaveStore {
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         let mut keys = Vec::new();
-        for name in self.names(KEY_EXT)? {
+        for name in file_store::names(&self.dir, KEY_EXT)? {
             if let Some(file) = self.read_key(&name)? {
-                keys.push((file.created, self.record_of(name, file)));
+                keys.push((file.created, name.clone(), self.record_of(name, file)));
             }
         }
-        keys.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(keys.into_iter().map(|(_, k)| k).collect())
+        Ok(oldest_first(keys))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -235,21 +206,15 @@ impl Backend for EnclaveStore {
             .enclave
             .create(self.route, &request.label, request.persistent)?;
         if !request.persistent {
-            let name = format!("{SESSION_PREFIX}{name}");
-            let record = KeyRecord {
-                name: name.clone(),
+            return self.sessions.add(KeyRecord {
+                name,
                 id: request.id.clone(),
                 label: request.label.clone(),
                 public_point: created.public_point,
                 purpose: request.purpose,
                 persistent: false,
                 signer: created.signer,
-            };
-            self.sessions
-                .lock()
-                .map_err(|_| poisoned())?
-                .insert(name, record.clone());
-            return Ok(record);
+            });
         }
         let file = KeyFile {
             route: self.route,
@@ -290,18 +255,10 @@ impl Backend for EnclaveStore {
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            let mut sessions = self.sessions.lock().map_err(|_| poisoned())?;
-            let key = sessions
-                .get_mut(name)
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
-            key.label = label.to_string();
-            key.id = id.to_vec();
-            return Ok(());
+        if SessionKeys::is_session(name) {
+            return self.sessions.update(name, label, id);
         }
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
         let mut file = self
             .read_key(name)?
@@ -312,15 +269,10 @@ impl Backend for EnclaveStore {
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            return match self.sessions.lock().map_err(|_| poisoned())?.remove(name) {
-                Some(_) => Ok(()),
-                None => Err(BackendError::NotFound(name.to_string())),
-            };
+        if SessionKeys::is_session(name) {
+            return self.sessions.remove(name);
         }
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
         let file = self
             .read_key(name)?
@@ -338,19 +290,17 @@ impl Backend for EnclaveStore {
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
         let mut objects = Vec::new();
-        for name in self.names(OBJECT_EXT)? {
+        for name in file_store::names(&self.dir, OBJECT_EXT)? {
             if let Some(file) = self.read_object(&name)? {
+                let attributes = file.attributes;
                 objects.push((
                     file.created,
-                    ObjectRecord {
-                        name,
-                        attributes: file.attributes,
-                    },
+                    name.clone(),
+                    ObjectRecord { name, attributes },
                 ));
             }
         }
-        objects.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(objects.into_iter().map(|(_, o)| o).collect())
+        Ok(oldest_first(objects))
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
@@ -365,9 +315,7 @@ impl Backend for EnclaveStore {
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
         let mut file = self
             .read_object(name)?
@@ -377,9 +325,7 @@ impl Backend for EnclaveStore {
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
         self.dir.remove(&file_name(name, OBJECT_EXT))
     }

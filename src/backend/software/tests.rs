@@ -10,6 +10,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 
 use super::*;
+use crate::backend::file_store::valid_name;
 use crate::backend::{KeyPurpose, Signer};
 
 fn new_key(label: &str, persistent: bool) -> NewKey {

@@ -9,6 +9,7 @@ use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 
 use super::*;
+use crate::backend::file_store::SESSION_PREFIX;
 use crate::backend::{KeyPurpose, ProtectionClass};
 
 #[derive(Default)]

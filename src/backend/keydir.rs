@@ -62,7 +62,7 @@ const WALK_FLAGS: OFlags = OFlags::RDONLY;
 pub struct KeyDir {
     path: PathBuf,
     fd: OwnedFd,
-    dev: u64,
+    dev: rustix::fs::Dev,
     ino: u64,
     /// A read-only handle on `.lock`, to read the change counter without taking the lock.
     counter: Mutex<Option<File>>,

@@ -59,25 +59,17 @@ pub fn object_uri(
     kind: ObjectKind,
     full: bool,
 ) -> String {
-    let mut parts = Vec::new();
-    if full {
-        parts.push(format!(
-            "model={}",
-            encode_component(token.model.as_bytes())
-        ));
-        parts.push(format!(
-            "manufacturer={}",
-            encode_component(token.manufacturer.as_bytes())
-        ));
-        parts.push(format!(
-            "serial={}",
-            encode_component(token.serial.as_bytes())
-        ));
-    }
-    parts.push(format!(
-        "token={}",
-        encode_component(token.label.as_bytes())
-    ));
+    let identity = [
+        ("model", &token.model),
+        ("manufacturer", &token.manufacturer),
+        ("serial", &token.serial),
+    ];
+    let mut parts: Vec<String> = identity
+        .iter()
+        .filter(|_| full)
+        .chain([("token", &token.label)].iter())
+        .map(|(name, value)| format!("{name}={}", encode_component(value.as_bytes())))
+        .collect();
     if !id.is_empty() {
         parts.push(format!("id={}", encode_all(id)));
     }

@@ -324,24 +324,45 @@ mod tests {
         }
     }
 
+    /// Each OSStatus, in an operation on a route, gives the error kind of `want` (an empty
+    /// message), and its message contains `text`.
+    fn check_statuses(cases: &[(i64, Operation, Route, BackendError, &str)]) {
+        for (code, op, route, want, text) in cases {
+            let got = backend_error(&os(*code), *op, *route).to_string();
+            let kind = want.to_string();
+            assert!(got.starts_with(&kind), "{code} {op:?}: {got}");
+            assert!(got[kind.len()..].contains(text), "{code} {op:?}: {got}");
+        }
+    }
+
     #[test]
     fn the_same_codes_later_mean_a_missing_key_or_failed_authentication() {
-        assert!(matches!(
-            backend_error(&os(-25300), Operation::Sign, Route::EnclaveKeychain),
-            BackendError::NotFound(m) if m.contains("keychain")
-        ));
-        assert!(matches!(
-            backend_error(&os(-25300), Operation::Create, Route::OsKeychain),
-            BackendError::NotFound(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-25293), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Auth(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-25293), Operation::Open, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("another Mac")
-        ));
+        use BackendError::{Auth, NotFound, Refused};
+        use Operation::{Create, Open, Sign};
+        check_statuses(&[
+            (
+                -25300,
+                Sign,
+                Route::EnclaveKeychain,
+                NotFound(String::new()),
+                "keychain",
+            ),
+            (
+                -25300,
+                Create,
+                Route::OsKeychain,
+                NotFound(String::new()),
+                "",
+            ),
+            (-25293, Sign, Route::EnclaveBlob, Auth(String::new()), ""),
+            (
+                -25293,
+                Open,
+                Route::EnclaveBlob,
+                Refused(String::new()),
+                "another Mac",
+            ),
+        ]);
     }
 
     #[test]
@@ -367,26 +388,33 @@ mod tests {
 
     #[test]
     fn other_statuses_have_their_own_advice() {
-        assert!(matches!(
-            backend_error(&os(-25308), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("unlock")
-        ));
-        assert!(matches!(
-            backend_error(&os(-25291), Operation::Create, Route::OsKeychain),
-            BackendError::Unreachable(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-108), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Full(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-26275), Operation::Open, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("damaged")
-        ));
-        assert!(matches!(
-            backend_error(&os(-50), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Crypto(_)
-        ));
+        use BackendError::{Crypto, Full, Refused, Unreachable};
+        use Operation::{Create, Open, Sign};
+        check_statuses(&[
+            (
+                -25308,
+                Sign,
+                Route::EnclaveBlob,
+                Refused(String::new()),
+                "unlock",
+            ),
+            (
+                -25291,
+                Create,
+                Route::OsKeychain,
+                Unreachable(String::new()),
+                "",
+            ),
+            (-108, Sign, Route::EnclaveBlob, Full(String::new()), ""),
+            (
+                -26275,
+                Open,
+                Route::EnclaveBlob,
+                Refused(String::new()),
+                "damaged",
+            ),
+            (-50, Sign, Route::EnclaveBlob, Crypto(String::new()), ""),
+        ]);
         match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
             BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),
             other => panic!("{other:?}"),

@@ -66,9 +66,25 @@ pub fn check_name(name: &str) -> Result<()> {
 
 /// The records of `(created, name, record)` triples, oldest first (ties by name), so every
 /// process lists a directory in the same order.
-pub fn oldest_first<T>(mut items: Vec<(u64, String, T)>) -> Vec<T> {
+fn oldest_first<T>(mut items: Vec<(u64, String, T)>) -> Vec<T> {
     items.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     items.into_iter().map(|(_, _, r)| r).collect()
+}
+
+/// The records of every `<name>.<ext>` file of `dir` that `read` turns into a `(created,
+/// record)` pair (it returns `None` for a file to skip), oldest first.
+pub fn load_all<T>(
+    dir: &KeyDir,
+    ext: &str,
+    mut read: impl FnMut(String) -> Result<Option<(u64, T)>>,
+) -> Result<Vec<T>> {
+    let mut items = Vec::new();
+    for name in names(dir, ext)? {
+        if let Some((created, record)) = read(name.clone())? {
+            items.push((created, name, record));
+        }
+    }
+    Ok(oldest_first(items))
 }
 
 /// Session keys: in memory only, named `session-<name>`.

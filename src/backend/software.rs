@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
-use crate::backend::file_store::{self, check_name, now, oldest_first, random_name, SessionKeys};
+use crate::backend::file_store::{self, check_name, now, random_name, SessionKeys};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
@@ -182,13 +182,10 @@ impl Backend for SoftwareStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = Vec::new();
-        for name in file_store::names(&self.dir, KEY_EXT)? {
-            if let Some(file) = self.read_key(&name)? {
-                keys.push((file.created, name.clone(), Self::record_of(name, file)));
-            }
-        }
-        Ok(oldest_first(keys))
+        file_store::load_all(&self.dir, KEY_EXT, |name| {
+            let file = self.read_key(&name)?;
+            Ok(file.map(|f| (f.created, Self::record_of(name, f))))
+        })
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -252,18 +249,12 @@ impl Backend for SoftwareStore {
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let mut objects = Vec::new();
-        for name in file_store::names(&self.dir, OBJ_EXT)? {
-            if let Some(file) = self.read_object(&name) {
+        file_store::load_all(&self.dir, OBJ_EXT, |name| {
+            Ok(self.read_object(&name).map(|file| {
                 let attributes = file.attributes.into_iter().map(|(t, v)| (t, v.0)).collect();
-                objects.push((
-                    file.created,
-                    name.clone(),
-                    ObjectRecord { name, attributes },
-                ));
-            }
-        }
-        Ok(oldest_first(objects))
+                (file.created, ObjectRecord { name, attributes })
+            }))
+        })
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

@@ -8,11 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::keyfile::{KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
+use super::keyfile::{FormatError, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
 use super::policy::{self, Route};
-use crate::backend::file_store::{
-    self, check_name, file_name, now, oldest_first, random_name, SessionKeys,
-};
+use crate::backend::file_store::{self, check_name, file_name, now, random_name, SessionKeys};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
@@ -116,54 +114,64 @@ impl EnclaveStore {
         self.route
     }
 
-    /// Reads a key file; `None` (with a warning) for a damaged file or a key of another class.
-    fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
-        let Some(bytes) = self.dir.read(&file_name(name, KEY_EXT))? else {
+    /// Reads and decodes `<name>.<ext>`: `None` when it is absent, or (with a warning) damaged.
+    fn read_decoded<T>(
+        &self,
+        name: &str,
+        ext: &str,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, FormatError>,
+    ) -> Result<Option<T>> {
+        let Some(bytes) = self.dir.read(&file_name(name, ext))? else {
             return Ok(None);
         };
-        match KeyFile::decode(&bytes) {
-            Ok(file) if policy::key_belongs(self.route, file.route) => Ok(Some(file)),
-            Ok(file) => {
+        match decode(&bytes) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => {
+                log::warn!("skipping damaged file {name}.{ext}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes `<name>.<ext>` atomically. Call with the lock held.
+    fn write_encoded(
+        &self,
+        name: &str,
+        ext: &str,
+        encoded: std::result::Result<Vec<u8>, FormatError>,
+    ) -> Result<()> {
+        let bytes =
+            encoded.map_err(|e| BackendError::Io(format!("cannot encode a .{ext} file: {e}")))?;
+        self.dir.write_atomic(&file_name(name, ext), &bytes)
+    }
+
+    /// Reads a key file; `None` (with a warning) for a damaged file or a key of another class.
+    fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
+        let file = self.read_decoded(name, KEY_EXT, KeyFile::decode)?;
+        Ok(file.filter(|file| {
+            let ours = policy::key_belongs(self.route, file.route);
+            if !ours {
                 log::warn!(
                     "skipping key {name}: made by the {} route ({}), but this store serves {}",
                     file.route.as_str(),
                     file.route.protection_class().as_str(),
                     self.info.protection_class.as_str()
                 );
-                Ok(None)
             }
-            Err(e) => {
-                log::warn!("skipping damaged key file {name}.{KEY_EXT}: {e}");
-                Ok(None)
-            }
-        }
+            ours
+        }))
     }
 
     fn write_key(&self, name: &str, file: &KeyFile) -> Result<()> {
-        let bytes = file
-            .encode()
-            .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
-        self.dir.write_atomic(&file_name(name, KEY_EXT), &bytes)
+        self.write_encoded(name, KEY_EXT, file.encode())
     }
 
     fn read_object(&self, name: &str) -> Result<Option<ObjectFile>> {
-        let Some(bytes) = self.dir.read(&file_name(name, OBJECT_EXT))? else {
-            return Ok(None);
-        };
-        match ObjectFile::decode(&bytes) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) => {
-                log::warn!("skipping damaged object file {name}.{OBJECT_EXT}: {e}");
-                Ok(None)
-            }
-        }
+        self.read_decoded(name, OBJECT_EXT, ObjectFile::decode)
     }
 
     fn write_object(&self, name: &str, file: &ObjectFile) -> Result<()> {
-        let bytes = file
-            .encode()
-            .map_err(|e| BackendError::Io(format!("cannot encode an object file: {e}")))?;
-        self.dir.write_atomic(&file_name(name, OBJECT_EXT), &bytes)
+        self.write_encoded(name, OBJECT_EXT, file.encode())
     }
 
     fn record_of(&self, name: String, file: KeyFile) -> KeyRecord {
@@ -191,13 +199,10 @@ impl Backend for EnclaveStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = Vec::new();
-        for name in file_store::names(&self.dir, KEY_EXT)? {
-            if let Some(file) = self.read_key(&name)? {
-                keys.push((file.created, name.clone(), self.record_of(name, file)));
-            }
-        }
-        Ok(oldest_first(keys))
+        file_store::load_all(&self.dir, KEY_EXT, |name| {
+            let file = self.read_key(&name)?;
+            Ok(file.map(|f| (f.created, self.record_of(name, f))))
+        })
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -289,18 +294,18 @@ impl Backend for EnclaveStore {
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let mut objects = Vec::new();
-        for name in file_store::names(&self.dir, OBJECT_EXT)? {
-            if let Some(file) = self.read_object(&name)? {
-                let attributes = file.attributes;
-                objects.push((
-                    file.created,
-                    name.clone(),
-                    ObjectRecord { name, attributes },
-                ));
-            }
-        }
-        Ok(oldest_first(objects))
+        file_store::load_all(&self.dir, OBJECT_EXT, |name| {
+            let file = self.read_object(&name)?;
+            Ok(file.map(|f| {
+                (
+                    f.created,
+                    ObjectRecord {
+                        name,
+                        attributes: f.attributes,
+                    },
+                )
+            }))
+        })
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

@@ -143,12 +143,7 @@ impl KeyFile {
     /// Parses and checks a key file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let k: KeyFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if k.format != KEY_FORMAT {
-            return Err(format!("format is {:?}, not {KEY_FORMAT:?}", k.format));
-        }
-        if k.version != VERSION {
-            return Err(format!("unsupported version {}", k.version));
-        }
+        check_header(&k.format, k.version, KEY_FORMAT)?;
         if k.public_point.0.len() != 65 || k.public_point.0[0] != 4 {
             return Err("public point is not 65-byte uncompressed SEC1".into());
         }
@@ -167,12 +162,18 @@ impl ObjectFile {
     /// Parses and checks an object file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let o: ObjectFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if o.format != OBJECT_FORMAT {
-            return Err(format!("format is {:?}, not {OBJECT_FORMAT:?}", o.format));
-        }
-        if o.version != VERSION {
-            return Err(format!("unsupported version {}", o.version));
-        }
+        check_header(&o.format, o.version, OBJECT_FORMAT)?;
         Ok(o)
     }
+}
+
+/// Checks a file's `format` tag and `version`.
+fn check_header(format: &str, version: u32, want: &str) -> Result<(), String> {
+    if format != want {
+        return Err(format!("format is {format:?}, not {want:?}"));
+    }
+    if version != VERSION {
+        return Err(format!("unsupported version {version}"));
+    }
+    Ok(())
 }

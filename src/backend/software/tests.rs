@@ -41,6 +41,13 @@ fn store_dir() -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// A new store labelled "t" in a fresh directory (kept while the `TempDir` lives).
+fn new_store() -> (tempfile::TempDir, PathBuf, SoftwareStore) {
+    let (tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    (tmp, dir, store)
+}
+
 #[test]
 fn creates_dir_0700_and_reports_info() {
     let (_tmp, dir) = store_dir();
@@ -63,8 +70,7 @@ fn creates_dir_0700_and_reports_info() {
 
 #[test]
 fn roundtrip_persist_and_reload() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let a = store.generate_key(&new_key("a", true)).unwrap();
     let mut req = new_key("b", true);
     req.purpose = KeyPurpose::Proof;
@@ -108,8 +114,7 @@ fn roundtrip_persist_and_reload() {
 
 #[test]
 fn signatures_are_padded_raw_r_s() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, _dir, store) = new_store();
     store.generate_key(&new_key("k", true)).unwrap();
     // A loaded key (deferred parse) and a fresh one.
     let key = store.load_keys().unwrap().remove(0);
@@ -150,8 +155,7 @@ fn wrong_scalar_fails_to_sign_without_panic() {
 
 #[test]
 fn temp_and_damaged_files_are_never_keys() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let good = store.generate_key(&new_key("good", true)).unwrap();
     let text = fs::read(dir.join(format!("{}.key", good.name))).unwrap();
 
@@ -159,28 +163,22 @@ fn temp_and_damaged_files_are_never_keys() {
     let tmp_name = format!(".{}.key.0123.tmp", "ab".repeat(16));
     fs::write(dir.join(&tmp_name), &text).unwrap();
     // Truncated, empty, garbage, wrong-version and wrongly named files.
-    fs::write(
-        dir.join(format!("{}.key", "11".repeat(16))),
-        &text[..text.len() / 2],
-    )
-    .unwrap();
-    fs::write(dir.join(format!("{}.key", "22".repeat(16))), b"").unwrap();
-    fs::write(
-        dir.join(format!("{}.key", "33".repeat(16))),
-        b"\x00\xff garbage",
-    )
-    .unwrap();
     let v2 = String::from_utf8(text.clone())
         .unwrap()
         .replace("\"version\": 1", "\"version\": 2");
-    fs::write(dir.join(format!("{}.key", "44".repeat(16))), v2).unwrap();
-    fs::write(dir.join("notakey.key"), &text).unwrap();
-    fs::write(dir.join(format!("{}.key.bak", "55".repeat(16))), &text).unwrap();
-    fs::write(
-        dir.join(format!("{}.obj", "66".repeat(16))),
-        b"{\"format\":",
-    )
-    .unwrap();
+    let key_file = |digits: &str| format!("{}.key", digits.repeat(16));
+    let junk: [(String, &[u8]); 7] = [
+        (key_file("11"), &text[..text.len() / 2]),
+        (key_file("22"), b""),
+        (key_file("33"), b"\x00\xff garbage"),
+        (key_file("44"), v2.as_bytes()),
+        ("notakey.key".into(), &text),
+        (format!("{}.key.bak", "55".repeat(16)), &text),
+        (format!("{}.obj", "66".repeat(16)), b"{\"format\":"),
+    ];
+    for (name, bytes) in junk {
+        fs::write(dir.join(name), bytes).unwrap();
+    }
 
     let keys = store.load_keys().unwrap();
     assert_eq!(keys.len(), 1);
@@ -244,8 +242,7 @@ fn refuses_a_file_as_dir() {
 
 #[test]
 fn update_and_destroy_keys() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let k = store.generate_key(&new_key("old", true)).unwrap();
     store.update_key(&k.name, "new label", &[9, 9]).unwrap();
     let loaded = SoftwareStore::open("t", Some(&dir))
@@ -293,8 +290,7 @@ fn update_and_destroy_keys() {
 
 #[test]
 fn store_update_destroy_objects() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let attrs: Vec<RawAttribute> = vec![
         (0, vec![1, 0, 0, 0, 0, 0, 0, 0]),
         (3, b"cert".to_vec()),
@@ -359,8 +355,7 @@ fn change_marker_sees_other_instances() {
 
 #[test]
 fn loads_ten_thousand_keys_quickly() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let k = store.generate_key(&new_key("k", true)).unwrap();
     let text = fs::read(dir.join(format!("{}.key", k.name))).unwrap();
     for i in 0u32..9_999 {
@@ -448,8 +443,7 @@ fn processes_create_keys_at_once() {
 
 #[test]
 fn key_file_format_is_pinned() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let mut req = new_key("label \"quoted\" é", true);
     req.id = vec![0xde, 0xad];
     req.purpose = KeyPurpose::Proof;
@@ -479,8 +473,7 @@ fn key_file_format_is_pinned() {
 
 #[test]
 fn one_signer_signs_from_many_threads() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, _dir, store) = new_store();
     store.generate_key(&new_key("k", true)).unwrap();
     // Loaded (deferred parse): the threads race to build the key.
     let key = store.load_keys().unwrap().remove(0);

@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(v.as_object().unwrap().len(), 9);
     }
 
-    type Damage = Box<dyn Fn(&mut serde_json::Value)>;
+    type Damage = fn(&mut serde_json::Value);
 
     #[test]
     fn damaged_key_files_are_rejected_with_the_reason() {
@@ -293,69 +293,49 @@ mod tests {
         let cases: Vec<(&str, Damage, &str)> = vec![
             (
                 "format",
-                Box::new(|v| v["format"] = "devicekey-software-key".into()),
+                |v| v["format"] = "devicekey-software-key".into(),
                 "format",
             ),
-            (
-                "version",
-                Box::new(|v| v["version"] = 2.into()),
-                "version 2",
-            ),
-            (
-                "route",
-                Box::new(|v| v["route"] = "tpm".into()),
-                "not a key file",
-            ),
-            (
-                "id hex",
-                Box::new(|v| v["id"] = "0g".into()),
-                "id is not hex",
-            ),
+            ("version", |v| v["version"] = 2.into(), "version 2"),
+            ("route", |v| v["route"] = "tpm".into(), "not a key file"),
+            ("id hex", |v| v["id"] = "0g".into(), "id is not hex"),
             (
                 "odd hex",
-                Box::new(|v| v["handle"] = "abc".into()),
+                |v| v["handle"] = "abc".into(),
                 "handle is not hex",
             ),
             (
                 "empty handle",
-                Box::new(|v| v["handle"] = "".into()),
+                |v| v["handle"] = "".into(),
                 "handle is 0 bytes",
             ),
             (
                 "huge handle",
-                Box::new(|v| v["handle"] = "00".repeat(MAX_HANDLE + 1).into()),
+                |v| v["handle"] = "00".repeat(MAX_HANDLE + 1).into(),
                 "handle is",
             ),
             (
                 "short point",
-                Box::new(|v| v["public_point"] = "04aa".into()),
+                |v| v["public_point"] = "04aa".into(),
                 "public_point",
             ),
             (
                 "point off the curve",
-                Box::new(|v| v["public_point"] = format!("04{}", "11".repeat(64)).into()),
+                |v| v["public_point"] = format!("04{}", "11".repeat(64)).into(),
                 "public_point",
             ),
-            (
-                "unknown field",
-                Box::new(|v| v["extra"] = 1.into()),
-                "unknown field",
-            ),
+            ("unknown field", |v| v["extra"] = 1.into(), "unknown field"),
             (
                 "missing field",
-                Box::new(|v| {
+                |v| {
                     v.as_object_mut().unwrap().remove("label");
-                }),
+                },
                 "missing field",
             ),
-            (
-                "purpose",
-                Box::new(|v| v["purpose"] = "any".into()),
-                "not a key file",
-            ),
+            ("purpose", |v| v["purpose"] = "any".into(), "not a key file"),
             (
                 "huge id",
-                Box::new(|v| v["id"] = "00".repeat(MAX_ID + 1).into()),
+                |v| v["id"] = "00".repeat(MAX_ID + 1).into(),
                 "id is",
             ),
         ];

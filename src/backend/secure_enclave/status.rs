@@ -324,12 +324,21 @@ mod tests {
         }
     }
 
-    /// Each OSStatus, in an operation on a route, gives the error kind of `want` (an empty
-    /// message), and its message contains `text`.
-    fn check_statuses(cases: &[(i64, Operation, Route, BackendError, &str)]) {
+    /// An OSStatus, the operation and route it comes from, the error kind it must become, and
+    /// what its message must contain.
+    type StatusCase = (
+        i64,
+        Operation,
+        Route,
+        fn(String) -> BackendError,
+        &'static str,
+    );
+
+    /// Checks each case: the error has the kind `want` makes, and its message contains `text`.
+    fn check_statuses(cases: &[StatusCase]) {
         for (code, op, route, want, text) in cases {
             let got = backend_error(&os(*code), *op, *route).to_string();
-            let kind = want.to_string();
+            let kind = want(String::new()).to_string();
             assert!(got.starts_with(&kind), "{code} {op:?}: {got}");
             assert!(got[kind.len()..].contains(text), "{code} {op:?}: {got}");
         }
@@ -339,29 +348,12 @@ mod tests {
     fn the_same_codes_later_mean_a_missing_key_or_failed_authentication() {
         use BackendError::{Auth, NotFound, Refused};
         use Operation::{Create, Open, Sign};
+        use Route::{EnclaveBlob, EnclaveKeychain, OsKeychain};
         check_statuses(&[
-            (
-                -25300,
-                Sign,
-                Route::EnclaveKeychain,
-                NotFound(String::new()),
-                "keychain",
-            ),
-            (
-                -25300,
-                Create,
-                Route::OsKeychain,
-                NotFound(String::new()),
-                "",
-            ),
-            (-25293, Sign, Route::EnclaveBlob, Auth(String::new()), ""),
-            (
-                -25293,
-                Open,
-                Route::EnclaveBlob,
-                Refused(String::new()),
-                "another Mac",
-            ),
+            (-25300, Sign, EnclaveKeychain, NotFound, "keychain"),
+            (-25300, Create, OsKeychain, NotFound, ""),
+            (-25293, Sign, EnclaveBlob, Auth, ""),
+            (-25293, Open, EnclaveBlob, Refused, "another Mac"),
         ]);
     }
 
@@ -390,30 +382,13 @@ mod tests {
     fn other_statuses_have_their_own_advice() {
         use BackendError::{Crypto, Full, Refused, Unreachable};
         use Operation::{Create, Open, Sign};
+        use Route::{EnclaveBlob, OsKeychain};
         check_statuses(&[
-            (
-                -25308,
-                Sign,
-                Route::EnclaveBlob,
-                Refused(String::new()),
-                "unlock",
-            ),
-            (
-                -25291,
-                Create,
-                Route::OsKeychain,
-                Unreachable(String::new()),
-                "",
-            ),
-            (-108, Sign, Route::EnclaveBlob, Full(String::new()), ""),
-            (
-                -26275,
-                Open,
-                Route::EnclaveBlob,
-                Refused(String::new()),
-                "damaged",
-            ),
-            (-50, Sign, Route::EnclaveBlob, Crypto(String::new()), ""),
+            (-25308, Sign, EnclaveBlob, Refused, "unlock"),
+            (-25291, Create, OsKeychain, Unreachable, ""),
+            (-108, Sign, EnclaveBlob, Full, ""),
+            (-26275, Open, EnclaveBlob, Refused, "damaged"),
+            (-50, Sign, EnclaveBlob, Crypto, ""),
         ]);
         match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
             BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),

@@ -210,17 +210,19 @@ impl Backend for EnclaveStore {
         let created = self
             .enclave
             .create(self.route, &request.label, request.persistent)?;
+        let record = KeyRecord {
+            name,
+            id: request.id.clone(),
+            label: request.label.clone(),
+            public_point: created.public_point,
+            purpose: request.purpose,
+            persistent: true,
+            signer: created.signer,
+        };
         if !request.persistent {
-            return self.sessions.add(KeyRecord {
-                name,
-                id: request.id.clone(),
-                label: request.label.clone(),
-                public_point: created.public_point,
-                purpose: request.purpose,
-                persistent: false,
-                signer: created.signer,
-            });
+            return self.sessions.add(record);
         }
+        let name = &record.name;
         let file = KeyFile {
             route: self.route,
             id: request.id.clone(),
@@ -233,7 +235,7 @@ impl Backend for EnclaveStore {
         let written = self
             .dir
             .lock()
-            .and_then(|_lock| self.write_key(&name, &file));
+            .and_then(|_lock| self.write_key(name, &file));
         if let Err(e) = written {
             // A keychain key without its file would be an orphan nobody can find again.
             if self.route.uses_keychain() {
@@ -248,15 +250,7 @@ impl Backend for EnclaveStore {
             self.route.as_str(),
             request.label
         );
-        Ok(KeyRecord {
-            name,
-            id: file.id,
-            label: file.label,
-            public_point: file.public_point,
-            purpose: file.purpose,
-            persistent: true,
-            signer: created.signer,
-        })
+        Ok(record)
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {

@@ -71,6 +71,11 @@ fn oldest_first<T>(mut items: Vec<(u64, String, T)>) -> Vec<T> {
     items.into_iter().map(|(_, _, r)| r).collect()
 }
 
+/// The file `read` found, or `NotFound` naming `name`.
+pub fn existing<T>(name: &str, found: Option<T>) -> Result<T> {
+    found.ok_or_else(|| BackendError::NotFound(name.to_string()))
+}
+
 /// The records of every `<name>.<ext>` file of `dir` that `read` turns into a `(created,
 /// record)` pair (it returns `None` for a file to skip), oldest first.
 pub fn load_all<T>(

@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
-use crate::backend::file_store::{self, check_name, now, random_name, SessionKeys};
+use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
@@ -226,9 +226,7 @@ impl Backend for SoftwareStore {
         }
         check_name(name)?;
         self.with_lock(|| {
-            let mut file = self
-                .read_key(name)?
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+            let mut file = existing(name, self.read_key(name)?)?;
             file.label = label.to_string();
             file.id = Hex(id.to_vec());
             let bytes = file
@@ -267,9 +265,7 @@ impl Backend for SoftwareStore {
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
         check_name(name)?;
         self.with_lock(|| {
-            let old = self
-                .read_object(name)
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+            let old = existing(name, self.read_object(name))?;
             let bytes = object_bytes(attributes, old.created)?;
             self.write_atomic(name, OBJ_EXT, &bytes)
         })

@@ -157,9 +157,7 @@ impl KeyFile {
             handle: encoding::hex(&self.handle),
             created: self.created,
         };
-        let mut bytes = serde_json::to_vec_pretty(&raw).map_err(|e| bad(e.to_string()))?;
-        bytes.push(b'\n');
-        Ok(bytes)
+        pretty_json(&raw)
     }
 
     /// Parses and checks a key file.
@@ -184,6 +182,13 @@ impl KeyFile {
     }
 }
 
+/// `raw` as pretty JSON with a final newline.
+fn pretty_json<T: serde::Serialize>(raw: &T) -> Result<Vec<u8>, FormatError> {
+    let mut bytes = serde_json::to_vec_pretty(raw).map_err(|e| bad(e.to_string()))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
 /// One stored non-key object (a certificate, a data object).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectFile {
@@ -206,9 +211,7 @@ impl ObjectFile {
                 .map(|(t, v)| (*t, encoding::hex(v)))
                 .collect(),
         };
-        let mut bytes = serde_json::to_vec_pretty(&raw).map_err(|e| bad(e.to_string()))?;
-        bytes.push(b'\n');
-        Ok(bytes)
+        pretty_json(&raw)
     }
 
     /// Parses and checks an object file.

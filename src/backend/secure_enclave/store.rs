@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use super::keyfile::{FormatError, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
 use super::policy::{self, Route};
-use crate::backend::file_store::{self, check_name, file_name, now, random_name, SessionKeys};
+use crate::backend::file_store::{
+    self, check_name, existing, file_name, now, random_name, SessionKeys,
+};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
@@ -259,9 +261,7 @@ impl Backend for EnclaveStore {
         }
         check_name(name)?;
         let _lock = self.dir.lock()?;
-        let mut file = self
-            .read_key(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let mut file = existing(name, self.read_key(name)?)?;
         file.label = label.to_string();
         file.id = id.to_vec();
         self.write_key(name, &file)
@@ -273,9 +273,7 @@ impl Backend for EnclaveStore {
         }
         check_name(name)?;
         let _lock = self.dir.lock()?;
-        let file = self
-            .read_key(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let file = existing(name, self.read_key(name)?)?;
         if file.route.uses_keychain() {
             match self.enclave.delete(file.route, &file.handle) {
                 Ok(()) | Err(BackendError::NotFound(_)) => {}
@@ -316,9 +314,7 @@ impl Backend for EnclaveStore {
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
         check_name(name)?;
         let _lock = self.dir.lock()?;
-        let mut file = self
-            .read_object(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let mut file = existing(name, self.read_object(name)?)?;
         file.attributes = attributes.to_vec();
         self.write_object(name, &file)
     }

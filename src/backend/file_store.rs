@@ -145,6 +145,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::backend::assert_not_found;
     use crate::backend::{KeyPurpose, Signer};
 
     struct NoSigner;
@@ -161,7 +162,7 @@ mod tests {
         assert_ne!(n, random_name().unwrap());
         for bad in ["", "../x", "ZZ", &n.to_uppercase(), &format!("{n}0")] {
             assert!(!valid_name(bad), "{bad:?}");
-            assert!(matches!(check_name(bad), Err(BackendError::NotFound(_))));
+            assert_not_found(check_name(bad));
         }
         assert_eq!(stem(&file_name(&n, "key"), "key"), Some(n.as_str()));
         assert_eq!(stem(&file_name(&n, "key"), "obj"), None);
@@ -199,13 +200,7 @@ mod tests {
         assert_eq!(keys.keys.lock().unwrap()[&k.name].label, "l2");
         assert_eq!(keys.keys.lock().unwrap()[&k.name].id, b"id");
         keys.remove(&k.name).unwrap();
-        assert!(matches!(
-            keys.remove(&k.name),
-            Err(BackendError::NotFound(_))
-        ));
-        assert!(matches!(
-            keys.update(&k.name, "x", b""),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(keys.remove(&k.name));
+        assert_not_found(keys.update(&k.name, "x", b""));
     }
 }

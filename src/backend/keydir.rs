@@ -535,6 +535,7 @@ impl KeyDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::assert_not_found;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn mode(p: &Path) -> u32 {
@@ -555,10 +556,7 @@ mod tests {
         assert_eq!(kd.list().unwrap(), vec!["one.key".to_string()]);
         assert!(kd.read("two.key").unwrap().is_none());
         kd.remove("one.key").unwrap();
-        assert!(matches!(
-            kd.remove("one.key"),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(kd.remove("one.key"));
         // Nothing left behind, not even a temporary file.
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
     }

@@ -173,6 +173,13 @@ pub enum BackendError {
 /// The result type of every backend call.
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// Test helper: asserts that a store call failed with `NotFound`.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_not_found<T: std::fmt::Debug>(r: Result<T>) {
+    assert!(matches!(r, Err(BackendError::NotFound(_))), "{r:?}");
+}
+
 /// The identity of a key store, shown in the slot and token info.
 #[derive(Clone, Debug)]
 pub struct StoreInfo {

@@ -10,6 +10,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 
 use super::*;
+use crate::backend::assert_not_found;
 use crate::backend::file_store::valid_name;
 use crate::backend::{KeyPurpose, Signer};
 
@@ -263,29 +264,17 @@ fn update_and_destroy_keys() {
 
     store.destroy_key(&k.name).unwrap();
     assert!(store.load_keys().unwrap().is_empty());
-    assert!(matches!(
-        store.destroy_key(&k.name),
-        Err(BackendError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.update_key(&k.name, "x", b""),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_key(&k.name));
+    assert_not_found(store.update_key(&k.name, "x", b""));
     for bad in ["../x", "", ".lock", "session-nope", "ZZ"] {
-        assert!(matches!(
-            store.destroy_key(bad),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(store.destroy_key(bad));
     }
 
     // Session keys: update and destroy in memory.
     let s = store.generate_key(&new_key("s", false)).unwrap();
     store.update_key(&s.name, "s2", b"id").unwrap();
     store.destroy_key(&s.name).unwrap();
-    assert!(matches!(
-        store.destroy_key(&s.name),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_key(&s.name));
 }
 
 #[test]
@@ -319,14 +308,8 @@ fn store_update_destroy_objects() {
 
     store.destroy_object(&name).unwrap();
     assert!(other.load_objects().unwrap().is_empty());
-    assert!(matches!(
-        store.destroy_object(&name),
-        Err(BackendError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.update_object(&name, &new_attrs),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_object(&name));
+    assert_not_found(store.update_object(&name, &new_attrs));
 }
 
 #[test]

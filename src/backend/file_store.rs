@@ -40,6 +40,14 @@ pub fn stem<'a>(file_name: &'a str, ext: &str) -> Option<&'a str> {
     valid_name(stem).then_some(stem)
 }
 
+/// The token serial number of a store in `dir`: 16 hex digits of the SHA-256 of its path, so it
+/// stays the same across restarts and differs between directories.
+pub fn serial_of(dir: &KeyDir) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
+    encoding::hex(&digest[..8])
+}
+
 /// `<name>.<ext>`.
 pub fn file_name(name: &str, ext: &str) -> String {
     format!("{name}.{ext}")

@@ -21,7 +21,6 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
@@ -32,7 +31,6 @@ use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     StoreInfo,
 };
-use crate::encoding;
 
 const KEY_EXT: &str = "key";
 const OBJ_EXT: &str = "obj";
@@ -66,8 +64,7 @@ impl SoftwareStore {
             None => crate::config::default_data_dir(),
         };
         let dir = KeyDir::open(&wanted)?;
-        let digest = Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
-        let serial = encoding::hex(&digest[..8]);
+        let serial = file_store::serial_of(&dir);
         let store = SoftwareStore {
             info: StoreInfo {
                 label: label.to_string(),

@@ -94,14 +94,12 @@ pub struct EnclaveStore {
 impl EnclaveStore {
     /// A store whose new keys take `route`, with its files in `dir`.
     pub fn new(label: &str, route: Route, dir: KeyDir, enclave: Arc<dyn Enclave>) -> Self {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
         EnclaveStore {
             info: StoreInfo {
                 label: label.to_string(),
                 backend: crate::config::BackendKind::SecureEnclave,
                 manufacturer: "Apple".to_string(),
-                serial: crate::encoding::hex(&digest[..8]),
+                serial: file_store::serial_of(&dir),
                 protection_class: route.protection_class(),
             },
             route,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::backend::assert_not_found;

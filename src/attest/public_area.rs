@@ -13,7 +13,7 @@ use tss_esapi::interface_types::key_bits::{AesKeyBits, RsaKeyBits};
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
 use tss_esapi::traits::{Marshall, UnMarshall};
 
-use super::sha256;
+use super::{exactly_one, sha256};
 
 /// The `TPM_ALG_SHA256` prefix of a name.
 pub const NAME_ALG_SHA256: [u8; 2] = [0x00, 0x0b];
@@ -43,16 +43,7 @@ impl PublicArea {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let public = Public::unmarshall(bytes)
             .map_err(|e| format!("not a TPMT_PUBLIC ({} bytes): {e}", bytes.len()))?;
-        let again = public
-            .marshall()
-            .map_err(|e| format!("cannot marshal the parsed TPMT_PUBLIC again: {e}"))?;
-        if again != bytes {
-            return Err(format!(
-                "not exactly one canonical TPMT_PUBLIC: {} bytes given, the structure is {} bytes",
-                bytes.len(),
-                again.len()
-            ));
-        }
+        exactly_one("canonical TPMT_PUBLIC", bytes, public.marshall())?;
         Ok(Self {
             bytes: bytes.to_vec(),
             public,

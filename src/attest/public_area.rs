@@ -259,30 +259,28 @@ mod tests {
 
         // objectAttributes is the big-endian u32 at offset 4: restricted is bit 16, decrypt 17,
         // sign 18, fixedTPM 1.
-        let mut bytes = ak_bytes();
-        bytes[5] &= !0x01;
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert_eq!(err, "restricted is clear");
-
-        let mut bytes = ak_bytes();
-        bytes[5] |= 0x02;
-        bytes[7] &= !0x02;
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert_eq!(err, "fixedTPM is clear, decrypt is set");
-
-        let mut bytes = ak_bytes();
-        bytes[3] = 0x0c; // nameAlg SHA-384
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert!(err.contains("nameAlg"), "{err}");
+        // nameAlg is the big-endian u16 at offset 2 (0x000c: SHA-384).
+        type Damage = fn(&mut Vec<u8>);
+        let damaged: [(Damage, &str); 3] = [
+            (|b| b[5] &= !0x01, "restricted is clear"),
+            (
+                |b| {
+                    b[5] |= 0x02;
+                    b[7] &= !0x02;
+                },
+                "fixedTPM is clear, decrypt is set",
+            ),
+            (|b| b[3] = 0x0c, "nameAlg is Sha384, not SHA-256"),
+        ];
+        for (damage, reason) in damaged {
+            let mut bytes = ak_bytes();
+            damage(&mut bytes);
+            let err = PublicArea::parse(&bytes)
+                .unwrap()
+                .check_signing_key(true)
+                .unwrap_err();
+            assert_eq!(err, reason);
+        }
     }
 
     #[test]

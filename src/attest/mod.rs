@@ -34,7 +34,7 @@ pub use credential::{make_credential, CredentialChallenge};
 pub use ek_chain::TrustAnchors;
 pub use evidence::{Evidence, TpmEvidence};
 pub use public_area::PublicArea;
-pub use verify::{verify, verify_json, verify_pinned, CheckResult, Report};
+pub use verify::{verify, verify_json, verify_pinned, Activate, CheckResult, Report};
 
 /// One of the six checks of the attestation contract, numbered as it numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -345,16 +345,28 @@ mod tests {
     }
 
     #[test]
-    fn the_same_codes_later_mean_a_missing_key_or_failed_authentication() {
-        use BackendError::{Auth, NotFound, Refused};
+    fn each_status_has_its_own_kind_and_advice() {
+        use BackendError::{Auth, Crypto, Full, NotFound, Refused, Unreachable};
         use Operation::{Create, Open, Sign};
         use Route::{EnclaveBlob, EnclaveKeychain, OsKeychain};
         check_statuses(&[
+            // The codes that mean "no enclave" at creation mean, later, a missing key or a
+            // failed authentication.
             (-25300, Sign, EnclaveKeychain, NotFound, "keychain"),
             (-25300, Create, OsKeychain, NotFound, ""),
             (-25293, Sign, EnclaveBlob, Auth, ""),
             (-25293, Open, EnclaveBlob, Refused, "another Mac"),
+            // Other statuses.
+            (-25308, Sign, EnclaveBlob, Refused, "unlock"),
+            (-25291, Create, OsKeychain, Unreachable, ""),
+            (-108, Sign, EnclaveBlob, Full, ""),
+            (-26275, Open, EnclaveBlob, Refused, "damaged"),
+            (-50, Sign, EnclaveBlob, Crypto, ""),
         ]);
+        match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
+            BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -376,24 +388,6 @@ mod tests {
             backend_error(&os(-4), Operation::Sign, Route::EnclaveBlob),
             BackendError::Refused(_)
         ));
-    }
-
-    #[test]
-    fn other_statuses_have_their_own_advice() {
-        use BackendError::{Crypto, Full, Refused, Unreachable};
-        use Operation::{Create, Open, Sign};
-        use Route::{EnclaveBlob, OsKeychain};
-        check_statuses(&[
-            (-25308, Sign, EnclaveBlob, Refused, "unlock"),
-            (-25291, Create, OsKeychain, Unreachable, ""),
-            (-108, Sign, EnclaveBlob, Full, ""),
-            (-26275, Open, EnclaveBlob, Refused, "damaged"),
-            (-50, Sign, EnclaveBlob, Crypto, ""),
-        ]);
-        match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
-            BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use tss_esapi::interface_types::structure_tags::AttestationType;
 use tss_esapi::structures::{Attest, AttestInfo};
 use tss_esapi::traits::{Marshall, UnMarshall};
 
-use super::sha256;
+use super::{exactly_one, sha256};
 
 /// `TPM_GENERATED_VALUE`: the first four bytes of everything a TPM signs about itself.
 pub const TPM_GENERATED_VALUE: [u8; 4] = [0xff, 0x54, 0x43, 0x47];
@@ -64,16 +64,7 @@ pub fn parse_certify_info(bytes: &[u8]) -> Result<CertifyInfo, String> {
     }
     let attest =
         Attest::unmarshall(bytes).map_err(|e| format!("not a well-formed TPMS_ATTEST: {e}"))?;
-    let again = attest
-        .marshall()
-        .map_err(|e| format!("cannot marshal the parsed TPMS_ATTEST again: {e}"))?;
-    if again != bytes {
-        return Err(format!(
-            "not exactly one canonical TPMS_ATTEST: {} bytes given, the structure is {} bytes",
-            bytes.len(),
-            again.len()
-        ));
-    }
+    exactly_one("canonical TPMS_ATTEST", bytes, attest.marshall())?;
     if attest.attestation_type() != AttestationType::Certify {
         return Err("the attestation is not of type certify".into());
     }

@@ -15,7 +15,7 @@ use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509StoreContext, X509};
 
 use super::public_area::PublicArea;
-use super::{AttestError, Result};
+use super::{exactly_one, AttestError, Result};
 
 /// The relying party's trust: EK roots, plus intermediates it accepts that the TPM may not hold.
 #[derive(Clone, Default)]
@@ -92,16 +92,7 @@ fn subject(cert: &X509) -> String {
 /// wants the exact DER, not the NV index's content).
 fn exact_der(der: &[u8], what: &str) -> std::result::Result<X509, String> {
     let cert = X509::from_der(der).map_err(|e| format!("{what} is not DER X.509: {e}"))?;
-    let again = cert
-        .to_der()
-        .map_err(|e| format!("{what} cannot be encoded again: {e}"))?;
-    if again != der {
-        return Err(format!(
-            "{what} is not exactly one DER certificate ({} bytes given, the certificate is {})",
-            der.len(),
-            again.len()
-        ));
-    }
+    exactly_one("DER certificate", der, cert.to_der()).map_err(|e| format!("{what}: {e}"))?;
     Ok(cert)
 }
 

@@ -34,7 +34,7 @@ pub use credential::{make_credential, CredentialChallenge};
 pub use ek_chain::TrustAnchors;
 pub use evidence::{Evidence, TpmEvidence};
 pub use public_area::PublicArea;
-pub use verify::{verify, verify_json, verify_pinned, CheckResult, Report};
+pub use verify::{verify, verify_json, verify_pinned, Activate, CheckResult, Report};
 
 /// One of the six checks of the attestation contract, numbered as it numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -133,4 +133,22 @@ pub(crate) fn fail(check: Check, reason: impl Into<String>) -> AttestError {
 pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
+}
+
+/// Checks that `again`, the parsed structure encoded again, is exactly `given`: one `what`, with
+/// nothing after it and no non-canonical encoding.
+pub(crate) fn exactly_one<E: std::fmt::Display>(
+    what: &str,
+    given: &[u8],
+    again: std::result::Result<Vec<u8>, E>,
+) -> std::result::Result<(), String> {
+    let again = again.map_err(|e| format!("cannot encode the parsed {what} again: {e}"))?;
+    if again != given {
+        return Err(format!(
+            "not exactly one {what} ({} bytes given, the {what} is {} bytes)",
+            given.len(),
+            again.len()
+        ));
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use tss_esapi::interface_types::key_bits::{AesKeyBits, RsaKeyBits};
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
 use tss_esapi::traits::{Marshall, UnMarshall};
 
-use super::sha256;
+use super::{exactly_one, sha256};
 
 /// The `TPM_ALG_SHA256` prefix of a name.
 pub const NAME_ALG_SHA256: [u8; 2] = [0x00, 0x0b];
@@ -43,16 +43,7 @@ impl PublicArea {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let public = Public::unmarshall(bytes)
             .map_err(|e| format!("not a TPMT_PUBLIC ({} bytes): {e}", bytes.len()))?;
-        let again = public
-            .marshall()
-            .map_err(|e| format!("cannot marshal the parsed TPMT_PUBLIC again: {e}"))?;
-        if again != bytes {
-            return Err(format!(
-                "not exactly one canonical TPMT_PUBLIC: {} bytes given, the structure is {} bytes",
-                bytes.len(),
-                again.len()
-            ));
-        }
+        exactly_one("canonical TPMT_PUBLIC", bytes, public.marshall())?;
         Ok(Self {
             bytes: bytes.to_vec(),
             public,
@@ -268,30 +259,28 @@ mod tests {
 
         // objectAttributes is the big-endian u32 at offset 4: restricted is bit 16, decrypt 17,
         // sign 18, fixedTPM 1.
-        let mut bytes = ak_bytes();
-        bytes[5] &= !0x01;
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert_eq!(err, "restricted is clear");
-
-        let mut bytes = ak_bytes();
-        bytes[5] |= 0x02;
-        bytes[7] &= !0x02;
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert_eq!(err, "fixedTPM is clear, decrypt is set");
-
-        let mut bytes = ak_bytes();
-        bytes[3] = 0x0c; // nameAlg SHA-384
-        let err = PublicArea::parse(&bytes)
-            .unwrap()
-            .check_signing_key(true)
-            .unwrap_err();
-        assert!(err.contains("nameAlg"), "{err}");
+        // nameAlg is the big-endian u16 at offset 2 (0x000c: SHA-384).
+        type Damage = fn(&mut Vec<u8>);
+        let damaged: [(Damage, &str); 3] = [
+            (|b| b[5] &= !0x01, "restricted is clear"),
+            (
+                |b| {
+                    b[5] |= 0x02;
+                    b[7] &= !0x02;
+                },
+                "fixedTPM is clear, decrypt is set",
+            ),
+            (|b| b[3] = 0x0c, "nameAlg is Sha384, not SHA-256"),
+        ];
+        for (damage, reason) in damaged {
+            let mut bytes = ak_bytes();
+            damage(&mut bytes);
+            let err = PublicArea::parse(&bytes)
+                .unwrap()
+                .check_signing_key(true)
+                .unwrap_err();
+            assert_eq!(err, reason);
+        }
     }
 
     #[test]

@@ -97,17 +97,20 @@ fn check_nonce(nonce: &[u8]) -> Result<()> {
     }
 }
 
+/// Check 3's way to the device: it gets the credential challenge and returns the secret the
+/// device's TPM released, or why it could not. Any such closure is one.
+pub trait Activate: FnOnce(&CredentialChallenge) -> std::result::Result<Vec<u8>, String> {}
+
+impl<F> Activate for F where F: FnOnce(&CredentialChallenge) -> std::result::Result<Vec<u8>, String> {}
+
 /// Parses evidence JSON and verifies it with [`verify`]. `"format": "none"` evidence is refused
 /// with [`AttestError::NotInTpm`].
-pub fn verify_json<F>(
+pub fn verify_json(
     evidence_json: &[u8],
     nonce: &[u8],
     anchors: &TrustAnchors,
-    activate: F,
-) -> Result<Report>
-where
-    F: FnOnce(&CredentialChallenge) -> std::result::Result<Vec<u8>, String>,
-{
+    activate: impl Activate,
+) -> Result<Report> {
     let evidence = Evidence::from_json(evidence_json)?.into_tpm()?;
     verify(&evidence, nonce, anchors, activate)
 }
@@ -116,15 +119,12 @@ where
 /// request. `activate` is check 3's way to the device: it gets the two blobs and must return the
 /// secret the device's TPM released (or why it could not). `Err` only when the verifier's own
 /// inputs are unusable (a nonce of the wrong length); failed checks are in the [`Report`].
-pub fn verify<F>(
+pub fn verify(
     evidence: &TpmEvidence,
     nonce: &[u8],
     anchors: &TrustAnchors,
-    activate: F,
-) -> Result<Report>
-where
-    F: FnOnce(&CredentialChallenge) -> std::result::Result<Vec<u8>, String>,
-{
+    activate: impl Activate,
+) -> Result<Report> {
     check_nonce(nonce)?;
     let ek = PublicArea::parse(&evidence.ek_public_area).map_err(|e| format!("ekPublicArea: {e}"));
     let ak = PublicArea::parse(&evidence.ak_public_area).map_err(|e| format!("akPublicArea: {e}"));
@@ -209,14 +209,11 @@ fn check_ak(ak: &std::result::Result<PublicArea, String>) -> std::result::Result
     Ok("the AK is a restricted ECC P-256 signing key (nameAlg SHA-256, fixedTPM, fixedParent, sensitiveDataOrigin, no decrypt)".into())
 }
 
-fn activation<F>(
+fn activation(
     ek: &PublicArea,
     ak: &PublicArea,
-    activate: F,
-) -> std::result::Result<String, String>
-where
-    F: FnOnce(&CredentialChallenge) -> std::result::Result<Vec<u8>, String>,
-{
+    activate: impl Activate,
+) -> std::result::Result<String, String> {
     let mut secret = zeroize::Zeroizing::new([0u8; SECRET_LEN]);
     openssl::rand::rand_bytes(&mut secret[..]).map_err(|e| format!("no random secret: {e}"))?;
     let challenge = make_credential(ek, &ak.name(), &secret[..])

@@ -535,10 +535,17 @@ impl KeyDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::assert_not_found;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// Makes the directory `path` with exactly `mode`.
+    fn mkdir_mode(path: &Path, mode: u32) {
+        std::fs::create_dir(path).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     #[test]
@@ -555,10 +562,7 @@ mod tests {
         assert_eq!(kd.list().unwrap(), vec!["one.key".to_string()]);
         assert!(kd.read("two.key").unwrap().is_none());
         kd.remove("one.key").unwrap();
-        assert!(matches!(
-            kd.remove("one.key"),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(kd.remove("one.key"));
         // Nothing left behind, not even a temporary file.
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
     }
@@ -580,8 +584,7 @@ mod tests {
     fn refuses_group_or_other_bits_on_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("k");
-        std::fs::create_dir(&path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o750)).unwrap();
+        mkdir_mode(&path, 0o750);
         let err = KeyDir::open(&path).unwrap_err().to_string();
         assert!(err.contains("chmod 700"), "{err}");
         assert_eq!(diagnose(&path).len(), 1);
@@ -591,8 +594,7 @@ mod tests {
     fn refuses_an_ancestor_others_can_write() {
         let tmp = tempfile::tempdir().unwrap();
         let open = tmp.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        mkdir_mode(&open, 0o777);
         let err = KeyDir::open(&open.join("keys")).unwrap_err().to_string();
         assert!(err.contains("chmod go-w"), "{err}");
         let problems = diagnose(&open.join("keys"));
@@ -637,8 +639,7 @@ mod tests {
         let before = kd.change_marker();
         assert!(kd.list().is_ok());
         std::fs::rename(&path, tmp.path().join("k.old")).unwrap();
-        std::fs::create_dir(&path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        mkdir_mode(&path, 0o700);
         assert_ne!(kd.change_marker(), before);
         assert!(matches!(kd.list(), Err(BackendError::Unusable(_))));
         assert!(kd.write_atomic("x", b"x").is_err());

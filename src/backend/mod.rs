@@ -11,6 +11,7 @@
 //! [`store_of`] is the only place that matches on the variants. A new store is one module here
 //! plus one variant there.
 
+mod file_store;
 pub mod keydir;
 pub mod pkcs11;
 pub mod secure_enclave;
@@ -171,6 +172,13 @@ pub enum BackendError {
 
 /// The result type of every backend call.
 pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Test helper: asserts that a store call failed with `NotFound`.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_not_found<T: std::fmt::Debug>(r: Result<T>) {
+    assert!(matches!(r, Err(BackendError::NotFound(_))), "{r:?}");
+}
 
 /// The identity of a key store, shown in the slot and token info.
 #[derive(Clone, Debug)]

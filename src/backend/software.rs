@@ -18,41 +18,32 @@ mod slot;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
+use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     StoreInfo,
 };
-use crate::encoding;
 
 const KEY_EXT: &str = "key";
 const OBJ_EXT: &str = "obj";
-const SESSION_PREFIX: &str = "session-";
 /// Key files are small; anything larger is not one of ours.
 const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Objects hold certificates; allow generous sizes.
 const MAX_OBJ_FILE: u64 = 16 * 1024 * 1024;
 
-/// A session key: in memory only.
-struct SessionKey {
-    record: KeyRecord,
-}
-
 /// The software key store.
 pub struct SoftwareStore {
     info: StoreInfo,
     dir: KeyDir,
-    sessions: Mutex<HashMap<String, SessionKey>>,
+    sessions: SessionKeys,
 }
 
 impl std::fmt::Debug for SoftwareStore {
@@ -64,35 +55,6 @@ impl std::fmt::Debug for SoftwareStore {
     }
 }
 
-fn poisoned() -> BackendError {
-    BackendError::Io("software store lock poisoned".into())
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn random_name() -> Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b)
-        .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
-    Ok(encoding::hex(&b))
-}
-
-/// True for the names this store gives out: 32 lowercase hex digits.
-fn valid_name(name: &str) -> bool {
-    name.len() == 32 && name.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// `<name>` when `file_name` is `<name>.<ext>` with a valid name.
-fn stem_with_ext<'a>(file_name: &'a str, ext: &str) -> Option<&'a str> {
-    let stem = file_name.strip_suffix(ext)?.strip_suffix('.')?;
-    valid_name(stem).then_some(stem)
-}
-
 impl SoftwareStore {
     /// Opens (creating it if missing) the store in `dir`, or in
     /// [`crate::config::default_data_dir`] when `dir` is `None`.
@@ -102,8 +64,7 @@ impl SoftwareStore {
             None => crate::config::default_data_dir(),
         };
         let dir = KeyDir::open(&wanted)?;
-        let digest = Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
-        let serial = encoding::hex(&digest[..8]);
+        let serial = file_store::serial_of(&dir);
         let store = SoftwareStore {
             info: StoreInfo {
                 label: label.to_string(),
@@ -113,7 +74,7 @@ impl SoftwareStore {
                 protection_class: ProtectionClass::OsProtectedNonextractable,
             },
             dir,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: SessionKeys::default(),
         };
         // Every writer holds the lock while its temporary file exists, so any temporary file
         // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
@@ -145,29 +106,19 @@ impl SoftwareStore {
 
     /// Writes `<name>.<ext>` atomically. Call with the lock held.
     fn write_atomic(&self, name: &str, ext: &str, contents: &[u8]) -> Result<()> {
-        self.dir.write_atomic(&format!("{name}.{ext}"), contents)
+        self.dir
+            .write_atomic(&file_store::file_name(name, ext), contents)
     }
 
     /// Removes `<name>.<ext>`; `NotFound` when absent. Call with the lock held.
     fn remove(&self, name: &str, ext: &str) -> Result<()> {
-        self.dir.remove(&format!("{name}.{ext}"))
-    }
-
-    /// Names of the `<name>.<ext>` files in the directory.
-    fn list(&self, ext: &str) -> Result<Vec<String>> {
-        Ok(self
-            .dir
-            .list()?
-            .iter()
-            .filter_map(|f| stem_with_ext(f, ext))
-            .map(str::to_string)
-            .collect())
+        self.dir.remove(&file_store::file_name(name, ext))
     }
 
     /// Reads a file of the store: `None` when absent, refused (logged once by the key
     /// directory) or unreadable (logged).
     fn read_file(&self, name: &str, ext: &str, max: u64) -> Option<Zeroizing<Vec<u8>>> {
-        let file = format!("{name}.{ext}");
+        let file = file_store::file_name(name, ext);
         match self.dir.read_limited(&file, max) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -228,37 +179,25 @@ impl Backend for SoftwareStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = Vec::new();
-        for name in self.list(KEY_EXT)? {
-            if let Some(file) = self.read_key(&name)? {
-                keys.push((file.created, Self::record_of(name, file)));
-            }
-        }
-        keys.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(keys.into_iter().map(|(_, k)| k).collect())
+        file_store::load_all(&self.dir, KEY_EXT, |name| {
+            let file = self.read_key(&name)?;
+            Ok(file.map(|f| (f.created, Self::record_of(name, f))))
+        })
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
         let generated = SoftwareSigner::generate()?;
-        let name = random_name()?;
+        let record = KeyRecord {
+            name: random_name()?,
+            id: request.id.clone(),
+            label: request.label.clone(),
+            public_point: generated.public_point,
+            purpose: request.purpose,
+            persistent: true,
+            signer: Arc::new(generated.signer),
+        };
         if !request.persistent {
-            let name = format!("{SESSION_PREFIX}{name}");
-            let record = KeyRecord {
-                name: name.clone(),
-                id: request.id.clone(),
-                label: request.label.clone(),
-                public_point: generated.public_point,
-                purpose: request.purpose,
-                persistent: false,
-                signer: Arc::new(generated.signer),
-            };
-            self.sessions.lock().map_err(|_| poisoned())?.insert(
-                name,
-                SessionKey {
-                    record: record.clone(),
-                },
-            );
-            return Ok(record);
+            return self.sessions.add(record);
         }
         let file = KeyFile {
             format: format::KEY_FORMAT.to_string(),
@@ -273,36 +212,18 @@ impl Backend for SoftwareStore {
         let bytes = file
             .to_bytes()
             .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
-        self.with_lock(|| self.write_atomic(&name, KEY_EXT, &bytes))?;
-        log::info!("created key {name} ({:?})", request.label);
-        Ok(KeyRecord {
-            name,
-            id: request.id.clone(),
-            label: request.label.clone(),
-            public_point: generated.public_point,
-            purpose: request.purpose,
-            persistent: true,
-            signer: Arc::new(generated.signer),
-        })
+        self.with_lock(|| self.write_atomic(&record.name, KEY_EXT, &bytes))?;
+        log::info!("created key {} ({:?})", record.name, request.label);
+        Ok(record)
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            let mut sessions = self.sessions.lock().map_err(|_| poisoned())?;
-            let key = sessions
-                .get_mut(name)
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
-            key.record.label = label.to_string();
-            key.record.id = id.to_vec();
-            return Ok(());
+        if SessionKeys::is_session(name) {
+            return self.sessions.update(name, label, id);
         }
-        if !valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         self.with_lock(|| {
-            let mut file = self
-                .read_key(name)?
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+            let mut file = existing(name, self.read_key(name)?)?;
             file.label = label.to_string();
             file.id = Hex(id.to_vec());
             let bytes = file
@@ -313,30 +234,22 @@ impl Backend for SoftwareStore {
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            return match self.sessions.lock().map_err(|_| poisoned())?.remove(name) {
-                Some(_) => Ok(()),
-                None => Err(BackendError::NotFound(name.to_string())),
-            };
+        if SessionKeys::is_session(name) {
+            return self.sessions.remove(name);
         }
-        if !valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         self.with_lock(|| self.remove(name, KEY_EXT))?;
         log::info!("destroyed key {name}");
         Ok(())
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let mut objects = Vec::new();
-        for name in self.list(OBJ_EXT)? {
-            if let Some(file) = self.read_object(&name) {
+        file_store::load_all(&self.dir, OBJ_EXT, |name| {
+            Ok(self.read_object(&name).map(|file| {
                 let attributes = file.attributes.into_iter().map(|(t, v)| (t, v.0)).collect();
-                objects.push((file.created, ObjectRecord { name, attributes }));
-            }
-        }
-        objects.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(objects.into_iter().map(|(_, o)| o).collect())
+                (file.created, ObjectRecord { name, attributes })
+            }))
+        })
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
@@ -347,22 +260,16 @@ impl Backend for SoftwareStore {
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
-        if !valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         self.with_lock(|| {
-            let old = self
-                .read_object(name)
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+            let old = existing(name, self.read_object(name))?;
             let bytes = object_bytes(attributes, old.created)?;
             self.write_atomic(name, OBJ_EXT, &bytes)
         })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
-        if !valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         self.with_lock(|| self.remove(name, OBJ_EXT))
     }
 

@@ -385,25 +385,20 @@ impl TpmBackend {
                 ak_from_blobs(&public, &private).map_err(bad)?,
             )))
         };
-        if let Some(found) = self
-            .dir
-            .read_ak()?
-            .as_ref()
-            .map(usable)
-            .transpose()?
-            .flatten()
-        {
+        let stored = || -> Result<_> {
+            Ok(self
+                .dir
+                .read_ak()?
+                .as_ref()
+                .map(usable)
+                .transpose()?
+                .flatten())
+        };
+        if let Some(found) = stored()? {
             return Ok(found);
         }
         let _lock = self.dir.lock()?;
-        if let Some(found) = self
-            .dir
-            .read_ak()?
-            .as_ref()
-            .map(usable)
-            .transpose()?
-            .flatten()
-        {
+        if let Some(found) = stored()? {
             return Ok(found);
         }
         let parts = self.device.create_ak()?;

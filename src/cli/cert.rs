@@ -32,11 +32,8 @@ use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 use x509_cert::Certificate;
 
-use super::uri::{object_uri, pin_from_env, ObjectKind};
-use super::{
-    hex, objects_with_id, parse_hex, read_bytes, token_error, KeyRef, KeySelector, Module, Result,
-    ToolError,
-};
+use super::uri::{object_uri, KeyArgs, ObjectKind};
+use super::{hex, objects_with_id, read_bytes, token_error, KeyRef, Module, Result, ToolError};
 
 /// ecdsa-with-SHA256 (1.2.840.10045.4.3.2).
 const ECDSA_WITH_SHA256: der::oid::ObjectIdentifier =
@@ -186,6 +183,22 @@ fn extensions(opts: &CertOptions) -> Result<(ExtendedKeyUsage, Option<SubjectAlt
     Ok((eku, (!names.is_empty()).then_some(SubjectAltName(names))))
 }
 
+/// Adds extendedKeyUsage and, when there are names, subjectAltName to a certificate or request
+/// builder (the two builders' `add_extension` belong to no shared trait).
+macro_rules! add_extensions {
+    ($builder:ident, $opts:expr) => {{
+        let (eku, san) = extensions($opts)?;
+        $builder
+            .add_extension(&eku)
+            .map_err(|e| cert_err("extendedKeyUsage", e))?;
+        if let Some(san) = san {
+            $builder
+                .add_extension(&san)
+                .map_err(|e| cert_err("subjectAltName", e))?;
+        }
+    }};
+}
+
 fn parse_subject(subject: &str) -> Result<Name> {
     Name::from_str(subject).map_err(|e| {
         ToolError::Usage(format!(
@@ -218,15 +231,7 @@ pub fn self_signed(signer: &TokenSigner<'_>, opts: &CertOptions) -> Result<Vec<u
     };
     let mut builder = CertificateBuilder::new(profile, serial, validity, subject, spki, signer)
         .map_err(|e| cert_err("building the certificate", e))?;
-    let (eku, san) = extensions(opts)?;
-    builder
-        .add_extension(&eku)
-        .map_err(|e| cert_err("extendedKeyUsage", e))?;
-    if let Some(san) = san {
-        builder
-            .add_extension(&san)
-            .map_err(|e| cert_err("subjectAltName", e))?;
-    }
+    add_extensions!(builder, opts);
     let cert = builder
         .build::<DerSignature>()
         .map_err(|e| cert_err("signing the certificate", e))?;
@@ -238,15 +243,7 @@ pub fn request(signer: &TokenSigner<'_>, opts: &CertOptions) -> Result<Vec<u8>> 
     let subject = parse_subject(&opts.subject)?;
     let mut builder =
         RequestBuilder::new(subject, signer).map_err(|e| cert_err("building the request", e))?;
-    let (eku, san) = extensions(opts)?;
-    builder
-        .add_extension(&eku)
-        .map_err(|e| cert_err("extendedKeyUsage", e))?;
-    if let Some(san) = san {
-        builder
-            .add_extension(&san)
-            .map_err(|e| cert_err("subjectAltName", e))?;
-    }
+    add_extensions!(builder, opts);
     let req = builder
         .build::<DerSignature>()
         .map_err(|e| cert_err("signing the request", e))?;
@@ -339,18 +336,9 @@ pub fn import_certificate(
 /// through the module; or import a certificate a CA issued.
 #[derive(clap::Args, Debug)]
 pub struct CertArgs {
-    /// The PKCS#11 module (default: ours, next to this binary or installed).
-    #[arg(long)]
-    pub module: Option<PathBuf>,
-    /// The token label.
-    #[arg(long)]
-    pub token: Option<String>,
-    /// The key's CKA_ID (hex).
-    #[arg(long)]
-    pub id: Option<String>,
-    /// The key's CKA_LABEL.
-    #[arg(long)]
-    pub label: Option<String>,
+    /// The module, the key (`--id` or `--label` required) and the PIN.
+    #[command(flatten)]
+    pub key: KeyArgs,
     /// The subject, RFC 4514 (default: CN=<key label>).
     #[arg(long)]
     pub subject: Option<String>,
@@ -378,9 +366,6 @@ pub struct CertArgs {
     /// CKA_LABEL of the stored certificate (default: the key's label).
     #[arg(long)]
     pub cert_label: Option<String>,
-    /// The environment variable holding the token's PIN (only for tokens that need a login).
-    #[arg(long)]
-    pub pin_env: Option<String>,
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
@@ -405,18 +390,14 @@ fn pem(label: &str, der: &[u8]) -> Result<String> {
 impl CertArgs {
     /// Runs the command; returns the text to print (the PEM, or a summary when `--out` is set).
     pub fn run(self) -> Result<String> {
-        if self.id.is_none() && self.label.is_none() {
+        if self.key.id.is_none() && self.key.label.is_none() {
             return Err(ToolError::Usage(
                 "choose the key with --id HEX or --label LABEL (`devicekey uri` lists them)".into(),
             ));
         }
-        let sel = KeySelector {
-            token: self.token.clone(),
-            id: self.id.as_deref().map(parse_hex).transpose()?,
-            label: self.label.clone(),
-        };
-        let pin = pin_from_env(self.pin_env.as_deref())?;
-        let path = self.module.clone().unwrap_or_else(super::default_module);
+        let sel = self.key.selector()?;
+        let pin = self.key.pin()?;
+        let path = self.key.module_path();
         let module = Module::open(&path)?;
         let (key, session) = module.find_one_key(&sel, pin.as_deref())?;
         let public = token_public_key(&session, &key)?;

@@ -59,25 +59,17 @@ pub fn object_uri(
     kind: ObjectKind,
     full: bool,
 ) -> String {
-    let mut parts = Vec::new();
-    if full {
-        parts.push(format!(
-            "model={}",
-            encode_component(token.model.as_bytes())
-        ));
-        parts.push(format!(
-            "manufacturer={}",
-            encode_component(token.manufacturer.as_bytes())
-        ));
-        parts.push(format!(
-            "serial={}",
-            encode_component(token.serial.as_bytes())
-        ));
-    }
-    parts.push(format!(
-        "token={}",
-        encode_component(token.label.as_bytes())
-    ));
+    let identity = [
+        ("model", &token.model),
+        ("manufacturer", &token.manufacturer),
+        ("serial", &token.serial),
+    ];
+    let mut parts: Vec<String> = identity
+        .iter()
+        .filter(|_| full)
+        .chain([("token", &token.label)].iter())
+        .map(|(name, value)| format!("{name}={}", encode_component(value.as_bytes())))
+        .collect();
     if !id.is_empty() {
         parts.push(format!("id={}", encode_all(id)));
     }
@@ -137,34 +129,63 @@ pub fn key_uris(
     Ok(out)
 }
 
-/// `devicekey uri`: print the `pkcs11:` URIs of keys and their certificates.
+/// How `devicekey uri` and `devicekey cert` pick the module, the keys and the PIN.
 #[derive(clap::Args, Debug)]
-pub struct UriArgs {
+pub struct KeyArgs {
     /// The PKCS#11 module (default: ours, next to this binary or installed).
     #[arg(long)]
     pub module: Option<PathBuf>,
-    /// Only keys on the token with this label.
+    /// The token label.
     #[arg(long)]
     pub token: Option<String>,
-    /// Only the key with this CKA_ID (hex).
+    /// The key's CKA_ID (hex).
     #[arg(long)]
     pub id: Option<String>,
-    /// Only the key with this CKA_LABEL.
+    /// The key's CKA_LABEL.
     #[arg(long)]
     pub label: Option<String>,
+    /// The environment variable holding the token's PIN (only for tokens that need a login).
+    #[arg(long)]
+    pub pin_env: Option<String>,
+}
+
+impl KeyArgs {
+    /// The keys the options select.
+    pub fn selector(&self) -> Result<KeySelector> {
+        Ok(KeySelector {
+            token: self.token.clone(),
+            id: self.id.as_deref().map(parse_hex).transpose()?,
+            label: self.label.clone(),
+        })
+    }
+
+    /// The PIN, from the variable `--pin-env` names.
+    pub fn pin(&self) -> Result<Option<String>> {
+        pin_from_env(self.pin_env.as_deref())
+    }
+
+    /// The module's path (the default one unless `--module` names one).
+    pub fn module_path(&self) -> PathBuf {
+        self.module.clone().unwrap_or_else(super::default_module)
+    }
+}
+
+/// `devicekey uri`: print the `pkcs11:` URIs of keys and their certificates.
+#[derive(clap::Args, Debug)]
+pub struct UriArgs {
+    /// The module, the keys (every key when none is named) and the PIN.
+    #[command(flatten)]
+    pub key: KeyArgs,
     /// Print only this URI of each key, one per line (for scripts).
     #[arg(long = "type", value_enum)]
     pub kind: Option<ObjectKind>,
     /// Also name the token's manufacturer, model and serial number.
     #[arg(long)]
     pub full: bool,
-    /// The environment variable holding the token's PIN (only for tokens that need a login).
-    #[arg(long)]
-    pub pin_env: Option<String>,
 }
 
 /// Reads a PIN from the environment variable `name`.
-pub(crate) fn pin_from_env(name: Option<&str>) -> Result<Option<String>> {
+fn pin_from_env(name: Option<&str>) -> Result<Option<String>> {
     match name {
         None => Ok(None),
         Some(var) => std::env::var(var)
@@ -176,13 +197,9 @@ pub(crate) fn pin_from_env(name: Option<&str>) -> Result<Option<String>> {
 impl UriArgs {
     /// Runs the command; returns the text to print.
     pub fn run(self) -> Result<String> {
-        let sel = KeySelector {
-            token: self.token,
-            id: self.id.as_deref().map(parse_hex).transpose()?,
-            label: self.label,
-        };
-        let pin = pin_from_env(self.pin_env.as_deref())?;
-        let path = self.module.unwrap_or_else(super::default_module);
+        let sel = self.key.selector()?;
+        let pin = self.key.pin()?;
+        let path = self.key.module_path();
         let module = Module::open(&path)?;
         let keys = key_uris(&module, &sel, pin.as_deref(), self.full)?;
         if keys.is_empty() {

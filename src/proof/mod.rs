@@ -88,13 +88,20 @@ pub fn unix_now() -> Result<u64, ProofError> {
 
 /// Checks the binding fields of `create` (and of a payload): both non-empty.
 pub fn validate_binding_fields(account_user_id: &str, client_id: &str) -> Result<(), ProofError> {
-    if account_user_id.is_empty() {
-        return Err(ProofError::invalid("accountUserId must not be empty"));
+    require(
+        !account_user_id.is_empty(),
+        "accountUserId must not be empty",
+    )?;
+    require(!client_id.is_empty(), "clientId must not be empty")
+}
+
+/// `Ok` when `ok`; otherwise the payload is invalid for `reason`.
+fn require(ok: bool, reason: &'static str) -> Result<(), ProofError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ProofError::invalid(reason))
     }
-    if client_id.is_empty() {
-        return Err(ProofError::invalid("clientId must not be empty"));
-    }
-    Ok(())
 }
 
 /// Validates a payload in the protocol's order. `now` is Unix seconds.
@@ -107,20 +114,16 @@ pub fn validate_payload(
         SignPayload::RemoteControlClientConnection(p) => {
             validate_nonce(&p.nonce)?;
             validate_target(policy, &p.target_origin, &p.target_path, CONNECTION_PATHS)?;
-            if p.session_id.is_empty() {
-                return Err(ProofError::invalid("sessionId must not be empty"));
-            }
+            require(!p.session_id.is_empty(), "sessionId must not be empty")?;
             validate_binding_fields(&p.account_user_id, &p.client_id)?;
-            if !is_sha256_base64url(&p.token_sha256_base64url) {
-                return Err(ProofError::invalid(
-                    "tokenSha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
-                ));
-            }
-            if p.scopes.len() != 1 || p.scopes[0] != CONTROLLER_WEBSOCKET_SCOPE {
-                return Err(ProofError::invalid(
-                    "scopes must contain exactly remote_control_controller_websocket",
-                ));
-            }
+            require(
+                is_sha256_base64url(&p.token_sha256_base64url),
+                "tokenSha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
+            )?;
+            require(
+                p.scopes.len() == 1 && p.scopes[0] == CONTROLLER_WEBSOCKET_SCOPE,
+                "scopes must contain exactly remote_control_controller_websocket",
+            )?;
             validate_expiry(
                 p.token_expires_at,
                 policy,
@@ -132,15 +135,12 @@ pub fn validate_payload(
         SignPayload::RemoteControlClientEnrollment(p) => {
             validate_nonce(&p.nonce)?;
             validate_target(policy, &p.target_origin, &p.target_path, ENROLLMENT_PATHS)?;
-            if p.challenge_id.is_empty() {
-                return Err(ProofError::invalid("challengeId must not be empty"));
-            }
+            require(!p.challenge_id.is_empty(), "challengeId must not be empty")?;
             validate_binding_fields(&p.account_user_id, &p.client_id)?;
-            if !is_sha256_base64url(&p.device_identity_sha256_base64url) {
-                return Err(ProofError::invalid(
-                    "deviceIdentitySha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
-                ));
-            }
+            require(
+                is_sha256_base64url(&p.device_identity_sha256_base64url),
+                "deviceIdentitySha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
+            )?;
             validate_expiry(
                 p.challenge_expires_at,
                 policy,

@@ -46,31 +46,27 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn connection_vector_byte_for_byte() {
-    let bytes = signing_bytes(&SignPayload::RemoteControlClientConnection(connection(
-        1_700_000_000,
-    )))
-    .unwrap();
-    assert_eq!(std::str::from_utf8(&bytes).unwrap(), CONNECTION_VECTOR);
-    assert_eq!(bytes.len(), 505);
-    assert_eq!(
-        sha256_hex(&bytes),
-        "2eeb7cf9fd9a0ec59a85d2761af7467443dad792a400d684f0d3271c032052cc"
-    );
-}
-
-#[test]
-fn enrollment_vector_byte_for_byte() {
-    let bytes = signing_bytes(&SignPayload::RemoteControlClientEnrollment(enrollment(
-        1_700_000_060,
-    )))
-    .unwrap();
-    assert_eq!(std::str::from_utf8(&bytes).unwrap(), ENROLLMENT_VECTOR);
-    assert_eq!(bytes.len(), 471);
-    assert_eq!(
-        sha256_hex(&bytes),
-        "635bc6fcd31d88fa633de6ae6a1d0c24e133a8bf7874bd605541e539b7c40c42"
-    );
+fn vectors_byte_for_byte() {
+    let cases = [
+        (
+            SignPayload::RemoteControlClientConnection(connection(1_700_000_000)),
+            CONNECTION_VECTOR,
+            505,
+            "2eeb7cf9fd9a0ec59a85d2761af7467443dad792a400d684f0d3271c032052cc",
+        ),
+        (
+            SignPayload::RemoteControlClientEnrollment(enrollment(1_700_000_060)),
+            ENROLLMENT_VECTOR,
+            471,
+            "635bc6fcd31d88fa633de6ae6a1d0c24e133a8bf7874bd605541e539b7c40c42",
+        ),
+    ];
+    for (payload, vector, len, digest) in cases {
+        let bytes = signing_bytes(&payload).unwrap();
+        assert_eq!(std::str::from_utf8(&bytes).unwrap(), vector);
+        assert_eq!(bytes.len(), len);
+        assert_eq!(sha256_hex(&bytes), digest);
+    }
 }
 
 #[test]
@@ -159,157 +155,160 @@ fn validate_signing_bytes_refuses_non_canonical_and_foreign_bytes() {
     assert!(validate_signing_bytes(&huge, &policy, now).is_err());
 }
 
+/// The time the rule tests validate at.
+const CHECK_NOW: u64 = 1_800_000_000;
+
+fn check(payload: SignPayload) -> Result<(), String> {
+    validate_payload(&payload, &ProofPolicy::default(), CHECK_NOW).map_err(|e| e.to_string())
+}
+
 fn check_conn(f: impl FnOnce(&mut ConnectionPayload)) -> Result<(), String> {
-    let now = 1_800_000_000u64;
-    let mut p = connection(now as i64 + 60);
+    let mut p = connection(CHECK_NOW as i64 + 60);
     f(&mut p);
-    validate_payload(
-        &SignPayload::RemoteControlClientConnection(p),
-        &ProofPolicy::default(),
-        now,
-    )
-    .map_err(|e| e.to_string())
+    check(SignPayload::RemoteControlClientConnection(p))
 }
 
 fn check_enroll(f: impl FnOnce(&mut EnrollmentPayload)) -> Result<(), String> {
-    let now = 1_800_000_000u64;
-    let mut p = enrollment(now as i64 + 60);
+    let mut p = enrollment(CHECK_NOW as i64 + 60);
     f(&mut p);
-    validate_payload(
-        &SignPayload::RemoteControlClientEnrollment(p),
-        &ProofPolicy::default(),
-        now,
-    )
-    .map_err(|e| e.to_string())
+    check(SignPayload::RemoteControlClientEnrollment(p))
 }
 
 fn reason(r: &str) -> Result<(), String> {
     Err(format!("invalid device key payload: {r}"))
 }
 
+/// A mutation of a valid payload and the result it must give.
+type Case<P> = (fn(&mut P), Result<(), String>);
+
+/// Checks each case with `check`.
+fn check_table<P>(check: impl Fn(fn(&mut P)) -> Result<(), String>, cases: Vec<Case<P>>) {
+    for (i, (mutate, want)) in cases.into_iter().enumerate() {
+        assert_eq!(check(mutate), want, "case {i}");
+    }
+}
+
 #[test]
 fn connection_rules() {
-    let now = 1_800_000_000i64;
-    assert_eq!(check_conn(|_| {}), Ok(()));
-    let nonce = "nonce must be at least 32 random bytes encoded as unpadded base64url";
-    assert_eq!(check_conn(|p| p.nonce = "AAAA".into()), reason(nonce));
-    assert_eq!(check_conn(|p| p.nonce = format!("{NONCE}=")), reason(nonce));
-    assert_eq!(
-        check_conn(|p| p.nonce = NONCE.replace('A', "+")),
-        reason(nonce)
-    );
-    assert_eq!(check_conn(|p| p.nonce = "A".repeat(64)), Ok(()));
-    let origin = "targetOrigin must be an allowed remote-control backend origin";
-    assert_eq!(
-        check_conn(|p| p.target_origin = "http://chatgpt.com".into()),
-        reason(origin)
-    );
-    assert_eq!(
-        check_conn(|p| p.target_origin = "https://ab.chatgpt.com".into()),
-        Ok(())
-    );
-    let path = "targetPath must match the signed payload type's remote-control endpoint";
-    assert_eq!(
-        check_conn(|p| p.target_path = "/wham/remote/control/client/enroll".into()),
-        reason(path)
-    );
-    assert_eq!(
-        check_conn(|p| p.target_path = "/wham/remote/control/client".into()),
-        Ok(())
-    );
-    assert_eq!(
-        check_conn(|p| p.session_id.clear()),
-        reason("sessionId must not be empty")
-    );
-    assert_eq!(
-        check_conn(|p| p.account_user_id.clear()),
-        reason("accountUserId must not be empty")
-    );
-    assert_eq!(
-        check_conn(|p| p.client_id.clear()),
-        reason("clientId must not be empty")
-    );
-    assert_eq!(
-        check_conn(|p| p.token_sha256_base64url = "AAAA".into()),
-        reason("tokenSha256Base64url must be a SHA-256 digest encoded as unpadded base64url")
-    );
-    let scopes = "scopes must contain exactly remote_control_controller_websocket";
-    assert_eq!(check_conn(|p| p.scopes.clear()), reason(scopes));
-    assert_eq!(
-        check_conn(|p| p.scopes.push(CONTROLLER_WEBSOCKET_SCOPE.into())),
-        reason(scopes)
-    );
-    assert_eq!(check_conn(|p| p.scopes = vec!["x".into()]), reason(scopes));
-    let expired = "remote-control token is expired";
-    assert_eq!(check_conn(|p| p.token_expires_at = now), reason(expired));
-    assert_eq!(check_conn(|p| p.token_expires_at = -5), reason(expired));
-    assert_eq!(check_conn(|p| p.token_expires_at = now + 1), Ok(()));
-    assert_eq!(check_conn(|p| p.token_expires_at = now + 900), Ok(()));
-    assert_eq!(
-        check_conn(|p| p.token_expires_at = now + 901),
-        reason("remote-control token expires too far in the future")
-    );
-    assert_eq!(
-        check_conn(|p| p.token_expires_at = i64::MAX),
-        reason("remote-control token expires too far in the future")
-    );
-    // Order: the first broken rule wins.
-    assert_eq!(
-        check_conn(|p| {
-            p.nonce.clear();
-            p.target_origin.clear();
-        }),
-        reason(nonce)
-    );
-    assert_eq!(
-        check_conn(|p| {
-            p.session_id.clear();
-            p.target_path.clear();
-        }),
-        reason(path)
-    );
-    assert_eq!(
-        check_conn(|p| {
-            p.scopes.clear();
-            p.token_expires_at = 0;
-        }),
-        reason(scopes)
+    const NOW: i64 = CHECK_NOW as i64;
+    let nonce = reason("nonce must be at least 32 random bytes encoded as unpadded base64url");
+    let origin = reason("targetOrigin must be an allowed remote-control backend origin");
+    let path = reason("targetPath must match the signed payload type's remote-control endpoint");
+    let scopes = reason("scopes must contain exactly remote_control_controller_websocket");
+    let expired = reason("remote-control token is expired");
+    let too_far = reason("remote-control token expires too far in the future");
+    check_table::<ConnectionPayload>(
+        |f| check_conn(f),
+        vec![
+            (|_| {}, Ok(())),
+            (|p| p.nonce = "AAAA".into(), nonce.clone()),
+            (|p| p.nonce = format!("{NONCE}="), nonce.clone()),
+            (|p| p.nonce = NONCE.replace('A', "+"), nonce.clone()),
+            (|p| p.nonce = "A".repeat(64), Ok(())),
+            (|p| p.target_origin = "http://chatgpt.com".into(), origin),
+            (
+                |p| p.target_origin = "https://ab.chatgpt.com".into(),
+                Ok(()),
+            ),
+            (
+                |p| p.target_path = "/wham/remote/control/client/enroll".into(),
+                path.clone(),
+            ),
+            (
+                |p| p.target_path = "/wham/remote/control/client".into(),
+                Ok(()),
+            ),
+            (
+                |p| p.session_id.clear(),
+                reason("sessionId must not be empty"),
+            ),
+            (
+                |p| p.account_user_id.clear(),
+                reason("accountUserId must not be empty"),
+            ),
+            (
+                |p| p.client_id.clear(),
+                reason("clientId must not be empty"),
+            ),
+            (
+                |p| p.token_sha256_base64url = "AAAA".into(),
+                reason(
+                    "tokenSha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
+                ),
+            ),
+            (|p| p.scopes.clear(), scopes.clone()),
+            (
+                |p| p.scopes.push(CONTROLLER_WEBSOCKET_SCOPE.into()),
+                scopes.clone(),
+            ),
+            (|p| p.scopes = vec!["x".into()], scopes.clone()),
+            (|p| p.token_expires_at = NOW, expired.clone()),
+            (|p| p.token_expires_at = -5, expired),
+            (|p| p.token_expires_at = NOW + 1, Ok(())),
+            (|p| p.token_expires_at = NOW + 900, Ok(())),
+            (|p| p.token_expires_at = NOW + 901, too_far.clone()),
+            (|p| p.token_expires_at = i64::MAX, too_far),
+            // Order: the first broken rule wins.
+            (
+                |p| {
+                    p.nonce.clear();
+                    p.target_origin.clear();
+                },
+                nonce,
+            ),
+            (
+                |p| {
+                    p.session_id.clear();
+                    p.target_path.clear();
+                },
+                path,
+            ),
+            (
+                |p| {
+                    p.scopes.clear();
+                    p.token_expires_at = 0;
+                },
+                scopes,
+            ),
+        ],
     );
 }
 
 #[test]
 fn enrollment_rules() {
-    let now = 1_800_000_000i64;
-    assert_eq!(check_enroll(|_| {}), Ok(()));
-    assert_eq!(
-        check_enroll(|p| p.target_path = "/api/codex/remote/control/client/enroll".into()),
-        Ok(())
-    );
-    assert_eq!(
-        check_enroll(|p| p.target_path = "/api/codex/remote/control/client".into()),
-        reason("targetPath must match the signed payload type's remote-control endpoint")
-    );
-    assert_eq!(
-        check_enroll(|p| p.target_origin = "https://chatgpt.com/backend-api".into()),
-        reason("targetOrigin must be an allowed remote-control backend origin")
-    );
-    assert_eq!(
-        check_enroll(|p| p.challenge_id.clear()),
-        reason("challengeId must not be empty")
-    );
-    assert_eq!(
-        check_enroll(|p| p.device_identity_sha256_base64url = format!("{HASH}A")),
-        reason(
-            "deviceIdentitySha256Base64url must be a SHA-256 digest encoded as unpadded base64url"
-        )
-    );
-    assert_eq!(
-        check_enroll(|p| p.challenge_expires_at = now - 1),
-        reason("enrollment challenge is expired")
-    );
-    assert_eq!(
-        check_enroll(|p| p.challenge_expires_at = now + 901),
-        reason("enrollment challenge expires too far in the future")
+    const NOW: i64 = CHECK_NOW as i64;
+    check_table::<EnrollmentPayload>(
+        |f| check_enroll(f),
+        vec![
+            (|_| {}, Ok(())),
+            (
+                |p| p.target_path = "/api/codex/remote/control/client/enroll".into(),
+                Ok(()),
+            ),
+            (
+                |p| p.target_path = "/api/codex/remote/control/client".into(),
+                reason("targetPath must match the signed payload type's remote-control endpoint"),
+            ),
+            (
+                |p| p.target_origin = "https://chatgpt.com/backend-api".into(),
+                reason("targetOrigin must be an allowed remote-control backend origin"),
+            ),
+            (|p| p.challenge_id.clear(), reason("challengeId must not be empty")),
+            (
+                |p| p.device_identity_sha256_base64url = format!("{HASH}A"),
+                reason(
+                    "deviceIdentitySha256Base64url must be a SHA-256 digest encoded as unpadded base64url",
+                ),
+            ),
+            (
+                |p| p.challenge_expires_at = NOW - 1,
+                reason("enrollment challenge is expired"),
+            ),
+            (
+                |p| p.challenge_expires_at = NOW + 901,
+                reason("enrollment challenge expires too far in the future"),
+            ),
+        ],
     );
 }
 

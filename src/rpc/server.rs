@@ -114,6 +114,11 @@ fn error_line(id: &Value, code: i64, message: &str) -> Vec<u8> {
     })
 }
 
+/// An `INVALID_REQUEST` error line: "Invalid request: <why>".
+fn invalid_request(id: &Value, why: &str) -> Vec<u8> {
+    error_line(id, INVALID_REQUEST, &format!("Invalid request: {why}"))
+}
+
 fn result_line(id: &Value, result: Value) -> Vec<u8> {
     encode(&Response {
         id,
@@ -378,11 +383,10 @@ where
                     "request line longer than {} bytes skipped",
                     options.max_line_bytes
                 );
-                output.write_line(&error_line(
+                output.write_line(&invalid_request(
                     &Value::Null,
-                    INVALID_REQUEST,
                     &format!(
-                        "Invalid request: message exceeds the limit of {} bytes",
+                        "message exceeds the limit of {} bytes",
                         options.max_line_bytes
                     ),
                 ));
@@ -445,20 +449,12 @@ impl Session {
                     Some(id) if valid_id(id) && !id_repeated => id.clone(),
                     _ => Value::Null,
                 };
-                send(error_line(
-                    &id,
-                    INVALID_REQUEST,
-                    &format!("Invalid request: {message}"),
-                ));
+                send(invalid_request(&id, &message));
                 return;
             }
         };
         let Value::Object(mut object) = message else {
-            send(error_line(
-                &Value::Null,
-                INVALID_REQUEST,
-                "Invalid request: expected a JSON object",
-            ));
+            send(invalid_request(&Value::Null, "expected a JSON object"));
             return;
         };
         let id = object.remove("id");
@@ -468,10 +464,9 @@ impl Session {
             None => None,
             Some(id) if valid_id(&id) => Some(id),
             Some(_) => {
-                send(error_line(
+                send(invalid_request(
                     &Value::Null,
-                    INVALID_REQUEST,
-                    "Invalid request: id must be a string or an integer",
+                    "id must be a string or an integer",
                 ));
                 return;
             }
@@ -480,11 +475,7 @@ impl Session {
             Some(Value::String(m)) => m,
             Some(_) => {
                 let id = id.unwrap_or(Value::Null);
-                send(error_line(
-                    &id,
-                    INVALID_REQUEST,
-                    "Invalid request: method must be a string",
-                ));
+                send(invalid_request(&id, "method must be a string"));
                 return;
             }
             None => {
@@ -494,11 +485,7 @@ impl Session {
                     return;
                 }
                 let id = id.unwrap_or(Value::Null);
-                send(error_line(
-                    &id,
-                    INVALID_REQUEST,
-                    "Invalid request: missing method",
-                ));
+                send(invalid_request(&id, "missing method"));
                 return;
             }
         };
@@ -576,7 +563,7 @@ impl Session {
         }
         let params: InitializeParams = match serde_json::from_value(params) {
             Ok(p) => p,
-            Err(e) => return error_line(id, INVALID_REQUEST, &format!("Invalid request: {e}")),
+            Err(e) => return invalid_request(id, &e.to_string()),
         };
         self.initialized = true;
         log::info!(

@@ -60,70 +60,71 @@ pub(super) fn ancestor_problem(dir: &Path, ancestor: &Path, st: &Stat) -> Option
     None
 }
 
-/// What is wrong with the key directory itself, with the fix; `None` when it is safe.
-pub(super) fn dir_problem(dir: &Path, st: &Stat) -> Option<String> {
-    if !is_dir(st) {
-        return Some(format!(
-            "the key directory {} is not a directory; remove it or set the slot's `dir` elsewhere",
-            dir.display()
-        ));
+/// The first owner-only rule a directory or a file breaks.
+enum Breach {
+    /// Not a directory (or not a regular file).
+    Kind,
+    /// Owned by this other uid.
+    Owner(u32),
+    /// Group or other bits set: this mode.
+    Mode(u32),
+}
+
+/// The first rule `st` breaks, in order: the right kind (`kind_ok`), owned by this user, no
+/// group or other bits. The key directory and its files obey the same rules.
+fn breach(st: &Stat, kind_ok: bool) -> Option<Breach> {
+    if !kind_ok {
+        return Some(Breach::Kind);
     }
     if st.st_uid != me() {
-        return Some(format!(
-            "the key directory {} is owned by uid {}, not by this user (uid {}); refusing it. \
-             Fix: `chown {} {}` if it is yours, or set the slot's `dir` to a directory you own",
-            dir.display(),
-            st.st_uid,
-            me(),
-            me(),
-            dir.display()
-        ));
+        return Some(Breach::Owner(st.st_uid));
     }
     let mode = mode_of(st);
-    if mode & 0o077 != 0 {
-        let how = if mode & 0o022 != 0 {
-            "writable"
-        } else {
-            "readable"
-        };
-        return Some(format!(
-            "the key directory {} is {how} by group or others (mode {mode:04o}); refusing it. \
-             Fix: `chmod 700 {}`",
-            dir.display(),
-            dir.display()
-        ));
-    }
-    None
+    (mode & 0o077 != 0).then_some(Breach::Mode(mode))
+}
+
+/// What is wrong with the key directory itself, with the fix; `None` when it is safe.
+pub(super) fn dir_problem(dir: &Path, st: &Stat) -> Option<String> {
+    let dir = dir.display();
+    let me = me();
+    Some(match breach(st, is_dir(st))? {
+        Breach::Kind => format!(
+            "the key directory {dir} is not a directory; remove it or set the slot's `dir` elsewhere"
+        ),
+        Breach::Owner(uid) => format!(
+            "the key directory {dir} is owned by uid {uid}, not by this user (uid {me}); refusing \
+             it. Fix: `chown {me} {dir}` if it is yours, or set the slot's `dir` to a directory \
+             you own"
+        ),
+        Breach::Mode(mode) => {
+            let how = if mode & 0o022 != 0 {
+                "writable"
+            } else {
+                "readable"
+            };
+            format!(
+                "the key directory {dir} is {how} by group or others (mode {mode:04o}); refusing \
+                 it. Fix: `chmod 700 {dir}`"
+            )
+        }
+    })
 }
 
 /// What is wrong with a file of the key directory, with the fix; `None` when it may be loaded.
 pub(super) fn file_problem(path: &Path, st: &Stat) -> Option<String> {
-    if !is_regular(st) {
-        return Some(format!(
-            "refusing {}: not a regular file. Fix: remove it",
-            path.display()
-        ));
-    }
-    if st.st_uid != me() {
-        return Some(format!(
-            "refusing {}: owned by uid {}, not by this user (uid {}). Fix: remove it, or \
-             `chown {}` it if you put it there",
-            path.display(),
-            st.st_uid,
-            me(),
-            me()
-        ));
-    }
-    let mode = mode_of(st);
-    if mode & 0o077 != 0 {
-        return Some(format!(
-            "refusing {}: accessible to group or others (mode {mode:04o}). Fix: `chmod 600 {}` \
-             if you put it there, else remove it",
-            path.display(),
-            path.display()
-        ));
-    }
-    None
+    let path = path.display();
+    let me = me();
+    Some(match breach(st, is_regular(st))? {
+        Breach::Kind => format!("refusing {path}: not a regular file. Fix: remove it"),
+        Breach::Owner(uid) => format!(
+            "refusing {path}: owned by uid {uid}, not by this user (uid {me}). Fix: remove it, \
+             or `chown {me}` it if you put it there"
+        ),
+        Breach::Mode(mode) => format!(
+            "refusing {path}: accessible to group or others (mode {mode:04o}). Fix: `chmod 600 \
+             {path}` if you put it there, else remove it"
+        ),
+    })
 }
 
 /// The problems of the key directory at `path`, each with its fix; empty when it is fine (or

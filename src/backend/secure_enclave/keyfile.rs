@@ -157,9 +157,7 @@ impl KeyFile {
             handle: encoding::hex(&self.handle),
             created: self.created,
         };
-        let mut bytes = serde_json::to_vec_pretty(&raw).map_err(|e| bad(e.to_string()))?;
-        bytes.push(b'\n');
-        Ok(bytes)
+        pretty_json(&raw)
     }
 
     /// Parses and checks a key file.
@@ -184,6 +182,13 @@ impl KeyFile {
     }
 }
 
+/// `raw` as pretty JSON with a final newline.
+fn pretty_json<T: serde::Serialize>(raw: &T) -> Result<Vec<u8>, FormatError> {
+    let mut bytes = serde_json::to_vec_pretty(raw).map_err(|e| bad(e.to_string()))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
 /// One stored non-key object (a certificate, a data object).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectFile {
@@ -206,9 +211,7 @@ impl ObjectFile {
                 .map(|(t, v)| (*t, encoding::hex(v)))
                 .collect(),
         };
-        let mut bytes = serde_json::to_vec_pretty(&raw).map_err(|e| bad(e.to_string()))?;
-        bytes.push(b'\n');
-        Ok(bytes)
+        pretty_json(&raw)
     }
 
     /// Parses and checks an object file.
@@ -228,20 +231,10 @@ impl ObjectFile {
     }
 }
 
-/// The store name in a file name `<name>.<ext>`, when the name is one the store makes.
-pub fn stem<'a>(file_name: &'a str, ext: &str) -> Option<&'a str> {
-    let stem = file_name.strip_suffix(ext)?.strip_suffix('.')?;
-    valid_name(stem).then_some(stem)
-}
-
-/// True for the names the store gives keys and objects (32 lowercase hex digits).
-pub fn valid_name(name: &str) -> bool {
-    name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::file_store::stem;
 
     fn point() -> [u8; POINT_LEN] {
         let key = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
@@ -295,7 +288,7 @@ mod tests {
         assert_eq!(v.as_object().unwrap().len(), 9);
     }
 
-    type Damage = Box<dyn Fn(&mut serde_json::Value)>;
+    type Damage = fn(&mut serde_json::Value);
 
     #[test]
     fn damaged_key_files_are_rejected_with_the_reason() {
@@ -303,69 +296,49 @@ mod tests {
         let cases: Vec<(&str, Damage, &str)> = vec![
             (
                 "format",
-                Box::new(|v| v["format"] = "devicekey-software-key".into()),
+                |v| v["format"] = "devicekey-software-key".into(),
                 "format",
             ),
-            (
-                "version",
-                Box::new(|v| v["version"] = 2.into()),
-                "version 2",
-            ),
-            (
-                "route",
-                Box::new(|v| v["route"] = "tpm".into()),
-                "not a key file",
-            ),
-            (
-                "id hex",
-                Box::new(|v| v["id"] = "0g".into()),
-                "id is not hex",
-            ),
+            ("version", |v| v["version"] = 2.into(), "version 2"),
+            ("route", |v| v["route"] = "tpm".into(), "not a key file"),
+            ("id hex", |v| v["id"] = "0g".into(), "id is not hex"),
             (
                 "odd hex",
-                Box::new(|v| v["handle"] = "abc".into()),
+                |v| v["handle"] = "abc".into(),
                 "handle is not hex",
             ),
             (
                 "empty handle",
-                Box::new(|v| v["handle"] = "".into()),
+                |v| v["handle"] = "".into(),
                 "handle is 0 bytes",
             ),
             (
                 "huge handle",
-                Box::new(|v| v["handle"] = "00".repeat(MAX_HANDLE + 1).into()),
+                |v| v["handle"] = "00".repeat(MAX_HANDLE + 1).into(),
                 "handle is",
             ),
             (
                 "short point",
-                Box::new(|v| v["public_point"] = "04aa".into()),
+                |v| v["public_point"] = "04aa".into(),
                 "public_point",
             ),
             (
                 "point off the curve",
-                Box::new(|v| v["public_point"] = format!("04{}", "11".repeat(64)).into()),
+                |v| v["public_point"] = format!("04{}", "11".repeat(64)).into(),
                 "public_point",
             ),
-            (
-                "unknown field",
-                Box::new(|v| v["extra"] = 1.into()),
-                "unknown field",
-            ),
+            ("unknown field", |v| v["extra"] = 1.into(), "unknown field"),
             (
                 "missing field",
-                Box::new(|v| {
+                |v| {
                     v.as_object_mut().unwrap().remove("label");
-                }),
+                },
                 "missing field",
             ),
-            (
-                "purpose",
-                Box::new(|v| v["purpose"] = "any".into()),
-                "not a key file",
-            ),
+            ("purpose", |v| v["purpose"] = "any".into(), "not a key file"),
             (
                 "huge id",
-                Box::new(|v| v["id"] = "00".repeat(MAX_ID + 1).into()),
+                |v| v["id"] = "00".repeat(MAX_ID + 1).into(),
                 "id is",
             ),
         ];

@@ -116,35 +116,23 @@ mod tests {
 
     #[test]
     fn a_secure_enclave_is_always_preferred() {
-        assert_eq!(
-            choose_route(SE, policy(false, false)).unwrap(),
-            Route::EnclaveBlob
-        );
-        assert_eq!(
-            choose_route(SE, policy(false, true)).unwrap(),
-            Route::EnclaveBlob
-        );
-        assert_eq!(
-            choose_route(SE, policy(true, false)).unwrap(),
-            Route::EnclaveKeychain
-        );
-        assert_eq!(
-            choose_route(SE, policy(true, true)).unwrap(),
-            Route::EnclaveKeychain
-        );
+        for (keychain, allow_os, route) in [
+            (false, false, Route::EnclaveBlob),
+            (false, true, Route::EnclaveBlob),
+            (true, false, Route::EnclaveKeychain),
+            (true, true, Route::EnclaveKeychain),
+        ] {
+            assert_eq!(choose_route(SE, policy(keychain, allow_os)).unwrap(), route);
+        }
     }
 
     #[test]
     fn without_an_enclave_only_an_allowing_policy_gets_the_os_keychain() {
-        assert_eq!(
-            choose_route(NO_SE, policy(false, true)).unwrap(),
-            Route::OsKeychain
-        );
-        assert_eq!(
-            choose_route(NO_SE, policy(true, true)).unwrap(),
-            Route::OsKeychain
-        );
         for keychain in [false, true] {
+            assert_eq!(
+                choose_route(NO_SE, policy(keychain, true)).unwrap(),
+                Route::OsKeychain
+            );
             match choose_route(NO_SE, policy(keychain, false)) {
                 Err(BackendError::Unusable(m)) => {
                     assert!(m.contains("no Secure Enclave"), "{m}");

@@ -324,24 +324,49 @@ mod tests {
         }
     }
 
+    /// An OSStatus, the operation and route it comes from, the error kind it must become, and
+    /// what its message must contain.
+    type StatusCase = (
+        i64,
+        Operation,
+        Route,
+        fn(String) -> BackendError,
+        &'static str,
+    );
+
+    /// Checks each case: the error has the kind `want` makes, and its message contains `text`.
+    fn check_statuses(cases: &[StatusCase]) {
+        for (code, op, route, want, text) in cases {
+            let got = backend_error(&os(*code), *op, *route).to_string();
+            let kind = want(String::new()).to_string();
+            assert!(got.starts_with(&kind), "{code} {op:?}: {got}");
+            assert!(got[kind.len()..].contains(text), "{code} {op:?}: {got}");
+        }
+    }
+
     #[test]
-    fn the_same_codes_later_mean_a_missing_key_or_failed_authentication() {
-        assert!(matches!(
-            backend_error(&os(-25300), Operation::Sign, Route::EnclaveKeychain),
-            BackendError::NotFound(m) if m.contains("keychain")
-        ));
-        assert!(matches!(
-            backend_error(&os(-25300), Operation::Create, Route::OsKeychain),
-            BackendError::NotFound(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-25293), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Auth(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-25293), Operation::Open, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("another Mac")
-        ));
+    fn each_status_has_its_own_kind_and_advice() {
+        use BackendError::{Auth, Crypto, Full, NotFound, Refused, Unreachable};
+        use Operation::{Create, Open, Sign};
+        use Route::{EnclaveBlob, EnclaveKeychain, OsKeychain};
+        check_statuses(&[
+            // The codes that mean "no enclave" at creation mean, later, a missing key or a
+            // failed authentication.
+            (-25300, Sign, EnclaveKeychain, NotFound, "keychain"),
+            (-25300, Create, OsKeychain, NotFound, ""),
+            (-25293, Sign, EnclaveBlob, Auth, ""),
+            (-25293, Open, EnclaveBlob, Refused, "another Mac"),
+            // Other statuses.
+            (-25308, Sign, EnclaveBlob, Refused, "unlock"),
+            (-25291, Create, OsKeychain, Unreachable, ""),
+            (-108, Sign, EnclaveBlob, Full, ""),
+            (-26275, Open, EnclaveBlob, Refused, "damaged"),
+            (-50, Sign, EnclaveBlob, Crypto, ""),
+        ]);
+        match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
+            BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -363,34 +388,6 @@ mod tests {
             backend_error(&os(-4), Operation::Sign, Route::EnclaveBlob),
             BackendError::Refused(_)
         ));
-    }
-
-    #[test]
-    fn other_statuses_have_their_own_advice() {
-        assert!(matches!(
-            backend_error(&os(-25308), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("unlock")
-        ));
-        assert!(matches!(
-            backend_error(&os(-25291), Operation::Create, Route::OsKeychain),
-            BackendError::Unreachable(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-108), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Full(_)
-        ));
-        assert!(matches!(
-            backend_error(&os(-26275), Operation::Open, Route::EnclaveBlob),
-            BackendError::Refused(m) if m.contains("damaged")
-        ));
-        assert!(matches!(
-            backend_error(&os(-50), Operation::Sign, Route::EnclaveBlob),
-            BackendError::Crypto(_)
-        ));
-        match backend_error(&os(-99999), Operation::Sign, Route::EnclaveBlob) {
-            BackendError::Io(m) => assert!(m.contains("-99999") && m.contains("signing"), "{m}"),
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]

@@ -6,19 +6,18 @@
 //! enclave, and a key that cannot be rebuilt fails its own signatures with the reason instead of
 //! hiding the other keys.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::keyfile::{self, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
+use super::keyfile::{FormatError, KeyFile, ObjectFile, KEY_EXT, OBJECT_EXT};
 use super::policy::{self, Route};
+use crate::backend::file_store::{
+    self, check_name, existing, file_name, now, random_name, SessionKeys,
+};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
 };
 use crate::encoding::POINT_LEN;
-
-/// Session keys (CKA_TOKEN false) have names with this prefix and live in memory only.
-const SESSION_PREFIX: &str = "session-";
 
 /// A key the enclave just made.
 pub struct CreatedKey {
@@ -83,50 +82,30 @@ fn poisoned() -> BackendError {
     BackendError::Io("a Secure Enclave store lock was poisoned by a panic".to_string())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn random_name() -> Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b)
-        .map_err(|e| BackendError::Crypto(format!("random number generator failed: {e}")))?;
-    Ok(crate::encoding::hex(&b))
-}
-
-fn file_name(name: &str, ext: &str) -> String {
-    format!("{name}.{ext}")
-}
-
 /// A Secure Enclave key store in one key directory.
 pub struct EnclaveStore {
     info: StoreInfo,
     route: Route,
     dir: KeyDir,
     enclave: Arc<dyn Enclave>,
-    sessions: Mutex<HashMap<String, KeyRecord>>,
+    sessions: SessionKeys,
 }
 
 impl EnclaveStore {
     /// A store whose new keys take `route`, with its files in `dir`.
     pub fn new(label: &str, route: Route, dir: KeyDir, enclave: Arc<dyn Enclave>) -> Self {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(dir.path().as_os_str().as_encoded_bytes());
         EnclaveStore {
             info: StoreInfo {
                 label: label.to_string(),
                 backend: crate::config::BackendKind::SecureEnclave,
                 manufacturer: "Apple".to_string(),
-                serial: crate::encoding::hex(&digest[..8]),
+                serial: file_store::serial_of(&dir),
                 protection_class: route.protection_class(),
             },
             route,
             dir,
             enclave,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: SessionKeys::default(),
         }
     }
 
@@ -135,63 +114,64 @@ impl EnclaveStore {
         self.route
     }
 
-    /// Reads a key file; `None` (with a warning) for a damaged file or a key of another class.
-    fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
-        let Some(bytes) = self.dir.read(&file_name(name, KEY_EXT))? else {
+    /// Reads and decodes `<name>.<ext>`: `None` when it is absent, or (with a warning) damaged.
+    fn read_decoded<T>(
+        &self,
+        name: &str,
+        ext: &str,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, FormatError>,
+    ) -> Result<Option<T>> {
+        let Some(bytes) = self.dir.read(&file_name(name, ext))? else {
             return Ok(None);
         };
-        match KeyFile::decode(&bytes) {
-            Ok(file) if policy::key_belongs(self.route, file.route) => Ok(Some(file)),
-            Ok(file) => {
+        match decode(&bytes) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => {
+                log::warn!("skipping damaged file {name}.{ext}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes `<name>.<ext>` atomically. Call with the lock held.
+    fn write_encoded(
+        &self,
+        name: &str,
+        ext: &str,
+        encoded: std::result::Result<Vec<u8>, FormatError>,
+    ) -> Result<()> {
+        let bytes =
+            encoded.map_err(|e| BackendError::Io(format!("cannot encode a .{ext} file: {e}")))?;
+        self.dir.write_atomic(&file_name(name, ext), &bytes)
+    }
+
+    /// Reads a key file; `None` (with a warning) for a damaged file or a key of another class.
+    fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
+        let file = self.read_decoded(name, KEY_EXT, KeyFile::decode)?;
+        Ok(file.filter(|file| {
+            let ours = policy::key_belongs(self.route, file.route);
+            if !ours {
                 log::warn!(
                     "skipping key {name}: made by the {} route ({}), but this store serves {}",
                     file.route.as_str(),
                     file.route.protection_class().as_str(),
                     self.info.protection_class.as_str()
                 );
-                Ok(None)
             }
-            Err(e) => {
-                log::warn!("skipping damaged key file {name}.{KEY_EXT}: {e}");
-                Ok(None)
-            }
-        }
+            ours
+        }))
     }
 
     fn write_key(&self, name: &str, file: &KeyFile) -> Result<()> {
-        let bytes = file
-            .encode()
-            .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
-        self.dir.write_atomic(&file_name(name, KEY_EXT), &bytes)
+        self.write_encoded(name, KEY_EXT, file.encode())
     }
 
     fn read_object(&self, name: &str) -> Result<Option<ObjectFile>> {
-        let Some(bytes) = self.dir.read(&file_name(name, OBJECT_EXT))? else {
-            return Ok(None);
-        };
-        match ObjectFile::decode(&bytes) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) => {
-                log::warn!("skipping damaged object file {name}.{OBJECT_EXT}: {e}");
-                Ok(None)
-            }
-        }
+        self.read_decoded(name, OBJECT_EXT, ObjectFile::decode)
     }
 
     fn write_object(&self, name: &str, file: &ObjectFile) -> Result<()> {
-        let bytes = file
-            .encode()
-            .map_err(|e| BackendError::Io(format!("cannot encode an object file: {e}")))?;
-        self.dir.write_atomic(&file_name(name, OBJECT_EXT), &bytes)
-    }
-
-    fn names(&self, ext: &str) -> Result<Vec<String>> {
-        Ok(self
-            .dir
-            .list()?
-            .iter()
-            .filter_map(|f| keyfile::stem(f, ext).map(str::to_string))
-            .collect())
+        self.write_encoded(name, OBJECT_EXT, file.encode())
     }
 
     fn record_of(&self, name: String, file: KeyFile) -> KeyRecord {
@@ -219,14 +199,10 @@ impl Backend for EnclaveStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = Vec::new();
-        for name in self.names(KEY_EXT)? {
-            if let Some(file) = self.read_key(&name)? {
-                keys.push((file.created, self.record_of(name, file)));
-            }
-        }
-        keys.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(keys.into_iter().map(|(_, k)| k).collect())
+        file_store::load_all(&self.dir, KEY_EXT, |name| {
+            let file = self.read_key(&name)?;
+            Ok(file.map(|f| (f.created, self.record_of(name, f))))
+        })
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -234,23 +210,19 @@ impl Backend for EnclaveStore {
         let created = self
             .enclave
             .create(self.route, &request.label, request.persistent)?;
+        let record = KeyRecord {
+            name,
+            id: request.id.clone(),
+            label: request.label.clone(),
+            public_point: created.public_point,
+            purpose: request.purpose,
+            persistent: true,
+            signer: created.signer,
+        };
         if !request.persistent {
-            let name = format!("{SESSION_PREFIX}{name}");
-            let record = KeyRecord {
-                name: name.clone(),
-                id: request.id.clone(),
-                label: request.label.clone(),
-                public_point: created.public_point,
-                purpose: request.purpose,
-                persistent: false,
-                signer: created.signer,
-            };
-            self.sessions
-                .lock()
-                .map_err(|_| poisoned())?
-                .insert(name, record.clone());
-            return Ok(record);
+            return self.sessions.add(record);
         }
+        let name = &record.name;
         let file = KeyFile {
             route: self.route,
             id: request.id.clone(),
@@ -263,7 +235,7 @@ impl Backend for EnclaveStore {
         let written = self
             .dir
             .lock()
-            .and_then(|_lock| self.write_key(&name, &file));
+            .and_then(|_lock| self.write_key(name, &file));
         if let Err(e) = written {
             // A keychain key without its file would be an orphan nobody can find again.
             if self.route.uses_keychain() {
@@ -278,53 +250,28 @@ impl Backend for EnclaveStore {
             self.route.as_str(),
             request.label
         );
-        Ok(KeyRecord {
-            name,
-            id: file.id,
-            label: file.label,
-            public_point: file.public_point,
-            purpose: file.purpose,
-            persistent: true,
-            signer: created.signer,
-        })
+        Ok(record)
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            let mut sessions = self.sessions.lock().map_err(|_| poisoned())?;
-            let key = sessions
-                .get_mut(name)
-                .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
-            key.label = label.to_string();
-            key.id = id.to_vec();
-            return Ok(());
+        if SessionKeys::is_session(name) {
+            return self.sessions.update(name, label, id);
         }
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
-        let mut file = self
-            .read_key(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let mut file = existing(name, self.read_key(name)?)?;
         file.label = label.to_string();
         file.id = id.to_vec();
         self.write_key(name, &file)
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
-        if name.starts_with(SESSION_PREFIX) {
-            return match self.sessions.lock().map_err(|_| poisoned())?.remove(name) {
-                Some(_) => Ok(()),
-                None => Err(BackendError::NotFound(name.to_string())),
-            };
+        if SessionKeys::is_session(name) {
+            return self.sessions.remove(name);
         }
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
-        let file = self
-            .read_key(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let file = existing(name, self.read_key(name)?)?;
         if file.route.uses_keychain() {
             match self.enclave.delete(file.route, &file.handle) {
                 Ok(()) | Err(BackendError::NotFound(_)) => {}
@@ -337,20 +284,18 @@ impl Backend for EnclaveStore {
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let mut objects = Vec::new();
-        for name in self.names(OBJECT_EXT)? {
-            if let Some(file) = self.read_object(&name)? {
-                objects.push((
-                    file.created,
+        file_store::load_all(&self.dir, OBJECT_EXT, |name| {
+            let file = self.read_object(&name)?;
+            Ok(file.map(|f| {
+                (
+                    f.created,
                     ObjectRecord {
                         name,
-                        attributes: file.attributes,
+                        attributes: f.attributes,
                     },
-                ));
-            }
-        }
-        objects.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
-        Ok(objects.into_iter().map(|(_, o)| o).collect())
+                )
+            }))
+        })
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
@@ -365,21 +310,15 @@ impl Backend for EnclaveStore {
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
-        let mut file = self
-            .read_object(name)?
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let mut file = existing(name, self.read_object(name)?)?;
         file.attributes = attributes.to_vec();
         self.write_object(name, &file)
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
-        if !keyfile::valid_name(name) {
-            return Err(BackendError::NotFound(name.to_string()));
-        }
+        check_name(name)?;
         let _lock = self.dir.lock()?;
         self.dir.remove(&file_name(name, OBJECT_EXT))
     }

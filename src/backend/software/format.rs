@@ -72,21 +72,31 @@ impl Serialize for Hex {
     }
 }
 
+/// Reads a hex string in place (the text is never copied, which matters for the scalar) and
+/// turns it into a `T` with `decode`.
+struct HexVisitor<T> {
+    expecting: &'static str,
+    decode: fn(&str) -> Option<T>,
+    invalid: &'static str,
+}
+
+impl<T> Visitor<'_> for HexVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.decode)(v).ok_or_else(|| E::custom(self.invalid))
+    }
+}
+
 impl<'de> Deserialize<'de> for Hex {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Hex;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a hex string")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Hex, E> {
-                encoding::hex_decode(v)
-                    .map(Hex)
-                    .ok_or_else(|| E::custom("invalid hex"))
-            }
-        }
-        d.deserialize_str(V)
+        d.deserialize_str(HexVisitor {
+            expecting: "a hex string",
+            decode: |v| encoding::hex_decode(v).map(Hex),
+            invalid: "invalid hex",
+        })
     }
 }
 
@@ -109,22 +119,14 @@ impl Serialize for Scalar {
 
 impl<'de> Deserialize<'de> for Scalar {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Scalar;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("64 hex digits")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+        d.deserialize_str(HexVisitor {
+            expecting: "64 hex digits",
+            decode: |v| {
                 let mut out = Box::new(Zeroizing::new([0u8; 32]));
-                if encoding::hex_decode_into(v.as_bytes(), &mut out[..]) {
-                    Ok(Scalar(out))
-                } else {
-                    Err(E::custom("private scalar is not 64 hex digits"))
-                }
-            }
-        }
-        d.deserialize_str(V)
+                encoding::hex_decode_into(v.as_bytes(), &mut out[..]).then(|| Scalar(out))
+            },
+            invalid: "private scalar is not 64 hex digits",
+        })
     }
 }
 
@@ -143,12 +145,7 @@ impl KeyFile {
     /// Parses and checks a key file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let k: KeyFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if k.format != KEY_FORMAT {
-            return Err(format!("format is {:?}, not {KEY_FORMAT:?}", k.format));
-        }
-        if k.version != VERSION {
-            return Err(format!("unsupported version {}", k.version));
-        }
+        check_header(&k.format, k.version, KEY_FORMAT)?;
         if k.public_point.0.len() != 65 || k.public_point.0[0] != 4 {
             return Err("public point is not 65-byte uncompressed SEC1".into());
         }
@@ -167,12 +164,65 @@ impl ObjectFile {
     /// Parses and checks an object file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let o: ObjectFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if o.format != OBJECT_FORMAT {
-            return Err(format!("format is {:?}, not {OBJECT_FORMAT:?}", o.format));
-        }
-        if o.version != VERSION {
-            return Err(format!("unsupported version {}", o.version));
-        }
+        check_header(&o.format, o.version, OBJECT_FORMAT)?;
         Ok(o)
+    }
+}
+
+/// Checks a file's `format` tag and `version`.
+fn check_header(format: &str, version: u32, want: &str) -> Result<(), String> {
+    if format != want {
+        return Err(format!("format is {format:?}, not {want:?}"));
+    }
+    if version != VERSION {
+        return Err(format!("unsupported version {version}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_json() -> serde_json::Value {
+        let file = KeyFile {
+            format: KEY_FORMAT.into(),
+            version: VERSION,
+            id: Hex(vec![1, 2]),
+            label: "k".into(),
+            purpose: KeyPurpose::General,
+            public_point: Hex([4u8; 65].to_vec()),
+            private_scalar: Scalar(Box::new(Zeroizing::new([0xab; 32]))),
+            created: 1,
+        };
+        serde_json::from_slice(&file.to_bytes().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hex_fields_round_trip_and_refuse_what_is_not_hex() {
+        let good = key_json();
+        let parsed = KeyFile::parse(good.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.id, Hex(vec![1, 2]));
+        assert_eq!(**parsed.private_scalar.0, [0xab; 32]);
+        for (field, value, reason) in [
+            ("id", serde_json::json!("0g"), "invalid hex"),
+            ("id", serde_json::json!(5), "a hex string"),
+            (
+                "private_scalar",
+                serde_json::json!("ab"),
+                "not 64 hex digits",
+            ),
+            (
+                "private_scalar",
+                serde_json::json!("zz".repeat(32)),
+                "not 64 hex digits",
+            ),
+            ("private_scalar", serde_json::json!(5), "64 hex digits"),
+        ] {
+            let mut v = good.clone();
+            v[field] = value;
+            let err = KeyFile::parse(v.to_string().as_bytes()).err().unwrap();
+            assert!(err.contains(reason), "{field}: {err}");
+        }
     }
 }

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
 
 use super::*;
+use crate::backend::assert_not_found;
+use crate::backend::file_store::valid_name;
 use crate::backend::{KeyPurpose, Signer};
 
 fn new_key(label: &str, persistent: bool) -> NewKey {
@@ -40,6 +43,13 @@ fn store_dir() -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// A new store labelled "t" in a fresh directory (kept while the `TempDir` lives).
+fn new_store() -> (tempfile::TempDir, PathBuf, SoftwareStore) {
+    let (tmp, dir) = store_dir();
+    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    (tmp, dir, store)
+}
+
 #[test]
 fn creates_dir_0700_and_reports_info() {
     let (_tmp, dir) = store_dir();
@@ -62,8 +72,7 @@ fn creates_dir_0700_and_reports_info() {
 
 #[test]
 fn roundtrip_persist_and_reload() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let a = store.generate_key(&new_key("a", true)).unwrap();
     let mut req = new_key("b", true);
     req.purpose = KeyPurpose::Proof;
@@ -107,8 +116,7 @@ fn roundtrip_persist_and_reload() {
 
 #[test]
 fn signatures_are_padded_raw_r_s() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, _dir, store) = new_store();
     store.generate_key(&new_key("k", true)).unwrap();
     // A loaded key (deferred parse) and a fresh one.
     let key = store.load_keys().unwrap().remove(0);
@@ -149,8 +157,7 @@ fn wrong_scalar_fails_to_sign_without_panic() {
 
 #[test]
 fn temp_and_damaged_files_are_never_keys() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let good = store.generate_key(&new_key("good", true)).unwrap();
     let text = fs::read(dir.join(format!("{}.key", good.name))).unwrap();
 
@@ -158,28 +165,22 @@ fn temp_and_damaged_files_are_never_keys() {
     let tmp_name = format!(".{}.key.0123.tmp", "ab".repeat(16));
     fs::write(dir.join(&tmp_name), &text).unwrap();
     // Truncated, empty, garbage, wrong-version and wrongly named files.
-    fs::write(
-        dir.join(format!("{}.key", "11".repeat(16))),
-        &text[..text.len() / 2],
-    )
-    .unwrap();
-    fs::write(dir.join(format!("{}.key", "22".repeat(16))), b"").unwrap();
-    fs::write(
-        dir.join(format!("{}.key", "33".repeat(16))),
-        b"\x00\xff garbage",
-    )
-    .unwrap();
     let v2 = String::from_utf8(text.clone())
         .unwrap()
         .replace("\"version\": 1", "\"version\": 2");
-    fs::write(dir.join(format!("{}.key", "44".repeat(16))), v2).unwrap();
-    fs::write(dir.join("notakey.key"), &text).unwrap();
-    fs::write(dir.join(format!("{}.key.bak", "55".repeat(16))), &text).unwrap();
-    fs::write(
-        dir.join(format!("{}.obj", "66".repeat(16))),
-        b"{\"format\":",
-    )
-    .unwrap();
+    let key_file = |digits: &str| format!("{}.key", digits.repeat(16));
+    let junk: [(String, &[u8]); 7] = [
+        (key_file("11"), &text[..text.len() / 2]),
+        (key_file("22"), b""),
+        (key_file("33"), b"\x00\xff garbage"),
+        (key_file("44"), v2.as_bytes()),
+        ("notakey.key".into(), &text),
+        (format!("{}.key.bak", "55".repeat(16)), &text),
+        (format!("{}.obj", "66".repeat(16)), b"{\"format\":"),
+    ];
+    for (name, bytes) in junk {
+        fs::write(dir.join(name), bytes).unwrap();
+    }
 
     let keys = store.load_keys().unwrap();
     assert_eq!(keys.len(), 1);
@@ -243,8 +244,7 @@ fn refuses_a_file_as_dir() {
 
 #[test]
 fn update_and_destroy_keys() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let k = store.generate_key(&new_key("old", true)).unwrap();
     store.update_key(&k.name, "new label", &[9, 9]).unwrap();
     let loaded = SoftwareStore::open("t", Some(&dir))
@@ -265,35 +265,22 @@ fn update_and_destroy_keys() {
 
     store.destroy_key(&k.name).unwrap();
     assert!(store.load_keys().unwrap().is_empty());
-    assert!(matches!(
-        store.destroy_key(&k.name),
-        Err(BackendError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.update_key(&k.name, "x", b""),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_key(&k.name));
+    assert_not_found(store.update_key(&k.name, "x", b""));
     for bad in ["../x", "", ".lock", "session-nope", "ZZ"] {
-        assert!(matches!(
-            store.destroy_key(bad),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(store.destroy_key(bad));
     }
 
     // Session keys: update and destroy in memory.
     let s = store.generate_key(&new_key("s", false)).unwrap();
     store.update_key(&s.name, "s2", b"id").unwrap();
     store.destroy_key(&s.name).unwrap();
-    assert!(matches!(
-        store.destroy_key(&s.name),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_key(&s.name));
 }
 
 #[test]
 fn store_update_destroy_objects() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let attrs: Vec<RawAttribute> = vec![
         (0, vec![1, 0, 0, 0, 0, 0, 0, 0]),
         (3, b"cert".to_vec()),
@@ -322,14 +309,8 @@ fn store_update_destroy_objects() {
 
     store.destroy_object(&name).unwrap();
     assert!(other.load_objects().unwrap().is_empty());
-    assert!(matches!(
-        store.destroy_object(&name),
-        Err(BackendError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.update_object(&name, &new_attrs),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(store.destroy_object(&name));
+    assert_not_found(store.update_object(&name, &new_attrs));
 }
 
 #[test]
@@ -358,8 +339,7 @@ fn change_marker_sees_other_instances() {
 
 #[test]
 fn loads_ten_thousand_keys_quickly() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let k = store.generate_key(&new_key("k", true)).unwrap();
     let text = fs::read(dir.join(format!("{}.key", k.name))).unwrap();
     for i in 0u32..9_999 {
@@ -447,8 +427,7 @@ fn processes_create_keys_at_once() {
 
 #[test]
 fn key_file_format_is_pinned() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, dir, store) = new_store();
     let mut req = new_key("label \"quoted\" é", true);
     req.id = vec![0xde, 0xad];
     req.purpose = KeyPurpose::Proof;
@@ -478,8 +457,7 @@ fn key_file_format_is_pinned() {
 
 #[test]
 fn one_signer_signs_from_many_threads() {
-    let (_tmp, dir) = store_dir();
-    let store = SoftwareStore::open("t", Some(&dir)).unwrap();
+    let (_tmp, _dir, store) = new_store();
     store.generate_key(&new_key("k", true)).unwrap();
     // Loaded (deferred parse): the threads race to build the key.
     let key = store.load_keys().unwrap().remove(0);

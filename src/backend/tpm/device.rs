@@ -314,14 +314,20 @@ fn is_out_of_memory(e: &tss_esapi::Error) -> bool {
     )
 }
 
-/// The public template of the SRK: the TCG standard ECC P-256 storage key (AES-128-CFB, no
-/// unique data), the same that the tpm2 OpenSSL provider and engine derive for parent 0x40000001.
-fn srk_template() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
+/// The object attributes every key we make shares: it never leaves this TPM or its parent, the
+/// TPM made its private part, and it is used with its (empty) auth value.
+fn bound_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
+}
+
+/// The public template of the SRK: the TCG standard ECC P-256 storage key (AES-128-CFB, no
+/// unique data), the same that the tpm2 OpenSSL provider and engine derive for parent 0x40000001.
+fn srk_template() -> tss_esapi::Result<Public> {
+    let attributes = bound_attributes()
         .with_no_da(true)
         .with_restricted(true)
         .with_decrypt(true)
@@ -404,13 +410,7 @@ fn with_owner_auth<T>(
 /// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign, and
 /// the purpose bound as its `authPolicy` (see the `purpose` module).
 fn key_template(purpose: KeyPurpose) -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .build()?;
+    let attributes = bound_attributes().with_sign_encrypt(true).build()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)

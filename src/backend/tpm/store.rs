@@ -270,6 +270,7 @@ impl KeyFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::assert_not_found;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
@@ -296,10 +297,7 @@ mod tests {
         assert_eq!(m.purpose, KeyPurpose::Proof);
         kd.remove_key(&name).unwrap();
         assert!(kd.names("key").unwrap().is_empty());
-        assert!(matches!(
-            kd.remove_key(&name),
-            Err(BackendError::NotFound(_))
-        ));
+        assert_not_found(kd.remove_key(&name));
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
     }

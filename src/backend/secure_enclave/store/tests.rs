@@ -9,6 +9,8 @@ use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 
 use super::*;
+use crate::backend::assert_not_found;
+use crate::backend::file_store::SESSION_PREFIX;
 use crate::backend::{KeyPurpose, ProtectionClass};
 
 #[derive(Default)]
@@ -203,10 +205,7 @@ fn session_keys_are_never_written() {
     assert!(s.load_keys().unwrap().is_empty());
     s.update_key(&k.name, "renamed", b"x").unwrap();
     s.destroy_key(&k.name).unwrap();
-    assert!(matches!(
-        s.destroy_key(&k.name),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(s.destroy_key(&k.name));
 }
 
 #[test]
@@ -223,14 +222,8 @@ fn update_and_destroy_change_the_file_and_the_keychain() {
     s.destroy_key(&k.name).unwrap();
     assert!(s.load_keys().unwrap().is_empty());
     assert_eq!(*enclave.deleted.lock().unwrap(), vec![handle]);
-    assert!(matches!(
-        s.destroy_key(&k.name),
-        Err(BackendError::NotFound(_))
-    ));
-    assert!(matches!(
-        s.update_key("../etc", "x", b""),
-        Err(BackendError::NotFound(_))
-    ));
+    assert_not_found(s.destroy_key(&k.name));
+    assert_not_found(s.update_key("../etc", "x", b""));
 }
 
 #[test]

@@ -114,6 +114,63 @@ unsafe fn variable_output(
     }
 }
 
+/// The shared body of `C_SignInit`, `C_VerifyInit` and `C_DigestInit`: check the session, read
+/// the mechanism (no parameters), and hand it to `start`.
+///
+/// # Safety
+/// `mechanism` must be NULL or point to a readable `CK_MECHANISM`.
+unsafe fn operation_init(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    mechanism: *const CK_MECHANISM,
+    start: impl FnOnce(&Token, CK_MECHANISM_TYPE) -> token::Result<()>,
+) -> CK_RV {
+    with_token(name, |t| {
+        rv(t.check_session(session))?;
+        // SAFETY: NULL-checked read of a CK_MECHANISM, per the caller.
+        let mech = unsafe { memory::mechanism(mechanism) }?;
+        rv(start(t, mech))
+    })
+}
+
+/// The shared body of the `C_*Update` calls: read the part and feed it to `update`.
+///
+/// # Safety
+/// `part` must be NULL or point to `part_len` readable bytes.
+unsafe fn operation_update(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    op: Operation,
+    part: *const CK_BYTE,
+    part_len: CK_ULONG,
+    update: impl FnOnce(&Token, &[u8]) -> token::Result<()>,
+) -> CK_RV {
+    with_operation(name, session, op, |t| {
+        // SAFETY: `part_len` readable bytes per the caller.
+        let data = unsafe { memory::input(part, part_len) }?;
+        rv(update(t, data))
+    })
+}
+
+/// The shared body of `C_SignFinal` and `C_DigestFinal`: the result goes out by the
+/// length-query rules of [`variable_output`].
+///
+/// # Safety
+/// As [`variable_output`] for `out` and `out_len`.
+unsafe fn operation_final(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    op: Operation,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+    finish: impl FnOnce(&Token, Capacity) -> token::Result<Output>,
+) -> CK_RV {
+    with_operation(name, session, op, |t| {
+        // SAFETY: forwarded output contract.
+        unsafe { variable_output(out, out_len, |cap| finish(t, cap)) }
+    })
+}
+
 fn version(v: (u8, u8)) -> CK_VERSION {
     CK_VERSION {
         major: v.0,
@@ -584,12 +641,8 @@ entry! {
         pMechanism: *mut CK_MECHANISM,
         hKey: CK_OBJECT_HANDLE,
     ) {
-        with_token(NAME, |t| {
-            rv(t.check_session(hSession))?;
-            // SAFETY: NULL-checked read of a CK_MECHANISM.
-            let mech = unsafe { memory::mechanism(pMechanism) }?;
-            rv(t.sign_init(hSession, mech, hKey))
-        })
+        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
+        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.sign_init(hSession, m, hKey)) }
     }
 }
 
@@ -618,11 +671,12 @@ entry! {
 entry! {
     /// `C_SignUpdate`.
     fn C_SignUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        with_operation(NAME, hSession, Operation::Sign, |t| {
-            // SAFETY: `ulPartLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pPart, ulPartLen) }?;
-            rv(t.sign_update(hSession, data))
-        })
+        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
+        unsafe {
+            operation_update(NAME, hSession, Operation::Sign, pPart, ulPartLen, |t, d| {
+                t.sign_update(hSession, d)
+            })
+        }
     }
 }
 
@@ -633,14 +687,12 @@ entry! {
         pSignature: *mut CK_BYTE,
         pulSignatureLen: *mut CK_ULONG,
     ) {
-        with_operation(NAME, hSession, Operation::Sign, |t| {
-            // SAFETY: forwarded output contract.
-            unsafe {
-                variable_output(pSignature, pulSignatureLen, |out| {
-                    t.sign_final(hSession, out)
-                })
-            }
-        })
+        // SAFETY: forwarded output contract.
+        unsafe {
+            operation_final(NAME, hSession, Operation::Sign, pSignature, pulSignatureLen, |t, c| {
+                t.sign_final(hSession, c)
+            })
+        }
     }
 }
 
@@ -651,12 +703,8 @@ entry! {
         pMechanism: *mut CK_MECHANISM,
         hKey: CK_OBJECT_HANDLE,
     ) {
-        with_token(NAME, |t| {
-            rv(t.check_session(hSession))?;
-            // SAFETY: NULL-checked read of a CK_MECHANISM.
-            let mech = unsafe { memory::mechanism(pMechanism) }?;
-            rv(t.verify_init(hSession, mech, hKey))
-        })
+        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
+        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.verify_init(hSession, m, hKey)) }
     }
 }
 
@@ -685,11 +733,12 @@ entry! {
 entry! {
     /// `C_VerifyUpdate`.
     fn C_VerifyUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        with_operation(NAME, hSession, Operation::Verify, |t| {
-            // SAFETY: `ulPartLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pPart, ulPartLen) }?;
-            rv(t.verify_update(hSession, data))
-        })
+        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
+        unsafe {
+            operation_update(NAME, hSession, Operation::Verify, pPart, ulPartLen, |t, d| {
+                t.verify_update(hSession, d)
+            })
+        }
     }
 }
 
@@ -711,12 +760,8 @@ entry! {
 entry! {
     /// `C_DigestInit`.
     fn C_DigestInit(hSession: CK_SESSION_HANDLE, pMechanism: *mut CK_MECHANISM) {
-        with_token(NAME, |t| {
-            rv(t.check_session(hSession))?;
-            // SAFETY: NULL-checked read of a CK_MECHANISM.
-            let mech = unsafe { memory::mechanism(pMechanism) }?;
-            rv(t.digest_init(hSession, mech))
-        })
+        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
+        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.digest_init(hSession, m)) }
     }
 }
 
@@ -741,11 +786,12 @@ entry! {
 entry! {
     /// `C_DigestUpdate`.
     fn C_DigestUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        with_operation(NAME, hSession, Operation::Digest, |t| {
-            // SAFETY: `ulPartLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pPart, ulPartLen) }?;
-            rv(t.digest_update(hSession, data))
-        })
+        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
+        unsafe {
+            operation_update(NAME, hSession, Operation::Digest, pPart, ulPartLen, |t, d| {
+                t.digest_update(hSession, d)
+            })
+        }
     }
 }
 
@@ -756,10 +802,12 @@ entry! {
         pDigest: *mut CK_BYTE,
         pulDigestLen: *mut CK_ULONG,
     ) {
-        with_operation(NAME, hSession, Operation::Digest, |t| {
-            // SAFETY: forwarded output contract.
-            unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest_final(hSession, out)) }
-        })
+        // SAFETY: forwarded output contract.
+        unsafe {
+            operation_final(NAME, hSession, Operation::Digest, pDigest, pulDigestLen, |t, c| {
+                t.digest_final(hSession, c)
+            })
+        }
     }
 }
 

@@ -149,6 +149,15 @@ struct KeyCache {
     publics: HashMap<String, CachedPublic>,
 }
 
+/// Inserts into a cache map that never grows past [`MAX_CACHED_KEYS`]: a full map is emptied
+/// first.
+fn insert_bounded<V>(map: &mut HashMap<String, V>, key_id: &str, entry: V) {
+    if map.len() >= MAX_CACHED_KEYS {
+        map.clear();
+    }
+    map.insert(key_id.to_string(), entry);
+}
+
 impl Inventory {
     fn cache(&self) -> std::sync::MutexGuard<'_, KeyCache> {
         // The cache holds no invariant a panic could break half-way.
@@ -160,11 +169,7 @@ impl Inventory {
     }
 
     fn remember_binding(&self, key_id: &str, entry: CachedBinding) {
-        let mut cache = self.cache();
-        if cache.bindings.len() >= MAX_CACHED_KEYS {
-            cache.bindings.clear();
-        }
-        cache.bindings.insert(key_id.to_string(), entry);
+        insert_bounded(&mut self.cache().bindings, key_id, entry);
     }
 
     fn cached_public(&self, key_id: &str) -> Option<CachedPublic> {
@@ -172,11 +177,7 @@ impl Inventory {
     }
 
     fn remember_public(&self, key_id: &str, entry: CachedPublic) {
-        let mut cache = self.cache();
-        if cache.publics.len() >= MAX_CACHED_KEYS {
-            cache.publics.clear();
-        }
-        cache.publics.insert(key_id.to_string(), entry);
+        insert_bounded(&mut self.cache().publics, key_id, entry);
     }
 
     fn forget(&self, key_id: &str) {
@@ -604,11 +605,7 @@ impl TokenClient {
         id: &proof::KeyId,
         use_cache: bool,
     ) -> Attempt<KeyInfo> {
-        let cached = if use_cache {
-            inv.cached_public(key_id)
-        } else {
-            None
-        };
+        let cached = use_cache.then(|| inv.cached_public(key_id)).flatten();
         let template = Self::key_template(ObjectClass::PUBLIC_KEY, key_id, &id.random);
         for (index, slot) in inv.slots.iter().enumerate() {
             if slot.class != id.class {
@@ -701,11 +698,7 @@ impl TokenClient {
     ) -> Attempt<SignResult> {
         let key_id = params.key_id.as_str();
         let (account, client) = params.payload.binding();
-        let cached = if use_cache {
-            inv.cached_binding(key_id)
-        } else {
-            None
-        };
+        let cached = use_cache.then(|| inv.cached_binding(key_id)).flatten();
         let binding_template = Self::binding_template(key_id);
         for (index, slot) in inv.slots.iter().enumerate() {
             if slot.class != id.class {

@@ -159,6 +159,12 @@ pub type ProofCheck<'a> = &'a dyn Fn(&[u8]) -> Result<()>;
 
 /// The answer when the caller's output cannot take a result of `len` bytes (a length query or a
 /// short buffer): given without computing the result. `None` when the buffer is big enough.
+/// The running operation in `slot`, or `CKR_OPERATION_NOT_INITIALIZED`.
+fn running<T>(slot: &mut Option<T>) -> Result<&mut T> {
+    slot.as_mut()
+        .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))
+}
+
 fn length_only(capacity: Capacity, len: usize) -> Option<Result<Output>> {
     match capacity {
         None => Some(Ok(Output { len, bytes: None })),
@@ -305,10 +311,7 @@ impl Session {
         capacity: Capacity,
         proof: ProofCheck<'_>,
     ) -> Result<Output> {
-        let op = self
-            .sign
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.sign)?;
         op.style.enter(Style::Single)?;
         let result = match length_only(capacity, SIGNATURE_LEN) {
             Some(r) => r,
@@ -321,10 +324,7 @@ impl Session {
     /// C_SignUpdate. A single-part operation gets `CKR_OPERATION_ACTIVE` and stays as it was;
     /// a single-part-only mechanism ends the operation with `CKR_FUNCTION_NOT_SUPPORTED`.
     pub fn sign_update(&mut self, data: &[u8]) -> Result<()> {
-        let op = self
-            .sign
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.sign)?;
         op.style.enter(Style::Multi)?;
         let r = op.check_multipart().and_then(|_| op.feed(data, false));
         if r.is_err() {
@@ -335,10 +335,7 @@ impl Session {
 
     /// C_SignFinal, with the same rules as C_SignUpdate.
     pub fn sign_final(&mut self, capacity: Capacity, proof: ProofCheck<'_>) -> Result<Output> {
-        let op = self
-            .sign
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.sign)?;
         op.style.enter(Style::Multi)?;
         let result = match op.check_multipart() {
             Err(e) => Err(e),
@@ -364,10 +361,7 @@ impl Session {
     /// C_Verify. Ends the operation, except on a multi-part one, which gets
     /// `CKR_OPERATION_ACTIVE` and stays as it was.
     pub fn verify(&mut self, data: &[u8], signature: &[u8]) -> Result<()> {
-        let op = self
-            .verify
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.verify)?;
         op.0.style.enter(Style::Single)?;
         let mut op = self.verify.take().ok_or(Error::rv(CKR_GENERAL_ERROR))?;
         op.0.feed(data, true)?;
@@ -377,10 +371,7 @@ impl Session {
     /// C_VerifyUpdate. A single-part-only mechanism ends the operation with
     /// `CKR_FUNCTION_NOT_SUPPORTED`.
     pub fn verify_update(&mut self, data: &[u8]) -> Result<()> {
-        let op = self
-            .verify
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.verify)?;
         op.0.style.enter(Style::Multi)?;
         let r = op.0.check_multipart().and_then(|_| op.0.feed(data, true));
         if r.is_err() {
@@ -411,10 +402,7 @@ impl Session {
 
     /// C_Digest. A multi-part operation gets `CKR_OPERATION_ACTIVE` and stays as it was.
     pub fn digest(&mut self, data: &[u8], capacity: Capacity) -> Result<Output> {
-        let op = self
-            .digest
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.digest)?;
         op.style.enter(Style::Single)?;
         let result = match length_only(capacity, op.hasher.output_len()) {
             Some(r) => r,
@@ -430,10 +418,7 @@ impl Session {
 
     /// C_DigestUpdate. A single-part operation gets `CKR_OPERATION_ACTIVE`.
     pub fn digest_update(&mut self, data: &[u8]) -> Result<()> {
-        let op = self
-            .digest
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.digest)?;
         op.style.enter(Style::Multi)?;
         op.update(data);
         Ok(())
@@ -441,10 +426,7 @@ impl Session {
 
     /// C_DigestFinal. A single-part operation gets `CKR_OPERATION_ACTIVE`.
     pub fn digest_final(&mut self, capacity: Capacity) -> Result<Output> {
-        let op = self
-            .digest
-            .as_mut()
-            .ok_or(Error::rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let op = running(&mut self.digest)?;
         op.style.enter(Style::Multi)?;
         let result = match length_only(capacity, op.hasher.output_len()) {
             Some(r) => r,

@@ -520,22 +520,14 @@ impl Conn {
         if self.srk.is_some() || !self.loaded.is_empty() {
             return Ok(());
         }
+        let list = self.handles("listing transient objects", TPM2_TRANSIENT_FIRST, 64)?;
         let ctx = self.ctx()?;
-        let (data, _) = tss(
-            "listing transient objects",
-            ctx.execute_without_session(|c| {
-                c.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
-            }),
-        )?;
-        let CapabilityData::Handles(list) = data else {
-            return Ok(());
-        };
-        for handle in list.iter() {
+        for handle in list {
             if !matches!(handle, TpmHandle::Transient(_)) {
                 continue;
             }
             let result = ctx
-                .tr_from_tpm_public(*handle)
+                .tr_from_tpm_public(handle)
                 .and_then(|object| ctx.flush_context(object));
             match result {
                 Ok(()) => log::warn!("tpm: TPM full; flushed transient object {handle:?}"),
@@ -547,13 +539,26 @@ impl Conn {
 
     /// Whether a persistent object sits at `handle`.
     fn persistent_present(&mut self, handle: u32) -> Op<bool> {
+        let list = self.handles("listing persistent objects", handle, 1)?;
+        Ok(list
+            .iter()
+            .any(|h| matches!(h, TpmHandle::Persistent(p) if u32::from(*p) == handle)))
+    }
+
+    /// The handles the TPM lists from `first` on, at most `count` (TPM2_GetCapability);
+    /// `what` names the listing in errors.
+    fn handles(&mut self, what: &'static str, first: u32, count: u32) -> Op<Vec<TpmHandle>> {
         let ctx = self.ctx()?;
         let (data, _) = tss(
-            "listing persistent objects",
-            ctx.execute_without_session(|c| c.get_capability(CapabilityType::Handles, handle, 1)),
+            what,
+            ctx.execute_without_session(|c| {
+                c.get_capability(CapabilityType::Handles, first, count)
+            }),
         )?;
-        Ok(matches!(&data, CapabilityData::Handles(list)
-            if list.iter().any(|h| matches!(h, TpmHandle::Persistent(p) if u32::from(*p) == handle))))
+        Ok(match data {
+            CapabilityData::Handles(list) => list.iter().copied().collect(),
+            _ => Vec::new(),
+        })
     }
 
     /// The persistent SRK, opened, with its public area, when [`PERSISTENT_SRK`] holds the

@@ -19,7 +19,7 @@
 
 use sha2::{Digest as _, Sha256};
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection, DefaultKey};
-use tss_esapi::constants::{CapabilityType, SessionType};
+use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{
     AuthHandle, KeyHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle, SessionHandle,
     TpmHandle,
@@ -30,7 +30,7 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    AttestInfo, CapabilityData, Data, EncryptedSecret, IdObject, Private, Public, SignatureScheme,
+    AttestInfo, Data, EncryptedSecret, IdObject, Private, Public, SignatureScheme,
     SymmetricDefinition,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -160,14 +160,7 @@ impl Conn {
 
     /// NV indices from `first` on that the TPM lists.
     fn nv_indices(&mut self, first: u32) -> Op<Vec<u32>> {
-        let ctx = self.ctx()?;
-        let (data, _) = tss(
-            "listing NV indices",
-            ctx.execute_without_session(|c| c.get_capability(CapabilityType::Handles, first, 254)),
-        )?;
-        let CapabilityData::Handles(list) = data else {
-            return Ok(Vec::new());
-        };
+        let list = self.handles("listing NV indices", first, 254)?;
         Ok(list
             .iter()
             .filter_map(|h| match h {
@@ -219,16 +212,7 @@ impl Conn {
     /// The persistent EK's public area, when [`PERSISTENT_EK`] holds the default-template EK of
     /// `alg`.
     fn persistent_ek(&mut self, alg: AsymmetricAlgorithmSelection) -> Op<Option<Public>> {
-        let ctx = self.ctx()?;
-        let (data, _) = tss(
-            "listing persistent objects",
-            ctx.execute_without_session(|c| {
-                c.get_capability(CapabilityType::Handles, PERSISTENT_EK, 1)
-            }),
-        )?;
-        let present = matches!(&data, CapabilityData::Handles(list)
-            if list.iter().any(|h| matches!(h, TpmHandle::Persistent(p) if u32::from(*p) == PERSISTENT_EK)));
-        if !present {
+        if !self.persistent_present(PERSISTENT_EK)? {
             return Ok(None);
         }
         let mut object = self.open_persistent_ek()?;

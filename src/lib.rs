@@ -16,3 +16,6 @@ pub mod proof;
 pub mod rpc;
 pub mod token;
 pub mod vendor;
+
+#[cfg(test)]
+mod test_support;

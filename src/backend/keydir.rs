@@ -550,8 +550,7 @@ mod tests {
 
     #[test]
     fn creates_0700_and_writes_0600_atomically() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("a/b/keys");
+        let (_tmp, path) = crate::test_support::scratch("a/b/keys");
         let kd = KeyDir::open(&path).unwrap();
         assert_eq!(mode(&path), 0o700);
         kd.write_atomic("one.key", b"hello").unwrap();
@@ -582,8 +581,7 @@ mod tests {
 
     #[test]
     fn refuses_group_or_other_bits_on_the_directory() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("k");
+        let (_tmp, path) = crate::test_support::scratch("k");
         mkdir_mode(&path, 0o750);
         let err = KeyDir::open(&path).unwrap_err().to_string();
         assert!(err.contains("chmod 700"), "{err}");
@@ -592,8 +590,7 @@ mod tests {
 
     #[test]
     fn refuses_an_ancestor_others_can_write() {
-        let tmp = tempfile::tempdir().unwrap();
-        let open = tmp.path().join("open");
+        let (_tmp, open) = crate::test_support::scratch("open");
         mkdir_mode(&open, 0o777);
         let err = KeyDir::open(&open.join("keys")).unwrap_err().to_string();
         assert!(err.contains("chmod go-w"), "{err}");
@@ -633,8 +630,7 @@ mod tests {
 
     #[test]
     fn a_replaced_directory_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("k");
+        let (tmp, path) = crate::test_support::scratch("k");
         let kd = KeyDir::open(&path).unwrap();
         let before = kd.change_marker();
         assert!(kd.list().is_ok());

@@ -269,8 +269,7 @@ mod tests {
 
     #[test]
     fn the_lock_excludes_a_second_holder_until_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let locks = dir.path().join("locks");
+        let (_tmp, locks) = crate::test_support::scratch("locks");
         safe_dir(&locks).unwrap();
         let path = locks.join(lock_name(Path::new("/nonexistent/module.so"), "t"));
         let a = open_lock_file(&path).unwrap();
@@ -291,8 +290,7 @@ mod tests {
 
     #[test]
     fn a_waiter_gets_the_lock_as_soon_as_another_holder_releases_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
+        let (_tmp, path) = crate::test_support::scratch("t.lock");
         let other = open_lock_file(&path).unwrap();
         rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive).unwrap();
         let waiter = {

@@ -119,8 +119,7 @@ mod tests {
 
     #[test]
     fn pin_file_is_read_without_its_newline_and_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pin");
+        let (_tmp, path) = crate::test_support::scratch("pin");
         std::fs::write(&path, "12 34\r\n").unwrap();
         let pin = read("test", None, Some(&path)).unwrap().unwrap();
         assert_eq!(pin.secret.as_str(), "12 34");

@@ -171,8 +171,7 @@ mod tests {
 
     #[test]
     fn paths_compare_after_resolving_the_parent() {
-        let tmp = tempfile::tempdir().unwrap();
-        let a = tmp.path().join("s.sock");
+        let (tmp, a) = crate::test_support::scratch("s.sock");
         let b = tmp.path().join(".").join("s.sock");
         assert!(same_path(&a, &b));
         assert!(!same_path(&a, &tmp.path().join("t.sock")));

@@ -295,8 +295,7 @@ mod tests {
 
     #[test]
     fn directory_rules() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("run/devicekey");
+        let (tmp, dir) = crate::test_support::scratch("run/devicekey");
         check_socket_dir(&dir).unwrap();
         assert_eq!(
             std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
@@ -313,8 +312,7 @@ mod tests {
 
     #[test]
     fn stale_socket_is_replaced_and_live_one_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("s");
+        let (_tmp, dir) = crate::test_support::scratch("s");
         let path = dir.join("dk.sock");
         let first = bind(&path).unwrap();
         assert!(bind(&path).is_err(), "a live socket is refused");

@@ -38,8 +38,7 @@ fn sign_and_verify(key: &KeyRecord) {
 }
 
 fn store_dir() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("keys");
+    let (tmp, dir) = crate::test_support::scratch("keys");
     (tmp, dir)
 }
 

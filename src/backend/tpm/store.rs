@@ -276,8 +276,7 @@ mod tests {
 
     #[test]
     fn creates_owner_only_dir_and_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("a/b/tpm");
+        let (_tmp, dir) = crate::test_support::scratch("a/b/tpm");
         let kd = KeyFiles::open(&dir).unwrap();
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,

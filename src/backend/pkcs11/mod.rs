@@ -225,17 +225,13 @@ impl Backend for Pkcs11Backend {
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
         self.inner
-            .run("update a key", |s| self.inner.relabel(s, name, label, id))
+            .run_write("update a key", |s| self.inner.relabel(s, name, label, id))
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
         self.inner
-            .run("destroy a key", |s| self.inner.destroy(s, name))
+            .run_write("destroy a key", |s| self.inner.destroy(s, name))
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
@@ -249,27 +245,21 @@ impl Backend for Pkcs11Backend {
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
         let raw = objects::prepare(attributes)?;
         let template: Vec<_> = raw.iter().map(encoding::raw_to_attribute).collect();
         self.inner
-            .run("store an object", |s| self.inner.create(s, &template))
+            .run_write("store an object", |s| self.inner.create(s, &template))
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
-        self.inner.run("update an object", |s| {
+        self.inner.run_write("update an object", |s| {
             self.inner.update(s, name, attributes)
         })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
         self.inner
-            .run("destroy an object", |s| self.inner.destroy_named(s, name))
+            .run_write("destroy an object", |s| self.inner.destroy_named(s, name))
     }
 }
 

@@ -100,4 +100,15 @@ impl Inner {
     ) -> Result<T> {
         self.token.run(what, &|| self.forget_handles(), f)
     }
+
+    /// [`Inner::run`] for a change to the wrapped token: writes go one process at a time (see
+    /// p11::lock), so the token's write lock is held while `f` runs.
+    pub(super) fn run_write<T>(
+        &self,
+        what: &str,
+        f: impl Fn(&Session) -> std::result::Result<T, OpError>,
+    ) -> Result<T> {
+        let _write = self.token().write_lock();
+        self.run(what, f)
+    }
 }

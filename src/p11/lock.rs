@@ -23,6 +23,12 @@
 //! tries almost never sees it free (a module load waited out the whole 10 s, then went ahead
 //! unlocked, while four processes generated keys).
 //!
+//! **Change counter.** The lock file also counts the changes our processes make to the token:
+//! 8 bytes (little-endian) at offset 0, incremented under the lock when a holder that changed the
+//! token releases it (after the change, so a reader that sees the new count also sees the
+//! change). [`ChangeCounter`] reads it without the lock, so a process notices that another one of
+//! ours changed the token. Changes by programs that do not use this module are not counted.
+//!
 //! In a process the threads take turns first (a thread that holds the lock passes through nested
 //! sections: a write's session logs in); the holding thread has the lock file open on its own
 //! open file description (flock works per open file description), closed on release.
@@ -30,6 +36,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::ThreadId;
@@ -47,6 +54,8 @@ struct FileLock {
     pid: u32,
     holder: Mutex<Option<ThreadId>>,
     changed: Condvar,
+    /// Set when the holder changed the token; the count is bumped when the lock is released.
+    dirty: AtomicBool,
 }
 
 fn table() -> &'static Mutex<HashMap<PathBuf, Arc<FileLock>>> {
@@ -59,6 +68,69 @@ fn table() -> &'static Mutex<HashMap<PathBuf, Arc<FileLock>>> {
 pub struct WriteLock {
     /// The lock and the open lock file that holds it.
     lock: Option<(Arc<FileLock>, OwnedFd)>,
+    /// The lock this thread already held when this guard was taken (a nested section).
+    nested: Option<Arc<FileLock>>,
+}
+
+impl WriteLock {
+    /// Records that the token is being changed under this lock: the change counter is bumped
+    /// when the outermost guard of this thread releases the lock. Nothing when the lock was not
+    /// obtained.
+    pub fn mark_changed(&self) {
+        if let Some(l) = self.lock.as_ref().map(|(l, _)| l).or(self.nested.as_ref()) {
+            l.dirty.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Adds one to the change count in the lock file `fd` (which this process holds locked).
+fn bump(fd: &OwnedFd, path: &Path) {
+    let mut count = [0u8; 8];
+    let n = rustix::io::pread(fd, &mut count, 0).unwrap_or(0);
+    let next = if n == 8 { u64::from_le_bytes(count) } else { 0 }.wrapping_add(1);
+    match rustix::io::pwrite(fd, &next.to_le_bytes(), 0) {
+        Ok(8) => {}
+        Ok(n) => log::warn!(
+            "{}: short write ({n} of 8 bytes) of the change count",
+            path.display()
+        ),
+        Err(e) => log::warn!("cannot update the change count in {}: {e}", path.display()),
+    }
+}
+
+/// Reads the change count of a token's lock file without taking the lock (see the module doc).
+pub struct ChangeCounter {
+    fd: OwnedFd,
+}
+
+impl std::fmt::Debug for ChangeCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeCounter").finish_non_exhaustive()
+    }
+}
+
+impl ChangeCounter {
+    /// The counter of `token` in `module`, opening (creating if missing) its lock file with the
+    /// same checks as the lock; `None` (with a log line) when there is no safe place for it.
+    pub fn open(module: &Path, token: &str) -> Option<Self> {
+        let lock = file_lock(module, token)?;
+        match open_lock_file(&lock.path) {
+            Ok(fd) => Some(Self { fd }),
+            Err(why) => {
+                log::info!("token '{token}': no change counter: {why}");
+                None
+            }
+        }
+    }
+
+    /// The number of changes counted so far (0 for a new or short file, or a failed read).
+    pub fn read(&self) -> u64 {
+        let mut count = [0u8; 8];
+        match rustix::io::pread(&self.fd, &mut count, 0) {
+            Ok(8) => u64::from_le_bytes(count),
+            _ => 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for WriteLock {
@@ -121,6 +193,9 @@ impl Drop for WriteLock {
             return;
         };
         let mut holder = lock.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        if lock.dirty.swap(false, Ordering::AcqRel) {
+            bump(&fd, &lock.path);
+        }
         let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
         drop(fd);
         *holder = None;
@@ -222,6 +297,7 @@ fn file_lock(module: &Path, token: &str) -> Option<Arc<FileLock>> {
                 pid,
                 holder: Mutex::new(None),
                 changed: Condvar::new(),
+                dirty: AtomicBool::new(false),
             });
             table.insert(path, l.clone());
             Some(l)
@@ -236,14 +312,21 @@ fn file_lock(module: &Path, token: &str) -> Option<Arc<FileLock>> {
 /// Takes the lock of `token` in `module`, waiting for other threads and processes; a thread that
 /// already holds it gets a guard that releases nothing.
 pub fn write_lock(module: &Path, token: &str) -> WriteLock {
-    let unlocked = WriteLock { lock: None };
+    let unlocked = WriteLock {
+        lock: None,
+        nested: None,
+    };
     let Some(lock) = file_lock(module, token) else {
         return unlocked;
     };
     let me = std::thread::current().id();
     let mut holder = lock.holder.lock().unwrap_or_else(PoisonError::into_inner);
     if *holder == Some(me) {
-        return unlocked;
+        drop(holder);
+        return WriteLock {
+            lock: None,
+            nested: Some(lock),
+        };
     }
     while holder.is_some() {
         holder = lock
@@ -260,6 +343,7 @@ pub fn write_lock(module: &Path, token: &str) -> WriteLock {
     };
     WriteLock {
         lock: Some((lock, fd)),
+        nested: None,
     }
 }
 
@@ -286,6 +370,25 @@ mod tests {
             lock_name(Path::new("/m"), "a"),
             lock_name(Path::new("/m"), "b")
         );
+    }
+
+    #[test]
+    fn the_change_count_starts_at_zero_and_counts_bumps() {
+        let (_tmp, path) = crate::test_support::scratch("c.lock");
+        let holder = open_lock_file(&path).unwrap();
+        let counter = ChangeCounter {
+            fd: open_lock_file(&path).unwrap(),
+        };
+        assert_eq!(counter.read(), 0, "a new (empty) lock file");
+        bump(&holder, &path);
+        assert_eq!(counter.read(), 1);
+        bump(&holder, &path);
+        assert_eq!(counter.read(), 2);
+        // A short file reads as 0, and counting goes on from there.
+        std::fs::write(&path, [7u8; 3]).unwrap();
+        assert_eq!(counter.read(), 0);
+        bump(&holder, &path);
+        assert_eq!(counter.read(), 1);
     }
 
     #[test]

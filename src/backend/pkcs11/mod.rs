@@ -55,6 +55,8 @@ use crate::config::Pkcs11Slot;
 pub struct Pkcs11Backend {
     inner: Arc<Inner>,
     info: StoreInfo,
+    /// The count of our processes' changes to the wrapped token (the change marker).
+    counter: Option<crate::p11::lock::ChangeCounter>,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -155,7 +157,12 @@ impl Pkcs11Backend {
             protection_class: inner.settings.class,
         };
         drop(conn);
-        Ok(Self { inner, info })
+        let counter = crate::p11::lock::ChangeCounter::open(&s.module, &s.token);
+        Ok(Self {
+            inner,
+            info,
+            counter,
+        })
     }
 
     fn record(
@@ -208,8 +215,9 @@ impl Backend for Pkcs11Backend {
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
-        // Writes to the wrapped token go one process at a time (see p11::lock).
-        let _write = self.inner.token().write_lock();
+        // Writes to the wrapped token go one process at a time, and are counted (see p11::lock).
+        let write = self.inner.token().write_lock();
+        write.mark_changed();
         let entry = self
             .inner
             .run("generate a key pair", |s| self.inner.generate(s, request))?;
@@ -260,6 +268,12 @@ impl Backend for Pkcs11Backend {
     fn destroy_object(&self, name: &str) -> Result<()> {
         self.inner
             .run_write("destroy an object", |s| self.inner.destroy_named(s, name))
+    }
+
+    /// The count of changes our processes made to the wrapped token (see p11::lock); changes
+    /// made by programs that do not go through this module are not counted.
+    fn change_marker(&self) -> Option<u128> {
+        self.counter.as_ref().map(|c| u128::from(c.read()))
     }
 }
 

@@ -102,13 +102,15 @@ impl Inner {
     }
 
     /// [`Inner::run`] for a change to the wrapped token: writes go one process at a time (see
-    /// p11::lock), so the token's write lock is held while `f` runs.
+    /// p11::lock), so the token's write lock is held while `f` runs, and the change is counted
+    /// for other processes' change markers.
     pub(super) fn run_write<T>(
         &self,
         what: &str,
         f: impl Fn(&Session) -> std::result::Result<T, OpError>,
     ) -> Result<T> {
-        let _write = self.token().write_lock();
+        let write = self.token().write_lock();
+        write.mark_changed();
         self.run(what, f)
     }
 }

@@ -1,5 +1,6 @@
 //! Config and key-store rules seen through the module: a broken or missing config gives a CK_RV
-//! (never a crash) and the module recovers once it is fixed; a group- or world-writable key
+//! (never a crash), a wrong option in a slot leaves that slot without a token, and the module
+//! recovers once the config is fixed; a group- or world-writable key
 //! directory is refused; the key directory and files it creates are owner-only.
 
 #[macro_use]
@@ -64,13 +65,28 @@ fn broken_config_is_an_error_not_a_crash() {
 #[test]
 fn config_with_unknown_field_or_backend_is_an_error() {
     let mut t = Token::uninitialized();
+    // A wrong option breaks its slot only: the module initializes, lists the slot, and the slot
+    // has no token.
     std::fs::write(
         &t.config,
         "[[slot]]\nbackend = \"software\"\ncolour = \"blue\"\n",
     )
     .expect("write");
+    assert_rv!(initialize(), CKR_OK);
+    let all = t.ctx.get_all_slots().expect("C_GetSlotList");
+    assert_eq!(all.len(), 1, "the broken slot is listed");
+    assert!(
+        t.ctx
+            .get_slots_with_token()
+            .expect("C_GetSlotList")
+            .is_empty(),
+        "the broken slot has no token"
+    );
+    assert_rv!(finalize(), CKR_OK);
     assert_refused_then_recovers(&mut t, "unknown field");
+    // A slot whose backend is not a key store makes the whole config unusable.
     std::fs::write(&t.config, "[[slot]]\nbackend = \"floppy\"\n").expect("write");
+    assert_ne!(initialize(), CKR_OK, "unknown backend");
     assert_refused_then_recovers(&mut t, "unknown backend");
 }
 

@@ -46,11 +46,9 @@ use crate::encoding::{self, POINT_LEN};
 /// `kSecAttrTokenOID`: the token-object blob of a token key (private in the SDK headers).
 const TOKEN_OID: &str = "toid";
 
-#[link(name = "Security", kind = "framework")]
-extern "C" {
-    /// `kSecAttrIsExtractable` (not bound by security-framework-sys).
-    static kSecAttrIsExtractable: CFStringRef;
-}
+/// `kSecAttrIsExtractable`, by its value in the Security framework's item constants (`"extr"`):
+/// security-framework-sys does not bind it, and this module declares no C symbols of its own.
+const IS_EXTRACTABLE: &str = "extr";
 
 /// A framework constant as a `CFString`.
 ///
@@ -105,13 +103,13 @@ fn generation_attributes(
 ) -> Result<CFDictionary<CFString, CFType>> {
     let permanent = permanent && route.uses_keychain();
     // SAFETY: every name below is an exported Security-framework constant.
-    let (is_permanent, access_control_key, is_extractable) = unsafe {
+    let (is_permanent, access_control_key) = unsafe {
         (
             constant(kSecAttrIsPermanent),
             constant(kSecAttrAccessControl),
-            constant(kSecAttrIsExtractable),
         )
     };
+    let is_extractable = CFString::from_static_string(IS_EXTRACTABLE);
     let mut private: Vec<(CFString, CFType)> =
         vec![(is_permanent.clone(), CFBoolean::from(permanent).as_CFType())];
     if route == Route::OsKeychain {

@@ -25,28 +25,6 @@ use testkit::rpc::{assert_error, connection_payload, result, Env, ACCOUNT, CLIEN
 
 const NONCE_MESSAGE: &str = "Invalid request: nonce must be unpadded base64url of 16 to 64 bytes";
 
-fn tools_present() -> bool {
-    ["swtpm", "swtpm_setup", "tpm2_makecredential", "tpm2_nvread"]
-        .iter()
-        .all(|t| {
-            // swtpm_setup --version exits 1: that it runs at all is enough.
-            Command::new(t).arg("--version").output().is_ok()
-        })
-}
-
-fn require_tpm_tools() -> bool {
-    if tools_present() {
-        return true;
-    }
-    let required = std::env::var("DEVICEKEY_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.contains("swtpm"),
-        "DEVICEKEY_TEST_REQUIRE names swtpm, but swtpm, swtpm_setup or tpm2-tools is missing"
-    );
-    eprintln!("skipped: swtpm, swtpm_setup or tpm2-tools is missing");
-    false
-}
-
 fn b64(v: &Value) -> Vec<u8> {
     STANDARD
         .decode(v.as_str().unwrap_or_else(|| panic!("not a string: {v}")))
@@ -188,7 +166,7 @@ fn tpm_env(tpm: &Swtpm) -> Env {
 
 #[test]
 fn tpm_key_attestation_through_serve_and_cli() {
-    if !require_tpm_tools() {
+    if !testkit::swtpm::have_swtpm_and(&["swtpm_setup", "tpm2_makecredential", "tpm2_nvread"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -34,24 +34,6 @@ use testkit::swtpm::{provision_with_ek_certificates, Swtpm};
 const ROOT_CA: &str = "/var/lib/swtpm-localca/swtpm-localca-rootca-cert.pem";
 const ISSUER_CA: &str = "/var/lib/swtpm-localca/issuercert.pem";
 
-fn require_tools() -> bool {
-    let missing: Vec<&str> = ["swtpm", "swtpm_setup", "openssl"]
-        .into_iter()
-        // swtpm_setup --version exits 1: that it runs at all is enough.
-        .filter(|t| Command::new(t).arg("--version").output().is_err())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let required = std::env::var("DEVICEKEY_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.contains("swtpm"),
-        "DEVICEKEY_TEST_REQUIRE names swtpm, but these are missing: {missing:?}"
-    );
-    eprintln!("skipped: {missing:?} missing");
-    false
-}
-
 fn nonce() -> String {
     let mut bytes = [0u8; 32];
     getrandom::getrandom(&mut bytes).unwrap();
@@ -267,7 +249,7 @@ fn count(log: &str, needle: &str) -> usize {
 
 #[test]
 fn server_evidence_passes_the_reference_verifier_and_each_forgery_fails_at_its_check() {
-    if !require_tools() {
+    if !testkit::swtpm::have_swtpm_and(&["swtpm_setup", "openssl"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

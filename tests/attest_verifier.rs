@@ -32,39 +32,13 @@ const EK_HANDLE: &str = "0x81010001";
 const AK_HANDLE: &str = "0x81010002";
 const KEY_HANDLE: &str = "0x81000010";
 const OTHER_KEY_HANDLE: &str = "0x81000011";
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// True when the tools are here; panics when they are required and missing.
-fn tools_present() -> bool {
-    let missing: Vec<&str> = [
-        "swtpm",
-        "swtpm_setup",
-        "tpm2_createek",
-        "tpm2_send",
-        "tpm2_activatecredential",
-    ]
-    .into_iter()
-    .filter(|t| !have(t))
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let required = std::env::var("DEVICEKEY_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.contains("swtpm"),
-        "DEVICEKEY_TEST_REQUIRE names swtpm but these are missing: {missing:?}"
-    );
-    eprintln!("skipping: {missing:?} not installed");
-    false
-}
+/// The tools these tests run besides swtpm.
+const TPM_TOOLS: &[&str] = &[
+    "swtpm_setup",
+    "tpm2_createek",
+    "tpm2_send",
+    "tpm2_activatecredential",
+];
 
 /// A swtpm and a scratch directory for tpm2-tools files.
 struct Tpm {
@@ -333,7 +307,7 @@ fn hex(bytes: &[u8]) -> String {
 /// the TPM refuses a credential made for another AK; tpm2_makecredential's output parses.
 #[test]
 fn our_make_credential_is_released_by_tpm2_activatecredential() {
-    if !tools_present() {
+    if !testkit::swtpm::have_swtpm_and(TPM_TOOLS) {
         return;
     }
     let tpm = Tpm::start(false);
@@ -403,7 +377,7 @@ fn our_make_credential_is_released_by_tpm2_activatecredential() {
 /// (00ff55aa, not the contract's) keeps check 5 from passing.
 #[test]
 fn tpm2_certify_output_parses_and_its_signature_verifies() {
-    if !tools_present() {
+    if !testkit::swtpm::have_swtpm_and(TPM_TOOLS) {
         return;
     }
     let tpm = Tpm::start(true);
@@ -492,7 +466,7 @@ fn evidence_from_the_tpm() -> (Tpm, TpmEvidence, Vec<u8>) {
 /// tampering fails at its check, with a message that names it.
 #[test]
 fn tpm_evidence_passes_all_six_checks_and_each_tampering_fails_at_its_check() {
-    if !tools_present() {
+    if !testkit::swtpm::have_swtpm_and(TPM_TOOLS) {
         return;
     }
     let (tpm, evidence, nonce) = evidence_from_the_tpm();
@@ -720,7 +694,7 @@ fn devicekey() -> Command {
 /// naming the check.
 #[test]
 fn cli_attest_verify_prints_each_check_and_exits_zero_only_when_all_pass() {
-    if !tools_present() {
+    if !testkit::swtpm::have_swtpm_and(TPM_TOOLS) {
         return;
     }
     let (tpm, evidence, nonce) = evidence_from_the_tpm();

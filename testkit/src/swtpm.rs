@@ -40,6 +40,21 @@ pub fn have_swtpm() -> bool {
     )
 }
 
+/// True when swtpm and every one of `tools` (swtpm_setup, tpm2-tools, openssl...) can be run;
+/// else skips, or panics naming what is missing when `DEVICEKEY_TEST_REQUIRE` names swtpm.
+/// A tool counts as present when it runs at all (swtpm_setup --version exits 1).
+pub fn have_swtpm_and(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = std::iter::once("swtpm")
+        .chain(tools.iter().copied())
+        .filter(|t| Command::new(t).arg("--version").output().is_err())
+        .collect();
+    crate::require::available_or_skip(
+        "swtpm",
+        missing.is_empty(),
+        &format!("{missing:?} not installed (scripts/setup.sh installs swtpm, swtpm-tools and tpm2-tools)"),
+    )
+}
+
 /// Manufactures a TPM in `state` with EK certificates (`swtpm_setup --create-ek-cert`: RSA 2048
 /// at NV 0x01c00002, EK persisted at 0x81010001, and a P-384 one), issued by swtpm's local CA.
 /// Start it afterwards with [`Swtpm::start`]. Panics when swtpm_setup fails.

@@ -101,6 +101,17 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// `login = "..."` of a `[[slot]]`: whether the token asks for a user PIN.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginMode {
+    /// No PIN: every process of the user signs with every key (the default).
+    #[default]
+    None,
+    /// A user PIN: private keys are CKA_PRIVATE and usable only after C_Login(CKU_USER).
+    Pin,
+}
+
 /// `backend = "software"`: keys in an owner-only directory.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -109,10 +120,13 @@ pub struct SoftwareSlot {
     pub label: String,
     /// The key directory; default `$XDG_DATA_HOME/devicekey`.
     pub dir: Option<PathBuf>,
+    /// Whether the token asks for a user PIN.
+    #[serde(default)]
+    pub login: LoginMode,
 }
 
 impl SoftwareSlot {
-    const FIELDS: &'static [&'static str] = &["label", "dir"];
+    const FIELDS: &'static [&'static str] = &["label", "dir", "login"];
 }
 
 /// `backend = "tpm"`: keys in a TPM 2.0.
@@ -135,6 +149,9 @@ pub struct TpmSlot {
     /// A file (mode 0600) holding the owner hierarchy's authorization, for
     /// `devicekey tpm persist-srk` only. Neither set: the owner authorization is empty.
     pub owner_auth_file: Option<PathBuf>,
+    /// Whether the token asks for a user PIN (it becomes each key's authValue).
+    #[serde(default)]
+    pub login: LoginMode,
 }
 
 impl TpmSlot {
@@ -145,6 +162,7 @@ impl TpmSlot {
         "allow_simulator",
         "owner_auth_env",
         "owner_auth_file",
+        "login",
     ];
 }
 
@@ -165,6 +183,9 @@ pub struct Pkcs11Slot {
     pub pin_file: Option<PathBuf>,
     /// The class the operator declares for the wrapped device.
     pub protection_class: Option<String>,
+    /// Whether our token asks for a user PIN of its own (the wrapped token keeps its PIN).
+    #[serde(default)]
+    pub login: LoginMode,
 }
 
 impl Pkcs11Slot {
@@ -175,6 +196,7 @@ impl Pkcs11Slot {
         "pin_env",
         "pin_file",
         "protection_class",
+        "login",
     ];
 }
 
@@ -567,7 +589,8 @@ mod tests {
             c.slots[0],
             SlotConfig::Software(SoftwareSlot {
                 label: "devicekey".into(),
-                dir: None
+                dir: None,
+                login: LoginMode::None,
             })
         );
         let tpm = cfg!(all(feature = "tpm", target_os = "linux"))
@@ -612,7 +635,8 @@ mod tests {
             c.slots[0],
             SlotConfig::Software(SoftwareSlot {
                 label: "devicekey".into(),
-                dir: Some("/tmp/x".into())
+                dir: Some("/tmp/x".into()),
+                login: LoginMode::None,
             })
         );
         assert_eq!(
@@ -624,6 +648,7 @@ mod tests {
                 allow_simulator: true,
                 owner_auth_env: None,
                 owner_auth_file: None,
+                login: LoginMode::None,
             })
         );
         let SlotConfig::Pkcs11(p) = &c.slots[2] else {

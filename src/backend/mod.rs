@@ -13,6 +13,7 @@
 
 mod file_store;
 pub mod keydir;
+pub mod pin;
 pub mod pkcs11;
 pub mod secure_enclave;
 pub mod software;
@@ -162,6 +163,15 @@ pub enum BackendError {
     /// A PIN was wrong or missing.
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// The user PIN of a `login = "pin"` slot is wrong (CKR_PIN_INCORRECT).
+    #[error("PIN incorrect: {0}")]
+    PinIncorrect(String),
+    /// The user PIN is locked after too many wrong tries (CKR_PIN_LOCKED).
+    #[error("PIN locked: {0}")]
+    PinLocked(String),
+    /// The store needs the user PIN first (CKR_USER_NOT_LOGGED_IN).
+    #[error("not logged in: {0}")]
+    NotLoggedIn(String),
     /// The device refused the operation.
     #[error("refused by device: {0}")]
     Refused(String),
@@ -295,6 +305,11 @@ pub trait Backend: Send + Sync {
     /// counter...) that differs from the one returned before the change. `None` when the store
     /// cannot tell.
     fn change_marker(&self) -> Option<u128> {
+        None
+    }
+
+    /// The store's user PIN, for a slot with `login = "pin"`; `None` for a slot without one.
+    fn pin(&self) -> Option<&dyn pin::PinGuard> {
         None
     }
 }

@@ -50,8 +50,12 @@ pub fn backend_rv(e: &BackendError) -> CK_RV {
         BackendError::Io(_) => CKR_DEVICE_ERROR,
         BackendError::Full(_) => CKR_DEVICE_MEMORY,
         BackendError::NotFound(_) => CKR_OBJECT_HANDLE_INVALID,
-        // Our token needs no PIN; a wrapped token's PIN failure must not make callers prompt.
+        // A wrapped token's or a device's own authorization failure must not make callers
+        // prompt for our PIN: only the PIN* variants speak of the user PIN.
         BackendError::Auth(_) => CKR_DEVICE_ERROR,
+        BackendError::PinIncorrect(_) => CKR_PIN_INCORRECT,
+        BackendError::PinLocked(_) => CKR_PIN_LOCKED,
+        BackendError::NotLoggedIn(_) => CKR_USER_NOT_LOGGED_IN,
         BackendError::Refused(_) => CKR_FUNCTION_REJECTED,
         BackendError::Crypto(_) => CKR_FUNCTION_FAILED,
     }

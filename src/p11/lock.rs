@@ -18,7 +18,8 @@
 //! the call goes ahead unlocked with a log line (the lock is advisory).
 //!
 //! A waiter waits in the kernel (a blocking `flock`, on a short-lived helper thread so that the
-//! wait can end after 10 s), not by polling: processes that take the lock back to back (key
+//! wait can end after 10 s; the thread may outlive C_Finalize, which is safe because the module is
+//! linked `-z nodelete`), not by polling: processes that take the lock back to back (key
 //! generations in a loop) leave it free only for microseconds, and a poller that sleeps between
 //! tries almost never sees it free (a module load waited out the whole 10 s, then went ahead
 //! unlocked, while four processes generated keys).

@@ -27,6 +27,15 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
+    /// The file, or the directory holding it, can be changed by another user: it names the
+    /// modules this process loads, so it is refused.
+    #[error("config {path} is refused: {why} (it names the modules this process loads)")]
+    Unsafe {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The file is not valid TOML or does not fit the schema.
     #[error("config {path} is invalid: {message}")]
     Invalid {
@@ -449,6 +458,49 @@ struct ConfigFile {
     server: ServerConfig,
 }
 
+/// Refuses a config file (as opened) or its directory that another user could change: the owner
+/// must be this user or root, and neither may be writable by group or others (a sticky directory,
+/// such as `/tmp`, may be).
+fn check_not_writable_by_others(path: &Path, file: &std::fs::File) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_because = |why: String| ConfigError::Unsafe {
+        path: path.to_owned(),
+        why,
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let trusted = |uid: u32| uid == me || uid == 0;
+    let meta = file.metadata().map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(unsafe_because("not a regular file".into()));
+    }
+    if !trusted(meta.uid()) {
+        return Err(unsafe_because(format!("owned by uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_because(format!(
+            "mode {:04o} lets group or others write it",
+            meta.mode() & 0o7777
+        )));
+    }
+    let dir = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned));
+    if let Some(dir_meta) = dir.as_deref().and_then(|d| std::fs::metadata(d).ok()) {
+        let sticky = dir_meta.mode() & 0o1000 != 0;
+        if !trusted(dir_meta.uid()) || (dir_meta.mode() & 0o022 != 0 && !sticky) {
+            return Err(unsafe_because(format!(
+                "its directory (uid {}, mode {:04o}) lets another user replace it",
+                dir_meta.uid(),
+                dir_meta.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Finds and reads the config as the module and the CLI do.
     pub fn load() -> Result<Self, ConfigError> {
@@ -476,12 +528,16 @@ impl Config {
         })
     }
 
-    /// Reads one config file.
+    /// Reads one config file; refuses one that another user could change.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(read_error)?;
+        check_not_writable_by_others(path, &file)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(read_error)?;
         let mut config = Self::from_toml(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -580,6 +636,28 @@ mod tests {
         let mut c = Config::from_toml(&format!("[[slot]]\n{body}\n")).unwrap();
         assert_eq!(c.slots.len(), 1);
         c.slots.remove(0)
+    }
+
+    #[test]
+    fn a_config_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::from_file(&path).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("mode 0666"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("its directory"), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(
+            Config::from_file(&path).is_ok(),
+            "a sticky directory is fine"
+        );
     }
 
     #[test]

@@ -129,3 +129,31 @@ fn the_built_in_policy_is_printed_without_a_config() {
         ],
     );
 }
+
+#[test]
+fn a_config_others_can_write_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let path = root.join("config.toml");
+    let config = format!(
+        "[[slot]]\nlabel = \"soft\"\nbackend = \"software\"\ndir = \"{}/a\"\n",
+        root.display()
+    );
+    std::fs::write(&path, config).expect("config");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut cmd = doctor_command(root);
+    cmd.env("DEVICEKEY_CONFIG", &path);
+    let out = run(cmd);
+    assert_ne!(out.status.code(), Some(0), "a refused config is a failure");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_has(&all, &["is refused: mode 0666", "chmod go-w"]);
+    assert!(
+        !root.join("a").exists(),
+        "no slot of a refused config opened"
+    );
+}

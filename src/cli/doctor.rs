@@ -228,6 +228,12 @@ fn config_fix(e: &ConfigError) -> String {
         ConfigError::Read { path, .. } => {
             format!("make {} readable by this user", path.display())
         }
+        ConfigError::Unsafe { path, .. } => format!(
+            "make {} and its directory yours (or root's) and not writable by group or others: \
+             `chmod go-w {}`",
+            path.display(),
+            path.display()
+        ),
         ConfigError::Invalid { path, .. } => format!(
             "correct {} (see the README's Configuration section: each [[slot]] names its \
              `backend`, one of {})",

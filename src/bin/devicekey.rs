@@ -72,6 +72,8 @@ enum Command {
     /// Key attestation: print the evidence that a key lives in a TPM, answer a challenge, or
     /// verify evidence (the relying party's reference verifier).
     Attest(AttestArgs),
+    /// The user PIN of a slot with `login = "pin"`: `set`, `change`, `status` (`--slot LABEL`).
+    Pin(devicekey_pkcs11::cli::pin::PinArgs),
     /// TPM housekeeping: `persist-srk --slot LABEL` makes the storage root key persistent.
     #[cfg(all(target_os = "linux", feature = "tpm"))]
     Tpm(devicekey_pkcs11::cli::tpm::TpmArgs),
@@ -89,13 +91,15 @@ impl Command {
             Self::Uri(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Cert(a) => emit(format_args!("{}", a.run().map_err(DeviceKeyError::from)?)),
             Self::Attest(a) => a.run(),
+            Self::Pin(a) => {
+                let config = Config::load()?;
+                let text = a.run(&config).map_err(tool_error)?;
+                emit(format_args!("{text}"))
+            }
             #[cfg(all(target_os = "linux", feature = "tpm"))]
             Self::Tpm(a) => {
                 let config = Config::load()?;
-                let text = a.run(&config).map_err(|e| match e {
-                    devicekey_pkcs11::cli::ToolError::Usage(m) => CliError::Input(m),
-                    other => DeviceKeyError::from(other).into(),
-                })?;
+                let text = a.run(&config).map_err(tool_error)?;
                 emit(format_args!("{text}"))
             }
             Self::Doctor(a) => {
@@ -107,6 +111,14 @@ impl Command {
                 }
             }
         }
+    }
+}
+
+/// A key tool's error as the exit code wants it: a usage error is 2.
+fn tool_error(e: devicekey_pkcs11::cli::ToolError) -> CliError {
+    match e {
+        devicekey_pkcs11::cli::ToolError::Usage(m) => CliError::Input(m),
+        other => DeviceKeyError::from(other).into(),
     }
 }
 

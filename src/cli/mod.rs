@@ -14,6 +14,8 @@ pub mod attest_device;
 pub mod attest_verify;
 pub mod cert;
 pub mod doctor;
+pub mod pin;
+mod secret;
 #[cfg(all(target_os = "linux", feature = "tpm"))]
 pub mod tpm;
 pub mod uri;
@@ -136,6 +138,23 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>> {
     }
     crate::encoding::hex_decode(&clean)
         .ok_or_else(|| ToolError::Usage(format!("{text:?} is not hex")))
+}
+
+/// The `[[slot]]` labelled `label`, or a usage error listing the labels there are.
+pub fn slot_by_label<'a>(
+    config: &'a crate::config::Config,
+    label: &str,
+) -> Result<&'a crate::config::SlotConfig> {
+    config
+        .slots
+        .iter()
+        .find(|s| s.label() == label)
+        .ok_or_else(|| {
+            let labels: Vec<&str> = config.slots.iter().map(|s| s.label()).collect();
+            ToolError::Usage(format!(
+                "no slot labelled {label:?}; the config has {labels:?}"
+            ))
+        })
 }
 
 /// Our module: next to the running binary (a build tree), else the installed path.

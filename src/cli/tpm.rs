@@ -6,8 +6,6 @@
 //! from the slot's `owner_auth_env` or `owner_auth_file` (never from the command line; empty
 //! when neither is set). It refuses when another object holds `0x81000001`.
 
-use std::path::Path;
-
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
@@ -63,17 +61,11 @@ impl PersistSrkArgs {
 
 /// The TPM slot labelled `label`.
 fn tpm_slot<'a>(config: &'a Config, label: &str) -> Result<&'a TpmSlot> {
-    match config.slots.iter().find(|s| s.label() == label) {
-        Some(SlotConfig::Tpm(slot)) => Ok(slot),
-        Some(_) => Err(ToolError::Usage(format!(
+    match super::slot_by_label(config, label)? {
+        SlotConfig::Tpm(slot) => Ok(slot),
+        _ => Err(ToolError::Usage(format!(
             "slot {label:?} is not a TPM slot (backend = \"tpm\")"
         ))),
-        None => {
-            let labels: Vec<&str> = config.slots.iter().map(SlotConfig::label).collect();
-            Err(ToolError::Usage(format!(
-                "no slot labelled {label:?}; the config has {labels:?}"
-            )))
-        }
     }
 }
 
@@ -93,28 +85,9 @@ fn owner_auth(slot: &TpmSlot) -> Result<Zeroizing<Vec<u8>>> {
                 "{who}: the owner authorization variable {var} (owner_auth_env) is not set"
             ))),
         },
-        (None, Some(path)) => from_file(&who, path),
+        (None, Some(path)) => {
+            super::secret::from_file(&format!("{who}: the owner authorization file"), path)
+        }
         (None, None) => Ok(Zeroizing::new(Vec::new())),
     }
-}
-
-fn from_file(who: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut text = std::fs::read(path)
-        .map(Zeroizing::new)
-        .map_err(|source| ToolError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
-    if mode & 0o077 != 0 {
-        return Err(ToolError::Usage(format!(
-            "{who}: the owner authorization file {} (owner_auth_file) is open to others; chmod 600 it",
-            path.display()
-        )));
-    }
-    while matches!(text.last(), Some(b'\n' | b'\r')) {
-        text.pop();
-    }
-    Ok(text)
 }

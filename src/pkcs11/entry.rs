@@ -133,42 +133,72 @@ unsafe fn operation_init(
     })
 }
 
-/// The shared body of the `C_*Update` calls: read the part and feed it to `update`.
-///
-/// # Safety
-/// `part` must be NULL or point to `part_len` readable bytes.
-unsafe fn operation_update(
-    name: &str,
-    session: CK_SESSION_HANDLE,
-    op: Operation,
-    part: *const CK_BYTE,
-    part_len: CK_ULONG,
-    update: impl FnOnce(&Token, &[u8]) -> token::Result<()>,
-) -> CK_RV {
-    with_operation(name, session, op, |t| {
-        // SAFETY: `part_len` readable bytes per the caller.
-        let data = unsafe { memory::input(part, part_len) }?;
-        rv(update(t, data))
-    })
-}
-
-/// The shared body of `C_SignFinal` and `C_DigestFinal`: the result goes out by the
-/// length-query rules of [`variable_output`].
-///
-/// # Safety
-/// As [`variable_output`] for `out` and `out_len`.
-unsafe fn operation_final(
-    name: &str,
-    session: CK_SESSION_HANDLE,
-    op: Operation,
-    out: *mut CK_BYTE,
-    out_len: *mut CK_ULONG,
-    finish: impl FnOnce(&Token, Capacity) -> token::Result<Output>,
-) -> CK_RV {
-    with_operation(name, session, op, |t| {
-        // SAFETY: forwarded output contract.
-        unsafe { variable_output(out, out_len, |cap| finish(t, cap)) }
-    })
+/// The entry points of sign, verify and digest that differ only in their operation and the
+/// token method they call, one row each: `kind C_Name: Operation, token_method;`.
+/// - `keyed_init`: `(session, mechanism, key)`, starts the operation with that key;
+/// - `one_shot`: `(session, data, out, out_len)`, the whole operation, the result by the
+///   length-query rules of [`variable_output`];
+/// - `update`: `(session, part)`, feeds one part;
+/// - `finish`: `(session, out, out_len)`, the result by the length-query rules.
+macro_rules! operation_entries {
+    ($($(#[$meta:meta])* $kind:ident $name:ident: $op:ident, $method:ident;)*) => {$(
+        operation_entries!(@$kind $(#[$meta])* $name, $op, $method);
+    )*};
+    (@keyed_init $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(
+                hSession: CK_SESSION_HANDLE,
+                pMechanism: *mut CK_MECHANISM,
+                hKey: CK_OBJECT_HANDLE,
+            ) {
+                // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
+                unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.$method(hSession, m, hKey)) }
+            }
+        }
+    };
+    (@one_shot $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(
+                hSession: CK_SESSION_HANDLE,
+                pData: *mut CK_BYTE,
+                ulDataLen: CK_ULONG,
+                pOut: *mut CK_BYTE,
+                pulOutLen: *mut CK_ULONG,
+            ) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: `ulDataLen` readable bytes per the caller.
+                    let data = unsafe { memory::input(pData, ulDataLen) }?;
+                    // SAFETY: forwarded output contract.
+                    unsafe { variable_output(pOut, pulOutLen, |out| t.$method(hSession, data, out)) }
+                })
+            }
+        }
+    };
+    (@update $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
+                    let part = unsafe { memory::input(pPart, ulPartLen) }?;
+                    rv(t.$method(hSession, part))
+                })
+            }
+        }
+    };
+    (@finish $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(hSession: CK_SESSION_HANDLE, pOut: *mut CK_BYTE, pulOutLen: *mut CK_ULONG) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: forwarded output contract.
+                    unsafe { variable_output(pOut, pulOutLen, |out| t.$method(hSession, out)) }
+                })
+            }
+        }
+    };
 }
 
 fn version(v: (u8, u8)) -> CK_VERSION {
@@ -634,78 +664,25 @@ entry! {
     }
 }
 
-entry! {
+operation_entries! {
     /// `C_SignInit`.
-    fn C_SignInit(
-        hSession: CK_SESSION_HANDLE,
-        pMechanism: *mut CK_MECHANISM,
-        hKey: CK_OBJECT_HANDLE,
-    ) {
-        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
-        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.sign_init(hSession, m, hKey)) }
-    }
-}
-
-entry! {
+    keyed_init C_SignInit: Sign, sign_init;
     /// `C_Sign`: a NULL signature buffer asks for the length (64) and keeps the operation.
-    fn C_Sign(
-        hSession: CK_SESSION_HANDLE,
-        pData: *mut CK_BYTE,
-        ulDataLen: CK_ULONG,
-        pSignature: *mut CK_BYTE,
-        pulSignatureLen: *mut CK_ULONG,
-    ) {
-        with_operation(NAME, hSession, Operation::Sign, |t| {
-            // SAFETY: `ulDataLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pData, ulDataLen) }?;
-            // SAFETY: forwarded output contract.
-            unsafe {
-                variable_output(pSignature, pulSignatureLen, |out| {
-                    t.sign(hSession, data, out)
-                })
-            }
-        })
-    }
-}
-
-entry! {
+    one_shot C_Sign: Sign, sign;
     /// `C_SignUpdate`.
-    fn C_SignUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Sign, pPart, ulPartLen, |t, d| {
-                t.sign_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
+    update C_SignUpdate: Sign, sign_update;
     /// `C_SignFinal`: a NULL signature buffer asks for the length and keeps the operation.
-    fn C_SignFinal(
-        hSession: CK_SESSION_HANDLE,
-        pSignature: *mut CK_BYTE,
-        pulSignatureLen: *mut CK_ULONG,
-    ) {
-        // SAFETY: forwarded output contract.
-        unsafe {
-            operation_final(NAME, hSession, Operation::Sign, pSignature, pulSignatureLen, |t, c| {
-                t.sign_final(hSession, c)
-            })
-        }
-    }
-}
-
-entry! {
+    finish C_SignFinal: Sign, sign_final;
     /// `C_VerifyInit`.
-    fn C_VerifyInit(
-        hSession: CK_SESSION_HANDLE,
-        pMechanism: *mut CK_MECHANISM,
-        hKey: CK_OBJECT_HANDLE,
-    ) {
-        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
-        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.verify_init(hSession, m, hKey)) }
-    }
+    keyed_init C_VerifyInit: Verify, verify_init;
+    /// `C_VerifyUpdate`.
+    update C_VerifyUpdate: Verify, verify_update;
+    /// `C_Digest`: a NULL output asks for the length and keeps the operation.
+    one_shot C_Digest: Digest, digest;
+    /// `C_DigestUpdate`.
+    update C_DigestUpdate: Digest, digest_update;
+    /// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
+    finish C_DigestFinal: Digest, digest_final;
 }
 
 entry! {
@@ -731,18 +708,6 @@ entry! {
 }
 
 entry! {
-    /// `C_VerifyUpdate`.
-    fn C_VerifyUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Verify, pPart, ulPartLen, |t, d| {
-                t.verify_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
     /// `C_VerifyFinal`.
     fn C_VerifyFinal(
         hSession: CK_SESSION_HANDLE,
@@ -762,52 +727,6 @@ entry! {
     fn C_DigestInit(hSession: CK_SESSION_HANDLE, pMechanism: *mut CK_MECHANISM) {
         // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
         unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.digest_init(hSession, m)) }
-    }
-}
-
-entry! {
-    /// `C_Digest`: a NULL output asks for the length and keeps the operation.
-    fn C_Digest(
-        hSession: CK_SESSION_HANDLE,
-        pData: *mut CK_BYTE,
-        ulDataLen: CK_ULONG,
-        pDigest: *mut CK_BYTE,
-        pulDigestLen: *mut CK_ULONG,
-    ) {
-        with_operation(NAME, hSession, Operation::Digest, |t| {
-            // SAFETY: `ulDataLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pData, ulDataLen) }?;
-            // SAFETY: forwarded output contract.
-            unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest(hSession, data, out)) }
-        })
-    }
-}
-
-entry! {
-    /// `C_DigestUpdate`.
-    fn C_DigestUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Digest, pPart, ulPartLen, |t, d| {
-                t.digest_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
-    /// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
-    fn C_DigestFinal(
-        hSession: CK_SESSION_HANDLE,
-        pDigest: *mut CK_BYTE,
-        pulDigestLen: *mut CK_ULONG,
-    ) {
-        // SAFETY: forwarded output contract.
-        unsafe {
-            operation_final(NAME, hSession, Operation::Digest, pDigest, pulDigestLen, |t, c| {
-                t.digest_final(hSession, c)
-            })
-        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod p11;
 pub mod pkcs11;
 pub mod proof;
+mod redact;
 pub mod rpc;
 pub mod token;
 pub mod vendor;

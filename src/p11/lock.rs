@@ -103,11 +103,7 @@ pub struct ChangeCounter {
     fd: OwnedFd,
 }
 
-impl std::fmt::Debug for ChangeCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChangeCounter").finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(ChangeCounter:);
 
 impl ChangeCounter {
     /// The counter of `token` in `module`, opening (creating if missing) its lock file with the
@@ -133,13 +129,7 @@ impl ChangeCounter {
     }
 }
 
-impl std::fmt::Debug for WriteLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteLock")
-            .field("held", &self.lock.is_some())
-            .finish()
-    }
-}
+crate::redact::debug_shows!(WriteLock: |w| held = w.lock.is_some());
 
 /// The lock file at `path` opened and locked exclusively, waiting at most [`WAIT`]; `None` (with
 /// a log line) when it was not obtained.

@@ -15,13 +15,7 @@ pub struct Pin {
     pub source: String,
 }
 
-impl std::fmt::Debug for Pin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pin")
-            .field("source", &self.source)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(Pin: source);
 
 /// Reads the PIN named by `pin_env` or `pin_file` (at most one may be set); `None` when neither
 /// is. `who` starts every message (`slot 'x'`, `[server]`).

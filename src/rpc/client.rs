@@ -194,13 +194,7 @@ pub struct TokenClient {
     inventory: Mutex<Option<Arc<Inventory>>>,
 }
 
-impl std::fmt::Debug for TokenClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenClient")
-            .field("specs", &self.specs)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(TokenClient: specs);
 
 fn rank(class: ProtectionClass) -> u8 {
     match class {

@@ -59,13 +59,7 @@ pub struct Pkcs11Backend {
     counter: Option<crate::p11::lock::ChangeCounter>,
 }
 
-impl std::fmt::Debug for Pkcs11Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Backend")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(Pkcs11Backend: info);
 
 fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);

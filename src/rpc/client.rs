@@ -73,10 +73,8 @@ pub struct ModuleSpec {
     pub token: Option<String>,
     /// The class a foreign module declares for its tokens.
     pub declared_class: Option<ProtectionClass>,
-    /// Where the PIN is: an environment variable.
-    pub pin_env: Option<String>,
-    /// Where the PIN is: a file.
-    pub pin_file: Option<PathBuf>,
+    /// Where the PIN is.
+    pub pin: p11::pin::PinSource,
 }
 
 /// The modules the `[server]` config names, the main one first.
@@ -95,16 +93,20 @@ pub fn module_specs(config: &ServerConfig) -> Result<Vec<ModuleSpec>> {
         path: config.module.clone().unwrap_or_else(p11::our_module_path),
         token: None,
         declared_class: parse_class(&config.protection_class)?,
-        pin_env: config.pin_env.clone(),
-        pin_file: config.pin_file.clone(),
+        pin: p11::pin::PinSource {
+            env: config.pin_env.clone(),
+            file: config.pin_file.clone(),
+        },
     }];
     for m in &config.modules {
         specs.push(ModuleSpec {
             path: m.module.clone(),
             token: m.token.clone(),
             declared_class: parse_class(&Some(m.protection_class.clone()))?,
-            pin_env: m.pin_env.clone(),
-            pin_file: m.pin_file.clone(),
+            pin: p11::pin::PinSource {
+                env: m.pin_env.clone(),
+                file: m.pin_file.clone(),
+            },
         });
     }
     Ok(specs)
@@ -239,11 +241,7 @@ fn load_module(spec: &ModuleSpec) -> Result<(Arc<ModuleClient>, Vec<TokenSlot>)>
         )));
     }
     let client = p11::registry::open(path)?;
-    let pin = p11::pin::read(
-        "[server]",
-        spec.pin_env.as_deref(),
-        spec.pin_file.as_deref(),
-    )?;
+    let pin = spec.pin.read("[server]")?;
     let mut slots = Vec::new();
     for entry in p11::token::tokens(&client)? {
         let info = &entry.info;

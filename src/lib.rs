@@ -12,6 +12,7 @@ pub mod encoding;
 pub mod logging;
 pub mod p11;
 pub mod pkcs11;
+pub mod private_dir;
 pub mod proof;
 mod redact;
 pub mod rpc;

@@ -208,6 +208,77 @@ fn version(v: (u8, u8)) -> CK_VERSION {
     }
 }
 
+/// Writes a list into `(out, count)` by the length-query rules: the count is always written;
+/// the entries only when `out` is not NULL, and only when `*count` has room for all of them
+/// (`CKR_BUFFER_TOO_SMALL` otherwise).
+///
+/// # Safety
+/// `count` must be NULL or readable and writable; `out` NULL or room for `*count` entries.
+unsafe fn list_output<T: Copy>(out: *mut T, count: *mut CK_ULONG, items: &[T]) -> AbiResult<()> {
+    // SAFETY: NULL-checked read of the caller's count.
+    let capacity = memory::entries(unsafe { memory::read(count) }?);
+    // SAFETY: NULL-checked write of the count.
+    unsafe { memory::write(count, items.len() as CK_ULONG) }?;
+    if out.is_null() {
+        return Ok(());
+    }
+    // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
+    unsafe { memory::copy_out(out, capacity, items) }
+}
+
+/// Makes something the caller receives through `out` (a session, an object): a NULL `out` is
+/// `CKR_ARGUMENTS_BAD` before anything is made, so nothing is left that the caller cannot name.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+unsafe fn make_into<T>(out: *mut T, make: impl FnOnce() -> AbiResult<T>) -> AbiResult<()> {
+    if out.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    let made = make()?;
+    // SAFETY: non-NULL (checked above), writable per the caller.
+    unsafe { memory::write(out, made) }
+}
+
+/// The shared body of `C_Login` and `C_LoginUser`.
+///
+/// # Safety
+/// `pin` must be NULL (with length 0) or point to `pin_len` readable bytes.
+unsafe fn login(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    user_type: CK_USER_TYPE,
+    pin: *const CK_UTF8CHAR,
+    pin_len: CK_ULONG,
+) -> CK_RV {
+    with_token(name, |t| {
+        // SAFETY: forwarded contract.
+        let pin = unsafe { memory::input(pin, pin_len) }?;
+        rv(t.login(session, user_type, pin))
+    })
+}
+
+/// Entry points that hand their arguments (handles, no pointers) to the token method of the
+/// same name and return what it says: `C_Name(arguments) => method;`.
+macro_rules! handle_entries {
+    ($($name:ident($($arg:ident: $ty:ty),*) => $method:ident;)*) => {$(
+        entry! {
+            #[doc = concat!("`", stringify!($name), "`.")]
+            fn $name($($arg: $ty),*) {
+                with_token(NAME, |t| rv(t.$method($($arg),*)))
+            }
+        }
+    )*};
+}
+
+handle_entries! {
+    C_CloseSession(hSession: CK_SESSION_HANDLE) => close_session;
+    C_CloseAllSessions(slotID: CK_SLOT_ID) => close_all_sessions;
+    C_Logout(hSession: CK_SESSION_HANDLE) => logout;
+    C_DestroyObject(hSession: CK_SESSION_HANDLE, hObject: CK_OBJECT_HANDLE) => destroy_object;
+    C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) => find_final;
+}
+
 entry! {
     /// `C_Initialize`: the four locking cases; `pReserved` must be NULL.
     fn C_Initialize(pInitArgs: *mut c_void) {
@@ -274,15 +345,8 @@ entry! {
     fn C_GetSlotList(tokenPresent: CK_BBOOL, pSlotList: *mut CK_SLOT_ID, pulCount: *mut CK_ULONG) {
         with_token(NAME, |t| {
             let slots = t.slot_list(tokenPresent != CK_FALSE);
-            // SAFETY: NULL-checked read of the caller's count.
-            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
-            // SAFETY: NULL-checked write of the count.
-            unsafe { memory::write(pulCount, slots.len() as CK_ULONG) }?;
-            if pSlotList.is_null() {
-                return Ok(());
-            }
-            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
-            unsafe { memory::copy_out(pSlotList, capacity, &slots) }
+            // SAFETY: forwarded list contract.
+            unsafe { list_output(pSlotList, pulCount, &slots) }
         })
     }
 }
@@ -350,15 +414,8 @@ entry! {
     ) {
         with_token(NAME, |t| {
             let mechs = rv(t.mechanisms(slotID))?;
-            // SAFETY: NULL-checked read of the caller's count.
-            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(pulCount, mechs.len() as CK_ULONG) }?;
-            if pMechanismList.is_null() {
-                return Ok(());
-            }
-            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
-            unsafe { memory::copy_out(pMechanismList, capacity, mechs) }
+            // SAFETY: forwarded list contract.
+            unsafe { list_output(pMechanismList, pulCount, mechs) }
         })
     }
 }
@@ -388,27 +445,9 @@ entry! {
         phSession: *mut CK_SESSION_HANDLE,
     ) {
         with_token(NAME, |t| {
-            if phSession.is_null() {
-                return Err(CKR_ARGUMENTS_BAD);
-            }
-            let h = rv(t.open_session(slotID, flags))?;
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(phSession, h) }
+            // SAFETY: `phSession` is NULL or writable per the caller.
+            unsafe { make_into(phSession, || rv(t.open_session(slotID, flags))) }
         })
-    }
-}
-
-entry! {
-    /// `C_CloseSession`.
-    fn C_CloseSession(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.close_session(hSession)))
-    }
-}
-
-entry! {
-    /// `C_CloseAllSessions`.
-    fn C_CloseAllSessions(slotID: CK_SLOT_ID) {
-        with_token(NAME, |t| rv(t.close_all_sessions(slotID)))
     }
 }
 
@@ -437,11 +476,8 @@ entry! {
         pPin: *mut CK_UTF8CHAR,
         ulPinLen: CK_ULONG,
     ) {
-        with_token(NAME, |t| {
-            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
-            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
-            rv(t.login(hSession, userType, pin))
-        })
+        // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+        unsafe { login(NAME, hSession, userType, pPin, ulPinLen) }
     }
 }
 
@@ -455,18 +491,8 @@ entry! {
         _pUsername: *mut CK_UTF8CHAR,
         _ulUsernameLen: CK_ULONG,
     ) {
-        with_token(NAME, |t| {
-            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
-            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
-            rv(t.login(hSession, userType, pin))
-        })
-    }
-}
-
-entry! {
-    /// `C_Logout`.
-    fn C_Logout(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.logout(hSession)))
+        // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+        unsafe { login(NAME, hSession, userType, pPin, ulPinLen) }
     }
 }
 
@@ -479,23 +505,13 @@ entry! {
         phObject: *mut CK_OBJECT_HANDLE,
     ) {
         with_token(NAME, |t| {
-            if phObject.is_null() {
-                return Err(CKR_ARGUMENTS_BAD);
-            }
-            // SAFETY: the caller passes `ulCount` readable attributes.
-            let template = unsafe { memory::template(pTemplate, ulCount) }?;
-            let h = rv(t.create_object(hSession, &template))?;
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(phObject, h) }
-        })
-    }
-}
-
-entry! {
-    /// `C_DestroyObject`.
-    fn C_DestroyObject(hSession: CK_SESSION_HANDLE, hObject: CK_OBJECT_HANDLE) {
-        with_token(NAME, |t| {
-            rv(t.destroy_object(hSession, hObject))
+            let create = || {
+                // SAFETY: the caller passes `ulCount` readable attributes.
+                let template = unsafe { memory::template(pTemplate, ulCount) }?;
+                rv(t.create_object(hSession, &template))
+            };
+            // SAFETY: `phObject` is NULL or writable per the caller.
+            unsafe { make_into(phObject, create) }
         })
     }
 }
@@ -621,13 +637,6 @@ entry! {
             // SAFETY: NULL-checked above.
             unsafe { memory::write(pulObjectCount, found.len() as CK_ULONG) }
         })
-    }
-}
-
-entry! {
-    /// `C_FindObjectsFinal`.
-    fn C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.find_final(hSession)))
     }
 }
 

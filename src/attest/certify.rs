@@ -16,17 +16,14 @@ pub const TPM_ST_ATTEST_CERTIFY: [u8; 2] = [0x80, 0x17];
 /// The domain-separation label of the qualifying data.
 pub const EXTRA_DATA_LABEL: &[u8] = b"devicekey-tpm-attestation/v1";
 
-/// What a TPM2_Certify attests.
+/// What a TPM2_Certify attests, as far as the verifier compares it (the qualified names of the
+/// object and of the signer are checked for form only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertifyInfo {
     /// `extraData`: the qualifying data the caller gave the TPM.
     pub extra_data: Vec<u8>,
     /// The certified object's name.
     pub name: Vec<u8>,
-    /// The certified object's qualified name.
-    pub qualified_name: Vec<u8>,
-    /// The signer's qualified name.
-    pub qualified_signer: Vec<u8>,
 }
 
 /// `SHA-256("devicekey-tpm-attestation/v1" ‖ 0x00 ‖ nonce ‖ SPKI DER)`: the `extraData` a device
@@ -74,8 +71,6 @@ pub fn parse_certify_info(bytes: &[u8]) -> Result<CertifyInfo, String> {
     Ok(CertifyInfo {
         extra_data: attest.extra_data().value().to_vec(),
         name: info.name().value().to_vec(),
-        qualified_name: info.qualified_name().value().to_vec(),
-        qualified_signer: attest.qualified_signer().value().to_vec(),
     })
 }
 

@@ -26,14 +26,10 @@ pub struct TrustAnchors {
     pub intermediates: Vec<X509>,
 }
 
-impl std::fmt::Debug for TrustAnchors {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustAnchors")
-            .field("roots", &self.roots.len())
-            .field("intermediates", &self.intermediates.len())
-            .finish()
-    }
-}
+crate::redact::debug_shows!(TrustAnchors: |t|
+    roots = t.roots.len(),
+    intermediates = t.intermediates.len(),
+);
 
 /// Certificates from a PEM file (one or more) or a single DER certificate.
 pub fn load_certificates(path: &Path) -> Result<Vec<X509>> {

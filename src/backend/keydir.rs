@@ -68,13 +68,7 @@ pub struct KeyDir {
     counter: Mutex<Option<File>>,
 }
 
-impl std::fmt::Debug for KeyDir {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyDir")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(KeyDir: path);
 
 /// The exclusive lock on a key directory, held until dropped.
 pub struct KeyDirLock {

@@ -248,16 +248,7 @@ pub struct KeyRecord {
     pub signer: Arc<dyn Signer>,
 }
 
-impl std::fmt::Debug for KeyRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRecord")
-            .field("name", &self.name)
-            .field("label", &self.label)
-            .field("purpose", &self.purpose)
-            .field("persistent", &self.persistent)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(KeyRecord: name, label, purpose, persistent);
 
 /// One attribute as the token encodes it: the type and the bytes a C caller would receive.
 pub type RawAttribute = (u64, Vec<u8>);

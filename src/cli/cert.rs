@@ -156,16 +156,20 @@ impl signature::Signer<DerSignature> for TokenSigner<'_> {
     }
 }
 
-/// What goes into a certificate or request.
-#[derive(Clone, Debug)]
+/// What goes into a certificate or request, as `devicekey cert` takes it.
+#[derive(clap::Args, Debug)]
 pub struct CertOptions {
-    /// The subject, RFC 4514 (`CN=alice,O=Example`).
-    pub subject: String,
-    /// Days of validity (certificates only).
+    /// The subject, RFC 4514 (default: CN=<key label>).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365)]
     pub days: u32,
-    /// subjectAltName DNS names.
+    /// A subjectAltName DNS name (repeatable).
+    #[arg(long = "dns")]
     pub dns: Vec<String>,
-    /// subjectAltName IP addresses.
+    /// A subjectAltName IP address (repeatable).
+    #[arg(long = "ip")]
     pub ips: Vec<IpAddr>,
 }
 
@@ -208,9 +212,10 @@ fn parse_subject(subject: &str) -> Result<Name> {
 }
 
 /// A self-signed certificate (DER) for the key, signed by the token. It is a leaf certificate
-/// (CA:FALSE; digitalSignature; clientAuth and serverAuth) that is its own issuer.
-pub fn self_signed(signer: &TokenSigner<'_>, opts: &CertOptions) -> Result<Vec<u8>> {
-    let subject = parse_subject(&opts.subject)?;
+/// (CA:FALSE; digitalSignature; clientAuth and serverAuth) that is its own issuer. `subject`
+/// is RFC 4514 (`CN=alice,O=Example`); `opts.subject` is not read.
+pub fn self_signed(signer: &TokenSigner<'_>, subject: &str, opts: &CertOptions) -> Result<Vec<u8>> {
+    let subject = parse_subject(subject)?;
     let mut serial = [0u8; 16];
     getrandom::getrandom(&mut serial).map_err(|e| cert_err("no randomness for the serial", e))?;
     serial[0] = (serial[0] & 0x7f) | 0x40;
@@ -238,9 +243,10 @@ pub fn self_signed(signer: &TokenSigner<'_>, opts: &CertOptions) -> Result<Vec<u
     cert.to_der().map_err(|e| cert_err("encoding", e))
 }
 
-/// A PKCS#10 certificate request (DER) for the key, signed by the token.
-pub fn request(signer: &TokenSigner<'_>, opts: &CertOptions) -> Result<Vec<u8>> {
-    let subject = parse_subject(&opts.subject)?;
+/// A PKCS#10 certificate request (DER) for the key, signed by the token; `subject` as for
+/// [`self_signed`].
+pub fn request(signer: &TokenSigner<'_>, subject: &str, opts: &CertOptions) -> Result<Vec<u8>> {
+    let subject = parse_subject(subject)?;
     let mut builder =
         RequestBuilder::new(subject, signer).map_err(|e| cert_err("building the request", e))?;
     add_extensions!(builder, opts);
@@ -339,18 +345,9 @@ pub struct CertArgs {
     /// The module, the key (`--id` or `--label` required) and the PIN.
     #[command(flatten)]
     pub key: KeyArgs,
-    /// The subject, RFC 4514 (default: CN=<key label>).
-    #[arg(long)]
-    pub subject: Option<String>,
-    /// Days the certificate is valid.
-    #[arg(long, default_value_t = 365)]
-    pub days: u32,
-    /// A subjectAltName DNS name (repeatable).
-    #[arg(long = "dns")]
-    pub dns: Vec<String>,
-    /// A subjectAltName IP address (repeatable).
-    #[arg(long = "ip")]
-    pub ips: Vec<IpAddr>,
+    /// What goes into the certificate or request.
+    #[command(flatten)]
+    pub cert: CertOptions,
     /// Make a certificate request (PKCS#10) instead; nothing is stored on the token.
     #[arg(long, conflicts_with_all = ["import", "no_import"])]
     pub csr: bool,
@@ -402,20 +399,15 @@ impl CertArgs {
         let (key, session) = module.find_one_key(&sel, pin.as_deref())?;
         let public = token_public_key(&session, &key)?;
         let signer = TokenSigner::new(&session, key.private, public);
-        let subject = self
+        let opts = &self.cert;
+        let subject = opts
             .subject
             .clone()
             .unwrap_or_else(|| format!("CN={}", key.label.as_deref().unwrap_or("devicekey")));
-        let opts = CertOptions {
-            subject,
-            days: self.days,
-            dns: self.dns.clone(),
-            ips: self.ips.clone(),
-        };
 
         let (text, what) = if self.csr {
             (
-                pem("CERTIFICATE REQUEST", &request(&signer, &opts)?)?,
+                pem("CERTIFICATE REQUEST", &request(&signer, &subject, opts)?)?,
                 "certificate request",
             )
         } else {
@@ -429,7 +421,7 @@ impl CertArgs {
                         .to_der()
                         .map_err(|e| cert_err("certificate", e))?
                 }
-                None => self_signed(&signer, &opts)?,
+                None => self_signed(&signer, &subject, opts)?,
             };
             if !self.no_import {
                 import_certificate(&session, &key, &public, &der, self.cert_label.as_deref())?;

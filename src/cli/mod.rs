@@ -168,11 +168,7 @@ pub struct Module {
     client: Arc<ModuleClient>,
 }
 
-impl std::fmt::Debug for Module {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Module").field("path", &self.path).finish()
-    }
-}
+crate::redact::debug_shows!(Module: path);
 
 /// One token found in a module.
 #[derive(Clone, Debug)]

@@ -104,11 +104,7 @@ pub struct ChangeCounter {
     fd: OwnedFd,
 }
 
-impl std::fmt::Debug for ChangeCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChangeCounter").finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(ChangeCounter:);
 
 impl ChangeCounter {
     /// The counter of `token` in `module`, opening (creating if missing) its lock file with the
@@ -134,13 +130,7 @@ impl ChangeCounter {
     }
 }
 
-impl std::fmt::Debug for WriteLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteLock")
-            .field("held", &self.lock.is_some())
-            .finish()
-    }
-}
+crate::redact::debug_shows!(WriteLock: |w| held = w.lock.is_some());
 
 /// The lock file at `path` opened and locked exclusively, waiting at most [`WAIT`]; `None` (with
 /// a log line) when it was not obtained.
@@ -220,29 +210,6 @@ fn lock_dir() -> Option<PathBuf> {
     from_env("HOME").map(|h| h.join(".local/share/devicekey/locks"))
 }
 
-/// The user's own directory with no group/other bits (created 0700 when missing).
-fn safe_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !meta.is_dir() {
-        return Err(format!("{} is not a directory", dir.display()));
-    }
-    if meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} is not the user's own owner-only directory",
-            dir.display()
-        ));
-    }
-    Ok(())
-}
-
 fn open_lock_file(path: &Path) -> Result<OwnedFd, String> {
     let fd = rustix::fs::open(
         path,
@@ -290,7 +257,8 @@ fn file_lock(module: &Path, token: &str) -> Option<Arc<FileLock>> {
     if let Some(l) = table.get(&path).filter(|l| l.pid == pid) {
         return Some(l.clone());
     }
-    let opened = safe_dir(&dir).and_then(|()| open_lock_file(&path));
+    let opened =
+        crate::private_dir::ensure("lock directory", &dir).and_then(|()| open_lock_file(&path));
     match opened {
         Ok(_) => {
             let l = Arc::new(FileLock {
@@ -355,7 +323,7 @@ mod tests {
     #[test]
     fn the_lock_excludes_a_second_holder_until_dropped() {
         let (_tmp, locks) = crate::test_support::scratch("locks");
-        safe_dir(&locks).unwrap();
+        crate::private_dir::ensure("lock directory", &locks).unwrap();
         let path = locks.join(lock_name(Path::new("/nonexistent/module.so"), "t"));
         let a = open_lock_file(&path).unwrap();
         rustix::fs::flock(&a, FlockOperation::NonBlockingLockExclusive).unwrap();

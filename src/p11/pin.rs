@@ -1,7 +1,7 @@
 //! Reading a token's user PIN from where the config says it is: an environment variable or a
 //! file. The PIN itself is never logged, never put into an error, and zeroized when dropped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
@@ -15,11 +15,22 @@ pub struct Pin {
     pub source: String,
 }
 
-impl std::fmt::Debug for Pin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pin")
-            .field("source", &self.source)
-            .finish_non_exhaustive()
+crate::redact::debug_shows!(Pin: source);
+
+/// Where the config says a token's PIN is: an environment variable (`pin_env`) or a file
+/// (`pin_file`); at most one may be set.
+#[derive(Clone, Debug, Default)]
+pub struct PinSource {
+    /// `pin_env`.
+    pub env: Option<String>,
+    /// `pin_file`.
+    pub file: Option<PathBuf>,
+}
+
+impl PinSource {
+    /// Reads the PIN, as [`read`] does.
+    pub fn read(&self, who: &str) -> Result<Option<Pin>, Error> {
+        read(who, self.env.as_deref(), self.file.as_deref())
     }
 }
 

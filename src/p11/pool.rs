@@ -194,13 +194,7 @@ pub struct Token {
     login_lock: Mutex<()>,
 }
 
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("spec", &self.spec)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(Token: spec);
 
 impl Token {
     /// A token to connect to on first use.

@@ -84,14 +84,7 @@ pub struct ModuleClient {
     owns_init: AtomicBool,
 }
 
-impl std::fmt::Debug for ModuleClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModuleClient")
-            .field("path", &self.path)
-            .field("pid", &self.pid)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(ModuleClient: path, pid);
 
 impl ModuleClient {
     /// The `cryptoki` context.

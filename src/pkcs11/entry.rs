@@ -133,42 +133,72 @@ unsafe fn operation_init(
     })
 }
 
-/// The shared body of the `C_*Update` calls: read the part and feed it to `update`.
-///
-/// # Safety
-/// `part` must be NULL or point to `part_len` readable bytes.
-unsafe fn operation_update(
-    name: &str,
-    session: CK_SESSION_HANDLE,
-    op: Operation,
-    part: *const CK_BYTE,
-    part_len: CK_ULONG,
-    update: impl FnOnce(&Token, &[u8]) -> token::Result<()>,
-) -> CK_RV {
-    with_operation(name, session, op, |t| {
-        // SAFETY: `part_len` readable bytes per the caller.
-        let data = unsafe { memory::input(part, part_len) }?;
-        rv(update(t, data))
-    })
-}
-
-/// The shared body of `C_SignFinal` and `C_DigestFinal`: the result goes out by the
-/// length-query rules of [`variable_output`].
-///
-/// # Safety
-/// As [`variable_output`] for `out` and `out_len`.
-unsafe fn operation_final(
-    name: &str,
-    session: CK_SESSION_HANDLE,
-    op: Operation,
-    out: *mut CK_BYTE,
-    out_len: *mut CK_ULONG,
-    finish: impl FnOnce(&Token, Capacity) -> token::Result<Output>,
-) -> CK_RV {
-    with_operation(name, session, op, |t| {
-        // SAFETY: forwarded output contract.
-        unsafe { variable_output(out, out_len, |cap| finish(t, cap)) }
-    })
+/// The entry points of sign, verify and digest that differ only in their operation and the
+/// token method they call, one row each: `kind C_Name: Operation, token_method;`.
+/// - `keyed_init`: `(session, mechanism, key)`, starts the operation with that key;
+/// - `one_shot`: `(session, data, out, out_len)`, the whole operation, the result by the
+///   length-query rules of [`variable_output`];
+/// - `update`: `(session, part)`, feeds one part;
+/// - `finish`: `(session, out, out_len)`, the result by the length-query rules.
+macro_rules! operation_entries {
+    ($($(#[$meta:meta])* $kind:ident $name:ident: $op:ident, $method:ident;)*) => {$(
+        operation_entries!(@$kind $(#[$meta])* $name, $op, $method);
+    )*};
+    (@keyed_init $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(
+                hSession: CK_SESSION_HANDLE,
+                pMechanism: *mut CK_MECHANISM,
+                hKey: CK_OBJECT_HANDLE,
+            ) {
+                // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
+                unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.$method(hSession, m, hKey)) }
+            }
+        }
+    };
+    (@one_shot $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(
+                hSession: CK_SESSION_HANDLE,
+                pData: *mut CK_BYTE,
+                ulDataLen: CK_ULONG,
+                pOut: *mut CK_BYTE,
+                pulOutLen: *mut CK_ULONG,
+            ) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: `ulDataLen` readable bytes per the caller.
+                    let data = unsafe { memory::input(pData, ulDataLen) }?;
+                    // SAFETY: forwarded output contract.
+                    unsafe { variable_output(pOut, pulOutLen, |out| t.$method(hSession, data, out)) }
+                })
+            }
+        }
+    };
+    (@update $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
+                    let part = unsafe { memory::input(pPart, ulPartLen) }?;
+                    rv(t.$method(hSession, part))
+                })
+            }
+        }
+    };
+    (@finish $(#[$meta:meta])* $name:ident, $op:ident, $method:ident) => {
+        entry! {
+            $(#[$meta])*
+            fn $name(hSession: CK_SESSION_HANDLE, pOut: *mut CK_BYTE, pulOutLen: *mut CK_ULONG) {
+                with_operation(NAME, hSession, Operation::$op, |t| {
+                    // SAFETY: forwarded output contract.
+                    unsafe { variable_output(pOut, pulOutLen, |out| t.$method(hSession, out)) }
+                })
+            }
+        }
+    };
 }
 
 fn version(v: (u8, u8)) -> CK_VERSION {
@@ -176,6 +206,77 @@ fn version(v: (u8, u8)) -> CK_VERSION {
         major: v.0,
         minor: v.1,
     }
+}
+
+/// Writes a list into `(out, count)` by the length-query rules: the count is always written;
+/// the entries only when `out` is not NULL, and only when `*count` has room for all of them
+/// (`CKR_BUFFER_TOO_SMALL` otherwise).
+///
+/// # Safety
+/// `count` must be NULL or readable and writable; `out` NULL or room for `*count` entries.
+unsafe fn list_output<T: Copy>(out: *mut T, count: *mut CK_ULONG, items: &[T]) -> AbiResult<()> {
+    // SAFETY: NULL-checked read of the caller's count.
+    let capacity = memory::entries(unsafe { memory::read(count) }?);
+    // SAFETY: NULL-checked write of the count.
+    unsafe { memory::write(count, items.len() as CK_ULONG) }?;
+    if out.is_null() {
+        return Ok(());
+    }
+    // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
+    unsafe { memory::copy_out(out, capacity, items) }
+}
+
+/// Makes something the caller receives through `out` (a session, an object): a NULL `out` is
+/// `CKR_ARGUMENTS_BAD` before anything is made, so nothing is left that the caller cannot name.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+unsafe fn make_into<T>(out: *mut T, make: impl FnOnce() -> AbiResult<T>) -> AbiResult<()> {
+    if out.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    let made = make()?;
+    // SAFETY: non-NULL (checked above), writable per the caller.
+    unsafe { memory::write(out, made) }
+}
+
+/// The shared body of `C_Login` and `C_LoginUser`.
+///
+/// # Safety
+/// `pin` must be NULL (with length 0) or point to `pin_len` readable bytes.
+unsafe fn login(
+    name: &str,
+    session: CK_SESSION_HANDLE,
+    user_type: CK_USER_TYPE,
+    pin: *const CK_UTF8CHAR,
+    pin_len: CK_ULONG,
+) -> CK_RV {
+    with_token(name, |t| {
+        // SAFETY: forwarded contract.
+        let pin = unsafe { memory::input(pin, pin_len) }?;
+        rv(t.login(session, user_type, pin))
+    })
+}
+
+/// Entry points that hand their arguments (handles, no pointers) to the token method of the
+/// same name and return what it says: `C_Name(arguments) => method;`.
+macro_rules! handle_entries {
+    ($($name:ident($($arg:ident: $ty:ty),*) => $method:ident;)*) => {$(
+        entry! {
+            #[doc = concat!("`", stringify!($name), "`.")]
+            fn $name($($arg: $ty),*) {
+                with_token(NAME, |t| rv(t.$method($($arg),*)))
+            }
+        }
+    )*};
+}
+
+handle_entries! {
+    C_CloseSession(hSession: CK_SESSION_HANDLE) => close_session;
+    C_CloseAllSessions(slotID: CK_SLOT_ID) => close_all_sessions;
+    C_Logout(hSession: CK_SESSION_HANDLE) => logout;
+    C_DestroyObject(hSession: CK_SESSION_HANDLE, hObject: CK_OBJECT_HANDLE) => destroy_object;
+    C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) => find_final;
 }
 
 entry! {
@@ -244,15 +345,8 @@ entry! {
     fn C_GetSlotList(tokenPresent: CK_BBOOL, pSlotList: *mut CK_SLOT_ID, pulCount: *mut CK_ULONG) {
         with_token(NAME, |t| {
             let slots = t.slot_list(tokenPresent != CK_FALSE);
-            // SAFETY: NULL-checked read of the caller's count.
-            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
-            // SAFETY: NULL-checked write of the count.
-            unsafe { memory::write(pulCount, slots.len() as CK_ULONG) }?;
-            if pSlotList.is_null() {
-                return Ok(());
-            }
-            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
-            unsafe { memory::copy_out(pSlotList, capacity, &slots) }
+            // SAFETY: forwarded list contract.
+            unsafe { list_output(pSlotList, pulCount, &slots) }
         })
     }
 }
@@ -320,15 +414,8 @@ entry! {
     ) {
         with_token(NAME, |t| {
             let mechs = rv(t.mechanisms(slotID))?;
-            // SAFETY: NULL-checked read of the caller's count.
-            let capacity = memory::entries(unsafe { memory::read(pulCount) }?);
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(pulCount, mechs.len() as CK_ULONG) }?;
-            if pMechanismList.is_null() {
-                return Ok(());
-            }
-            // SAFETY: non-NULL, room for `capacity` entries per the caller; compared before copying.
-            unsafe { memory::copy_out(pMechanismList, capacity, mechs) }
+            // SAFETY: forwarded list contract.
+            unsafe { list_output(pMechanismList, pulCount, mechs) }
         })
     }
 }
@@ -358,27 +445,9 @@ entry! {
         phSession: *mut CK_SESSION_HANDLE,
     ) {
         with_token(NAME, |t| {
-            if phSession.is_null() {
-                return Err(CKR_ARGUMENTS_BAD);
-            }
-            let h = rv(t.open_session(slotID, flags))?;
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(phSession, h) }
+            // SAFETY: `phSession` is NULL or writable per the caller.
+            unsafe { make_into(phSession, || rv(t.open_session(slotID, flags))) }
         })
-    }
-}
-
-entry! {
-    /// `C_CloseSession`.
-    fn C_CloseSession(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.close_session(hSession)))
-    }
-}
-
-entry! {
-    /// `C_CloseAllSessions`.
-    fn C_CloseAllSessions(slotID: CK_SLOT_ID) {
-        with_token(NAME, |t| rv(t.close_all_sessions(slotID)))
     }
 }
 
@@ -407,11 +476,8 @@ entry! {
         pPin: *mut CK_UTF8CHAR,
         ulPinLen: CK_ULONG,
     ) {
-        with_token(NAME, |t| {
-            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
-            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
-            rv(t.login(hSession, userType, pin))
-        })
+        // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+        unsafe { login(NAME, hSession, userType, pPin, ulPinLen) }
     }
 }
 
@@ -425,18 +491,8 @@ entry! {
         _pUsername: *mut CK_UTF8CHAR,
         _ulUsernameLen: CK_ULONG,
     ) {
-        with_token(NAME, |t| {
-            // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
-            let pin = unsafe { memory::input(pPin, ulPinLen) }?;
-            rv(t.login(hSession, userType, pin))
-        })
-    }
-}
-
-entry! {
-    /// `C_Logout`.
-    fn C_Logout(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.logout(hSession)))
+        // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
+        unsafe { login(NAME, hSession, userType, pPin, ulPinLen) }
     }
 }
 
@@ -449,23 +505,13 @@ entry! {
         phObject: *mut CK_OBJECT_HANDLE,
     ) {
         with_token(NAME, |t| {
-            if phObject.is_null() {
-                return Err(CKR_ARGUMENTS_BAD);
-            }
-            // SAFETY: the caller passes `ulCount` readable attributes.
-            let template = unsafe { memory::template(pTemplate, ulCount) }?;
-            let h = rv(t.create_object(hSession, &template))?;
-            // SAFETY: NULL-checked write.
-            unsafe { memory::write(phObject, h) }
-        })
-    }
-}
-
-entry! {
-    /// `C_DestroyObject`.
-    fn C_DestroyObject(hSession: CK_SESSION_HANDLE, hObject: CK_OBJECT_HANDLE) {
-        with_token(NAME, |t| {
-            rv(t.destroy_object(hSession, hObject))
+            let create = || {
+                // SAFETY: the caller passes `ulCount` readable attributes.
+                let template = unsafe { memory::template(pTemplate, ulCount) }?;
+                rv(t.create_object(hSession, &template))
+            };
+            // SAFETY: `phObject` is NULL or writable per the caller.
+            unsafe { make_into(phObject, create) }
         })
     }
 }
@@ -595,13 +641,6 @@ entry! {
 }
 
 entry! {
-    /// `C_FindObjectsFinal`.
-    fn C_FindObjectsFinal(hSession: CK_SESSION_HANDLE) {
-        with_token(NAME, |t| rv(t.find_final(hSession)))
-    }
-}
-
-entry! {
     /// `C_GenerateKeyPair`: CKM_EC_KEY_PAIR_GEN on P-256.
     fn C_GenerateKeyPair(
         hSession: CK_SESSION_HANDLE,
@@ -634,78 +673,25 @@ entry! {
     }
 }
 
-entry! {
+operation_entries! {
     /// `C_SignInit`.
-    fn C_SignInit(
-        hSession: CK_SESSION_HANDLE,
-        pMechanism: *mut CK_MECHANISM,
-        hKey: CK_OBJECT_HANDLE,
-    ) {
-        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
-        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.sign_init(hSession, m, hKey)) }
-    }
-}
-
-entry! {
+    keyed_init C_SignInit: Sign, sign_init;
     /// `C_Sign`: a NULL signature buffer asks for the length (64) and keeps the operation.
-    fn C_Sign(
-        hSession: CK_SESSION_HANDLE,
-        pData: *mut CK_BYTE,
-        ulDataLen: CK_ULONG,
-        pSignature: *mut CK_BYTE,
-        pulSignatureLen: *mut CK_ULONG,
-    ) {
-        with_operation(NAME, hSession, Operation::Sign, |t| {
-            // SAFETY: `ulDataLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pData, ulDataLen) }?;
-            // SAFETY: forwarded output contract.
-            unsafe {
-                variable_output(pSignature, pulSignatureLen, |out| {
-                    t.sign(hSession, data, out)
-                })
-            }
-        })
-    }
-}
-
-entry! {
+    one_shot C_Sign: Sign, sign;
     /// `C_SignUpdate`.
-    fn C_SignUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Sign, pPart, ulPartLen, |t, d| {
-                t.sign_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
+    update C_SignUpdate: Sign, sign_update;
     /// `C_SignFinal`: a NULL signature buffer asks for the length and keeps the operation.
-    fn C_SignFinal(
-        hSession: CK_SESSION_HANDLE,
-        pSignature: *mut CK_BYTE,
-        pulSignatureLen: *mut CK_ULONG,
-    ) {
-        // SAFETY: forwarded output contract.
-        unsafe {
-            operation_final(NAME, hSession, Operation::Sign, pSignature, pulSignatureLen, |t, c| {
-                t.sign_final(hSession, c)
-            })
-        }
-    }
-}
-
-entry! {
+    finish C_SignFinal: Sign, sign_final;
     /// `C_VerifyInit`.
-    fn C_VerifyInit(
-        hSession: CK_SESSION_HANDLE,
-        pMechanism: *mut CK_MECHANISM,
-        hKey: CK_OBJECT_HANDLE,
-    ) {
-        // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
-        unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.verify_init(hSession, m, hKey)) }
-    }
+    keyed_init C_VerifyInit: Verify, verify_init;
+    /// `C_VerifyUpdate`.
+    update C_VerifyUpdate: Verify, verify_update;
+    /// `C_Digest`: a NULL output asks for the length and keeps the operation.
+    one_shot C_Digest: Digest, digest;
+    /// `C_DigestUpdate`.
+    update C_DigestUpdate: Digest, digest_update;
+    /// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
+    finish C_DigestFinal: Digest, digest_final;
 }
 
 entry! {
@@ -731,18 +717,6 @@ entry! {
 }
 
 entry! {
-    /// `C_VerifyUpdate`.
-    fn C_VerifyUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Verify, pPart, ulPartLen, |t, d| {
-                t.verify_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
     /// `C_VerifyFinal`.
     fn C_VerifyFinal(
         hSession: CK_SESSION_HANDLE,
@@ -762,52 +736,6 @@ entry! {
     fn C_DigestInit(hSession: CK_SESSION_HANDLE, pMechanism: *mut CK_MECHANISM) {
         // SAFETY: `pMechanism` is NULL or a readable CK_MECHANISM per the caller.
         unsafe { operation_init(NAME, hSession, pMechanism, |t, m| t.digest_init(hSession, m)) }
-    }
-}
-
-entry! {
-    /// `C_Digest`: a NULL output asks for the length and keeps the operation.
-    fn C_Digest(
-        hSession: CK_SESSION_HANDLE,
-        pData: *mut CK_BYTE,
-        ulDataLen: CK_ULONG,
-        pDigest: *mut CK_BYTE,
-        pulDigestLen: *mut CK_ULONG,
-    ) {
-        with_operation(NAME, hSession, Operation::Digest, |t| {
-            // SAFETY: `ulDataLen` readable bytes per the caller.
-            let data = unsafe { memory::input(pData, ulDataLen) }?;
-            // SAFETY: forwarded output contract.
-            unsafe { variable_output(pDigest, pulDigestLen, |out| t.digest(hSession, data, out)) }
-        })
-    }
-}
-
-entry! {
-    /// `C_DigestUpdate`.
-    fn C_DigestUpdate(hSession: CK_SESSION_HANDLE, pPart: *mut CK_BYTE, ulPartLen: CK_ULONG) {
-        // SAFETY: `ulPartLen` readable bytes at `pPart` per the caller.
-        unsafe {
-            operation_update(NAME, hSession, Operation::Digest, pPart, ulPartLen, |t, d| {
-                t.digest_update(hSession, d)
-            })
-        }
-    }
-}
-
-entry! {
-    /// `C_DigestFinal`: a NULL output asks for the length and keeps the operation.
-    fn C_DigestFinal(
-        hSession: CK_SESSION_HANDLE,
-        pDigest: *mut CK_BYTE,
-        pulDigestLen: *mut CK_ULONG,
-    ) {
-        // SAFETY: forwarded output contract.
-        unsafe {
-            operation_final(NAME, hSession, Operation::Digest, pDigest, pulDigestLen, |t, c| {
-                t.digest_final(hSession, c)
-            })
-        }
     }
 }
 

@@ -323,13 +323,24 @@ impl TpmStores {
             Ok(store)
         })
     }
+}
 
+#[cfg(not(all(feature = "tpm", target_os = "linux")))]
+impl TpmStores {
+    fn new(_: &Config) -> Self {
+        Self {}
+    }
+}
+
+/// A build without TPM support has no TPM stores, so it finds no key in them.
+impl TpmStores {
     fn attest(
         &self,
         id: &[u8],
         point: &[u8; 65],
         qualifying: &[u8; 32],
     ) -> Result<Option<Evidence>> {
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
         for store in self.each() {
             if let Some(evidence) = store?
                 .attest(id, point, qualifying)
@@ -338,6 +349,8 @@ impl TpmStores {
                 return Ok(Some(evidence));
             }
         }
+        #[cfg(not(all(feature = "tpm", target_os = "linux")))]
+        let _ = (id, point, qualifying);
         Ok(None)
     }
 
@@ -348,6 +361,7 @@ impl TpmStores {
         blob: &[u8],
         secret: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
         for store in self.each() {
             let store = store?;
             if store
@@ -359,27 +373,8 @@ impl TpmStores {
                     .map_err(|e| DeviceKeyError::Platform(e.to_string()));
             }
         }
-        Err(not_in_tpm())
-    }
-}
-
-#[cfg(not(all(feature = "tpm", target_os = "linux")))]
-impl TpmStores {
-    fn new(_: &Config) -> Self {
-        Self {}
-    }
-
-    fn attest(&self, _: &[u8], _: &[u8; 65], _: &[u8; 32]) -> Result<Option<Evidence>> {
-        Ok(None)
-    }
-
-    fn activate(
-        &self,
-        _: &[u8],
-        _: &[u8; 65],
-        _: &[u8],
-        _: &[u8],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        #[cfg(not(all(feature = "tpm", target_os = "linux")))]
+        let _ = (id, point, blob, secret);
         Err(not_in_tpm())
     }
 }

@@ -73,10 +73,8 @@ pub struct ModuleSpec {
     pub token: Option<String>,
     /// The class a foreign module declares for its tokens.
     pub declared_class: Option<ProtectionClass>,
-    /// Where the PIN is: an environment variable.
-    pub pin_env: Option<String>,
-    /// Where the PIN is: a file.
-    pub pin_file: Option<PathBuf>,
+    /// Where the PIN is.
+    pub pin: p11::pin::PinSource,
 }
 
 /// The modules the `[server]` config names, the main one first.
@@ -95,16 +93,20 @@ pub fn module_specs(config: &ServerConfig) -> Result<Vec<ModuleSpec>> {
         path: config.module.clone().unwrap_or_else(p11::our_module_path),
         token: None,
         declared_class: parse_class(&config.protection_class)?,
-        pin_env: config.pin_env.clone(),
-        pin_file: config.pin_file.clone(),
+        pin: p11::pin::PinSource {
+            env: config.pin_env.clone(),
+            file: config.pin_file.clone(),
+        },
     }];
     for m in &config.modules {
         specs.push(ModuleSpec {
             path: m.module.clone(),
             token: m.token.clone(),
             declared_class: parse_class(&Some(m.protection_class.clone()))?,
-            pin_env: m.pin_env.clone(),
-            pin_file: m.pin_file.clone(),
+            pin: p11::pin::PinSource {
+                env: m.pin_env.clone(),
+                file: m.pin_file.clone(),
+            },
         });
     }
     Ok(specs)
@@ -126,27 +128,47 @@ struct Inventory {
     cache: Mutex<KeyCache>,
 }
 
-/// A binding as read from a token: which slot, which object, its value.
+/// What a lookup read from a token (a binding, a public key): which slot, which object, the
+/// value.
 #[derive(Clone)]
-struct CachedBinding {
+struct Cached<T> {
     slot: usize,
     object: ObjectHandle,
-    binding: Binding,
-}
-
-/// A public key as read from a token.
-#[derive(Clone)]
-struct CachedPublic {
-    slot: usize,
-    object: ObjectHandle,
-    info: KeyInfo,
+    value: T,
 }
 
 /// What lookups read, by key id; valid only while a fresh lookup finds the same object.
 #[derive(Default)]
 struct KeyCache {
-    bindings: HashMap<String, CachedBinding>,
-    publics: HashMap<String, CachedPublic>,
+    bindings: HashMap<String, Cached<Binding>>,
+    publics: HashMap<String, Cached<KeyInfo>>,
+}
+
+/// One slot searched for a key: its place in the inventory, and whether what the cache holds
+/// may be used (not on the second attempt after a stale object handle).
+struct SlotSearch<'a> {
+    inv: &'a Inventory,
+    index: usize,
+    slot: &'a TokenSlot,
+    use_cache: bool,
+}
+
+impl SlotSearch<'_> {
+    /// The cached value, when the cache may be used and `entry` is for this slot's `object`.
+    fn still_valid<T>(&self, entry: Option<Cached<T>>, object: ObjectHandle) -> Option<T> {
+        entry
+            .filter(|c| self.use_cache && c.slot == self.index && c.object == object)
+            .map(|c| c.value)
+    }
+
+    /// Caches `value`, read from `object` in this slot.
+    fn cached<T>(&self, object: ObjectHandle, value: T) -> Cached<T> {
+        Cached {
+            slot: self.index,
+            object,
+            value,
+        }
+    }
 }
 
 /// Inserts into a cache map that never grows past [`MAX_CACHED_KEYS`]: a full map is emptied
@@ -164,19 +186,19 @@ impl Inventory {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn cached_binding(&self, key_id: &str) -> Option<CachedBinding> {
+    fn cached_binding(&self, key_id: &str) -> Option<Cached<Binding>> {
         self.cache().bindings.get(key_id).cloned()
     }
 
-    fn remember_binding(&self, key_id: &str, entry: CachedBinding) {
+    fn remember_binding(&self, key_id: &str, entry: Cached<Binding>) {
         insert_bounded(&mut self.cache().bindings, key_id, entry);
     }
 
-    fn cached_public(&self, key_id: &str) -> Option<CachedPublic> {
+    fn cached_public(&self, key_id: &str) -> Option<Cached<KeyInfo>> {
         self.cache().publics.get(key_id).cloned()
     }
 
-    fn remember_public(&self, key_id: &str, entry: CachedPublic) {
+    fn remember_public(&self, key_id: &str, entry: Cached<KeyInfo>) {
         insert_bounded(&mut self.cache().publics, key_id, entry);
     }
 
@@ -194,13 +216,7 @@ pub struct TokenClient {
     inventory: Mutex<Option<Arc<Inventory>>>,
 }
 
-impl std::fmt::Debug for TokenClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenClient")
-            .field("specs", &self.specs)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(TokenClient: specs);
 
 fn rank(class: ProtectionClass) -> u8 {
     match class {
@@ -225,11 +241,7 @@ fn load_module(spec: &ModuleSpec) -> Result<(Arc<ModuleClient>, Vec<TokenSlot>)>
         )));
     }
     let client = p11::registry::open(path)?;
-    let pin = p11::pin::read(
-        "[server]",
-        spec.pin_env.as_deref(),
-        spec.pin_file.as_deref(),
-    )?;
+    let pin = spec.pin.read("[server]")?;
     let mut slots = Vec::new();
     for entry in p11::token::tokens(&client)? {
         let info = &entry.info;
@@ -571,13 +583,35 @@ impl TokenClient {
             .map_err(|e| DeviceKeyError::Platform(format!("stored binding is unreadable: {e}")))
     }
 
-    /// Runs `attempt` with the cache, and once more without it when a cached object handle went
-    /// stale (the pool already re-established a dropped session or token once).
-    fn with_retry<T>(
-        inv: &Inventory,
+    /// Looks for a key in each slot of its class, in order: `find` runs in a session of the slot
+    /// and answers `None` when the key is not there. When a cached object handle went stale (the
+    /// pool already re-established a dropped session or token once), the whole search runs once
+    /// more without the cache.
+    fn find_key<T>(
+        &self,
         key_id: &str,
-        attempt: impl Fn(bool) -> Attempt<T>,
+        class: ProtectionClass,
+        what: &str,
+        find: impl Fn(&SlotSearch<'_>, &Session) -> Attempt<Option<T>>,
     ) -> Result<T> {
+        let inv = self.inventory()?;
+        let attempt = |use_cache: bool| -> Attempt<T> {
+            for (index, slot) in inv.slots.iter().enumerate() {
+                if slot.class != class {
+                    continue;
+                }
+                let search = SlotSearch {
+                    inv: &inv,
+                    index,
+                    slot,
+                    use_cache,
+                };
+                if let Some(found) = slot.token.try_run(what, &|| {}, |s| find(&search, s))? {
+                    return Ok(found);
+                }
+            }
+            Err(DeviceKeyError::KeyNotFound.into())
+        };
         let context = format!("key {key_id}");
         match attempt(true) {
             Ok(v) => Ok(v),
@@ -593,67 +627,37 @@ impl TokenClient {
     /// `device/key/public`.
     pub fn public_key(&self, key_id: &str) -> Result<KeyInfo> {
         let id = proof::parse_key_id(key_id)?;
-        let inv = self.inventory()?;
-        Self::with_retry(&inv, key_id, |use_cache| {
-            Self::public_attempt(&inv, key_id, &id, use_cache)
-        })
-    }
-
-    fn public_attempt(
-        inv: &Inventory,
-        key_id: &str,
-        id: &proof::KeyId,
-        use_cache: bool,
-    ) -> Attempt<KeyInfo> {
-        let cached = use_cache.then(|| inv.cached_public(key_id)).flatten();
         let template = Self::key_template(ObjectClass::PUBLIC_KEY, key_id, &id.random);
-        for (index, slot) in inv.slots.iter().enumerate() {
-            if slot.class != id.class {
-                continue;
-            }
-            let found = slot.token.try_run("public", &|| {}, |session| {
-                let Some(public) = Self::find_first(session, &template)? else {
-                    return Ok(None);
+        self.find_key(key_id, id.class, "public", |search, session| {
+            let Some(public) = Self::find_first(session, &template)? else {
+                return Ok(None);
+            };
+            if search.slot.ours {
+                let private_template =
+                    Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+                let Some(private) = Self::find_first(session, &private_template)? else {
+                    return Err(DeviceKeyError::KeyNotFound.into());
                 };
-                if slot.ours {
-                    let private_template =
-                        Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
-                    let Some(private) = Self::find_first(session, &private_template)? else {
-                        return Err(DeviceKeyError::KeyNotFound.into());
-                    };
-                    Self::require_proof_purpose(session, private)?;
-                }
-                if let Some(c) = cached
-                    .as_ref()
-                    .filter(|c| c.slot == index && c.object == public)
-                {
-                    return Ok(Some(c.info.clone()));
-                }
-                let point =
-                    Self::attribute(session, public, AttributeType::EcPoint)?.ok_or_else(|| {
-                        DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
-                    })?;
-                let info = KeyInfo {
-                    key_id: key_id.to_string(),
-                    public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
-                    algorithm: Algorithm::EcdsaP256Sha256,
-                    protection_class: slot.class,
-                };
-                inv.remember_public(
-                    key_id,
-                    CachedPublic {
-                        slot: index,
-                        object: public,
-                        info: info.clone(),
-                    },
-                );
-                Ok(Some(info))
-            })?;
-            if let Some(info) = found {
-                return Ok(info);
+                Self::require_proof_purpose(session, private)?;
             }
-        }
-        Err(DeviceKeyError::KeyNotFound.into())
+            if let Some(info) = search.still_valid(search.inv.cached_public(key_id), public) {
+                return Ok(Some(info));
+            }
+            let point =
+                Self::attribute(session, public, AttributeType::EcPoint)?.ok_or_else(|| {
+                    DeviceKeyError::Crypto("the public key has no CKA_EC_POINT".into())
+                })?;
+            let info = KeyInfo {
+                key_id: key_id.to_string(),
+                public_key_spki_der_base64: STANDARD.encode(spki_from_ec_point(&point)?),
+                algorithm: Algorithm::EcdsaP256Sha256,
+                protection_class: search.slot.class,
+            };
+            search
+                .inv
+                .remember_public(key_id, search.cached(public, info.clone()));
+            Ok(Some(info))
+        })
     }
 
     /// On our module, a device key is a proof-only key: refuses a private key whose
@@ -684,84 +688,54 @@ impl TokenClient {
     pub fn sign_payload(&self, params: &SignParams) -> Result<SignResult> {
         let id = proof::parse_key_id(&params.key_id)?;
         proof::validate_payload(&params.payload, &self.policy, proof::unix_now()?)?;
-        let inv = self.inventory()?;
-        Self::with_retry(&inv, &params.key_id, |use_cache| {
-            Self::sign_attempt(&inv, params, &id, use_cache)
-        })
-    }
-
-    fn sign_attempt(
-        inv: &Inventory,
-        params: &SignParams,
-        id: &proof::KeyId,
-        use_cache: bool,
-    ) -> Attempt<SignResult> {
         let key_id = params.key_id.as_str();
         let (account, client) = params.payload.binding();
-        let cached = use_cache.then(|| inv.cached_binding(key_id)).flatten();
         let binding_template = Self::binding_template(key_id);
-        for (index, slot) in inv.slots.iter().enumerate() {
-            if slot.class != id.class {
-                continue;
-            }
-            let signed = slot.token.try_run("signing", &|| {}, |session| {
-                let Some(object) = Self::find_first(session, &binding_template)? else {
-                    return Ok(None);
-                };
-                let binding = match cached
-                    .as_ref()
-                    .filter(|c| c.slot == index && c.object == object)
-                {
-                    Some(c) => c.binding.clone(),
-                    None => {
-                        let Some(value) = Self::attribute(session, object, AttributeType::Value)?
-                        else {
-                            return Ok(None);
-                        };
-                        let binding: Binding = serde_json::from_slice(&value).map_err(|e| {
-                            DeviceKeyError::Platform(format!("stored binding is unreadable: {e}"))
-                        })?;
-                        inv.remember_binding(
-                            key_id,
-                            CachedBinding {
-                                slot: index,
-                                object,
-                                binding: binding.clone(),
-                            },
-                        );
-                        binding
-                    }
-                };
-                if binding.account_user_id != account || binding.client_id != client {
-                    return Err(DeviceKeyError::InvalidPayload(
-                        "payload accountUserId/clientId does not match device key binding".into(),
-                    )
-                    .into());
+        self.find_key(key_id, id.class, "signing", |search, session| {
+            let Some(object) = Self::find_first(session, &binding_template)? else {
+                return Ok(None);
+            };
+            let binding = match search.still_valid(search.inv.cached_binding(key_id), object) {
+                Some(binding) => binding,
+                None => {
+                    let Some(value) = Self::attribute(session, object, AttributeType::Value)?
+                    else {
+                        return Ok(None);
+                    };
+                    let binding: Binding = serde_json::from_slice(&value).map_err(|e| {
+                        DeviceKeyError::Platform(format!("stored binding is unreadable: {e}"))
+                    })?;
+                    search
+                        .inv
+                        .remember_binding(key_id, search.cached(object, binding.clone()));
+                    binding
                 }
-                let template = Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
-                let Some(private) = Self::find_first(session, &template)? else {
-                    return Err(DeviceKeyError::KeyNotFound.into());
-                };
-                if slot.ours {
-                    Self::require_proof_purpose(session, private)?;
-                }
-                let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
-                let raw = if slot.ecdsa_sha256 {
-                    session.sign(&Mechanism::EcdsaSha256, private, &bytes)?
-                } else {
-                    session.sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))?
-                };
-                Ok(Some(SignResult {
-                    signature_der_base64: STANDARD.encode(der_signature(&raw)?),
-                    signed_payload_base64: STANDARD.encode(&bytes),
-                    algorithm: Algorithm::EcdsaP256Sha256,
-                }))
-            })?;
-            if let Some(result) = signed {
-                return Ok(result);
+            };
+            if binding.account_user_id != account || binding.client_id != client {
+                return Err(DeviceKeyError::InvalidPayload(
+                    "payload accountUserId/clientId does not match device key binding".into(),
+                )
+                .into());
             }
-        }
-        Err(DeviceKeyError::KeyNotFound.into())
+            let template = Self::key_template(ObjectClass::PRIVATE_KEY, key_id, &id.random);
+            let Some(private) = Self::find_first(session, &template)? else {
+                return Err(DeviceKeyError::KeyNotFound.into());
+            };
+            if search.slot.ours {
+                Self::require_proof_purpose(session, private)?;
+            }
+            let bytes = proof::signing_bytes(&params.payload).map_err(DeviceKeyError::from)?;
+            let raw = if search.slot.ecdsa_sha256 {
+                session.sign(&Mechanism::EcdsaSha256, private, &bytes)?
+            } else {
+                session.sign(&Mechanism::Ecdsa, private, &Sha256::digest(&bytes))?
+            };
+            Ok(Some(SignResult {
+                signature_der_base64: STANDARD.encode(der_signature(&raw)?),
+                signed_payload_base64: STANDARD.encode(&bytes),
+                algorithm: Algorithm::EcdsaP256Sha256,
+            }))
+        })
     }
 
     /// Every key on every usable token, with its binding when it has one.

@@ -11,7 +11,7 @@
 //! listener.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,40 +41,9 @@ fn euid() -> u32 {
 }
 
 /// Creates the socket's directory (0700) if needed and refuses one that is not the user's own
-/// or that others can enter or write.
+/// or that others can enter or write (see [`crate::private_dir`]).
 pub fn check_socket_dir(dir: &Path) -> Result<(), DeviceKeyError> {
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| platform(format!("cannot create {}: {e}", dir.display())))?;
-    }
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| platform(format!("cannot inspect {}: {e}", dir.display())))?;
-    if !meta.is_dir() {
-        return Err(platform(format!(
-            "socket directory {} is not a directory (symlinks are refused)",
-            dir.display()
-        )));
-    }
-    if meta.uid() != euid() {
-        return Err(platform(format!(
-            "socket directory {} is owned by uid {}, not by this user (uid {}); use a directory of your own",
-            dir.display(),
-            meta.uid(),
-            euid()
-        )));
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(platform(format!(
-            "socket directory {} has mode {mode:o}; others may reach it. Fix: chmod 700 {}",
-            dir.display(),
-            dir.display()
-        )));
-    }
-    Ok(())
+    crate::private_dir::ensure("socket directory", dir).map_err(platform)
 }
 
 /// Binds the listener: checks the directory, replaces a stale socket, refuses a live one.
@@ -292,23 +261,6 @@ pub fn serve_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn directory_rules() {
-        let (tmp, dir) = crate::test_support::scratch("run/devicekey");
-        check_socket_dir(&dir).unwrap();
-        assert_eq!(
-            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = check_socket_dir(&dir).unwrap_err().to_string();
-        assert!(e.contains("chmod 700"), "{e}");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let link = tmp.path().join("link");
-        std::os::unix::fs::symlink(&dir, &link).unwrap();
-        assert!(check_socket_dir(&link).is_err());
-    }
 
     #[test]
     fn stale_socket_is_replaced_and_live_one_refused() {

@@ -24,15 +24,12 @@ use super::pool::{lock, Inner, KeyEntry};
 use crate::backend::{BackendError, KeyPurpose, NewKey};
 use crate::encoding::{decode_ec_point, hex, P256_EC_PARAMS};
 
-/// A key pair found in the wrapped token.
+/// A persistent key pair found in the wrapped token: its name and CKA_LABEL, and what we
+/// remember about it.
 pub(super) struct Scanned {
     pub name: String,
-    pub id: Vec<u8>,
     pub label: String,
-    pub point: [u8; 65],
-    pub purpose: KeyPurpose,
-    pub private: ObjectHandle,
-    pub public: ObjectHandle,
+    pub entry: KeyEntry,
 }
 
 type Op<T> = std::result::Result<T, OpError>;
@@ -171,12 +168,15 @@ impl Inner {
             }
             out.push(Scanned {
                 name,
-                id,
                 label,
-                point,
-                purpose,
-                private,
-                public,
+                entry: KeyEntry {
+                    id,
+                    point,
+                    purpose,
+                    persistent: true,
+                    private: Some(private),
+                    public: Some(public),
+                },
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -236,17 +236,7 @@ impl Inner {
         let mut keys = lock(&self.keys)?;
         keys.retain(|_, e| !e.persistent);
         for k in &scanned {
-            keys.insert(
-                k.name.clone(),
-                KeyEntry {
-                    id: k.id.clone(),
-                    point: k.point,
-                    purpose: k.purpose,
-                    persistent: true,
-                    private: Some(k.private),
-                    public: Some(k.public),
-                },
-            );
+            keys.insert(k.name.clone(), k.entry.clone());
         }
         Ok(scanned)
     }

@@ -59,13 +59,7 @@ pub struct Pkcs11Backend {
     counter: Option<crate::p11::lock::ChangeCounter>,
 }
 
-impl std::fmt::Debug for Pkcs11Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Backend")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(Pkcs11Backend: info);
 
 fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
@@ -200,17 +194,7 @@ impl Backend for Pkcs11Backend {
             .run("list keys", |s| self.inner.refresh_keys(s))?;
         Ok(scanned
             .into_iter()
-            .map(|k| {
-                let entry = pool::KeyEntry {
-                    id: k.id.clone(),
-                    point: k.point,
-                    purpose: k.purpose,
-                    persistent: true,
-                    private: None,
-                    public: None,
-                };
-                self.record(k.name, k.id, k.label, &entry)
-            })
+            .map(|k| self.record(k.name, k.entry.id.clone(), k.label, &k.entry))
             .collect())
     }
 
@@ -243,13 +227,8 @@ impl Backend for Pkcs11Backend {
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let named = self
-            .inner
-            .run("list objects", |s| self.inner.scan_objects(s))?;
-        Ok(named
-            .into_iter()
-            .map(|(name, _, attributes)| ObjectRecord { name, attributes })
-            .collect())
+        self.inner
+            .run("list objects", |s| self.inner.scan_objects(s))
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

@@ -19,7 +19,7 @@ use super::encoding::{
 };
 use super::errors::{handle_stale, rv, OpError};
 use super::pool::{lock, Inner};
-use crate::backend::{BackendError, RawAttribute};
+use crate::backend::{BackendError, ObjectRecord, RawAttribute};
 
 type Op<T> = std::result::Result<T, OpError>;
 
@@ -111,11 +111,9 @@ fn name_all(
 }
 
 impl Inner {
-    /// Every certificate and data object on the token (not our metadata), named.
-    pub(super) fn scan_objects(
-        &self,
-        s: &Session,
-    ) -> Op<Vec<(String, ObjectHandle, Vec<RawAttribute>)>> {
+    /// Every certificate and data object on the token (not our metadata), named; their handles
+    /// are remembered by name.
+    pub(super) fn scan_objects(&self, s: &Session) -> Op<Vec<ObjectRecord>> {
         let mut found = Vec::new();
         for class in [ObjectClass::CERTIFICATE, ObjectClass::DATA] {
             for h in s.find_objects(&[Attribute::Class(class), Attribute::Token(true)])? {
@@ -130,12 +128,14 @@ impl Inner {
                 found.push((h, raw));
             }
         }
-        let named = name_all(found);
         let mut known = lock(&self.objects)?;
-        for (name, h, _) in &named {
-            known.insert(name.clone(), *h);
-        }
-        Ok(named)
+        Ok(name_all(found)
+            .into_iter()
+            .map(|(name, h, attributes)| {
+                known.insert(name.clone(), h);
+                ObjectRecord { name, attributes }
+            })
+            .collect())
     }
 
     /// Creates a token object; returns its handle and attributes as the token reports them.

@@ -39,7 +39,7 @@ use security_framework_sys::key::{SecKeyCreateRandomKey, SecKeyCreateWithData};
 
 use super::policy::Route;
 use super::status::{backend_error, Domain, FrameworkError, Operation};
-use super::store::{CreatedKey, Enclave};
+use super::store::{CreatedKey, Enclave, OpenedKey};
 use crate::backend::{BackendError, Result, Signer};
 use crate::encoding::{self, POINT_LEN};
 
@@ -226,17 +226,6 @@ fn public_point(key: &SecKey, route: Route) -> Result<[u8; POINT_LEN]> {
         .map_err(|e| BackendError::Crypto(format!("the key is not a P-256 key: {e}")))
 }
 
-fn check_point(key: &SecKey, route: Route, expected: &[u8; POINT_LEN]) -> Result<()> {
-    if public_point(key, route)? != *expected {
-        return Err(BackendError::Refused(
-            "the rebuilt key is not the stored key (its public key differs); the key file does \
-             not belong to this Mac's Secure Enclave or keychain"
-                .to_string(),
-        ));
-    }
-    Ok(())
-}
-
 /// `SecKeyCreateWithData` on a token-object blob.
 fn key_from_blob(blob: &[u8]) -> Result<SecKey> {
     let data = CFData::from_buffer(blob);
@@ -340,21 +329,18 @@ impl Enclave for MacEnclave {
         })
     }
 
-    fn open(
-        &self,
-        route: Route,
-        handle: &[u8],
-        public_point: &[u8; POINT_LEN],
-    ) -> Result<Arc<dyn Signer>> {
+    fn open(&self, route: Route, handle: &[u8]) -> Result<OpenedKey> {
         let key = if route.uses_keychain() {
             key_from_keychain(route, handle)?
         } else {
             key_from_blob(handle)?
         };
-        // Without the token attributes SecKeyCreateWithData would make some other key; the
-        // public point is the proof that this is the stored one.
-        check_point(&key, route, public_point)?;
-        Ok(Arc::new(MacSigner { key, route }))
+        // Without the token attributes SecKeyCreateWithData would make some other key: the
+        // store compares this public point with the stored one before any signature.
+        Ok(OpenedKey {
+            public_point: public_point(&key, route)?,
+            signer: Arc::new(MacSigner { key, route }),
+        })
     }
 
     fn delete(&self, route: Route, handle: &[u8]) -> Result<()> {

@@ -29,19 +29,23 @@ pub struct CreatedKey {
     pub signer: Arc<dyn Signer>,
 }
 
+/// A key the enclave rebuilt from its handle.
+pub struct OpenedKey {
+    /// Its SEC1 uncompressed public point, as the enclave reports it.
+    pub public_point: [u8; POINT_LEN],
+    /// Signs with it.
+    pub signer: Arc<dyn Signer>,
+}
+
 /// The Security-framework side of the store.
 pub trait Enclave: Send + Sync {
     /// Creates a P-256 key by `route`. `permanent` false makes a key that lives only as long as
     /// the returned signer (session keys), whatever the route.
     fn create(&self, route: Route, label: &str, permanent: bool) -> Result<CreatedKey>;
 
-    /// Rebuilds a key from its handle; fails unless its public point is `public_point`.
-    fn open(
-        &self,
-        route: Route,
-        handle: &[u8],
-        public_point: &[u8; POINT_LEN],
-    ) -> Result<Arc<dyn Signer>>;
+    /// Rebuilds a key from its handle. The store signs with it only when its public point is
+    /// the stored one: without the token attributes the enclave may rebuild some other key.
+    fn open(&self, route: Route, handle: &[u8]) -> Result<OpenedKey>;
 
     /// Deletes a keychain key (blob keys need nothing: deleting the file is enough).
     fn delete(&self, route: Route, handle: &[u8]) -> Result<()>;
@@ -62,11 +66,16 @@ impl DeferredSigner {
         if let Some(s) = opened.as_ref() {
             return Ok(s.clone());
         }
-        let s = self
-            .enclave
-            .open(self.route, &self.handle, &self.public_point)?;
-        *opened = Some(s.clone());
-        Ok(s)
+        let key = self.enclave.open(self.route, &self.handle)?;
+        if key.public_point != self.public_point {
+            return Err(BackendError::Refused(
+                "the rebuilt key is not the stored key (its public key differs); the key file does \
+                 not belong to this Mac's Secure Enclave or keychain"
+                    .to_string(),
+            ));
+        }
+        *opened = Some(key.signer.clone());
+        Ok(key.signer)
     }
 }
 

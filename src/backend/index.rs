@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::backend::keydir::{KeyDir, KeyDirLock};
-use crate::backend::{BackendError, KeyPurpose, RawAttribute, Result, Signer};
+use crate::backend::{BackendError, KeyPurpose, ObjectRecord, RawAttribute, Result, Signer};
 use crate::encoding;
 
 /// The index file in a key directory.
@@ -84,6 +84,17 @@ pub struct IndexedObject {
     /// The object's attributes.
     #[serde(rename = "a", with = "hex_attributes")]
     pub attributes: Vec<RawAttribute>,
+}
+
+impl IndexedObject {
+    /// An object entry.
+    pub fn new(name: &str, created: u64, attributes: &[RawAttribute]) -> Self {
+        Self {
+            name: name.to_string(),
+            created,
+            attributes: attributes.to_vec(),
+        }
+    }
 }
 
 /// One line of the log after the header.
@@ -338,6 +349,22 @@ impl StoreIndex {
             *last = Some((m, out.clone()));
         }
         Ok(out)
+    }
+
+    /// The stored objects, as [`Self::load`] lists them.
+    pub fn load_objects(
+        &self,
+        dir: &KeyDir,
+        files: &dyn IndexedFiles,
+    ) -> Result<Vec<ObjectRecord>> {
+        let objects = self.load(dir, files)?.objects;
+        Ok(objects
+            .into_iter()
+            .map(|o| ObjectRecord {
+                name: o.name,
+                attributes: o.attributes,
+            })
+            .collect())
     }
 
     /// Builds the index when the directory has none (a new store, or one made before the

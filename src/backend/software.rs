@@ -368,14 +368,7 @@ impl Backend for SoftwareStore {
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let objects = self.index.load(&self.dir, self)?.objects;
-        Ok(objects
-            .into_iter()
-            .map(|o| ObjectRecord {
-                name: o.name,
-                attributes: o.attributes,
-            })
-            .collect())
+        self.index.load_objects(&self.dir, self)
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
@@ -384,8 +377,11 @@ impl Backend for SoftwareStore {
         let bytes = object_bytes(attributes, created)?;
         self.with_lock(|lock| {
             self.write_atomic(&name, OBJ_EXT, &bytes)?;
-            self.index
-                .put_object(&self.dir, lock, object_entry(&name, created, attributes));
+            self.index.put_object(
+                &self.dir,
+                lock,
+                IndexedObject::new(&name, created, attributes),
+            );
             Ok(())
         })?;
         Ok(name)
@@ -398,8 +394,11 @@ impl Backend for SoftwareStore {
             let bytes = object_bytes(attributes, old.created)?;
             self.index.forget(&self.dir, lock, name)?;
             self.write_atomic(name, OBJ_EXT, &bytes)?;
-            self.index
-                .put_object(&self.dir, lock, object_entry(name, old.created, attributes));
+            self.index.put_object(
+                &self.dir,
+                lock,
+                IndexedObject::new(name, old.created, attributes),
+            );
             Ok(())
         })
     }
@@ -415,14 +414,6 @@ impl Backend for SoftwareStore {
 
     fn change_marker(&self) -> Option<u128> {
         self.dir.change_marker()
-    }
-}
-
-fn object_entry(name: &str, created: u64, attributes: &[RawAttribute]) -> IndexedObject {
-    IndexedObject {
-        name: name.to_string(),
-        created,
-        attributes: attributes.to_vec(),
     }
 }
 

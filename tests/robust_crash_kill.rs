@@ -1,9 +1,13 @@
-//! Crash consistency of the software store: a child process creates (and relabels) keys in a
-//! loop, printing each one after the store call returned ("reported"); the parent SIGKILLs it at
-//! random moments, again and again, in the same store. After every kill the store opens, every
-//! reported key is present with its reported label (or a later one), every key file on disk
-//! loads (no half-written file is taken for a key, none is left behind as a damaged key), and
-//! every key signs with its own public point.
+//! Crash consistency of the software store: a child process creates, relabels and deletes keys
+//! in a loop, printing each one after the store call returned ("reported"); the parent SIGKILLs
+//! it at random moments, again and again, in the same store. Some runs instead make the child
+//! abort at a fixed point between writing a key file and recording it in the store index
+//! (`DEVICEKEY_TEST_CRASH_AT`, debug builds): after a create, after a relabel's file write,
+//! between a relabel's index "forget" and its file write, after a delete. After every run the
+//! store opens, every reported key is present with its reported label (or a later one), every
+//! reported delete stayed deleted, every key file on disk loads (no half-written file is taken
+//! for a key, none is left behind as a damaged key), what the index lists is what the files hold,
+//! and every key signs with its own public point.
 //!
 //! `STRESS_SCALE` sets the number of kills: 200 at full scale, 20 in CI.
 
@@ -20,6 +24,10 @@ use testkit::stress::{scaled, Rng};
 
 const DIR_ENV: &str = "DEVICEKEY_CRASH_DIR";
 const FIRST_ENV: &str = "DEVICEKEY_CRASH_FIRST";
+/// The store's test hook: the child aborts at this point (debug builds of the store only).
+const CRASH_AT_ENV: &str = "DEVICEKEY_TEST_CRASH_AT";
+/// The points between a key file's write and its index record, in the order runs use them.
+const CRASH_POINTS: [&str; 4] = ["create", "relabel", "relabel-forgotten", "delete"];
 
 fn label(iteration: u64) -> String {
     format!("L{iteration:010}")
@@ -32,8 +40,9 @@ fn iteration_of(label: &str) -> u64 {
         .unwrap_or_else(|| panic!("unexpected label {label:?}"))
 }
 
-/// Child: creates keys for ever; every third step relabels an earlier key instead. Prints
-/// `CREATED <name> <label>` / `UPDATED <name> <label>` once the call returned.
+/// Child: creates keys for ever; every third step relabels an earlier key instead, every fifth
+/// deletes one. Prints `CREATED <name> <label>` / `UPDATED <name> <label>` / `DELETED <name>`
+/// once the call returned, and `DELETING <name>` before a delete.
 #[test]
 #[ignore = "child process of sigkill_during_key_creation_loses_nothing"]
 fn crash_child_create_keys_forever() {
@@ -46,7 +55,13 @@ fn crash_child_create_keys_forever() {
     let mut out = std::io::stdout().lock();
     loop {
         iteration += 1;
-        if iteration % 3 == 0 && !names.is_empty() {
+        if iteration % 5 == 0 && names.len() > 2 {
+            let name = names.swap_remove(iteration as usize % names.len());
+            writeln!(out, "DELETING {name}").unwrap();
+            out.flush().unwrap();
+            store.destroy_key(&name).expect("destroy");
+            writeln!(out, "DELETED {name}").unwrap();
+        } else if iteration % 3 == 0 && !names.is_empty() {
             let name = &names[iteration as usize % names.len()];
             store
                 .update_key(name, &label(iteration), &iteration.to_be_bytes())
@@ -71,7 +86,21 @@ fn crash_child_create_keys_forever() {
 struct Outcome {
     created: usize,
     updated: usize,
+    deleted: usize,
     temp_files_left: usize,
+    /// The child aborted at the crash point it was given (not killed).
+    aborted_at_point: bool,
+}
+
+/// What the children reported about each key.
+#[derive(Default)]
+struct Reported {
+    /// Key name -> the iteration of its last reported label.
+    labels: BTreeMap<String, u64>,
+    /// Keys whose delete returned: they must stay gone.
+    deleted: std::collections::BTreeSet<String>,
+    /// Keys whose delete began but never returned: present or gone, both are fine.
+    deleting: std::collections::BTreeSet<String>,
 }
 
 fn files_with(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<PathBuf> {
@@ -88,10 +117,15 @@ fn run_and_kill(
     dir: &Path,
     first: u64,
     delay: Duration,
-    reported: &mut BTreeMap<String, u64>,
+    crash_at: Option<&str>,
+    reported: &mut Reported,
 ) -> Outcome {
     let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if let Some(point) = crash_at {
+        command.env(CRASH_AT_ENV, point);
+    }
+    let mut child = command
         .args([
             "crash_child_create_keys_forever",
             "--exact",
@@ -114,9 +148,11 @@ fn run_and_kill(
             .collect::<Vec<String>>()
     });
     std::thread::sleep(delay);
-    // SIGKILL.
-    child.kill().expect("kill");
+    // SIGKILL (a child that aborted at its crash point is already dead).
+    let _ = child.kill();
     let status = child.wait().unwrap();
+    let aborted_at_point = crash_at.is_some()
+        && std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGABRT);
     assert!(
         !status.success(),
         "the child must be killed, not exit: {status}"
@@ -125,11 +161,13 @@ fn run_and_kill(
     let mut outcome = Outcome {
         created: 0,
         updated: 0,
+        deleted: 0,
         temp_files_left: files_with(dir, |n| n.ends_with(".tmp")).len(),
+        aborted_at_point,
     };
     for line in lines {
         // libtest's "test ... " prefix shares the first line.
-        let start = ["CREATED ", "UPDATED "]
+        let start = ["CREATED ", "UPDATED ", "DELETING ", "DELETED "]
             .iter()
             .filter_map(|w| line.find(w))
             .min()
@@ -138,11 +176,20 @@ fn run_and_kill(
         match (parts.next(), parts.next(), parts.next()) {
             (Some("CREATED"), Some(name), Some(l)) => {
                 outcome.created += 1;
-                reported.insert(name.to_string(), iteration_of(l));
+                reported.labels.insert(name.to_string(), iteration_of(l));
             }
             (Some("UPDATED"), Some(name), Some(l)) => {
                 outcome.updated += 1;
-                reported.insert(name.to_string(), iteration_of(l));
+                reported.labels.insert(name.to_string(), iteration_of(l));
+            }
+            (Some("DELETING"), Some(name), None) => {
+                reported.labels.remove(name);
+                reported.deleting.insert(name.to_string());
+            }
+            (Some("DELETED"), Some(name), None) => {
+                outcome.deleted += 1;
+                reported.deleting.remove(name);
+                reported.deleted.insert(name.to_string());
             }
             _ => {}
         }
@@ -165,6 +212,32 @@ fn check_signs(key: &devicekey_pkcs11::backend::KeyRecord) {
     );
 }
 
+/// Checks that what the store lists of `key` is what its key file holds (the index is never
+/// stale after a crash).
+fn check_matches_its_file(dir: &Path, key: &devicekey_pkcs11::backend::KeyRecord, at: &str) {
+    let text = std::fs::read(dir.join(format!("{}.key", key.name))).unwrap();
+    let file: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(
+        file["label"],
+        key.label.as_str(),
+        "{at}: label of {}",
+        key.name
+    );
+    let id: String = key.id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(file["id"], id.as_str(), "{at}: CKA_ID of {}", key.name);
+    let point: String = key
+        .public_point
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        file["public_point"],
+        point.as_str(),
+        "{at}: point of {}",
+        key.name
+    );
+}
+
 #[test]
 fn sigkill_during_key_creation_loses_nothing() {
     let kills = scaled(200, 20);
@@ -172,69 +245,98 @@ fn sigkill_during_key_creation_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("keys");
     SoftwareStore::open("crash", Some(&dir)).expect("create the store");
-    let mut reported: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reported = Reported::default();
     let mut checked_signing: std::collections::BTreeSet<String> = Default::default();
-    let (mut created, mut updated, mut torn, mut unreported) = (0, 0, 0, 0);
+    let (mut created, mut updated, mut deleted, mut torn, mut unreported) = (0, 0, 0, 0, 0);
+    let mut aborted: BTreeMap<&str, usize> = BTreeMap::new();
     let started = Instant::now();
     for k in 0..kills {
         // Children start in about 10-50 ms; the kill lands anywhere from start-up to a few
-        // hundred key operations in.
+        // hundred key operations in. Every other run aborts at a crash point instead (when it
+        // gets there before the kill).
         let delay = Duration::from_millis(5 + rng.below(250) as u64);
-        let outcome = run_and_kill(&dir, (k as u64 + 1) * 1_000_000, delay, &mut reported);
+        let crash_at = (k % 2 == 1).then(|| CRASH_POINTS[(k / 2) % CRASH_POINTS.len()]);
+        let first = (k as u64 + 1) * 1_000_000;
+        let outcome = run_and_kill(&dir, first, delay, crash_at, &mut reported);
         created += outcome.created;
         updated += outcome.updated;
+        deleted += outcome.deleted;
         if outcome.temp_files_left > 0 {
             torn += 1;
         }
+        if let (true, Some(point)) = (outcome.aborted_at_point, crash_at) {
+            *aborted.entry(point).or_default() += 1;
+        }
+        let at = format!("seed {seed} run {k} (crash point {crash_at:?})");
 
         let store = SoftwareStore::open("crash", Some(&dir))
-            .unwrap_or_else(|e| panic!("seed {seed} kill {k}: the store does not open: {e}"));
+            .unwrap_or_else(|e| panic!("{at}: the store does not open: {e}"));
         assert!(
             files_with(&dir, |n| n.ends_with(".tmp")).is_empty(),
             "opening removes stale temporary files"
         );
         let keys = store
             .load_keys()
-            .unwrap_or_else(|e| panic!("seed {seed} kill {k}: the store does not load: {e}"));
+            .unwrap_or_else(|e| panic!("{at}: the store does not load: {e}"));
         let on_disk = files_with(&dir, |n| n.ends_with(".key")).len();
         assert_eq!(
             keys.len(),
             on_disk,
-            "seed {seed} kill {k}: every key file loads (a damaged one was left behind)"
+            "{at}: every key file loads (a damaged one was left behind)"
         );
         let loaded: BTreeMap<&str, &devicekey_pkcs11::backend::KeyRecord> =
             keys.iter().map(|key| (key.name.as_str(), key)).collect();
-        for (name, &at_least) in &reported {
+        for (name, &at_least) in &reported.labels {
             let key = loaded
                 .get(name.as_str())
-                .unwrap_or_else(|| panic!("seed {seed} kill {k}: reported key {name} is missing"));
+                .unwrap_or_else(|| panic!("{at}: reported key {name} is missing"));
             assert!(
                 iteration_of(&key.label) >= at_least,
-                "seed {seed} kill {k}: key {name} has label {} but {} was reported",
+                "{at}: key {name} has label {} but {} was reported",
                 key.label,
                 label(at_least)
             );
         }
+        for name in &reported.deleted {
+            assert!(
+                !loaded.contains_key(name.as_str()),
+                "{at}: key {name} was reported deleted but is listed"
+            );
+        }
         for key in &keys {
+            check_matches_its_file(&dir, key, &at);
             if checked_signing.insert(key.name.clone()) {
                 check_signs(key);
             }
         }
-        unreported = keys.len() - reported.len();
+        unreported = keys.len()
+            - reported.labels.len()
+            - reported
+                .deleting
+                .iter()
+                .filter(|n| loaded.contains_key(n.as_str()))
+                .count();
     }
-    // Once more at the end: every key signs (fresh signers, scalars parsed from the files).
+    // Once more at the end: every key signs (fresh signers, scalars read from the files).
     let store = SoftwareStore::open("crash", Some(&dir)).unwrap();
     let keys = store.load_keys().unwrap();
     for key in &keys {
         check_signs(key);
     }
     eprintln!(
-        "CRASH kill: {kills} SIGKILLs in {:?} (seed {seed}): {created} creations and {updated} \
-         relabels reported, {} keys in the store, 0 reported keys lost, {unreported} created but \
-         killed before reporting, {torn} kills left a temporary file (removed at open, never \
-         loaded), 0 damaged key files",
+        "CRASH kill: {kills} runs in {:?} (seed {seed}): {created} creations, {updated} relabels \
+         and {deleted} deletes reported, {} keys in the store, 0 reported keys lost, 0 reported \
+         deletes undone, 0 stale index entries, {unreported} created but killed before \
+         reporting, {torn} runs left a temporary file (removed at open, never loaded), 0 damaged \
+         key files; aborts between a key file and its index record: {aborted:?}",
         started.elapsed(),
         keys.len(),
     );
     assert!(created > 0, "the children created keys before being killed");
+    if cfg!(debug_assertions) && kills >= 8 {
+        assert!(
+            !aborted.is_empty(),
+            "some runs aborted at a crash point between a key file and its index record"
+        );
+    }
 }

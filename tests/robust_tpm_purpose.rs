@@ -1,7 +1,10 @@
 //! A TPM key's purpose is read from the TPM object, not from its JSON sidecar: on a swtpm, a
-//! proof-only key whose sidecar is edited from "proof" to "general" is refused after a reload
-//! (it is not listed and signs nothing), the general key beside it still signs, and the key
-//! comes back, still proof-only, when the sidecar is restored.
+//! proof-only key whose sidecar is edited from "proof" to "general" is refused after a reload:
+//! it signs nothing, not even a proof payload (the store index still lists it, as proof-only:
+//! the index keeps the purpose the TPM object is bound to, and the sidecar is checked again at
+//! the key's first signature); once the index is rebuilt from the files it is not listed at all.
+//! The general key beside it still signs, and the key comes back, still proof-only and signing
+//! proof payloads, when the sidecar is restored.
 #![cfg(all(feature = "tpm", target_os = "linux"))]
 
 use testkit as common;
@@ -106,11 +109,32 @@ fn an_edited_sidecar_does_not_make_a_proof_key_general() {
         s.sign(&Mechanism::Ecdsa, proof, &digest).is_err(),
         "a proof-only key signs an arbitrary digest"
     );
+    let payload = common::rpc::canonical_bytes(&common::rpc::connection_payload());
+    s.sign(&Mechanism::EcdsaSha256, proof, &payload)
+        .expect("the proof key signs a proof payload");
     drop(s);
 
     // The attack: the sidecar now says "general".
     let sidecar = sidecar_with(&keys, "proof");
     set_purpose(&sidecar, "general");
+    token.reinitialize();
+    let s = token.session();
+    // Listed from the index: still proof-only, and its first signature reads the sidecar and
+    // refuses the key.
+    for h in private_keys(&s, "proof") {
+        assert_eq!(
+            vendor_ulong(&s, h, CKA_DEVICEKEY_PURPOSE),
+            Some(PURPOSE_PROOF)
+        );
+        assert!(s.sign(&Mechanism::Ecdsa, h, &digest).is_err());
+        assert!(
+            s.sign(&Mechanism::EcdsaSha256, h, &payload).is_err(),
+            "a key whose sidecar disagrees with its TPM object signs nothing"
+        );
+    }
+    drop(s);
+    // Rebuilt from the files, the index does not list it at all.
+    std::fs::remove_file(keys.join("store.index")).expect("remove the store index");
     token.reinitialize();
     let s = token.session();
     assert!(
@@ -140,6 +164,8 @@ fn an_edited_sidecar_does_not_make_a_proof_key_general() {
         Some(PURPOSE_PROOF)
     );
     assert!(s.sign(&Mechanism::Ecdsa, back[0], &digest).is_err());
+    s.sign(&Mechanism::EcdsaSha256, back[0], &payload)
+        .expect("the restored proof key signs a proof payload");
     let general = private_keys(&s, "general");
     assert_eq!(general.len(), 1);
     assert_eq!(

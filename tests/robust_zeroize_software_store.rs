@@ -525,6 +525,10 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
     // 5. ... then given A's public point, loaded, and refused at its first signature: OpenSSL
     //    multiplied B's scalar to check it against the point, and no signature follows.
     give_point(&path_b, &point_a);
+    // The store index still lists B with its own point (and would refuse the changed file before
+    // OpenSSL sees it); without the index, B is listed with the point its file now holds.
+    std::fs::remove_file(dir.join(devicekey_pkcs11::backend::index::INDEX_FILE))
+        .expect("remove the store index");
     let store_dir = dir.clone();
     let refused = worker.run(move |_| {
         let store = SoftwareStore::open("zeroize", Some(&store_dir)).expect("open store");

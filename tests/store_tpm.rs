@@ -147,8 +147,21 @@ fn key_files_are_tss2_pem_in_an_owner_only_dir() {
     assert_eq!(meta["label"], "files");
     assert_eq!(meta["purpose"], "proof");
     assert_eq!(meta["id"], "66696c6573");
-    // Nothing but the key's two files.
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    // The key's blob and sidecar, besides the store's index and lock.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ".lock".to_string(),
+            format!("{}.json", key.name),
+            format!("{}.pem", key.name),
+            "store.index".to_string()
+        ]
+    );
 
     // OpenSSL's ASN.1 parser reads the DER inside (TCG loadable-key OID, parent 0x40000001).
     if let Ok(out) = Command::new("openssl")

@@ -396,6 +396,53 @@ impl KeyDir {
         self.sync()
     }
 
+    /// True when the directory holds an entry of this name (of any kind).
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        check_name(name)?;
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(io_err("cannot stat", &self.path.join(name), &errno_io(e))),
+        }
+    }
+
+    /// Appends whole lines to an existing file and syncs it. An absent file is left absent
+    /// (nothing is written); a file whose last byte is not a newline (a torn append) is an error,
+    /// so that a line is never glued to a torn one.
+    pub fn append_line(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.verify_identity()?;
+        let path = self.path.join(name);
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDWR | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(io_err("cannot open", &path, &errno_io(e))),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", &path, &errno_io(e)))?;
+        if let Some(p) = file_problem(&path, &st) {
+            return Err(BackendError::Io(p));
+        }
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        let mut f = File::from(fd);
+        let mut last = [0u8; 1];
+        let tail_ok =
+            size > 0 && f.read_at(&mut last, size - 1).ok() == Some(1) && last[0] == b'\n';
+        if !tail_ok {
+            return Err(BackendError::Io(format!(
+                "{} does not end with a whole line",
+                path.display()
+            )));
+        }
+        f.write_all(bytes)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| io_err("cannot append to", &path, &e))
+    }
+
     /// Removes a file; `NotFound` when it is absent.
     pub fn remove(&self, name: &str) -> Result<()> {
         check_name(name)?;

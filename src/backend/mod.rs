@@ -12,6 +12,7 @@
 //! plus one variant there.
 
 mod file_store;
+pub mod index;
 pub mod keydir;
 pub mod pin;
 pub mod pkcs11;

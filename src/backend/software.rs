@@ -5,6 +5,9 @@
 //! the `keydir` module for the whole policy). Layout:
 //! - `<name>.key`: one key pair (JSON, see [`format::KeyFile`]), mode 0600;
 //! - `<name>.obj`: one stored non-key object (JSON, see [`format::ObjectFile`]), mode 0600;
+//! - `store.index`: what listing the keys and objects needs, so opening the store parses no key
+//!   file (a cache of the files, checked against the directory listing on every load: see the
+//!   `index` module); a key file is read when its key first signs;
 //! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes;
 //! - `.<name>.<ext>.<random>.tmp`: a file being written; never loaded, removed when stale.
 //!
@@ -26,7 +29,10 @@ use zeroize::Zeroizing;
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
 use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
-use crate::backend::keydir::KeyDir;
+use crate::backend::index::{
+    self, IndexedFiles, IndexedKey, IndexedObject, SignerCache, StoreIndex,
+};
+use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     StoreInfo,
@@ -42,8 +48,42 @@ const MAX_OBJ_FILE: u64 = 16 * 1024 * 1024;
 /// The software key store.
 pub struct SoftwareStore {
     info: StoreInfo,
-    dir: KeyDir,
+    dir: Arc<KeyDir>,
     sessions: SessionKeys,
+    index: StoreIndex,
+    signers: SignerCache,
+}
+
+/// Where a listed key's private scalar is: its key file. The signer keeps one and reads the
+/// scalar through it on the key's first signature.
+pub struct KeyFileRef {
+    dir: Arc<KeyDir>,
+    name: String,
+}
+
+impl KeyFileRef {
+    /// Reads the key file and returns its private scalar, checking that the file still holds
+    /// the key with `public_point` (the one the key was listed with).
+    pub fn read_scalar(&self, public_point: &[u8; 65]) -> Result<Box<Zeroizing<[u8; 32]>>> {
+        let path = self
+            .dir
+            .path()
+            .join(file_store::file_name(&self.name, KEY_EXT));
+        let Some(file) = read_key(&self.dir, &self.name)? else {
+            return Err(BackendError::Io(format!(
+                "the key file {} is missing, refused or damaged",
+                path.display()
+            )));
+        };
+        if file.public_point.0 != public_point[..] {
+            return Err(BackendError::Io(format!(
+                "the key file {} holds another key than the one listed (changed outside \
+                 devicekey); the store index is rebuilt when it is removed",
+                path.display()
+            )));
+        }
+        Ok(file.private_scalar.0)
+    }
 }
 
 impl std::fmt::Debug for SoftwareStore {
@@ -73,8 +113,10 @@ impl SoftwareStore {
                 serial,
                 protection_class: ProtectionClass::OsProtectedNonextractable,
             },
-            dir,
+            dir: Arc::new(dir),
             sessions: SessionKeys::default(),
+            index: StoreIndex::default(),
+            signers: SignerCache::default(),
         };
         // Every writer holds the lock while its temporary file exists, so any temporary file
         // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
@@ -82,6 +124,9 @@ impl SoftwareStore {
         let lock = store.dir.lock()?;
         store.dir.remove_stale_temp_files(None);
         drop(lock);
+        if let Err(e) = store.index.create_if_missing(&store.dir, &store) {
+            log::warn!("no index for {}: {e}", store.dir.path().display());
+        }
         log::debug!(
             "software store {:?} opened in {}",
             label,
@@ -97,9 +142,9 @@ impl SoftwareStore {
 
     /// Runs `f` holding the store's lock, then bumps the change counter, so other processes
     /// reload.
-    fn with_lock<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn with_lock<T>(&self, f: impl FnOnce(&KeyDirLock) -> Result<T>) -> Result<T> {
         let lock = self.dir.lock()?;
-        let result = f();
+        let result = f(&lock);
         lock.bump();
         result
     }
@@ -115,36 +160,20 @@ impl SoftwareStore {
         self.dir.remove(&file_store::file_name(name, ext))
     }
 
-    /// Reads a file of the store: `None` when absent, refused (logged once by the key
-    /// directory) or unreadable (logged).
-    fn read_file(&self, name: &str, ext: &str, max: u64) -> Option<Zeroizing<Vec<u8>>> {
-        let file = file_store::file_name(name, ext);
-        match self.dir.read_limited(&file, max) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                log::warn!("skipping {}: {e}", self.dir.path().join(&file).display());
-                None
-            }
+    /// Drops a removed file's name from the index (call with the lock held). A failure is only
+    /// logged: the file is gone, so the next load drops the name anyway.
+    fn forget_removed(&self, lock: &KeyDirLock, name: &str) {
+        if let Err(e) = self.index.forget(&self.dir, lock, name) {
+            log::warn!("{e}");
         }
     }
 
-    /// Reads and parses a key file; `Ok(None)` (with a warning) when it is damaged.
     fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {
-        let Some(bytes) = self.read_file(name, KEY_EXT, MAX_KEY_FILE) else {
-            return Ok(None);
-        };
-        match KeyFile::parse(&bytes) {
-            Ok(k) => Ok(Some(k)),
-            Err(e) => {
-                let path = self.dir.path().join(format!("{name}.{KEY_EXT}"));
-                log::warn!("skipping damaged key file {}: {e}", path.display());
-                Ok(None)
-            }
-        }
+        read_key(&self.dir, name)
     }
 
     fn read_object(&self, name: &str) -> Option<ObjectFile> {
-        let bytes = self.read_file(name, OBJ_EXT, MAX_OBJ_FILE)?;
+        let bytes = read_file(&self.dir, name, OBJ_EXT, MAX_OBJ_FILE)?;
         match ObjectFile::parse(&bytes) {
             Ok(o) => Some(o),
             Err(e) => {
@@ -155,21 +184,95 @@ impl SoftwareStore {
         }
     }
 
-    fn record_of(name: String, file: KeyFile) -> KeyRecord {
-        let mut public_point = [0u8; 65];
-        public_point.copy_from_slice(&file.public_point.0);
+    /// The record of a listed key; its signer reads the key file on the first signature (and
+    /// is kept across reloads, so a key's file is read once per process).
+    fn record_of(&self, key: IndexedKey) -> KeyRecord {
+        let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
+            Arc::new(SoftwareSigner::from_file(
+                key.public_point,
+                KeyFileRef {
+                    dir: Arc::clone(&self.dir),
+                    name: key.name.clone(),
+                },
+            ))
+        });
         KeyRecord {
-            name,
-            id: file.id.0,
-            label: file.label,
-            public_point,
-            purpose: file.purpose,
+            name: key.name,
+            id: key.id,
+            label: key.label,
+            public_point: key.public_point,
+            purpose: key.purpose,
             persistent: true,
-            signer: Arc::new(SoftwareSigner::deferred(
-                public_point,
-                file.private_scalar.0,
-            )),
+            signer,
         }
+    }
+}
+
+/// What the index keeps of a key file.
+fn indexed_key(name: &str, file: &KeyFile) -> Option<IndexedKey> {
+    Some(IndexedKey {
+        name: name.to_string(),
+        id: file.id.0.clone(),
+        label: file.label.clone(),
+        purpose: file.purpose,
+        public_point: file.public_point.0.as_slice().try_into().ok()?,
+        created: file.created,
+        tpm_public: None,
+    })
+}
+
+fn indexed_object(name: &str, file: ObjectFile) -> IndexedObject {
+    IndexedObject {
+        name: name.to_string(),
+        created: file.created,
+        attributes: file.attributes.into_iter().map(|(t, v)| (t, v.0)).collect(),
+    }
+}
+
+/// Reads a file of the store: `None` when absent, refused (logged once by the key directory)
+/// or unreadable (logged).
+fn read_file(dir: &KeyDir, name: &str, ext: &str, max: u64) -> Option<Zeroizing<Vec<u8>>> {
+    let file = file_store::file_name(name, ext);
+    match dir.read_limited(&file, max) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            log::warn!("skipping {}: {e}", dir.path().join(&file).display());
+            None
+        }
+    }
+}
+
+/// Reads and parses a key file; `Ok(None)` (with a warning) when it is damaged.
+fn read_key(dir: &KeyDir, name: &str) -> Result<Option<KeyFile>> {
+    index::count_key_file_parse(name);
+    let Some(bytes) = read_file(dir, name, KEY_EXT, MAX_KEY_FILE) else {
+        return Ok(None);
+    };
+    match KeyFile::parse(&bytes) {
+        Ok(k) => Ok(Some(k)),
+        Err(e) => {
+            let path = dir.path().join(format!("{name}.{KEY_EXT}"));
+            log::warn!("skipping damaged key file {}: {e}", path.display());
+            Ok(None)
+        }
+    }
+}
+
+impl IndexedFiles for SoftwareStore {
+    fn key_name<'a>(&self, file: &'a str) -> Option<&'a str> {
+        file_store::stem(file, KEY_EXT)
+    }
+
+    fn object_name<'a>(&self, file: &'a str) -> Option<&'a str> {
+        file_store::stem(file, OBJ_EXT)
+    }
+
+    fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>> {
+        Ok(self.read_key(name)?.and_then(|f| indexed_key(name, &f)))
+    }
+
+    fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>> {
+        Ok(self.read_object(name).map(|f| indexed_object(name, f)))
     }
 }
 
@@ -179,10 +282,8 @@ impl Backend for SoftwareStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        file_store::load_all(&self.dir, KEY_EXT, |name| {
-            let file = self.read_key(&name)?;
-            Ok(file.map(|f| (f.created, Self::record_of(name, f))))
-        })
+        let keys = self.index.load(&self.dir, self)?.keys;
+        Ok(keys.into_iter().map(|k| self.record_of(k)).collect())
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -212,7 +313,17 @@ impl Backend for SoftwareStore {
         let bytes = file
             .to_bytes()
             .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
-        self.with_lock(|| self.write_atomic(&record.name, KEY_EXT, &bytes))?;
+        let indexed = indexed_key(&record.name, &file);
+        self.with_lock(|lock| {
+            self.write_atomic(&record.name, KEY_EXT, &bytes)?;
+            index::crash_point("create");
+            if let Some(k) = indexed {
+                self.index.put_key(&self.dir, lock, k);
+            }
+            Ok(())
+        })?;
+        self.signers
+            .get_or_make(&record.name, &record.public_point, || record.signer.clone());
         log::info!("created key {} ({:?})", record.name, request.label);
         Ok(record)
     }
@@ -222,14 +333,21 @@ impl Backend for SoftwareStore {
             return self.sessions.update(name, label, id);
         }
         check_name(name)?;
-        self.with_lock(|| {
+        self.with_lock(|lock| {
             let mut file = existing(name, self.read_key(name)?)?;
             file.label = label.to_string();
             file.id = Hex(id.to_vec());
             let bytes = file
                 .to_bytes()
                 .map_err(|e| BackendError::Io(format!("cannot encode a key file: {e}")))?;
-            self.write_atomic(name, KEY_EXT, &bytes)
+            self.index.forget(&self.dir, lock, name)?;
+            index::crash_point("relabel-forgotten");
+            self.write_atomic(name, KEY_EXT, &bytes)?;
+            index::crash_point("relabel");
+            if let Some(k) = indexed_key(name, &file) {
+                self.index.put_key(&self.dir, lock, k);
+            }
+            Ok(())
         })
     }
 
@@ -238,39 +356,60 @@ impl Backend for SoftwareStore {
             return self.sessions.remove(name);
         }
         check_name(name)?;
-        self.with_lock(|| self.remove(name, KEY_EXT))?;
+        self.with_lock(|lock| {
+            self.remove(name, KEY_EXT)?;
+            index::crash_point("delete");
+            self.forget_removed(lock, name);
+            Ok(())
+        })?;
+        self.signers.forget(name);
         log::info!("destroyed key {name}");
         Ok(())
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        file_store::load_all(&self.dir, OBJ_EXT, |name| {
-            Ok(self.read_object(&name).map(|file| {
-                let attributes = file.attributes.into_iter().map(|(t, v)| (t, v.0)).collect();
-                (file.created, ObjectRecord { name, attributes })
-            }))
-        })
+        self.index.load_objects(&self.dir, self)
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
         let name = random_name()?;
-        let bytes = object_bytes(attributes, now())?;
-        self.with_lock(|| self.write_atomic(&name, OBJ_EXT, &bytes))?;
+        let created = now();
+        let bytes = object_bytes(attributes, created)?;
+        self.with_lock(|lock| {
+            self.write_atomic(&name, OBJ_EXT, &bytes)?;
+            self.index.put_object(
+                &self.dir,
+                lock,
+                IndexedObject::new(&name, created, attributes),
+            );
+            Ok(())
+        })?;
         Ok(name)
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
         check_name(name)?;
-        self.with_lock(|| {
+        self.with_lock(|lock| {
             let old = existing(name, self.read_object(name))?;
             let bytes = object_bytes(attributes, old.created)?;
-            self.write_atomic(name, OBJ_EXT, &bytes)
+            self.index.forget(&self.dir, lock, name)?;
+            self.write_atomic(name, OBJ_EXT, &bytes)?;
+            self.index.put_object(
+                &self.dir,
+                lock,
+                IndexedObject::new(name, old.created, attributes),
+            );
+            Ok(())
         })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        self.with_lock(|| self.remove(name, OBJ_EXT))
+        self.with_lock(|lock| {
+            self.remove(name, OBJ_EXT)?;
+            self.forget_removed(lock, name);
+            Ok(())
+        })
     }
 
     fn change_marker(&self) -> Option<u128> {

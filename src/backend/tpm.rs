@@ -7,6 +7,10 @@
 //! label and purpose. The purpose is also bound into the TPM object's public area, and that
 //! binding is what counts: a sidecar that disagrees marks the key damaged (see the `purpose`
 //! module). A blob is useless without this TPM: its private area is encrypted by the SRK.
+//! The store lists its keys from its index (`store.index`, the `index` module), which keeps each
+//! key's CKA_ID, label, purpose (as bound into the TPM object), public point and public area:
+//! opening the store reads no blob, and a key's files are read, parsed and checked on its first
+//! signature (`listed`).
 //!
 //! **The SRK is derived, not persisted.** Each connection runs TPM2_CreatePrimary with the TCG
 //! standard ECC P-256 storage template. The TPM derives the same key from the owner seed every
@@ -44,6 +48,7 @@
 mod device;
 mod ekcert;
 mod keyfile;
+mod listed;
 mod purpose;
 mod slot;
 mod store;
@@ -51,6 +56,8 @@ mod store;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
+use crate::backend::keydir::KeyDirLock;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     Signer, StoreInfo,
@@ -65,6 +72,7 @@ pub use keyfile::{KeyBlob, KeyFileError};
 pub use purpose::{policy_digest, policy_text};
 
 use device::{ak_from_blobs, AkParts, Device, TpmKey};
+use listed::{indexed_key, load_key_file, ListedSigner};
 use purpose::Binding;
 use store::{random_name, AkFile, KeyFiles, KeyMeta};
 
@@ -242,10 +250,12 @@ pub struct Evidence {
 /// The TPM key store.
 pub struct TpmBackend {
     info: StoreInfo,
-    dir: KeyFiles,
+    dir: Arc<KeyFiles>,
     device: Arc<Device>,
     identity: Identity,
     allow_simulator: bool,
+    index: StoreIndex,
+    signers: SignerCache,
 }
 
 impl std::fmt::Debug for TpmBackend {
@@ -298,13 +308,22 @@ impl TpmBackend {
             config.tcti,
             class.as_str()
         );
-        Ok(Self {
+        let store = Self {
             info,
-            dir,
+            dir: Arc::new(dir),
             device,
             identity,
             allow_simulator: config.allow_simulator,
-        })
+            index: StoreIndex::default(),
+            signers: SignerCache::default(),
+        };
+        if let Err(e) = store
+            .index
+            .create_if_missing(store.dir.key_dir(), store.dir.as_ref())
+        {
+            log::warn!("tpm: no index for {}: {e}", store.dir.path().display());
+        }
+        Ok(store)
     }
 
     /// What `devicekey doctor` shows, over this store's own connection.
@@ -337,21 +356,16 @@ impl TpmBackend {
 
     /// Finds the persistent key with this CKA_ID whose public point is `point`.
     fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
-        let id_hex = crate::encoding::hex(id);
-        for name in self.dir.names("key")? {
-            let (meta, pem) = match self.dir.read_key(&name) {
+        let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
+        for entry in contents.keys {
+            if entry.id != id || entry.public_point != *point {
+                continue;
+            }
+            let (key, _) = match load_key_file(&self.dir, &entry.name) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
-            if meta.id != id_hex {
-                continue;
-            }
-            let blob =
-                KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
-            let key = TpmKey::from_blob(&name, &blob)
-                .map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
-            check_purpose(&self.dir.path().join(&name), &key, &meta)?;
             if key.public_point().as_ref() == Some(point) {
                 return Ok(Some(key));
             }
@@ -487,13 +501,45 @@ impl TpmBackend {
         })
     }
 
-    fn load_key(&self, name: &str) -> Result<KeyRecord> {
-        let (meta, pem) = self.dir.read_key(name)?;
-        let blob = KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
-        let key =
-            TpmKey::from_blob(name, &blob).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
-        check_purpose(&self.dir.path().join(name), &key, &meta)?;
-        self.record(key, &meta, true)
+    /// The record of a key listed from the index; its signer reads the key's files on its
+    /// first signature (kept across reloads).
+    fn listed_record(&self, entry: IndexedKey) -> KeyRecord {
+        let signer = self
+            .signers
+            .get_or_make(&entry.name, &entry.public_point, || {
+                Arc::new(ListedSigner {
+                    device: Arc::clone(&self.device),
+                    files: Arc::clone(&self.dir),
+                    entry: entry.clone(),
+                    key: Default::default(),
+                })
+            });
+        KeyRecord {
+            name: entry.name,
+            id: entry.id,
+            label: entry.label,
+            public_point: entry.public_point,
+            purpose: entry.purpose,
+            persistent: true,
+            signer,
+        }
+    }
+
+    /// Runs `f` holding the key directory's lock, then counts the change so other processes
+    /// reload.
+    fn with_lock<T>(&self, f: impl FnOnce(&KeyDirLock) -> Result<T>) -> Result<T> {
+        let lock = self.dir.lock()?;
+        let result = f(&lock);
+        lock.bump();
+        result
+    }
+
+    /// Drops a removed file's name from the index (call with the lock held); a failure is only
+    /// logged: the file is gone, so the next load drops the name anyway.
+    fn forget_removed(&self, lock: &KeyDirLock, name: &str) {
+        if let Err(e) = self.index.forget(self.dir.key_dir(), lock, name) {
+            log::warn!("tpm: {e}");
+        }
     }
 }
 
@@ -532,16 +578,8 @@ impl Backend for TpmBackend {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = Vec::new();
-        for name in self.dir.names("key")? {
-            match self.load_key(&name) {
-                Ok(record) => keys.push(record),
-                // A key removed meanwhile by another process, or refused (logged once).
-                Err(BackendError::NotFound(_) | BackendError::Refused(_)) => {}
-                Err(e) => log::warn!("tpm: skipping key {name}: {e}"),
-            }
-        }
-        Ok(keys)
+        let keys = self.index.load(self.dir.key_dir(), self.dir.as_ref())?.keys;
+        Ok(keys.into_iter().map(|k| self.listed_record(k)).collect())
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -554,7 +592,13 @@ impl Backend for TpmBackend {
         let meta = KeyMeta::new(&request.id, &request.label, request.purpose);
         if request.persistent {
             let blob = key.to_blob().map_err(BackendError::Crypto)?;
-            self.dir.write_key(&name, &blob.to_pem(), &meta)?;
+            let entry = indexed_key(&key, &meta)?;
+            self.with_lock(|lock| {
+                self.dir.write_key(&name, &blob.to_pem(), &meta)?;
+                index::crash_point("create");
+                self.index.put_key(self.dir.key_dir(), lock, entry);
+                Ok(())
+            })?;
         }
         log::info!("tpm: created key {name}");
         self.record(key, &meta, request.persistent)
@@ -564,45 +608,73 @@ impl Backend for TpmBackend {
         if name.starts_with(SESSION_PREFIX) {
             return Ok(());
         }
-        let (mut meta, _) = self.dir.read_key(name)?;
-        meta.label = label.to_string();
-        meta.id = crate::encoding::hex(id);
-        self.dir.write_meta(name, &meta)
+        self.with_lock(|lock| {
+            let (key, mut meta) = load_key_file(&self.dir, name)?;
+            meta.label = label.to_string();
+            meta.id = crate::encoding::hex(id);
+            self.index.forget(self.dir.key_dir(), lock, name)?;
+            index::crash_point("relabel-forgotten");
+            self.dir.write_meta(name, &meta)?;
+            index::crash_point("relabel");
+            self.index
+                .put_key(self.dir.key_dir(), lock, indexed_key(&key, &meta)?);
+            Ok(())
+        })
     }
 
     fn destroy_key(&self, name: &str) -> Result<()> {
         if !name.starts_with(SESSION_PREFIX) {
-            self.dir.remove_key(name)?;
+            self.with_lock(|lock| {
+                self.dir.remove_key(name)?;
+                index::crash_point("delete");
+                self.forget_removed(lock, name);
+                Ok(())
+            })?;
+            self.signers.forget(name);
         }
         self.device.forget(name);
         Ok(())
     }
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
-        let mut objects = Vec::new();
-        for name in self.dir.names("obj")? {
-            match self.dir.read_object(&name) {
-                Ok(attributes) => objects.push(ObjectRecord { name, attributes }),
-                Err(BackendError::NotFound(_)) => {}
-                Err(e) => log::warn!("tpm: skipping object {name}: {e}"),
-            }
-        }
-        Ok(objects)
+        self.index
+            .load_objects(self.dir.key_dir(), self.dir.as_ref())
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {
         let name = random_name("obj")?;
-        self.dir.write_object(&name, attributes)?;
+        self.with_lock(|lock| {
+            self.dir.write_object(&name, attributes)?;
+            self.index.put_object(
+                self.dir.key_dir(),
+                lock,
+                IndexedObject::new(&name, 0, attributes),
+            );
+            Ok(())
+        })?;
         Ok(name)
     }
 
     fn update_object(&self, name: &str, attributes: &[RawAttribute]) -> Result<()> {
-        self.dir.read_object(name)?;
-        self.dir.write_object(name, attributes)
+        self.with_lock(|lock| {
+            self.dir.read_object(name)?;
+            self.index.forget(self.dir.key_dir(), lock, name)?;
+            self.dir.write_object(name, attributes)?;
+            self.index.put_object(
+                self.dir.key_dir(),
+                lock,
+                IndexedObject::new(name, 0, attributes),
+            );
+            Ok(())
+        })
     }
 
     fn destroy_object(&self, name: &str) -> Result<()> {
-        self.dir.remove_object(name)
+        self.with_lock(|lock| {
+            self.dir.remove_object(name)?;
+            self.forget_removed(lock, name);
+            Ok(())
+        })
     }
 
     fn change_marker(&self) -> Option<u128> {

@@ -1,7 +1,8 @@
 //! The software signer: ECDSA P-256 over a caller-supplied digest with system OpenSSL.
 //!
 //! The private key is parsed into an OpenSSL `EC_KEY` once per key, on the first signature (so
-//! loading many keys stays cheap), and then reused. The raw scalar bytes are wiped as soon as the
+//! loading many keys stays cheap), and then reused. A key listed from the store index has not
+//! even been read: its signer holds a [`KeyFileRef`] and reads the scalar through it then. The raw scalar bytes are wiped as soon as the
 //! `EC_KEY` exists; OpenSSL frees its private `BIGNUM` with `BN_clear_free`. OpenSSL's P-256
 //! code leaves scalar bytes in its dead stack frames, so building and generating a key are
 //! followed by wiping the stack they used (see [`scrubbed`]).
@@ -15,6 +16,7 @@ use openssl::nid::Nid;
 use openssl::pkey::Private;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::KeyFileRef;
 use crate::backend::{BackendError, Result, Signer};
 
 fn crypto(what: &str, e: openssl::error::ErrorStack) -> BackendError {
@@ -36,8 +38,18 @@ fn group() -> Result<&'static EcGroup> {
 pub struct SoftwareSigner {
     public_point: [u8; 65],
     key: OnceLock<EcKey<Private>>,
-    /// The scalar until `key` is built; `None` afterwards. Boxed (see [`Generated::scalar`]).
-    scalar: Mutex<Option<Box<Zeroizing<[u8; 32]>>>>,
+    /// Where the scalar comes from until `key` is built.
+    pending: Mutex<Pending>,
+}
+
+/// What a signer builds its key from.
+enum Pending {
+    /// The scalar, already read. Boxed (see [`Generated::scalar`]).
+    Scalar(Box<Zeroizing<[u8; 32]>>),
+    /// The key file, read on the first signature.
+    File(KeyFileRef),
+    /// Nothing: the key is built.
+    Built,
 }
 
 /// A freshly generated key pair.
@@ -57,7 +69,17 @@ impl SoftwareSigner {
         Self {
             public_point,
             key: OnceLock::new(),
-            scalar: Mutex::new(Some(scalar)),
+            pending: Mutex::new(Pending::Scalar(scalar)),
+        }
+    }
+
+    /// A signer that reads its scalar from `file` on its first signature (and checks it
+    /// against the point). A file that is gone or damaged by then fails that signature.
+    pub fn from_file(public_point: [u8; 65], file: KeyFileRef) -> Self {
+        Self {
+            public_point,
+            key: OnceLock::new(),
+            pending: Mutex::new(Pending::File(file)),
         }
     }
 
@@ -82,7 +104,7 @@ impl SoftwareSigner {
         let signer = Self {
             public_point,
             key: OnceLock::from(key),
-            scalar: Mutex::new(None),
+            pending: Mutex::new(Pending::Built),
         };
         Ok(Generated {
             signer,
@@ -96,18 +118,24 @@ impl SoftwareSigner {
         if let Some(k) = self.key.get() {
             return Ok(k);
         }
-        let mut slot = self
-            .scalar
+        let mut pending = self
+            .pending
             .lock()
             .map_err(|_| BackendError::Crypto("signer lock poisoned".into()))?;
         if let Some(k) = self.key.get() {
             return Ok(k);
         }
-        let scalar = slot
-            .as_ref()
-            .ok_or_else(|| BackendError::Crypto("private key unavailable".into()))?;
-        let key = scrubbed(|| build_key(&self.public_point, scalar))?;
-        *slot = None;
+        let key = match &*pending {
+            Pending::Scalar(scalar) => scrubbed(|| build_key(&self.public_point, scalar))?,
+            Pending::File(file) => {
+                let scalar = file.read_scalar(&self.public_point)?;
+                scrubbed(|| build_key(&self.public_point, &scalar))?
+            }
+            Pending::Built => {
+                return Err(BackendError::Crypto("private key unavailable".into()));
+            }
+        };
+        *pending = Pending::Built;
         Ok(self.key.get_or_init(|| key))
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! The directory is a [`KeyDir`] (owner-only, safe ancestors, files reached through its
 //! descriptor and loaded only when they are regular 0600 files of the user's); files are written
-//! atomically. Names are random, so processes creating keys at the same time never collide and
-//! need no lock. A key is committed
-//! when its metadata file exists: the blob is written first, and a crash in between leaves an
-//! orphan blob that listings ignore.
+//! atomically. Names are random, so processes creating keys at the same time never collide. A
+//! key is committed when its metadata file exists: the blob is written first, and a crash in
+//! between leaves an orphan blob that listings ignore. The store lists keys and objects from its
+//! index (`store.index`, see the `index` module), updated under the directory's lock with every
+//! change; this module only names and reads the files.
 
 use std::path::Path;
 use std::time::Duration;
@@ -68,6 +69,13 @@ pub fn random_name(prefix: &str) -> Result<String> {
     getrandom::getrandom(&mut bytes)
         .map_err(|e| BackendError::Io(format!("no randomness for a file name: {e}")))?;
     Ok(format!("{prefix}-{}", hex(&bytes)))
+}
+
+/// `<prefix>-<hex>` when `file_name` is that name's `.json` file.
+pub fn name_of<'a>(file_name: &'a str, prefix: &str) -> Option<&'a str> {
+    file_name
+        .strip_suffix(".json")
+        .filter(|n| valid_name(n, prefix))
 }
 
 fn valid_name(name: &str, prefix: &str) -> bool {
@@ -142,15 +150,20 @@ impl KeyFiles {
     }
 
     /// Names (`<prefix>-<hex>`) that have a `.json` file, sorted.
+    #[cfg(test)]
     pub fn names(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self
             .dir
             .list()?
             .iter()
-            .filter_map(|f| f.strip_suffix(".json"))
-            .filter(|n| valid_name(n, prefix))
+            .filter_map(|f| name_of(f, prefix))
             .map(str::to_string)
             .collect())
+    }
+
+    /// The key directory (for the store index).
+    pub fn key_dir(&self) -> &KeyDir {
+        &self.dir
     }
 
     /// Writes a key: blob first, then the metadata that commits it.

@@ -1,0 +1,638 @@
+//! The store index: one file per key directory (`store.index`) that lists every key and stored
+//! object of the store with what the token needs to show them (name, CKA_ID, label, purpose,
+//! public point; an object's attributes), so opening a store reads one file instead of parsing
+//! every key file. A key file is read when its key first signs.
+//!
+//! **A cache, never the truth.** The key and object files are the truth. The index is an
+//! append-only log of JSON lines: a header, then `key`/`obj` records (a new or changed entry)
+//! and `del` records (an entry gone), written with the store's lock held. Every load compares
+//! the names in the directory listing (one readdir, no file parsed) with the names the index
+//! holds: a file the index does not list is parsed and added, a listed file that is gone is
+//! dropped, and a missing or damaged index is rebuilt from the files. The repair runs under the
+//! lock and is written back (best effort: on a read-only file system it stays in memory).
+//!
+//! **The invariant that makes names enough.** Whenever a file's contents may differ from its
+//! entry, the index does not list it: a change first appends `del <name>` (when the name is
+//! listed), then writes the file, then appends the new entry. A crash anywhere in between
+//! leaves a name the listing has and the index lacks, so the next load parses that one file.
+//! A file changed in place by something other than devicekey is not seen this way; a key file
+//! whose public point no longer matches its entry fails its first signature with the reason.
+//!
+//! A torn last line (a writer killed mid-append) is ignored, and the next append rewrites the
+//! index instead of gluing a record to it. When the log holds many more records than entries it
+//! is rewritten compactly (atomically).
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::backend::keydir::{KeyDir, KeyDirLock};
+use crate::backend::{BackendError, KeyPurpose, ObjectRecord, RawAttribute, Result, Signer};
+use crate::encoding;
+
+/// The index file in a key directory.
+pub const INDEX_FILE: &str = "store.index";
+const FORMAT: &str = "devicekey-store-index";
+const VERSION: u32 = 1;
+/// The largest index read (about 4 million keys).
+const MAX_INDEX: u64 = 1 << 30;
+/// The log is rewritten when it holds more than this many records besides twice its entries.
+const SLACK: usize = 256;
+
+/// What the index keeps of a key pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedKey {
+    /// The store's name of the key.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// CKA_ID.
+    #[serde(rename = "i", with = "hex_bytes")]
+    pub id: Vec<u8>,
+    /// CKA_LABEL.
+    #[serde(rename = "l")]
+    pub label: String,
+    /// What the key may be used for.
+    #[serde(rename = "p")]
+    pub purpose: KeyPurpose,
+    /// SEC1 uncompressed public point.
+    #[serde(rename = "q", with = "hex_point")]
+    pub public_point: [u8; 65],
+    /// Creation time (seconds since the Unix epoch; 0 when the store keeps none).
+    #[serde(rename = "c", default)]
+    pub created: u64,
+    /// The key's TPM public area (marshalled TPMT_PUBLIC), for keys in a TPM.
+    #[serde(
+        rename = "t",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "hex_opt"
+    )]
+    pub tpm_public: Option<Vec<u8>>,
+}
+
+/// What the index keeps of a stored object: all of it (objects are small and few).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedObject {
+    /// The store's name of the object.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// Creation time (seconds since the Unix epoch; 0 when the store keeps none).
+    #[serde(rename = "c", default)]
+    pub created: u64,
+    /// The object's attributes.
+    #[serde(rename = "a", with = "hex_attributes")]
+    pub attributes: Vec<RawAttribute>,
+}
+
+impl IndexedObject {
+    /// An object entry.
+    pub fn new(name: &str, created: u64, attributes: &[RawAttribute]) -> Self {
+        Self {
+            name: name.to_string(),
+            created,
+            attributes: attributes.to_vec(),
+        }
+    }
+}
+
+/// One line of the log after the header.
+#[derive(Serialize, Deserialize)]
+enum Record {
+    #[serde(rename = "key")]
+    Key(IndexedKey),
+    #[serde(rename = "obj")]
+    Object(IndexedObject),
+    #[serde(rename = "del")]
+    Removed(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: Cow<'static, str>,
+    version: u32,
+}
+
+/// One entry of the index.
+#[derive(Clone, Debug)]
+enum Entry {
+    Key(IndexedKey),
+    Object(IndexedObject),
+}
+
+impl Entry {
+    fn record(&self) -> Record {
+        match self {
+            Entry::Key(k) => Record::Key(k.clone()),
+            Entry::Object(o) => Record::Object(o.clone()),
+        }
+    }
+
+    fn sort_key(&self) -> (u64, &str) {
+        match self {
+            Entry::Key(k) => (k.created, &k.name),
+            Entry::Object(o) => (o.created, &o.name),
+        }
+    }
+}
+
+/// How a store's files map to index entries. The index never opens a file itself except its
+/// own: it asks the store to parse one when the listing shows a file the index lacks.
+pub trait IndexedFiles {
+    /// The key name of a directory entry, when it is a key file that commits a key.
+    fn key_name<'a>(&self, file: &'a str) -> Option<&'a str>;
+    /// The object name of a directory entry, when it is an object file.
+    fn object_name<'a>(&self, file: &'a str) -> Option<&'a str>;
+    /// Parses a key file; `None` when it is absent or damaged (the store logs why).
+    fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>>;
+    /// Parses an object file; `None` when it is absent or damaged (the store logs why).
+    fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>>;
+}
+
+/// Every key and object of a store, oldest first (ties by name).
+#[derive(Clone, Debug, Default)]
+pub struct Contents {
+    /// The keys.
+    pub keys: Vec<IndexedKey>,
+    /// The objects.
+    pub objects: Vec<IndexedObject>,
+}
+
+/// The index as read from its file.
+struct Parsed {
+    entries: HashMap<String, Entry>,
+    /// Records in the file (header excluded).
+    records: usize,
+    /// False when the file is absent, has a bad header or a bad line before the last.
+    usable: bool,
+}
+
+/// How many key files were parsed by this process (for tests and benchmarks: opening an indexed
+/// store parses none).
+static KEY_FILES_PARSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of key files parsed by this process so far (every store, every reason).
+pub fn key_files_parsed() -> u64 {
+    KEY_FILES_PARSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one key file parse; the stores call it wherever they parse a key file.
+pub fn count_key_file_parse(name: &str) {
+    KEY_FILES_PARSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    log::trace!("parsing key file {name}");
+}
+
+/// The index of one key directory, with the last contents read (reused while the directory's
+/// change marker stays the same, so `load_keys` and `load_objects` read the index once).
+#[derive(Default)]
+pub struct StoreIndex {
+    last: Mutex<Option<(u128, Contents)>>,
+}
+
+fn encode_line(record: &impl Serialize, out: &mut Vec<u8>) -> Result<()> {
+    serde_json::to_writer(&mut *out, record)
+        .map_err(|e| BackendError::Io(format!("cannot encode an index record: {e}")))?;
+    out.push(b'\n');
+    Ok(())
+}
+
+fn header() -> Header {
+    Header {
+        format: Cow::Borrowed(FORMAT),
+        version: VERSION,
+    }
+}
+
+fn parse(bytes: Option<&[u8]>) -> Parsed {
+    let mut parsed = Parsed {
+        entries: HashMap::new(),
+        records: 0,
+        usable: false,
+    };
+    let Some(bytes) = bytes else {
+        return parsed;
+    };
+    let mut lines = bytes.split_inclusive(|b| *b == b'\n');
+    match lines.next().map(serde_json::from_slice::<Header>) {
+        Some(Ok(h)) if h.format == FORMAT && h.version == VERSION => {}
+        _ => return parsed,
+    }
+    for line in lines {
+        let complete = line.ends_with(b"\n");
+        match serde_json::from_slice::<Record>(line) {
+            Ok(_) if !complete => break,
+            Ok(Record::Key(k)) => {
+                parsed.entries.insert(k.name.clone(), Entry::Key(k));
+            }
+            Ok(Record::Object(o)) => {
+                parsed.entries.insert(o.name.clone(), Entry::Object(o));
+            }
+            Ok(Record::Removed(name)) => {
+                parsed.entries.remove(&name);
+            }
+            // A torn last line: a writer was killed mid-append.
+            Err(_) if !complete => break,
+            // Damaged: nothing in it is trusted, the index is rebuilt from the files.
+            Err(_) => {
+                parsed.entries.clear();
+                parsed.records = 0;
+                return parsed;
+            }
+        }
+        parsed.records += 1;
+    }
+    parsed.usable = true;
+    parsed
+}
+
+/// Reads and parses the index; a file that cannot be read counts as absent (it is rebuilt).
+fn read(dir: &KeyDir) -> Parsed {
+    match dir.read_limited(INDEX_FILE, MAX_INDEX) {
+        Ok(bytes) => parse(bytes.as_ref().map(|b| b.as_slice())),
+        Err(e) => {
+            log::warn!("ignoring the index of {}: {e}", dir.path().display());
+            parse(None)
+        }
+    }
+}
+
+/// The names of the key and object files the directory listing shows.
+fn listed(dir: &KeyDir, files: &dyn IndexedFiles) -> Result<(HashSet<String>, HashSet<String>)> {
+    let (mut keys, mut objects) = (HashSet::new(), HashSet::new());
+    for file in dir.list()? {
+        if let Some(n) = files.key_name(&file) {
+            keys.insert(n.to_string());
+        } else if let Some(n) = files.object_name(&file) {
+            objects.insert(n.to_string());
+        }
+    }
+    Ok((keys, objects))
+}
+
+/// What the listing and the index disagree on.
+struct Diff {
+    unknown_keys: Vec<String>,
+    unknown_objects: Vec<String>,
+    gone: Vec<String>,
+}
+
+impl Diff {
+    fn of(parsed: &Parsed, keys: &HashSet<String>, objects: &HashSet<String>) -> Diff {
+        let has = |name: &String, want_key: bool| {
+            matches!(
+                (parsed.entries.get(name), want_key),
+                (Some(Entry::Key(_)), true) | (Some(Entry::Object(_)), false)
+            )
+        };
+        let mut unknown_keys: Vec<_> = keys.iter().filter(|n| !has(n, true)).cloned().collect();
+        let mut unknown_objects: Vec<_> =
+            objects.iter().filter(|n| !has(n, false)).cloned().collect();
+        let mut gone: Vec<_> = parsed
+            .entries
+            .iter()
+            .filter(|(n, e)| match e {
+                Entry::Key(_) => !keys.contains(*n),
+                Entry::Object(_) => !objects.contains(*n),
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        unknown_keys.sort();
+        unknown_objects.sort();
+        gone.sort();
+        Diff {
+            unknown_keys,
+            unknown_objects,
+            gone,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.unknown_keys.is_empty() && self.unknown_objects.is_empty() && self.gone.is_empty()
+    }
+}
+
+fn contents(entries: HashMap<String, Entry>) -> Contents {
+    let mut all: Vec<Entry> = entries.into_values().collect();
+    all.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    let mut out = Contents::default();
+    for e in all {
+        match e {
+            Entry::Key(k) => out.keys.push(k),
+            Entry::Object(o) => out.objects.push(o),
+        }
+    }
+    out
+}
+
+impl StoreIndex {
+    /// Every key and object of the store in `dir`, from the index, repaired from the files
+    /// where the directory listing disagrees with it.
+    pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Contents> {
+        let marker = dir.change_marker();
+        if let Ok(last) = self.last.lock() {
+            if let (Some(m), Some((at, c))) = (marker, last.as_ref()) {
+                if *at == m {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let (keys, objects) = listed(dir, files)?;
+        let mut parsed = read(dir);
+        let diff = Diff::of(&parsed, &keys, &objects);
+        let compact = parsed.records > 2 * parsed.entries.len() + SLACK;
+        if !parsed.usable || !diff.is_empty() || compact {
+            parsed = self.repair(dir, files)?;
+        }
+        let out = contents(parsed.entries);
+        if let (Some(m), Ok(mut last)) = (marker, self.last.lock()) {
+            *last = Some((m, out.clone()));
+        }
+        Ok(out)
+    }
+
+    /// The stored objects, as [`Self::load`] lists them.
+    pub fn load_objects(
+        &self,
+        dir: &KeyDir,
+        files: &dyn IndexedFiles,
+    ) -> Result<Vec<ObjectRecord>> {
+        let objects = self.load(dir, files)?.objects;
+        Ok(objects
+            .into_iter()
+            .map(|o| ObjectRecord {
+                name: o.name,
+                attributes: o.attributes,
+            })
+            .collect())
+    }
+
+    /// Builds the index when the directory has none (a new store, or one made before the
+    /// index), so that the keys created from now on are recorded as they are made.
+    pub fn create_if_missing(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<()> {
+        if !dir.exists(INDEX_FILE)? {
+            self.load(dir, files)?;
+        }
+        Ok(())
+    }
+
+    /// Under the lock: reads the listing and the index again (a writer may just have finished),
+    /// parses the files the index lacks, and writes the result back.
+    fn repair(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Parsed> {
+        let lock = match dir.lock() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!(
+                    "cannot lock {} to repair its index: {e}",
+                    dir.path().display()
+                );
+                None
+            }
+        };
+        let (keys, objects) = listed(dir, files)?;
+        let mut parsed = read(dir);
+        let diff = Diff::of(&parsed, &keys, &objects);
+        let mut added = Vec::new();
+        for name in &diff.gone {
+            parsed.entries.remove(name);
+        }
+        let keys_read = diff
+            .unknown_keys
+            .iter()
+            .map(|n| Ok::<_, BackendError>((n, files.parse_key(n)?.map(Entry::Key))));
+        let objects_read = diff
+            .unknown_objects
+            .iter()
+            .map(|n| Ok::<_, BackendError>((n, files.parse_object(n)?.map(Entry::Object))));
+        for read in keys_read.chain(objects_read) {
+            let (name, entry): (&String, Option<Entry>) = read?;
+            match entry {
+                Some(e) => {
+                    added.push(e.record());
+                    parsed.entries.insert(name.clone(), e);
+                }
+                None => {
+                    parsed.entries.remove(name);
+                }
+            }
+        }
+        if diff.unknown_keys.len() + diff.unknown_objects.len() + diff.gone.len() > 0 {
+            log::info!(
+                "index of {}: {} new or changed file(s) parsed, {} gone{}",
+                dir.path().display(),
+                diff.unknown_keys.len() + diff.unknown_objects.len(),
+                diff.gone.len(),
+                if parsed.usable {
+                    ""
+                } else {
+                    " (index rebuilt)"
+                }
+            );
+        }
+        let Some(lock) = lock else {
+            return Ok(parsed);
+        };
+        let compact = parsed.records > 2 * parsed.entries.len() + SLACK;
+        let written = if !parsed.usable || compact {
+            rewrite(dir, &lock, &parsed.entries)
+        } else if added.is_empty() && diff.gone.is_empty() {
+            Ok(())
+        } else {
+            let gone = diff.gone.iter().map(|n| Record::Removed(n.clone()));
+            let records: Vec<Record> = gone.chain(added).collect();
+            append(dir, &lock, &records)
+        };
+        if let Err(e) = written {
+            log::warn!(
+                "cannot write the index of {} (the keys are listed anyway): {e}",
+                dir.path().display()
+            );
+        }
+        Ok(parsed)
+    }
+
+    /// Records a new or changed key. Call with the lock held, after its file is written.
+    pub fn put_key(&self, dir: &KeyDir, lock: &KeyDirLock, key: IndexedKey) {
+        record(dir, lock, &Record::Key(key));
+    }
+
+    /// Records a new or changed object. Call with the lock held, after its file is written.
+    pub fn put_object(&self, dir: &KeyDir, lock: &KeyDirLock, object: IndexedObject) {
+        record(dir, lock, &Record::Object(object));
+    }
+
+    /// Records that `name` is gone, or about to change: call with the lock held, after removing
+    /// its file, or before rewriting it (so a crash in between leaves a name the index lacks).
+    /// Fails only when the index could neither be updated nor removed: then the caller must not
+    /// change the file, or the index would list stale contents.
+    pub fn forget(&self, dir: &KeyDir, lock: &KeyDirLock, name: &str) -> Result<()> {
+        let r = append(dir, lock, &[Record::Removed(name.to_string())]);
+        r.or_else(|e| invalidate(dir, &e))
+    }
+}
+
+/// A test hook for the crash tests: when `DEVICEKEY_TEST_CRASH_AT` names `point` (debug builds
+/// only), the process aborts there, e.g. between a key file's write and its index record.
+pub fn crash_point(point: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("DEVICEKEY_TEST_CRASH_AT").is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
+
+/// A kept signer and the public point it signs for.
+type KeptSigner = ([u8; 65], Arc<dyn Signer>);
+
+/// Signers of listed keys, kept across reloads by name and public point, so a key whose file
+/// was read for its first signature is not read again after another process's change.
+#[derive(Default)]
+pub struct SignerCache {
+    signers: Mutex<HashMap<String, KeptSigner>>,
+}
+
+impl SignerCache {
+    /// The kept signer of `name` when it has this public point, else a new one from `make`.
+    pub fn get_or_make(
+        &self,
+        name: &str,
+        public_point: &[u8; 65],
+        make: impl FnOnce() -> Arc<dyn Signer>,
+    ) -> Arc<dyn Signer> {
+        let Ok(mut signers) = self.signers.lock() else {
+            return make();
+        };
+        match signers.get(name) {
+            Some((point, signer)) if point == public_point => Arc::clone(signer),
+            _ => {
+                let signer = make();
+                signers.insert(name.to_string(), (*public_point, Arc::clone(&signer)));
+                signer
+            }
+        }
+    }
+
+    /// Drops the signer of a deleted key.
+    pub fn forget(&self, name: &str) {
+        if let Ok(mut signers) = self.signers.lock() {
+            signers.remove(name);
+        }
+    }
+}
+
+/// Appends one record; on failure the index is removed (the next load rebuilds it).
+fn record(dir: &KeyDir, lock: &KeyDirLock, record: &Record) {
+    if let Err(e) = append(dir, lock, std::slice::from_ref(record)) {
+        if let Err(e) = invalidate(dir, &e) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+/// Removes the index after a failed write, so that no stale index survives.
+fn invalidate(dir: &KeyDir, why: &BackendError) -> Result<()> {
+    log::warn!(
+        "cannot update the index of {} ({why}); removing it, the next load rebuilds it",
+        dir.path().display()
+    );
+    match dir.remove(INDEX_FILE) {
+        Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+        Err(e) => Err(BackendError::Io(format!(
+            "cannot update or remove the index of {}: {e}",
+            dir.path().display()
+        ))),
+    }
+}
+
+/// Appends records to an existing index. An absent index is left absent (the next load builds
+/// it whole); a torn last line is never appended to (the append fails, so the index goes).
+fn append(dir: &KeyDir, _lock: &KeyDirLock, records: &[Record]) -> Result<()> {
+    let mut bytes = Vec::with_capacity(256 * records.len());
+    for r in records {
+        encode_line(r, &mut bytes)?;
+    }
+    dir.append_line(INDEX_FILE, &bytes)
+}
+
+/// Writes the whole index atomically.
+fn rewrite(dir: &KeyDir, _lock: &KeyDirLock, entries: &HashMap<String, Entry>) -> Result<()> {
+    let mut bytes = Vec::with_capacity(64 + 320 * entries.len());
+    encode_line(&header(), &mut bytes)?;
+    let mut all: Vec<&Entry> = entries.values().collect();
+    all.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    for e in all {
+        encode_line(&e.record(), &mut bytes)?;
+    }
+    dir.write_atomic(INDEX_FILE, &bytes)
+}
+
+fn hex_str<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u8>, D::Error> {
+    let text = Cow::<str>::deserialize(d)?;
+    encoding::hex_decode(&text).ok_or_else(|| serde::de::Error::custom("invalid hex"))
+}
+
+mod hex_bytes {
+    use super::*;
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&encoding::hex(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u8>, D::Error> {
+        hex_str(d)
+    }
+}
+
+mod hex_point {
+    use super::*;
+    pub fn serialize<S: Serializer>(v: &[u8; 65], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&encoding::hex(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<[u8; 65], D::Error> {
+        let v = hex_str(d)?;
+        match <[u8; 65]>::try_from(v.as_slice()) {
+            Ok(p) if p[0] == 4 => Ok(p),
+            _ => Err(serde::de::Error::custom("not a 65-byte SEC1 point")),
+        }
+    }
+}
+
+mod hex_opt {
+    use super::*;
+    pub fn serialize<S: Serializer>(
+        v: &Option<Vec<u8>>,
+        s: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&encoding::hex(v)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Option<Vec<u8>>, D::Error> {
+        hex_str(d).map(Some)
+    }
+}
+
+mod hex_attributes {
+    use super::*;
+    pub fn serialize<S: Serializer>(
+        v: &[RawAttribute],
+        s: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|(t, v)| (*t, encoding::hex(v))))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Vec<RawAttribute>, D::Error> {
+        let pairs = Vec::<(u64, Cow<str>)>::deserialize(d)?;
+        pairs
+            .into_iter()
+            .map(|(t, v)| {
+                encoding::hex_decode(&v)
+                    .map(|v| (t, v))
+                    .ok_or_else(|| serde::de::Error::custom("invalid hex"))
+            })
+            .collect()
+    }
+}

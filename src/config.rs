@@ -188,6 +188,11 @@ pub struct Pkcs11Slot {
     /// Whether our token asks for a user PIN of its own (the wrapped token keeps its PIN).
     #[serde(default)]
     pub login: LoginMode,
+    /// With `login = "pin"`: the owner-only directory that holds our PIN file (an Argon2id
+    /// verifier and the wrong-try count). Required with `login = "pin"`.
+    pub dir: Option<PathBuf>,
+    /// With `login = "pin"`: wrong PINs allowed in a row before the PIN locks (default 10).
+    pub pin_tries: Option<u32>,
 }
 
 impl Pkcs11Slot {
@@ -199,6 +204,8 @@ impl Pkcs11Slot {
         "pin_file",
         "protection_class",
         "login",
+        "dir",
+        "pin_tries",
     ];
 }
 

@@ -126,11 +126,7 @@ fn private_keys_are_hidden_and_unusable_without_login() {
     let s = t.session();
     // Without login: no key generation.
     expect_err(
-        s.generate_key_pair(
-            &Mechanism::EccKeyPairGen,
-            &common::pub_template("k", true),
-            &common::priv_template("k", true),
-        ),
+        common::try_gen_p256(&s, "k", true),
         &[RvError::UserNotLoggedIn],
     );
     login(&s, PIN).expect("C_Login with the right PIN");

@@ -305,3 +305,88 @@ fn slots_that_cannot_keep_their_login_promise_do_not_open() {
         &format!("{software}login = \"pin\"\n")
     ));
 }
+
+/// pkcs11-tool (OpenSC) on a software slot with a PIN: no private key without login, a wrong PIN
+/// refused, and `--login --pin` makes and uses a key whose signature verifies.
+#[test]
+fn pkcs11_tool_logs_in_and_signs() {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use p256::pkcs8::DecodePublicKey;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let keys = tmp.path().join("keys");
+    std::env::set_var("DEVICEKEY_TEST_CHEAP_PIN_KDF", "1");
+    set_first_pin(&keys, PIN);
+    let config = tmp.path().join("devicekey.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[slot]]\nlabel = \"pinned\"\nbackend = \"software\"\ndir = \"{}\"\nlogin = \"pin\"\n",
+            keys.display()
+        ),
+    )
+    .expect("write config");
+    let digest = sha256(b"pkcs11-tool");
+    std::fs::write(tmp.path().join("digest"), digest).expect("write digest");
+    let tool = |args: &[&str]| {
+        let out = std::process::Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(common::module_path())
+            .args(args)
+            .current_dir(tmp.path())
+            .env("DEVICEKEY_CONFIG", &config)
+            .env("HOME", tmp.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("pkcs11-tool (OpenSC) is installed");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let keygen = [
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--id",
+        "01",
+        "--label",
+        "tool",
+    ];
+    let (ok, text) = tool(&[&["--login", "--pin", PIN][..], &keygen[..]].concat());
+    assert!(ok, "keypairgen with --login --pin: {text}");
+
+    let (ok, text) = tool(&["--list-objects"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("Public Key Object"), "{text}");
+    assert!(
+        !text.contains("Private Key Object"),
+        "listed without login: {text}"
+    );
+
+    let sign = [
+        "--sign", "-m", "ECDSA", "--id", "01", "-i", "digest", "-o", "sig",
+    ];
+    let (ok, text) = tool(&[&["--login", "--pin", "0000"][..], &sign[..]].concat());
+    assert!(!ok && text.contains("CKR_PIN_INCORRECT"), "{text}");
+    let (ok, text) = tool(&[&["--login", "--pin", PIN][..], &sign[..]].concat());
+    assert!(ok, "sign with --login --pin: {text}");
+
+    let (ok, text) = tool(&[
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--id",
+        "01",
+        "-o",
+        "pub.der",
+    ]);
+    assert!(ok, "{text}");
+    let der = std::fs::read(tmp.path().join("pub.der")).expect("pub.der");
+    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&der).expect("SPKI");
+    let sig = std::fs::read(tmp.path().join("sig")).expect("sig");
+    let sig = p256::ecdsa::Signature::from_slice(&sig).expect("r||s");
+    key.verify_prehash(&digest, &sig)
+        .expect("pkcs11-tool's signature verifies");
+}

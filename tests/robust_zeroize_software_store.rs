@@ -441,6 +441,44 @@ fn give_point(path: &Path, point: &[u8; 65]) {
     std::fs::write(path, &text[..]).expect("rewrite the key file");
 }
 
+/// The scan's controls: a canary in a dead stack frame and one in a freed heap block, left by a
+/// parked thread (kept alive, so nothing it does later overwrites them).
+fn plant_canaries() -> (Arc<Vec<Needle>>, Worker) {
+    let canaries = Arc::new(vec![
+        Needle::random("stack canary", 32),
+        Needle::random("freed-heap canary", 32),
+    ]);
+    let canary_thread = Worker::spawn("canaries");
+    let c = Arc::clone(&canaries);
+    canary_thread.run(move |_| {
+        leave_on_stack(&c[0]);
+        leave_in_freed_heap(&c[1]);
+    });
+    (canaries, canary_thread)
+}
+
+/// The controls of every scan: all memory read, both canaries found; and in `loaded` (taken while
+/// a key was in use) the key's BIGNUM found.
+fn check_controls<'a>(scans: impl IntoIterator<Item = &'a Scan>, loaded: &Scan) {
+    for s in scans {
+        assert!(
+            s.unreadable.is_empty(),
+            "unreadable memory: {}",
+            describe(s)
+        );
+        assert!(
+            found(s, "stack canary") && found(s, "freed-heap canary"),
+            "control failed: the scan misses a dead stack frame or a freed heap block: {}",
+            describe(s)
+        );
+    }
+    assert!(
+        found(loaded, "little-endian scalar"),
+        "control failed: the scan did not find the loaded key's BIGNUM: {}",
+        describe(loaded)
+    );
+}
+
 /// The tests of this file one at a time: a scan reads every mapping of the process, and another
 /// test's threads and allocations come and go under it (an unmapped range is unreadable).
 fn one_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -466,18 +504,7 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
 
     // Controls for the scan itself: a canary in a dead stack frame and one in a freed heap
     // block, both left by another parked thread, must be found by every scan.
-    let canaries = Arc::new(vec![
-        Needle::random("stack canary", 32),
-        Needle::random("freed-heap canary", 32),
-    ]);
-    let canary_thread = Worker::spawn("canaries");
-    {
-        let c = Arc::clone(&canaries);
-        canary_thread.run(move |_| {
-            leave_on_stack(&c[0]);
-            leave_in_freed_heap(&c[1]);
-        });
-    }
+    let (canaries, canary_thread) = plant_canaries();
 
     let worker = Worker::spawn("key-worker");
     let mut scans: Vec<(&str, Scan)> = Vec::new();
@@ -555,23 +582,7 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
     }
     eprintln!("total {:.2?}", started.elapsed());
 
-    for s in scans.iter().map(|(_, s)| s).chain([&loaded]) {
-        assert!(
-            s.unreadable.is_empty(),
-            "unreadable memory: {}",
-            describe(s)
-        );
-        assert!(
-            found(s, "stack canary") && found(s, "freed-heap canary"),
-            "control failed: the scan misses a dead stack frame or a freed heap block: {}",
-            describe(s)
-        );
-    }
-    assert!(
-        found(&loaded, "little-endian scalar"),
-        "control failed: the scan did not find the loaded key's BIGNUM: {}",
-        describe(&loaded)
-    );
+    check_controls(scans.iter().map(|(_, s)| s).chain([&loaded]), &loaded);
     for (phase, s) in &scans {
         assert_eq!(
             scalar_hits(s),
@@ -596,18 +607,7 @@ fn the_scalar_is_not_in_memory_after_logout() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("keys");
     let digest = [0x3cu8; 32];
-    let canaries = Arc::new(vec![
-        Needle::random("stack canary", 32),
-        Needle::random("freed-heap canary", 32),
-    ]);
-    let canary_thread = Worker::spawn("pin-canaries");
-    {
-        let c = Arc::clone(&canaries);
-        canary_thread.run(move |_| {
-            leave_on_stack(&c[0]);
-            leave_in_freed_heap(&c[1]);
-        });
-    }
+    let (canaries, canary_thread) = plant_canaries();
     let worker = Worker::spawn("pin-key-worker");
 
     // A clear key (its file gives the needles), then the first PIN seals it.
@@ -652,23 +652,7 @@ fn the_scalar_is_not_in_memory_after_logout() {
     eprintln!("logged in: {}", describe(&logged_in));
     eprintln!("logged out: {}", describe(&logged_out));
 
-    for s in [&logged_in, &logged_out] {
-        assert!(
-            s.unreadable.is_empty(),
-            "unreadable memory: {}",
-            describe(s)
-        );
-        assert!(
-            found(s, "stack canary") && found(s, "freed-heap canary"),
-            "control failed: {}",
-            describe(s)
-        );
-    }
-    assert!(
-        found(&logged_in, "little-endian scalar"),
-        "control failed: the scan did not find the opened key's BIGNUM: {}",
-        describe(&logged_in)
-    );
+    check_controls([&logged_in, &logged_out], &logged_in);
     assert_eq!(
         scalar_hits(&logged_out),
         0,

@@ -190,7 +190,7 @@ pub struct Pkcs11Slot {
     pub login: LoginMode,
     /// With `login = "pin"`: the owner-only directory that holds our PIN file (an Argon2id
     /// verifier and the wrong-try count). Required with `login = "pin"`.
-    pub dir: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
     /// With `login = "pin"`: wrong PINs allowed in a row before the PIN locks (default 10).
     pub pin_tries: Option<u32>,
 }
@@ -204,7 +204,7 @@ impl Pkcs11Slot {
         "pin_file",
         "protection_class",
         "login",
-        "dir",
+        "pin_dir",
         "pin_tries",
     ];
 }

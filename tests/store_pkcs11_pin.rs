@@ -1,7 +1,7 @@
 //! A pkcs11 slot (over SoftHSM) with `login = "pin"`, through the built module: our PIN gates our
 //! token (private keys hidden, no key generation and no signature before C_Login, wrong PINs
 //! counted, C_SetPIN), while the wrapped token keeps its own PIN from `pin_env`. The PIN file
-//! lives in the slot's `dir`, written by the same code as the software store's.
+//! lives in the slot's `pin_dir`, written by the same code as the software store's.
 
 #[macro_use]
 extern crate testkit as common;
@@ -47,7 +47,7 @@ fn our_pin_gates_a_pkcs11_slot() {
         slot_toml(
             &token,
             &format!(
-                "{}\nlogin = \"pin\"\ndir = \"{}\"\npin_tries = 4",
+                "{}\nlogin = \"pin\"\npin_dir = \"{}\"\npin_tries = 4",
                 good_slot_extra(),
                 pin_dir.display()
             ),
@@ -101,7 +101,7 @@ fn our_pin_gates_a_pkcs11_slot() {
 }
 
 #[test]
-fn login_pin_on_a_pkcs11_slot_needs_a_dir() {
+fn login_pin_on_a_pkcs11_slot_needs_a_pin_dir() {
     let text = slot_toml("any", &format!("{}\nlogin = \"pin\"", good_slot_extra()));
     let mut c = Config::from_toml(&text).expect("config parses");
     let SlotConfig::Pkcs11(slot) = c.slots.remove(0) else {
@@ -109,5 +109,5 @@ fn login_pin_on_a_pkcs11_slot_needs_a_dir() {
     };
     let err = Pkcs11Backend::open(&slot).expect_err("opened without a PIN directory");
     let msg = err.to_string();
-    assert!(msg.contains("login") && msg.contains("dir"), "{msg}");
+    assert!(msg.contains("login") && msg.contains("pin_dir"), "{msg}");
 }

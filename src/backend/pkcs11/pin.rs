@@ -2,7 +2,7 @@
 //!
 //! The wrapped token keeps its own PIN (`pin_env` / `pin_file`), which this module uses to log in
 //! below; the PIN asked by *our* token is checked against a PIN file in an owner-only key
-//! directory named by the slot's `dir`, written and read by the software store's PIN code
+//! directory named by the slot's `pin_dir`, written and read by the software store's PIN code
 //! ([`PinVault`]): an Argon2id-derived key that must open the wrapped data key, and the
 //! wrong-try count. The data key opens nothing here: it is the verifier. Until C_Login the
 //! store's signers refuse to sign; this gate is software in our token, and does not bind a
@@ -24,14 +24,14 @@ pub struct Pkcs11Pin {
 }
 
 impl Pkcs11Pin {
-    /// The gate a slot asks for: `None` without `login = "pin"` (where a `dir` holding a PIN
+    /// The gate a slot asks for: `None` without `login = "pin"` (where a `pin_dir` holding a PIN
     /// file is refused, as the software store refuses it).
     pub fn of_slot(config: &Pkcs11Slot) -> Result<Option<Arc<Pkcs11Pin>>> {
         let label = &config.label;
-        match (config.login, &config.dir) {
+        match (config.login, &config.pin_dir) {
             (LoginMode::Pin, None) => Err(BackendError::Unusable(format!(
                 "slot {label:?}: login = \"pin\" on a pkcs11 slot needs a directory for its PIN \
-                 file; fix: add `dir = \"/path/to/an/owner-only/directory\"` to the slot"
+                 file; fix: add `pin_dir = \"/path/to/an/owner-only/directory\"` to the slot"
             ))),
             (LoginMode::Pin, Some(dir)) => {
                 let dir = Arc::new(KeyDir::open(dir)?);

@@ -132,10 +132,12 @@ pub struct SoftwareSlot {
     /// Whether the token asks for a user PIN.
     #[serde(default)]
     pub login: LoginMode,
+    /// With `login = "pin"`: wrong PINs allowed in a row before the PIN locks (default 10).
+    pub pin_tries: Option<u32>,
 }
 
 impl SoftwareSlot {
-    const FIELDS: &'static [&'static str] = &["label", "dir", "login"];
+    const FIELDS: &'static [&'static str] = &["label", "dir", "login", "pin_tries"];
 }
 
 /// `backend = "tpm"`: keys in a TPM 2.0.
@@ -195,6 +197,11 @@ pub struct Pkcs11Slot {
     /// Whether our token asks for a user PIN of its own (the wrapped token keeps its PIN).
     #[serde(default)]
     pub login: LoginMode,
+    /// With `login = "pin"`: the owner-only directory that holds our PIN file (an Argon2id
+    /// verifier and the wrong-try count). Required with `login = "pin"`.
+    pub pin_dir: Option<PathBuf>,
+    /// With `login = "pin"`: wrong PINs allowed in a row before the PIN locks (default 10).
+    pub pin_tries: Option<u32>,
 }
 
 impl Pkcs11Slot {
@@ -206,6 +213,8 @@ impl Pkcs11Slot {
         "pin_file",
         "protection_class",
         "login",
+        "pin_dir",
+        "pin_tries",
     ];
 }
 
@@ -268,6 +277,16 @@ impl SlotConfig {
             Self::Pkcs11(s) => &s.label,
             Self::SecureEnclave(s) => &s.label,
             Self::Broken(s) => &s.label,
+        }
+    }
+
+    /// Whether the slot asks for a user PIN (`login`; stores without the option have none).
+    pub fn login(&self) -> LoginMode {
+        match self {
+            Self::Software(s) => s.login,
+            Self::Tpm(s) => s.login,
+            Self::Pkcs11(s) => s.login,
+            Self::SecureEnclave(_) | Self::Broken(_) => LoginMode::None,
         }
     }
 
@@ -669,6 +688,7 @@ mod tests {
                 label: "devicekey".into(),
                 dir: None,
                 login: LoginMode::None,
+                pin_tries: None,
             })
         );
         let tpm = cfg!(all(feature = "tpm", target_os = "linux"))
@@ -715,6 +735,7 @@ mod tests {
                 label: "devicekey".into(),
                 dir: Some("/tmp/x".into()),
                 login: LoginMode::None,
+                pin_tries: None,
             })
         );
         assert_eq!(

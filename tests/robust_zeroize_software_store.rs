@@ -234,7 +234,7 @@ fn scan(needles: &[Needle]) -> Scan {
             let n = (end - pos).min(CHUNK + OVERLAP);
             if let Err(e) = mem.read_exact_at(&mut buf[..n], pos as u64) {
                 result.unreadable.push(format!("{line} at {pos:#x}: {e}"));
-                buf.zeroize();
+                buf[..].zeroize();
                 break;
             }
             result.bytes += n.min(CHUNK);
@@ -441,6 +441,52 @@ fn give_point(path: &Path, point: &[u8; 65]) {
     std::fs::write(path, &text[..]).expect("rewrite the key file");
 }
 
+/// The scan's controls: a canary in a dead stack frame and one in a freed heap block, left by a
+/// parked thread (kept alive, so nothing it does later overwrites them).
+fn plant_canaries() -> (Arc<Vec<Needle>>, Worker) {
+    let canaries = Arc::new(vec![
+        Needle::random("stack canary", 32),
+        Needle::random("freed-heap canary", 32),
+    ]);
+    let canary_thread = Worker::spawn("canaries");
+    let c = Arc::clone(&canaries);
+    canary_thread.run(move |_| {
+        leave_on_stack(&c[0]);
+        leave_in_freed_heap(&c[1]);
+    });
+    (canaries, canary_thread)
+}
+
+/// The controls of every scan: all memory read, both canaries found; and in `loaded` (taken while
+/// a key was in use) the key's BIGNUM found.
+fn check_controls<'a>(scans: impl IntoIterator<Item = &'a Scan>, loaded: &Scan) {
+    for s in scans {
+        assert!(
+            s.unreadable.is_empty(),
+            "unreadable memory: {}",
+            describe(s)
+        );
+        assert!(
+            found(s, "stack canary") && found(s, "freed-heap canary"),
+            "control failed: the scan misses a dead stack frame or a freed heap block: {}",
+            describe(s)
+        );
+    }
+    assert!(
+        found(loaded, "little-endian scalar"),
+        "control failed: the scan did not find the loaded key's BIGNUM: {}",
+        describe(loaded)
+    );
+}
+
+/// The tests of this file one at a time: a scan reads every mapping of the process, and another
+/// test's threads and allocations come and go under it (an unmapped range is unreadable).
+fn one_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn scalar_hits(scan: &Scan) -> usize {
     scan.hits
         .iter()
@@ -450,6 +496,7 @@ fn scalar_hits(scan: &Scan) -> usize {
 
 #[test]
 fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
+    let _one_at_a_time = one_test_at_a_time();
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("keys");
@@ -457,18 +504,7 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
 
     // Controls for the scan itself: a canary in a dead stack frame and one in a freed heap
     // block, both left by another parked thread, must be found by every scan.
-    let canaries = Arc::new(vec![
-        Needle::random("stack canary", 32),
-        Needle::random("freed-heap canary", 32),
-    ]);
-    let canary_thread = Worker::spawn("canaries");
-    {
-        let c = Arc::clone(&canaries);
-        canary_thread.run(move |_| {
-            leave_on_stack(&c[0]);
-            leave_in_freed_heap(&c[1]);
-        });
-    }
+    let (canaries, canary_thread) = plant_canaries();
 
     let worker = Worker::spawn("key-worker");
     let mut scans: Vec<(&str, Scan)> = Vec::new();
@@ -550,23 +586,7 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
     }
     eprintln!("total {:.2?}", started.elapsed());
 
-    for s in scans.iter().map(|(_, s)| s).chain([&loaded]) {
-        assert!(
-            s.unreadable.is_empty(),
-            "unreadable memory: {}",
-            describe(s)
-        );
-        assert!(
-            found(s, "stack canary") && found(s, "freed-heap canary"),
-            "control failed: the scan misses a dead stack frame or a freed heap block: {}",
-            describe(s)
-        );
-    }
-    assert!(
-        found(&loaded, "little-endian scalar"),
-        "control failed: the scan did not find the loaded key's BIGNUM: {}",
-        describe(&loaded)
-    );
+    check_controls(scans.iter().map(|(_, s)| s).chain([&loaded]), &loaded);
     for (phase, s) in &scans {
         assert_eq!(
             scalar_hits(s),
@@ -575,5 +595,74 @@ fn the_scalar_is_not_in_memory_after_the_key_is_dropped() {
             describe(s)
         );
     }
+    drop(canary_thread);
+}
+
+/// A store with a PIN: a key sealed under the first PIN, opened by a login and signed with, is
+/// in memory while logged in (the control) and gone after C_Logout's `logout()`, even though the
+/// store and the key's record are still held (the next login opens it again).
+#[test]
+fn the_scalar_is_not_in_memory_after_logout() {
+    let _one_at_a_time = one_test_at_a_time();
+    use devicekey_pkcs11::backend::software::pin::CHEAP_KDF_ENV;
+    use devicekey_pkcs11::backend::software::PinOptions;
+    std::env::set_var(CHEAP_KDF_ENV, "1");
+    const PIN: &[u8] = b"zeroize-pin";
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("keys");
+    let digest = [0x3cu8; 32];
+    let (canaries, canary_thread) = plant_canaries();
+    let worker = Worker::spawn("pin-key-worker");
+
+    // A clear key (its file gives the needles), then the first PIN seals it.
+    let store_dir = dir.clone();
+    let name = worker.run(move |_| {
+        let store = SoftwareStore::open("zeroize", Some(&store_dir)).expect("open store");
+        store.generate_key(&new_key("p")).expect("generate").name
+    });
+    let mut needles: Vec<Needle> = canaries.iter().flat_map(Needle::pieces).collect();
+    needles.extend(needles_from_key_file(&dir.join(format!("{name}.key"))));
+
+    let store_dir = dir.clone();
+    let (point, sig) = worker.run(move |state| {
+        let store =
+            SoftwareStore::open_with("zeroize", Some(&store_dir), Some(PinOptions::default()))
+                .expect("open store with a PIN");
+        let guard = store.pin().expect("PIN guard");
+        guard.set_pin(None, PIN).expect("set the first PIN");
+        guard.login(PIN).expect("login");
+        state.keys = store.load_keys().expect("load keys");
+        let key = &state.keys[0];
+        let sig = key.signer.sign_digest(&digest).expect("sign");
+        let point = key.public_point;
+        state.store = Some(store);
+        (point, sig)
+    });
+    verify(&point, &digest, &sig);
+    let logged_in = scan(&needles);
+
+    let still_refused = worker.run(move |state| {
+        state
+            .store
+            .as_ref()
+            .expect("store")
+            .pin()
+            .expect("guard")
+            .logout();
+        state.keys[0].signer.sign_digest(&digest).is_err()
+    });
+    assert!(still_refused, "the key signed after logout");
+    let logged_out = scan(&needles);
+    eprintln!("logged in: {}", describe(&logged_in));
+    eprintln!("logged out: {}", describe(&logged_out));
+
+    check_controls([&logged_in, &logged_out], &logged_in);
+    assert_eq!(
+        scalar_hits(&logged_out),
+        0,
+        "a scalar lingers in memory after logout: {}",
+        describe(&logged_out)
+    );
+    drop(worker);
     drop(canary_thread);
 }

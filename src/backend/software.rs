@@ -9,13 +9,16 @@
 //!   file (a cache of the files, checked against the directory listing on every load: see the
 //!   `index` module); a key file is read when its key first signs;
 //! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes;
+//! - `pin`: the PIN file of a store with `login = "pin"` (see the `pin` module): the data key
+//!   that seals every scalar, wrapped under an Argon2id key of the PIN, and the wrong-try count;
 //! - `.<name>.<ext>.<random>.tmp`: a file being written; never loaded, removed when stale.
 //!
 //! `<name>` is 32 lowercase hex digits (16 random bytes). Writes are atomic (temporary file,
 //! fsync, rename, fsync of the directory) and made holding the lock. Session keys
 //! (`persistent = false`) live only in memory.
 
-mod format;
+pub(crate) mod format;
+pub mod pin;
 mod signer;
 mod slot;
 #[cfg(test)]
@@ -27,6 +30,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
+use self::pin::{PinVault, ScalarSource, SealedSigner, SoftwarePin};
 pub use self::signer::SoftwareSigner;
 use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
 use crate::backend::index::{
@@ -34,8 +38,8 @@ use crate::backend::index::{
 };
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
-    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
-    StoreInfo,
+    pin::PinGuard, Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass,
+    RawAttribute, Result, Signer, StoreInfo,
 };
 
 const KEY_EXT: &str = "key";
@@ -45,6 +49,21 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Objects hold certificates; allow generous sizes.
 const MAX_OBJ_FILE: u64 = 16 * 1024 * 1024;
 
+/// The PIN options of a store with `login = "pin"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinOptions {
+    /// Wrong tries allowed in a row before the PIN locks.
+    pub max_tries: u32,
+}
+
+impl Default for PinOptions {
+    fn default() -> Self {
+        Self {
+            max_tries: pin::DEFAULT_MAX_TRIES,
+        }
+    }
+}
+
 /// The software key store.
 pub struct SoftwareStore {
     info: StoreInfo,
@@ -52,6 +71,7 @@ pub struct SoftwareStore {
     sessions: SessionKeys,
     index: StoreIndex,
     signers: SignerCache,
+    pin: Option<SoftwarePin>,
 }
 
 /// Where a listed key's private scalar is: its key file. The signer keeps one and reads the
@@ -62,9 +82,14 @@ pub struct KeyFileRef {
 }
 
 impl KeyFileRef {
-    /// Reads the key file and returns its private scalar, checking that the file still holds
-    /// the key with `public_point` (the one the key was listed with).
-    pub fn read_scalar(&self, public_point: &[u8; 65]) -> Result<Box<Zeroizing<[u8; 32]>>> {
+    /// The key's name (its file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads the key file, checking that it still holds the key with `public_point` (the one
+    /// the key was listed with).
+    pub fn read(&self, public_point: &[u8; 65]) -> Result<KeyFile> {
         let path = self
             .dir
             .path()
@@ -82,7 +107,18 @@ impl KeyFileRef {
                 path.display()
             )));
         }
-        Ok(file.private_scalar.0)
+        Ok(file)
+    }
+
+    /// Reads the key file and returns its private scalar in the clear (a store without a PIN).
+    pub fn read_scalar(&self, public_point: &[u8; 65]) -> Result<Box<Zeroizing<[u8; 32]>>> {
+        match self.read(public_point)?.private_scalar {
+            Some(scalar) => Ok(scalar.0),
+            None => Err(BackendError::NotLoggedIn(format!(
+                "key {} is sealed under a PIN and its slot has none (login = \"none\")",
+                self.name
+            ))),
+        }
     }
 }
 
@@ -97,13 +133,31 @@ impl std::fmt::Debug for SoftwareStore {
 
 impl SoftwareStore {
     /// Opens (creating it if missing) the store in `dir`, or in
-    /// [`crate::config::default_data_dir`] when `dir` is `None`.
+    /// [`crate::config::default_data_dir`] when `dir` is `None`, without a PIN.
     pub fn open(label: &str, dir: Option<&Path>) -> Result<SoftwareStore> {
+        Self::open_with(label, dir, None)
+    }
+
+    /// [`Self::open`], with a user PIN when `pin` is given (`login = "pin"`). A store without
+    /// a PIN refuses a directory that has a PIN file: its keys are sealed under that PIN.
+    pub fn open_with(
+        label: &str,
+        dir: Option<&Path>,
+        pin: Option<PinOptions>,
+    ) -> Result<SoftwareStore> {
         let wanted = match dir {
             Some(d) => d.to_path_buf(),
             None => crate::config::default_data_dir(),
         };
-        let dir = KeyDir::open(&wanted)?;
+        let dir = Arc::new(KeyDir::open(&wanted)?);
+        if pin.is_none() && PinVault::exists_in(&dir)? {
+            return Err(BackendError::Unusable(format!(
+                "slot {label:?}: {} has a PIN file, so its keys are sealed under a PIN, but the \
+                 slot says login = \"none\"; fix: set login = \"pin\" on the slot",
+                dir.path().join(pin::PIN_FILE).display()
+            )));
+        }
+        let pin = pin.map(|o| SoftwarePin::new(dir.clone(), o.max_tries));
         let serial = file_store::serial_of(&dir);
         let store = SoftwareStore {
             info: StoreInfo {
@@ -117,6 +171,7 @@ impl SoftwareStore {
             sessions: SessionKeys::default(),
             index: StoreIndex::default(),
             signers: SignerCache::default(),
+            pin,
         };
         // Every writer holds the lock while its temporary file exists, so any temporary file
         // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
@@ -188,13 +243,19 @@ impl SoftwareStore {
     /// is kept across reloads, so a key's file is read once per process).
     fn record_of(&self, key: IndexedKey) -> KeyRecord {
         let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
-            Arc::new(SoftwareSigner::from_file(
-                key.public_point,
-                KeyFileRef {
-                    dir: Arc::clone(&self.dir),
-                    name: key.name.clone(),
-                },
-            ))
+            let file = KeyFileRef {
+                dir: Arc::clone(&self.dir),
+                name: key.name.clone(),
+            };
+            match &self.pin {
+                None => Arc::new(SoftwareSigner::from_file(key.public_point, file)),
+                Some(p) => Arc::new(SealedSigner::new(
+                    &key.name,
+                    key.public_point,
+                    ScalarSource::File(file),
+                    p.session().clone(),
+                )),
+            }
         });
         KeyRecord {
             name: key.name,
@@ -288,26 +349,46 @@ impl Backend for SoftwareStore {
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
         let generated = SoftwareSigner::generate()?;
+        let name = random_name()?;
+        // With a PIN the scalar is sealed at once, and the key signs only while logged in.
+        let (sealed, signer): (_, Arc<dyn Signer>) = match &self.pin {
+            None => (None, Arc::new(generated.signer)),
+            Some(p) => {
+                let sealed = p.session().seal_scalar(&name, &generated.scalar)?;
+                let source = ScalarSource::Sealed(sealed.clone());
+                let signer =
+                    SealedSigner::new(&name, generated.public_point, source, p.session().clone());
+                (Some(sealed), Arc::new(signer))
+            }
+        };
         let record = KeyRecord {
-            name: random_name()?,
+            name,
             id: request.id.clone(),
             label: request.label.clone(),
             public_point: generated.public_point,
             purpose: request.purpose,
             persistent: true,
-            signer: Arc::new(generated.signer),
+            signer,
         };
         if !request.persistent {
             return self.sessions.add(record);
         }
         let file = KeyFile {
             format: format::KEY_FORMAT.to_string(),
-            version: format::VERSION,
+            version: if sealed.is_some() {
+                format::SEALED_VERSION
+            } else {
+                format::VERSION
+            },
             id: Hex(request.id.clone()),
             label: request.label.clone(),
             purpose: request.purpose,
             public_point: Hex(generated.public_point.to_vec()),
-            private_scalar: Scalar(generated.scalar),
+            private_scalar: match sealed {
+                Some(_) => None,
+                None => Some(Scalar(generated.scalar)),
+            },
+            sealed_scalar: sealed,
             created: now(),
         };
         let bytes = file
@@ -363,6 +444,9 @@ impl Backend for SoftwareStore {
             Ok(())
         })?;
         self.signers.forget(name);
+        if let Some(p) = &self.pin {
+            p.session().forget(name);
+        }
         log::info!("destroyed key {name}");
         Ok(())
     }
@@ -414,6 +498,10 @@ impl Backend for SoftwareStore {
 
     fn change_marker(&self) -> Option<u128> {
         self.dir.change_marker()
+    }
+
+    fn pin(&self) -> Option<&dyn PinGuard> {
+        self.pin.as_ref().map(|p| p as &dyn PinGuard)
     }
 }
 

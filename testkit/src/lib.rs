@@ -357,12 +357,20 @@ pub fn priv_template(label: &str, token: bool) -> Vec<Attribute> {
 
 /// Generates a P-256 key pair; returns (public, private).
 pub fn gen_p256(s: &Session, label: &str, token: bool) -> (ObjectHandle, ObjectHandle) {
+    try_gen_p256(s, label, token).unwrap_or_else(|e| panic!("C_GenerateKeyPair({label}): {e}"))
+}
+
+/// C_GenerateKeyPair of a P-256 key pair with the usual templates; returns (public, private).
+pub fn try_gen_p256(
+    s: &Session,
+    label: &str,
+    token: bool,
+) -> cryptoki::error::Result<(ObjectHandle, ObjectHandle)> {
     s.generate_key_pair(
         &Mechanism::EccKeyPairGen,
         &pub_template(label, token),
         &priv_template(label, token),
     )
-    .unwrap_or_else(|e| panic!("C_GenerateKeyPair({label}): {e}"))
 }
 
 /// One attribute's raw bytes, or None when unavailable.

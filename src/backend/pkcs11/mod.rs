@@ -20,11 +20,13 @@
 //!   32-byte digest; the result is normalized to `r‖s` and checked against the public point.
 //! * Our metadata (the purpose) is a CKO_DATA object in the wrapped token (see [`keys`] for why).
 //! * Certificates and data objects go to the wrapped token as token objects.
+//! * With `login = "pin"`, our token asks for a PIN of its own before any key signs (see [`pin`]).
 
 mod encoding;
 mod errors;
 mod keys;
 mod objects;
+mod pin;
 mod pool;
 mod settings;
 
@@ -57,6 +59,8 @@ pub struct Pkcs11Backend {
     info: StoreInfo,
     /// The count of our processes' changes to the wrapped token (the change marker).
     counter: Option<crate::p11::lock::ChangeCounter>,
+    /// Our own PIN, with `login = "pin"`.
+    pin: Option<Arc<pin::Pkcs11Pin>>,
 }
 
 crate::redact::debug_shows!(Pkcs11Backend: info);
@@ -77,10 +81,13 @@ impl Pkcs11Backend {
     /// `NotFound` (no token with that label), `Auth` (PIN missing, wrong or locked),
     /// `Unreachable` (the device does not answer).
     pub fn open(config: &Pkcs11Slot) -> Result<Self> {
-        Self::connect(config).map_err(|e| {
+        let pin = pin::Pkcs11Pin::of_slot(config)?;
+        let mut backend = Self::connect(config).map_err(|e| {
             log::error!("pkcs11 key store: {e}");
             BackendError::from(e)
-        })
+        })?;
+        backend.pin = pin;
+        Ok(backend)
     }
 
     fn connect(config: &Pkcs11Slot) -> std::result::Result<Self, P11Error> {
@@ -156,6 +163,7 @@ impl Pkcs11Backend {
             inner,
             info,
             counter,
+            pin: None,
         })
     }
 
@@ -178,6 +186,7 @@ impl Pkcs11Backend {
                 name,
                 point: entry.point,
                 verified_with: AtomicU64::new(0),
+                pin: self.pin.clone(),
             }),
         }
     }
@@ -199,6 +208,9 @@ impl Backend for Pkcs11Backend {
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
+        if let Some(pin) = &self.pin {
+            pin.require_login()?;
+        }
         // Writes to the wrapped token go one process at a time, and are counted (see p11::lock).
         let write = self.inner.token().write_lock();
         write.mark_changed();
@@ -254,6 +266,12 @@ impl Backend for Pkcs11Backend {
     fn change_marker(&self) -> Option<u128> {
         self.counter.as_ref().map(|c| u128::from(c.read()))
     }
+
+    fn pin(&self) -> Option<&dyn crate::backend::pin::PinGuard> {
+        self.pin
+            .as_deref()
+            .map(|p| p as &dyn crate::backend::pin::PinGuard)
+    }
 }
 
 /// Signs with one key of the wrapped token.
@@ -265,10 +283,15 @@ struct Pkcs11Signer {
     /// resolves to is checked once, which catches a mismatched pairing without paying a
     /// verification on every signature.
     verified_with: AtomicU64,
+    /// Our own PIN, with `login = "pin"`: no signature before it was given.
+    pin: Option<Arc<pin::Pkcs11Pin>>,
 }
 
 impl Signer for Pkcs11Signer {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        if let Some(pin) = &self.pin {
+            pin.require_login()?;
+        }
         let (raw, handle) = self.inner.run("sign", |s| {
             self.inner.with_key(s, &self.name, |private, _| {
                 s.sign(&Mechanism::Ecdsa, private, digest)

@@ -107,18 +107,24 @@ enum Cmd {
         target: p11::Target,
         #[arg(long)]
         label: String,
+        #[arg(long)]
+        sign: bool,
     },
-    /// Makes software stores of N keys under a directory (reused when present).
+    /// Makes key stores of N keys under a directory (reused when present).
     ScalePrepare {
         /// The directory that holds `keys-<N>` stores.
         #[arg(long)]
         dir: PathBuf,
         /// Store sizes.
-        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000,100000")]
         counts: Vec<usize>,
         /// Where to generate keys before copying them (a RAM disk saves the fsyncs).
         #[arg(long)]
         staging: Option<PathBuf>,
+        /// TPM stores on the TPM of the config's TPM slot instead of software stores.
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
+        #[arg(long)]
+        tpm: bool,
     },
     /// FindObjects latency by CKA_ID and by label for bench key `index`.
     Find {
@@ -187,12 +193,30 @@ fn run(cli: Cli) -> Result<()> {
             label,
             plan,
         } => cold::parent(&target, &label, &plan),
-        Cmd::ColdChild { target, label } => cold::child(&target, &label),
+        Cmd::ColdChild {
+            target,
+            label,
+            sign,
+        } => cold::child(&target, &label, sign),
+        #[cfg(all(feature = "tpm", target_os = "linux"))]
         Cmd::ScalePrepare {
             dir,
             counts,
             staging,
-        } => scale::prepare(&dir, &counts, staging.as_deref()),
+            tpm: true,
+        } => tpm::prepare(&dir, &counts, staging.as_deref()),
+        Cmd::ScalePrepare {
+            dir,
+            counts,
+            staging,
+            ..
+        } => scale::prepare(
+            &dir,
+            &counts,
+            staging.as_deref(),
+            "ours",
+            &scale::open_software,
+        ),
         Cmd::Find {
             target,
             index,

@@ -134,6 +134,57 @@ fn verdicts(r: &[Record]) -> Vec<Verdict> {
             &|x| x <= 2.0,
         );
     }
+    // A store that grows must not make opening it, or its first signature, slower.
+    for (what, bench, subject, big) in [
+        (
+            "Cold start, ours, 100,000 / 10 keys",
+            "cold_start",
+            "ours",
+            "100000 keys",
+        ),
+        (
+            "First signature after open, ours, 100,000 / 10 keys",
+            "first_sign",
+            "ours",
+            "100000 keys",
+        ),
+        (
+            "TPM cold start, ours, 1,000 / 10 keys",
+            "cold_start",
+            "ours-tpm",
+            "1000 keys",
+        ),
+        (
+            "TPM first signature after open, ours, 1,000 / 10 keys",
+            "first_sign",
+            "ours-tpm",
+            "1000 keys",
+        ),
+    ] {
+        push(
+            what,
+            ratio(
+                find(r, bench, subject, big),
+                find(r, bench, subject, "10 keys"),
+            ),
+            "x",
+            "<= 2",
+            &|x| x <= 2.0,
+        );
+    }
+    push(
+        "TPM2_CreatePrimary per process, ours, persistent SRK",
+        find(
+            r,
+            "tpm_create_primary_per_process",
+            "ours-tpm",
+            "persistent SRK",
+        )
+        .map(|x| x.median),
+        "commands",
+        "0",
+        &|x| x == 0.0,
+    );
     push(
         "JSON-RPC sign overhead beyond C_Sign, p50, client and server on 1 CPU",
         find(r, "rpc_overhead_p50", "ours-serve", "one at a time, 1 CPU").map(|x| x.median),
@@ -162,16 +213,35 @@ fn verdicts(r: &[Record]) -> Vec<Verdict> {
         "< 100",
         &|x| x < 100.0,
     );
-    push(
-        "TPM sign p50, ours / tpm2-pkcs11",
-        ratio(
-            find(r, "sign_latency_p50", "ours-tpm", ""),
-            find(r, "sign_latency_p50", "tpm2-pkcs11", ""),
+    for (what, bench, ours, theirs, goal, most) in [
+        (
+            "TPM sign p50, ours / tpm2-pkcs11",
+            "sign_latency_p50",
+            "",
+            "",
+            "<= 1",
+            1.0,
         ),
-        "x",
-        "<= 1",
-        &|x| x <= 1.0,
-    );
+        (
+            "TPM cold start to one signature, ours (persistent SRK) / tpm2-pkcs11",
+            "cold_start_sign",
+            "1 key, persistent SRK",
+            "1 key",
+            "<= 0.5",
+            0.5,
+        ),
+    ] {
+        push(
+            what,
+            ratio(
+                find(r, bench, "ours-tpm", ours),
+                find(r, bench, "tpm2-pkcs11", theirs),
+            ),
+            "x",
+            goal,
+            &|x| x <= most,
+        );
+    }
     push(
         "TPM: TPM2_Sign commands per C_Sign (length query + sign)",
         find(

@@ -1,17 +1,20 @@
-//! Scale: software stores of 10, 1,000 and 10,000 keys, made once with the store's own API and
-//! reused across runs, and FindObjects by CKA_ID and by label against them.
+//! Scale: key stores of 10 to 100,000 keys, made once with the store's own API and reused
+//! across runs, and FindObjects by CKA_ID and by label against them. Software stores by default;
+//! the TPM part makes TPM stores the same way (`tpm::open_store`).
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::time::Instant;
 
 use cryptoki::object::{Attribute, ObjectClass};
 use devicekey_pkcs11::backend::software::SoftwareStore;
-use devicekey_pkcs11::backend::{Backend, KeyPurpose, NewKey};
+use devicekey_pkcs11::backend::{Backend, BackendError, KeyPurpose, NewKey};
 use sha2::{Digest, Sha256};
 
 use crate::p11::{Module, Target};
 use crate::sign::{latency_figures, Plan};
+use crate::stats::Record;
 use crate::{BenchError, Ctx, Result};
 
 /// The label of bench key `i`.
@@ -28,11 +31,34 @@ fn index_of(label: &str) -> Option<usize> {
     label.strip_prefix("bench-key-")?.parse().ok()
 }
 
+/// Opens the store being prepared in a directory (software or TPM).
+pub type OpenStore<'a> = &'a (dyn Fn(&Path) -> Result<Box<dyn Backend>> + Sync);
+
+/// Opens a software store in `dir`.
+pub fn open_software(dir: &Path) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(
+        SoftwareStore::open("bench", Some(dir)).map_err(store_err)?,
+    ))
+}
+
+/// The stem of a store file (`<name>` of `<name>.key`, `<name>.json`...); `None` for hidden
+/// files (the lock, temporary files).
+fn stem(file: &str) -> Option<&str> {
+    file.split_once('.')
+        .map(|(stem, _)| stem)
+        .filter(|s| !s.is_empty())
+}
+
+/// How many keys `dir` holds: software key files (`<name>.key`) and TPM key metadata files
+/// (`key-<hex>.json`, which commit a TPM key).
 fn key_files(dir: &Path) -> usize {
     fs::read_dir(dir)
         .map(|it| {
             it.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.ends_with(".key") || (name.starts_with("key-") && name.ends_with(".json"))
+                })
                 .count()
         })
         .unwrap_or(0)
@@ -50,35 +76,80 @@ fn fresh_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn store_err(e: devicekey_pkcs11::backend::BackendError) -> BenchError {
-    BenchError::Other(format!("software store: {e}"))
+/// A store error as the harness's.
+pub fn store_err(e: BackendError) -> BenchError {
+    BenchError::Other(format!("key store: {e}"))
 }
 
-/// Copies the key files of the keys with index below `count` from `from` into a fresh `to`.
-fn copy_keys(from: &Path, to: &Path, count: usize) -> Result<()> {
-    let store = SoftwareStore::open("bench", Some(from)).map_err(store_err)?;
-    fresh_dir(to)?;
-    let mut copied = 0;
-    for key in store.load_keys().map_err(store_err)? {
-        if index_of(&key.label).is_some_and(|i| i < count) {
-            let file = format!("{}.key", key.name);
-            fs::copy(from.join(&file), to.join(&file))?;
-            copied += 1;
-        }
-    }
-    if copied != count {
+/// Copies the files of the keys with index below `count` from `from` into a fresh `to`.
+fn copy_keys(open: OpenStore, from: &Path, to: &Path, count: usize) -> Result<()> {
+    let wanted: std::collections::HashSet<String> = open(from)?
+        .load_keys()
+        .map_err(store_err)?
+        .into_iter()
+        .filter(|key| index_of(&key.label).is_some_and(|i| i < count))
+        .map(|key| key.name)
+        .collect();
+    if wanted.len() != count {
         return Err(BenchError::Other(format!(
-            "{} holds {copied} bench keys below {count}",
-            from.display()
+            "{} holds {} bench keys below {count}",
+            from.display(),
+            wanted.len()
         )));
+    }
+    fresh_dir(to)?;
+    for entry in fs::read_dir(from)? {
+        let file = entry?.file_name();
+        if stem(&file.to_string_lossy()).is_some_and(|s| wanted.contains(s)) {
+            fs::copy(from.join(&file), to.join(&file))?;
+        }
     }
     Ok(())
 }
 
+/// Generates bench keys `0..count` in `dir` with the store's `generate_key`, on one thread per
+/// CPU.
+fn generate(open: OpenStore, dir: &Path, count: usize) -> Result<()> {
+    let store = open(dir)?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let store = &store;
+                scope.spawn(move || -> Result<()> {
+                    for i in (w..count).step_by(workers) {
+                        store
+                            .generate_key(&NewKey {
+                                id: id_of(i),
+                                label: label_of(i),
+                                purpose: KeyPurpose::General,
+                                persistent: true,
+                            })
+                            .map_err(store_err)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| BenchError::Other("a generator thread panicked".into()))??;
+        }
+        Ok(())
+    })
+}
+
 /// `scale-prepare`: makes `<base>/keys-<N>` for every count unless it already holds N keys.
-/// Keys are generated through `SoftwareStore::generate_key` (in `staging`, a RAM disk when
-/// given, because the store fsyncs every file and directory), then copied.
-pub fn prepare(base: &Path, counts: &[usize], staging: Option<&Path>) -> Result<()> {
+/// Keys are generated through the store's `generate_key` (in `staging`, a RAM disk when given,
+/// because the stores fsync every file and directory), then copied; the time the biggest store
+/// took is emitted as `store_generation` for `subject`.
+pub fn prepare(
+    base: &Path,
+    counts: &[usize],
+    staging: Option<&Path>,
+    subject: &str,
+    open: OpenStore,
+) -> Result<()> {
     let max = counts.iter().copied().max().unwrap_or(0);
     let biggest = base.join(format!("keys-{max}"));
     if key_files(&biggest) != max {
@@ -88,41 +159,30 @@ pub fn prepare(base: &Path, counts: &[usize], staging: Option<&Path>) -> Result<
         };
         fresh_dir(&gen_dir)?;
         eprintln!("  generating {max} keys (once; reused by later runs)");
-        let store = SoftwareStore::open("bench", Some(&gen_dir)).map_err(store_err)?;
-        let workers = 2;
-        std::thread::scope(|scope| -> Result<()> {
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let store = &store;
-                    scope.spawn(move || -> Result<()> {
-                        for i in (w..max).step_by(workers) {
-                            store
-                                .generate_key(&NewKey {
-                                    id: id_of(i),
-                                    label: label_of(i),
-                                    purpose: KeyPurpose::General,
-                                    persistent: true,
-                                })
-                                .map_err(store_err)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join()
-                    .map_err(|_| BenchError::Other("a generator thread panicked".into()))??;
-            }
-            Ok(())
-        })?;
-        drop(store);
-        copy_keys(&gen_dir, &biggest, max)?;
+        let start = Instant::now();
+        generate(open, &gen_dir, max)?;
+        let generated = start.elapsed().as_secs_f64();
+        copy_keys(open, &gen_dir, &biggest, max)?;
         fs::remove_dir_all(&gen_dir)?;
+        let total = start.elapsed().as_secs_f64();
+        Record::new(
+            "store_generation",
+            subject,
+            &format!("{max} keys"),
+            "s",
+            vec![total],
+        )
+        .with_detail(serde_json::json!({
+            "generate_key_s": generated,
+            "copy_s": total - generated,
+            "staging": staging.map(|s| s.display().to_string()),
+        }))
+        .emit();
     }
     for &count in counts {
         let dir = base.join(format!("keys-{count}"));
         if count != max && key_files(&dir) != count {
-            copy_keys(&biggest, &dir, count)?;
+            copy_keys(open, &biggest, &dir, count)?;
         }
     }
     Ok(())

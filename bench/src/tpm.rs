@@ -1,15 +1,19 @@
 //! Our TPM key store called in-process through its `Backend` (no PKCS#11): one TPM signature per
 //! call. Beside the module's C_Sign figures it shows what the module adds, and that a length query
 //! costs no second TPM signature (that would make a C_Sign twice as slow as this). The first
-//! signature, which loads the key into the TPM, is reported on its own.
+//! signature, which loads the key into the TPM, is reported on its own. Also the TPM stores of
+//! the scale part, made by `scale::prepare` with the config's TPM slot pointed at each directory.
+
+use std::path::Path;
 
 use devicekey_pkcs11::backend::tpm::TpmBackend;
 use devicekey_pkcs11::backend::Backend;
-use devicekey_pkcs11::config::{Config, SlotConfig};
+use devicekey_pkcs11::config::{Config, SlotConfig, TpmSlot};
 use serde_json::json;
 
 use crate::p11::Verifier;
 use crate::runner;
+use crate::scale;
 use crate::sign::{latency_figures, Plan};
 use crate::stats::Record;
 use crate::{BenchError, Result};
@@ -18,19 +22,39 @@ fn store_err(e: impl std::fmt::Display) -> BenchError {
     BenchError::Other(format!("TPM store: {e}"))
 }
 
-/// `tpm-raw`: latency and 1-thread throughput of `sign_digest` on the key labelled `label` of
-/// the first TPM slot of the config.
-pub fn raw(label: &str, plan: &Plan) -> Result<()> {
+/// The first TPM slot of the config.
+fn tpm_slot() -> Result<TpmSlot> {
     let config = Config::load().map_err(store_err)?;
-    let slot = config
+    config
         .slots
-        .iter()
+        .into_iter()
         .find_map(|s| match s {
             SlotConfig::Tpm(t) => Some(t),
             _ => None,
         })
-        .ok_or_else(|| BenchError::Other("the config has no TPM slot".into()))?;
-    let store = TpmBackend::from_slot(slot).map_err(store_err)?;
+        .ok_or_else(|| BenchError::Other("the config has no TPM slot".into()))
+}
+
+/// `scale-prepare --tpm`: TPM stores of the given sizes under `base`, on the TPM of the config's
+/// TPM slot.
+pub fn prepare(base: &Path, counts: &[usize], staging: Option<&Path>) -> Result<()> {
+    let slot = tpm_slot()?;
+    let open = |dir: &Path| -> Result<Box<dyn Backend>> {
+        let slot = TpmSlot {
+            dir: Some(dir.to_path_buf()),
+            ..slot.clone()
+        };
+        Ok(Box::new(
+            TpmBackend::from_slot(&slot).map_err(scale::store_err)?,
+        ))
+    };
+    scale::prepare(base, counts, staging, "ours-tpm", &open)
+}
+
+/// `tpm-raw`: latency and 1-thread throughput of `sign_digest` on the key labelled `label` of
+/// the first TPM slot of the config.
+pub fn raw(label: &str, plan: &Plan) -> Result<()> {
+    let store = TpmBackend::from_slot(&tpm_slot()?).map_err(store_err)?;
     let key = store
         .load_keys()
         .map_err(store_err)?

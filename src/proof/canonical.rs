@@ -5,6 +5,10 @@
 //! not change if some other crate in the build turns on serde_json's `preserve_order` feature.
 //! Strings and numbers are written by serde_json (which escapes only `"`, `\` and control
 //! characters), so the output matches any serde_json-based implementation byte for byte.
+//!
+//! The signed bytes of a proof ([`signing_bytes`]) are written straight from the payload types,
+//! whose fields are declared in canonical order: the server writes them for every signature and
+//! the token rebuilds them to check what it is asked to sign, so this path is kept short.
 
 use serde_json::Value;
 
@@ -61,14 +65,43 @@ pub fn to_canonical_vec<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u
 
 /// The exact bytes that are signed for `payload`:
 /// the canonical form of `{"domain": "codex-device-key-sign-payload/v1", "payload": payload}`.
+///
+/// Written straight from the types, without building a `Value` and sorting it: the payload
+/// structs declare their fields in the byte order of their JSON names, and `type`, which sorts
+/// after all of them, is written last. serde_json's compact writer escapes strings and writes
+/// integers exactly as [`write_canonical`] does, so the output is the canonical form; a test
+/// holds it to [`to_canonical_vec`] for both payload types.
 pub fn signing_bytes(payload: &SignPayload) -> Result<Vec<u8>, ProofError> {
     #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        domain: &'static str,
-        payload: &'a SignPayload,
+    struct Tagged<'a, P> {
+        #[serde(flatten)]
+        fields: &'a P,
+        #[serde(rename = "type")]
+        tag: &'static str,
     }
-    to_canonical_vec(&Envelope {
-        domain: SIGN_DOMAIN,
-        payload,
-    })
+    #[derive(serde::Serialize)]
+    struct Envelope<P> {
+        domain: &'static str,
+        payload: P,
+    }
+    let tag = payload.type_tag();
+    let mut out = Vec::with_capacity(512);
+    match payload {
+        SignPayload::RemoteControlClientConnection(fields) => serde_json::to_writer(
+            &mut out,
+            &Envelope {
+                domain: SIGN_DOMAIN,
+                payload: Tagged { fields, tag },
+            },
+        ),
+        SignPayload::RemoteControlClientEnrollment(fields) => serde_json::to_writer(
+            &mut out,
+            &Envelope {
+                domain: SIGN_DOMAIN,
+                payload: Tagged { fields, tag },
+            },
+        ),
+    }
+    .map_err(|e| ProofError::Encoding(e.to_string()))?;
+    Ok(out)
 }

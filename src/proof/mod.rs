@@ -22,7 +22,8 @@ pub use keyid::{
 pub use origin::is_allowed_origin;
 pub use payload::{
     ConnectionAudience, ConnectionPayload, EnrollmentAudience, EnrollmentPayload, SignPayload,
-    CONNECTION_PATHS, CONTROLLER_WEBSOCKET_SCOPE, ENROLLMENT_PATHS, SIGN_DOMAIN,
+    CONNECTION_PATHS, CONNECTION_TYPE, CONTROLLER_WEBSOCKET_SCOPE, ENROLLMENT_PATHS,
+    ENROLLMENT_TYPE, SIGN_DOMAIN,
 };
 
 use payload::SignedEnvelope;
@@ -207,9 +208,11 @@ fn validate_expiry(
 /// Accepts `bytes` only when they are exactly the canonical signing bytes of a payload that
 /// passes [`validate_payload`] under `policy` at `now`.
 ///
-/// The token calls this from C_Sign for proof-only keys: the bytes are parsed, the domain and
-/// payload checked, the payload re-canonicalized and compared byte for byte, so nothing but a
-/// proof the server itself would sign gets a signature.
+/// The token calls this from C_Sign for proof-only keys, on bytes the server has usually just
+/// built, so it is kept cheap: it reads the one payload the bytes can be the signed form of (see
+/// [`candidate`]), validates it, writes its signing bytes again and compares them byte for byte.
+/// That comparison is what the guarantee rests on: whatever the bytes are, they get a signature
+/// only if they equal [`signing_bytes`] of a payload that passed validation.
 pub fn validate_signing_bytes(
     bytes: &[u8],
     policy: &ProofPolicy,
@@ -218,20 +221,47 @@ pub fn validate_signing_bytes(
     if bytes.len() > MAX_SIGNING_BYTES {
         return Err(ProofError::invalid("signed bytes are too long"));
     }
-    let envelope: SignedEnvelope<SignPayload> = serde_json::from_slice(bytes)
-        .map_err(|_| ProofError::invalid("signed bytes are not a device key sign payload"))?;
-    if envelope.domain != SIGN_DOMAIN {
-        return Err(ProofError::invalid(
-            "signed bytes do not carry the device key sign payload domain",
-        ));
-    }
-    validate_payload(&envelope.payload, policy, now)?;
-    if signing_bytes(&envelope.payload)? != bytes {
+    let payload = candidate(bytes)?;
+    validate_payload(&payload, policy, now)?;
+    if signing_bytes(&payload)? != bytes {
         return Err(ProofError::invalid(
             "signed bytes are not the canonical form of the payload",
         ));
     }
     Ok(())
+}
+
+/// The payload `bytes` can be the signing bytes of. In canonical form `type` is the payload's
+/// last key (it sorts after all the others), so the bytes end with it and it names the struct
+/// to read directly, without buffering the whole payload the way reading a tagged enum does.
+/// This is only a way to find the candidate: [`validate_signing_bytes`] then requires the exact
+/// bytes.
+fn candidate(bytes: &[u8]) -> Result<SignPayload, ProofError> {
+    fn read<P: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<P, ProofError> {
+        let envelope: SignedEnvelope<P> = serde_json::from_slice(bytes)
+            .map_err(|_| ProofError::invalid("signed bytes are not a device key sign payload"))?;
+        if envelope.domain != SIGN_DOMAIN {
+            return Err(ProofError::invalid(
+                "signed bytes do not carry the device key sign payload domain",
+            ));
+        }
+        Ok(envelope.payload)
+    }
+    let ends_with_type = |tag: &str| {
+        bytes
+            .strip_suffix(b"\"}}")
+            .and_then(|b| b.strip_suffix(tag.as_bytes()))
+            .is_some_and(|b| b.ends_with(b",\"type\":\""))
+    };
+    if ends_with_type(CONNECTION_TYPE) {
+        read(bytes).map(SignPayload::RemoteControlClientConnection)
+    } else if ends_with_type(ENROLLMENT_TYPE) {
+        read(bytes).map(SignPayload::RemoteControlClientEnrollment)
+    } else {
+        Err(ProofError::invalid(
+            "signed bytes are not a device key sign payload",
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,12 @@ pub const ENROLLMENT_PATHS: &[&str] = &[
     "/wham/remote/control/client/enroll",
 ];
 
+/// The `type` of a connection proof.
+pub const CONNECTION_TYPE: &str = "remoteControlClientConnection";
+
+/// The `type` of an enrollment proof.
+pub const ENROLLMENT_TYPE: &str = "remoteControlClientEnrollment";
+
 /// `DeviceKeySignPayload`: what `device/key/sign` signs, tagged by `type`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -46,57 +52,67 @@ pub enum EnrollmentAudience {
     RemoteControlClientEnrollment,
 }
 
-/// `type = "remoteControlClientConnection"`.
+/// `type = "remoteControlClientConnection"`. The fields are declared in the byte order of their
+/// JSON names, so that serializing them in order is canonical (see `signing_bytes`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPayload {
-    /// Server challenge: unpadded base64url of at least 32 bytes.
-    pub nonce: String,
+    /// The account the key is bound to.
+    pub account_user_id: String,
     /// Always `remote_control_client_websocket`.
     pub audience: ConnectionAudience,
+    /// The client the key is bound to.
+    pub client_id: String,
+    /// Server challenge: unpadded base64url of at least 32 bytes.
+    pub nonce: String,
+    /// Exactly `["remote_control_controller_websocket"]`.
+    pub scopes: Vec<String>,
     /// The websocket session.
     pub session_id: String,
     /// The backend origin the proof is for.
     pub target_origin: String,
     /// The endpoint the proof is for.
     pub target_path: String,
-    /// The account the key is bound to.
-    pub account_user_id: String,
-    /// The client the key is bound to.
-    pub client_id: String,
-    /// SHA-256 of the remote-control token, unpadded base64url.
-    pub token_sha256_base64url: String,
     /// When the token expires (Unix seconds).
     pub token_expires_at: i64,
-    /// Exactly `["remote_control_controller_websocket"]`.
-    pub scopes: Vec<String>,
+    /// SHA-256 of the remote-control token, unpadded base64url.
+    pub token_sha256_base64url: String,
 }
 
-/// `type = "remoteControlClientEnrollment"`.
+/// `type = "remoteControlClientEnrollment"`. The fields are declared in the byte order of their
+/// JSON names, so that serializing them in order is canonical (see `signing_bytes`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollmentPayload {
-    /// Server challenge: unpadded base64url of at least 32 bytes.
-    pub nonce: String,
-    /// Always `remote_control_client_enrollment`.
-    pub audience: EnrollmentAudience,
-    /// The enrollment challenge.
-    pub challenge_id: String,
-    /// The backend origin the proof is for.
-    pub target_origin: String,
-    /// The endpoint the proof is for.
-    pub target_path: String,
     /// The account the key is bound to.
     pub account_user_id: String,
+    /// Always `remote_control_client_enrollment`.
+    pub audience: EnrollmentAudience,
+    /// When the challenge expires (Unix seconds).
+    pub challenge_expires_at: i64,
+    /// The enrollment challenge.
+    pub challenge_id: String,
     /// The client the key is bound to.
     pub client_id: String,
     /// SHA-256 of the device identity, unpadded base64url.
     pub device_identity_sha256_base64url: String,
-    /// When the challenge expires (Unix seconds).
-    pub challenge_expires_at: i64,
+    /// Server challenge: unpadded base64url of at least 32 bytes.
+    pub nonce: String,
+    /// The backend origin the proof is for.
+    pub target_origin: String,
+    /// The endpoint the proof is for.
+    pub target_path: String,
 }
 
 impl SignPayload {
+    /// The `type` tag of the payload (what `#[serde(tag = "type")]` writes).
+    pub fn type_tag(&self) -> &'static str {
+        match self {
+            Self::RemoteControlClientConnection(_) => CONNECTION_TYPE,
+            Self::RemoteControlClientEnrollment(_) => ENROLLMENT_TYPE,
+        }
+    }
+
     /// The `(accountUserId, clientId)` the payload claims.
     pub fn binding(&self) -> (&str, &str) {
         match self {

@@ -79,6 +79,37 @@ fn payload_from_wire_json_round_trips_to_vector() {
     );
 }
 
+/// `signing_bytes` writes the payload types directly; it must stay the generic canonical form of
+/// the envelope (field order, the `type` tags, string escapes), also for odd strings.
+#[test]
+fn signing_bytes_is_the_generic_canonical_form() {
+    let odd = "é/ü\u{1F600} \"q\" \\ \n\t\u{1}<>&\u{2028}";
+    let mut c = connection(-1);
+    c.session_id = odd.into();
+    c.account_user_id = odd.into();
+    let mut e = enrollment(i64::MAX);
+    e.challenge_id = odd.into();
+    e.client_id = odd.into();
+    for payload in [
+        SignPayload::RemoteControlClientConnection(connection(1_700_000_000)),
+        SignPayload::RemoteControlClientEnrollment(enrollment(1_700_000_060)),
+        SignPayload::RemoteControlClientConnection(c),
+        SignPayload::RemoteControlClientEnrollment(e),
+    ] {
+        let generic =
+            to_canonical_vec(&serde_json::json!({"domain": SIGN_DOMAIN, "payload": payload}))
+                .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&signing_bytes(&payload).unwrap()).unwrap(),
+            std::str::from_utf8(&generic).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_value(&payload).unwrap()["type"],
+            payload.type_tag()
+        );
+    }
+}
+
 #[test]
 fn canonical_form_keeps_non_ascii_and_slash() {
     let value = serde_json::json!({"b": "é/ü\u{1F600}", "a": [{"z": 1, "y": "\"\\\n"}], "A": null});
@@ -134,6 +165,17 @@ fn validate_signing_bytes_refuses_non_canonical_and_foreign_bytes() {
         ),
         // Escaped slash.
         CONNECTION_VECTOR.replacen("https://", "https:\\/\\/", 1),
+        // `type` first in the payload (the same length, not canonical).
+        CONNECTION_VECTOR
+            .replacen(r#","type":"remoteControlClientConnection""#, "", 1)
+            .replacen(
+                r#""payload":{"#,
+                r#""payload":{"type":"remoteControlClientConnection","#,
+                1,
+            ),
+        // The other payload type's tag.
+        CONNECTION_VECTOR.replacen(CONNECTION_TYPE, ENROLLMENT_TYPE, 1),
+        ENROLLMENT_VECTOR.replacen(ENROLLMENT_TYPE, CONNECTION_TYPE, 1),
         // Trailing newline.
         format!("{CONNECTION_VECTOR}\n"),
         // Wrong domain.

@@ -122,14 +122,7 @@ impl KeyFileRef {
     }
 }
 
-impl std::fmt::Debug for SoftwareStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftwareStore")
-            .field("label", &self.info.label)
-            .field("dir", &self.dir.path())
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(SoftwareStore: |s| label = s.info.label, dir = s.dir.path());
 
 impl SoftwareStore {
     /// Opens (creating it if missing) the store in `dir`, or in

@@ -258,15 +258,11 @@ pub struct TpmBackend {
     signers: SignerCache,
 }
 
-impl std::fmt::Debug for TpmBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TpmBackend")
-            .field("label", &self.info.label)
-            .field("dir", &self.dir.path())
-            .field("tcti", &self.device.tcti())
-            .finish_non_exhaustive()
-    }
-}
+crate::redact::debug_shows!(TpmBackend: |b|
+    label = b.info.label,
+    dir = b.dir.path(),
+    tcti = b.device.tcti(),
+);
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()

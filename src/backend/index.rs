@@ -4,8 +4,9 @@
 //! every key file. A key file is read when its key first signs.
 //!
 //! **A cache, never the truth.** The key and object files are the truth. The index is an
-//! append-only log of JSON lines: a header, then `key`/`obj` records (a new or changed entry)
-//! and `del` records (an entry gone), written with the store's lock held. Every load compares
+//! append-only log of lines, each a JSON record, a space and a check (16 hex digits of the
+//! record's SHA-256, so a flipped bit anywhere is seen): a header, then `key`/`obj` records (a new
+//! or changed entry) and `del` records (an entry gone), written with the store's lock held. Every load compares
 //! the names in the directory listing (one readdir, no file parsed) with the names the index
 //! holds: a file the index does not list is parsed and added, a listed file that is gone is
 //! dropped, and a missing or damaged index is rebuilt from the files. The repair runs under the
@@ -190,11 +191,30 @@ pub struct StoreIndex {
     last: Mutex<Option<(u128, Contents)>>,
 }
 
+/// The check of a line's JSON: the first 8 bytes of its SHA-256, as 16 hex digits.
+fn check_of(json: &[u8]) -> String {
+    use sha2::Digest;
+    encoding::hex(&sha2::Sha256::digest(json)[..8])
+}
+
+/// Writes one line: the record's JSON, a space, its check, a newline.
 fn encode_line(record: &impl Serialize, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
     serde_json::to_writer(&mut *out, record)
         .map_err(|e| BackendError::Io(format!("cannot encode an index record: {e}")))?;
+    let check = check_of(&out[start..]);
+    out.push(b' ');
+    out.extend_from_slice(check.as_bytes());
     out.push(b'\n');
     Ok(())
+}
+
+/// The JSON of a whole line (newline included) whose check holds; `None` for a damaged line.
+fn checked(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\n")?;
+    let at = line.iter().rposition(|b| *b == b' ')?;
+    let (json, check) = (&line[..at], &line[at + 1..]);
+    (check == check_of(json).as_bytes()).then_some(json)
 }
 
 fn header() -> Header {
@@ -214,14 +234,20 @@ fn parse(bytes: Option<&[u8]>) -> Parsed {
         return parsed;
     };
     let mut lines = bytes.split_inclusive(|b| *b == b'\n');
-    match lines.next().map(serde_json::from_slice::<Header>) {
+    let header = lines
+        .next()
+        .and_then(checked)
+        .map(serde_json::from_slice::<Header>);
+    match header {
         Some(Ok(h)) if h.format == FORMAT && h.version == VERSION => {}
         _ => return parsed,
     }
     for line in lines {
         let complete = line.ends_with(b"\n");
-        match serde_json::from_slice::<Record>(line) {
-            Ok(_) if !complete => break,
+        let record = checked(line)
+            .ok_or(())
+            .and_then(|json| serde_json::from_slice::<Record>(json).map_err(drop));
+        match record {
             Ok(Record::Key(k)) => {
                 parsed.entries.insert(k.name.clone(), Entry::Key(k));
             }

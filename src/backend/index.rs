@@ -30,7 +30,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::backend::keydir::{KeyDir, KeyDirLock};
-use crate::backend::{BackendError, KeyPurpose, ObjectRecord, RawAttribute, Result, Signer};
+use crate::backend::{
+    BackendError, KeyPurpose, KeyRecord, ObjectRecord, RawAttribute, Result, Signer,
+};
 use crate::encoding;
 
 /// The index file in a key directory.
@@ -85,6 +87,41 @@ pub struct IndexedObject {
     /// The object's attributes.
     #[serde(rename = "a", with = "hex_attributes")]
     pub attributes: Vec<RawAttribute>,
+}
+
+impl IndexedKey {
+    /// The entry of a key kept in a file (no TPM public area).
+    pub fn new(
+        name: &str,
+        id: &[u8],
+        label: &str,
+        purpose: KeyPurpose,
+        public_point: [u8; 65],
+        created: u64,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            id: id.to_vec(),
+            label: label.to_string(),
+            purpose,
+            public_point,
+            created,
+            tpm_public: None,
+        }
+    }
+
+    /// The persistent key this entry lists, signing with `signer`.
+    pub fn into_record(self, signer: Arc<dyn Signer>) -> KeyRecord {
+        KeyRecord {
+            name: self.name,
+            id: self.id,
+            label: self.label,
+            public_point: self.public_point,
+            purpose: self.purpose,
+            persistent: true,
+            signer,
+        }
+    }
 }
 
 impl IndexedObject {
@@ -660,5 +697,85 @@ mod hex_attributes {
                     .ok_or_else(|| serde::de::Error::custom("invalid hex"))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, created: u64) -> IndexedKey {
+        IndexedKey {
+            name: name.to_string(),
+            id: vec![1, 2],
+            label: "l \"quoted\" and spaced".into(),
+            purpose: KeyPurpose::Proof,
+            public_point: [4; 65],
+            created,
+            tpm_public: None,
+        }
+    }
+
+    fn log_of(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_line(&header(), &mut out).unwrap();
+        for r in records {
+            encode_line(r, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn records_replay_oldest_first_and_a_torn_tail_is_ignored() {
+        let log = log_of(&[
+            Record::Key(key("b", 2)),
+            Record::Key(key("a", 2)),
+            Record::Key(key("c", 1)),
+            Record::Object(IndexedObject::new("o", 0, &[(1, vec![9])])),
+            Record::Removed("c".into()),
+            Record::Key(key("d", 3)),
+        ]);
+        let parsed = parse(Some(&log));
+        assert!(parsed.usable);
+        assert_eq!(parsed.records, 6);
+        let c = contents(parsed.entries);
+        let names: Vec<_> = c.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "d"], "oldest first, ties by name");
+        assert_eq!(c.keys[0], key("a", 2));
+        assert_eq!(c.objects[0].attributes, vec![(1, vec![9])]);
+        // The last record torn anywhere: dropped, the rest kept.
+        for cut in 1..40 {
+            let parsed = parse(Some(&log[..log.len() - cut]));
+            assert!(parsed.usable, "cut {cut}");
+            let names: Vec<_> = contents(parsed.entries)
+                .keys
+                .iter()
+                .map(|k| k.name.clone())
+                .collect();
+            assert_eq!(names, ["a", "b"], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn any_changed_byte_makes_the_index_unusable() {
+        let log = log_of(&[Record::Key(key("a", 1)), Record::Key(key("b", 1))]);
+        let second_line = log.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let last_line = log.len()
+            - 1
+            - log[..log.len() - 1]
+                .iter()
+                .rev()
+                .position(|b| *b == b'\n')
+                .unwrap();
+        // Every byte but those of the last line (a damaged last line is a torn append).
+        for at in (0..last_line).filter(|i| log[*i] != b'\n') {
+            let mut bad = log.clone();
+            bad[at] ^= 0x01;
+            let parsed = parse(Some(&bad));
+            assert!(
+                !parsed.usable && parsed.entries.is_empty(),
+                "byte {at} (line starting at {second_line})"
+            );
+        }
     }
 }

@@ -28,10 +28,10 @@ use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 pub use self::signer::SoftwareSigner;
-use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
-use crate::backend::index::{
-    self, IndexedFiles, IndexedKey, IndexedObject, SignerCache, StoreIndex,
+use crate::backend::file_store::{
+    self, check_name, existing, now, random_name, NamedFiles, SessionKeys,
 };
+use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
@@ -196,29 +196,22 @@ impl SoftwareStore {
                 },
             ))
         });
-        KeyRecord {
-            name: key.name,
-            id: key.id,
-            label: key.label,
-            public_point: key.public_point,
-            purpose: key.purpose,
-            persistent: true,
-            signer,
-        }
+        key.into_record(signer)
     }
 }
 
 /// What the index keeps of a key file.
 fn indexed_key(name: &str, file: &KeyFile) -> Option<IndexedKey> {
-    Some(IndexedKey {
-        name: name.to_string(),
-        id: file.id.0.clone(),
-        label: file.label.clone(),
-        purpose: file.purpose,
-        public_point: file.public_point.0.as_slice().try_into().ok()?,
-        created: file.created,
-        tpm_public: None,
-    })
+    let point = file.public_point.0.as_slice().try_into().ok()?;
+    let (id, label) = (&file.id.0, &file.label);
+    Some(IndexedKey::new(
+        name,
+        id,
+        label,
+        file.purpose,
+        point,
+        file.created,
+    ))
 }
 
 fn indexed_object(name: &str, file: ObjectFile) -> IndexedObject {
@@ -258,20 +251,15 @@ fn read_key(dir: &KeyDir, name: &str) -> Result<Option<KeyFile>> {
     }
 }
 
-impl IndexedFiles for SoftwareStore {
-    fn key_name<'a>(&self, file: &'a str) -> Option<&'a str> {
-        file_store::stem(file, KEY_EXT)
-    }
+impl NamedFiles for SoftwareStore {
+    const KEY_EXT: &'static str = KEY_EXT;
+    const OBJECT_EXT: &'static str = OBJ_EXT;
 
-    fn object_name<'a>(&self, file: &'a str) -> Option<&'a str> {
-        file_store::stem(file, OBJ_EXT)
-    }
-
-    fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>> {
+    fn key_entry(&self, name: &str) -> Result<Option<IndexedKey>> {
         Ok(self.read_key(name)?.and_then(|f| indexed_key(name, &f)))
     }
 
-    fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>> {
+    fn object_entry(&self, name: &str) -> Result<Option<IndexedObject>> {
         Ok(self.read_object(name).map(|f| indexed_object(name, f)))
     }
 }

@@ -514,15 +514,7 @@ impl TpmBackend {
                     key: Default::default(),
                 })
             });
-        KeyRecord {
-            name: entry.name,
-            id: entry.id,
-            label: entry.label,
-            public_point: entry.public_point,
-            purpose: entry.purpose,
-            persistent: true,
-            signer,
-        }
+        entry.into_record(signer)
     }
 
     /// Runs `f` holding the key directory's lock, then counts the change so other processes

@@ -111,11 +111,11 @@ impl IndexedKey {
     }
 
     /// The persistent key this entry lists, signing with `signer`.
-    pub fn into_record(self, signer: Arc<dyn Signer>) -> KeyRecord {
+    pub fn to_record(&self, signer: Arc<dyn Signer>) -> KeyRecord {
         KeyRecord {
-            name: self.name,
-            id: self.id,
-            label: self.label,
+            name: self.name.clone(),
+            id: self.id.clone(),
+            label: self.label.clone(),
             public_point: self.public_point,
             purpose: self.purpose,
             persistent: true,
@@ -225,7 +225,7 @@ pub fn count_key_file_parse(name: &str) {
 /// change marker stays the same, so `load_keys` and `load_objects` read the index once).
 #[derive(Default)]
 pub struct StoreIndex {
-    last: Mutex<Option<(u128, Contents)>>,
+    last: Mutex<Option<(u128, Arc<Contents>)>>,
 }
 
 /// The check of a line's JSON: the first 8 bytes of its SHA-256, as 16 hex digits.
@@ -391,12 +391,12 @@ fn contents(entries: HashMap<String, Entry>) -> Contents {
 impl StoreIndex {
     /// Every key and object of the store in `dir`, from the index, repaired from the files
     /// where the directory listing disagrees with it.
-    pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Contents> {
+    pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Arc<Contents>> {
         let marker = dir.change_marker();
         if let Ok(last) = self.last.lock() {
             if let (Some(m), Some((at, c))) = (marker, last.as_ref()) {
                 if *at == m {
-                    return Ok(c.clone());
+                    return Ok(Arc::clone(c));
                 }
             }
         }
@@ -407,9 +407,9 @@ impl StoreIndex {
         if !parsed.usable || !diff.is_empty() || compact {
             parsed = self.repair(dir, files)?;
         }
-        let out = contents(parsed.entries);
+        let out = Arc::new(contents(parsed.entries));
         if let (Some(m), Ok(mut last)) = (marker, self.last.lock()) {
-            *last = Some((m, out.clone()));
+            *last = Some((m, Arc::clone(&out)));
         }
         Ok(out)
     }
@@ -420,12 +420,13 @@ impl StoreIndex {
         dir: &KeyDir,
         files: &dyn IndexedFiles,
     ) -> Result<Vec<ObjectRecord>> {
-        let objects = self.load(dir, files)?.objects;
-        Ok(objects
-            .into_iter()
+        let contents = self.load(dir, files)?;
+        Ok(contents
+            .objects
+            .iter()
             .map(|o| ObjectRecord {
-                name: o.name,
-                attributes: o.attributes,
+                name: o.name.clone(),
+                attributes: o.attributes.clone(),
             })
             .collect())
     }

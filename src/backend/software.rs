@@ -186,7 +186,7 @@ impl SoftwareStore {
 
     /// The record of a listed key; its signer reads the key file on the first signature (and
     /// is kept across reloads, so a key's file is read once per process).
-    fn record_of(&self, key: IndexedKey) -> KeyRecord {
+    fn record_of(&self, key: &IndexedKey) -> KeyRecord {
         let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
             Arc::new(SoftwareSigner::from_file(
                 key.public_point,
@@ -196,7 +196,7 @@ impl SoftwareStore {
                 },
             ))
         });
-        key.into_record(signer)
+        key.to_record(signer)
     }
 }
 
@@ -270,8 +270,8 @@ impl Backend for SoftwareStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let keys = self.index.load(&self.dir, self)?.keys;
-        Ok(keys.into_iter().map(|k| self.record_of(k)).collect())
+        let contents = self.index.load(&self.dir, self)?;
+        Ok(contents.keys.iter().map(|k| self.record_of(k)).collect())
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

@@ -357,7 +357,7 @@ impl TpmBackend {
     /// Finds the persistent key with this CKA_ID whose public point is `point`.
     fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
         let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
-        for entry in contents.keys {
+        for entry in &contents.keys {
             if entry.id != id || entry.public_point != *point {
                 continue;
             }
@@ -503,7 +503,7 @@ impl TpmBackend {
 
     /// The record of a key listed from the index; its signer reads the key's files on its
     /// first signature (kept across reloads).
-    fn listed_record(&self, entry: IndexedKey) -> KeyRecord {
+    fn listed_record(&self, entry: &IndexedKey) -> KeyRecord {
         let signer = self
             .signers
             .get_or_make(&entry.name, &entry.public_point, || {
@@ -514,7 +514,7 @@ impl TpmBackend {
                     key: Default::default(),
                 })
             });
-        entry.into_record(signer)
+        entry.to_record(signer)
     }
 
     /// Runs `f` holding the key directory's lock, then counts the change so other processes
@@ -570,8 +570,12 @@ impl Backend for TpmBackend {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let keys = self.index.load(self.dir.key_dir(), self.dir.as_ref())?.keys;
-        Ok(keys.into_iter().map(|k| self.listed_record(k)).collect())
+        let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
+        Ok(contents
+            .keys
+            .iter()
+            .map(|k| self.listed_record(k))
+            .collect())
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

@@ -168,7 +168,7 @@ impl EnclaveStore {
         }
     }
 
-    fn record_of(&self, key: IndexedKey) -> KeyRecord {
+    fn record_of(&self, key: &IndexedKey) -> KeyRecord {
         let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
             Arc::new(DeferredSigner {
                 enclave: self.enclave.clone(),
@@ -178,7 +178,7 @@ impl EnclaveStore {
                 opened: Mutex::new(None),
             })
         });
-        key.into_record(signer)
+        key.to_record(signer)
     }
 }
 
@@ -271,8 +271,8 @@ impl Backend for EnclaveStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let keys = self.index.load(self.dir(), &*self.files)?.keys;
-        Ok(keys.into_iter().map(|k| self.record_of(k)).collect())
+        let contents = self.index.load(self.dir(), &*self.files)?;
+        Ok(contents.keys.iter().map(|k| self.record_of(k)).collect())
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

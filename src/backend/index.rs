@@ -577,6 +577,26 @@ impl SignerCache {
         }
     }
 
+    /// The records of `keys`, each with its kept signer (or a new one from `make`); signers of
+    /// keys no longer listed (deleted by another process) are dropped.
+    pub fn records(
+        &self,
+        keys: &[IndexedKey],
+        make: impl Fn(&IndexedKey) -> Arc<dyn Signer>,
+    ) -> Vec<KeyRecord> {
+        let records = keys
+            .iter()
+            .map(|k| k.to_record(self.get_or_make(&k.name, &k.public_point, || make(k))))
+            .collect();
+        if let Ok(mut signers) = self.signers.lock() {
+            if signers.len() > keys.len() {
+                let listed: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+                signers.retain(|name, _| listed.contains(name.as_str()));
+            }
+        }
+        records
+    }
+
     /// Drops the signer of a deleted key.
     pub fn forget(&self, name: &str) {
         if let Ok(mut signers) = self.signers.lock() {

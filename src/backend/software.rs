@@ -35,7 +35,7 @@ use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreI
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
-    StoreInfo,
+    Signer, StoreInfo,
 };
 
 const KEY_EXT: &str = "key";
@@ -184,19 +184,14 @@ impl SoftwareStore {
         }
     }
 
-    /// The record of a listed key; its signer reads the key file on the first signature (and
-    /// is kept across reloads, so a key's file is read once per process).
-    fn record_of(&self, key: &IndexedKey) -> KeyRecord {
-        let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
-            Arc::new(SoftwareSigner::from_file(
-                key.public_point,
-                KeyFileRef {
-                    dir: Arc::clone(&self.dir),
-                    name: key.name.clone(),
-                },
-            ))
-        });
-        key.to_record(signer)
+    /// The signer of a listed key: it reads the key file on the first signature (and is kept
+    /// across reloads, so a key's file is read once per process).
+    fn new_signer(&self, key: &IndexedKey) -> Arc<dyn Signer> {
+        let file = KeyFileRef {
+            dir: Arc::clone(&self.dir),
+            name: key.name.clone(),
+        };
+        Arc::new(SoftwareSigner::from_file(key.public_point, file))
     }
 }
 
@@ -271,7 +266,7 @@ impl Backend for SoftwareStore {
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         let contents = self.index.load(&self.dir, self)?;
-        Ok(contents.keys.iter().map(|k| self.record_of(k)).collect())
+        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

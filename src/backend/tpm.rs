@@ -501,20 +501,15 @@ impl TpmBackend {
         })
     }
 
-    /// The record of a key listed from the index; its signer reads the key's files on its
-    /// first signature (kept across reloads).
-    fn listed_record(&self, entry: &IndexedKey) -> KeyRecord {
-        let signer = self
-            .signers
-            .get_or_make(&entry.name, &entry.public_point, || {
-                Arc::new(ListedSigner {
-                    device: Arc::clone(&self.device),
-                    files: Arc::clone(&self.dir),
-                    entry: entry.clone(),
-                    key: Default::default(),
-                })
-            });
-        entry.to_record(signer)
+    /// The signer of a key listed from the index: it reads the key's files on its first
+    /// signature (kept across reloads).
+    fn new_signer(&self, entry: &IndexedKey) -> Arc<dyn Signer> {
+        Arc::new(ListedSigner {
+            device: Arc::clone(&self.device),
+            files: Arc::clone(&self.dir),
+            entry: entry.clone(),
+            key: Default::default(),
+        })
     }
 
     /// Runs `f` holding the key directory's lock, then counts the change so other processes
@@ -571,11 +566,7 @@ impl Backend for TpmBackend {
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
-        Ok(contents
-            .keys
-            .iter()
-            .map(|k| self.listed_record(k))
-            .collect())
+        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

@@ -168,17 +168,15 @@ impl EnclaveStore {
         }
     }
 
-    fn record_of(&self, key: &IndexedKey) -> KeyRecord {
-        let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
-            Arc::new(DeferredSigner {
-                enclave: self.enclave.clone(),
-                files: Arc::clone(&self.files),
-                name: key.name.clone(),
-                public_point: key.public_point,
-                opened: Mutex::new(None),
-            })
-        });
-        key.to_record(signer)
+    /// The signer of a listed key: it reads the key file and rebuilds the key on first use.
+    fn new_signer(&self, key: &IndexedKey) -> Arc<dyn Signer> {
+        Arc::new(DeferredSigner {
+            enclave: self.enclave.clone(),
+            files: Arc::clone(&self.files),
+            name: key.name.clone(),
+            public_point: key.public_point,
+            opened: Mutex::new(None),
+        })
     }
 }
 
@@ -272,7 +270,7 @@ impl Backend for EnclaveStore {
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         let contents = self.index.load(self.dir(), &*self.files)?;
-        Ok(contents.keys.iter().map(|k| self.record_of(k)).collect())
+        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

@@ -279,8 +279,14 @@ fn describe(scan: &Scan) -> String {
         .iter()
         .filter(|h| h.form.contains("canary"))
         .count();
+    let found: Vec<&str> = scan
+        .hits
+        .iter()
+        .filter(|h| h.form.contains("canary"))
+        .map(|h| h.form.as_str())
+        .collect();
     let mut s = format!(
-        "{} mappings, {} KiB searched in {:.0?}, {} unreadable, {canaries} canary pieces found",
+        "{} mappings, {} KiB searched in {:.0?}, {} unreadable, {canaries} canary pieces found {found:?}",
         scan.mappings,
         scan.bytes / 1024,
         scan.elapsed,
@@ -400,8 +406,11 @@ fn leave_in_frame(canary: &Needle) {
 /// Leaves `canary` in a heap block that is freed without wiping it.
 #[inline(never)]
 fn leave_in_freed_heap(canary: &Needle) {
-    let mut block = vec![0u8; 32];
-    canary.write_to(&mut block);
+    // A block of an odd, large size, the canary in its middle: the allocator's free-list links
+    // overwrite only the head of a freed block, and no small allocation of the parked thread
+    // (its channel message, say) reuses a block this size.
+    let mut block = vec![0u8; 3000];
+    canary.write_to(&mut block[1500..1532]);
     std::hint::black_box(&block);
 }
 

@@ -139,7 +139,7 @@ fn a_missing_damaged_or_torn_index_is_rebuilt_from_the_key_files() {
     open(&dir).load_keys().unwrap();
     let whole = fs::read(&index).unwrap();
     type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>);
-    let damage: [Damage; 4] = [
+    let damage: [Damage; 5] = [
         ("missing", Box::new(|| fs::remove_file(&index).unwrap())),
         (
             "garbage",
@@ -151,6 +151,15 @@ fn a_missing_damaged_or_torn_index_is_rebuilt_from_the_key_files() {
                 let mut text = whole.clone();
                 let at = text.len() / 2;
                 text[at] = b'}';
+                fs::write(&index, text).unwrap()
+            }),
+        ),
+        (
+            "a hex digit of a public point changed",
+            Box::new(|| {
+                let mut text = whole.clone();
+                let at = text.windows(6).position(|w| w == b"\"q\":\"0").unwrap() + 10;
+                text[at] = if text[at] == b'0' { b'1' } else { b'0' };
                 fs::write(&index, text).unwrap()
             }),
         ),

@@ -1,11 +1,12 @@
 //! What the software and Secure Enclave stores do the same way: the names they give key and
-//! object files (32 random lowercase hex digits), listing a [`KeyDir`] by extension, ordering
-//! records oldest first, and session keys (CKA_TOKEN false) that live only in memory.
+//! object files (32 random lowercase hex digits) and session keys (CKA_TOKEN false) that live
+//! only in memory. Both list their files through the store index (the `index` module).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::backend::index::{IndexedFiles, IndexedKey, IndexedObject};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{BackendError, KeyRecord, Result};
 use crate::encoding;
@@ -53,14 +54,35 @@ pub fn file_name(name: &str, ext: &str) -> String {
     format!("{name}.{ext}")
 }
 
-/// The names of the `<name>.<ext>` files in `dir`.
-pub fn names(dir: &KeyDir, ext: &str) -> Result<Vec<String>> {
-    Ok(dir
-        .list()?
-        .iter()
-        .filter_map(|f| stem(f, ext))
-        .map(str::to_string)
-        .collect())
+/// The files of these stores, `<name>.<KEY_EXT>` and `<name>.<OBJECT_EXT>`, as the store index
+/// reads them.
+pub trait NamedFiles {
+    /// The extension of key files.
+    const KEY_EXT: &'static str;
+    /// The extension of object files.
+    const OBJECT_EXT: &'static str;
+    /// Parses the key file of `name` into its index entry; `None` when absent or damaged.
+    fn key_entry(&self, name: &str) -> Result<Option<IndexedKey>>;
+    /// Parses the object file of `name` into its index entry; `None` when absent or damaged.
+    fn object_entry(&self, name: &str) -> Result<Option<IndexedObject>>;
+}
+
+impl<T: NamedFiles> IndexedFiles for T {
+    fn key_name<'a>(&self, file: &'a str) -> Option<&'a str> {
+        stem(file, T::KEY_EXT)
+    }
+
+    fn object_name<'a>(&self, file: &'a str) -> Option<&'a str> {
+        stem(file, T::OBJECT_EXT)
+    }
+
+    fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>> {
+        self.key_entry(name)
+    }
+
+    fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>> {
+        self.object_entry(name)
+    }
 }
 
 /// `NotFound` unless `name` is one these stores give out.
@@ -72,32 +94,9 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// The records of `(created, name, record)` triples, oldest first (ties by name), so every
-/// process lists a directory in the same order.
-fn oldest_first<T>(mut items: Vec<(u64, String, T)>) -> Vec<T> {
-    items.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    items.into_iter().map(|(_, _, r)| r).collect()
-}
-
 /// The file `read` found, or `NotFound` naming `name`.
 pub fn existing<T>(name: &str, found: Option<T>) -> Result<T> {
     found.ok_or_else(|| BackendError::NotFound(name.to_string()))
-}
-
-/// The records of every `<name>.<ext>` file of `dir` that `read` turns into a `(created,
-/// record)` pair (it returns `None` for a file to skip), oldest first.
-pub fn load_all<T>(
-    dir: &KeyDir,
-    ext: &str,
-    mut read: impl FnMut(String) -> Result<Option<(u64, T)>>,
-) -> Result<Vec<T>> {
-    let mut items = Vec::new();
-    for name in names(dir, ext)? {
-        if let Some((created, record)) = read(name.clone())? {
-            items.push((created, name, record));
-        }
-    }
-    Ok(oldest_first(items))
 }
 
 /// Session keys: in memory only, named `session-<name>`.
@@ -175,16 +174,6 @@ mod tests {
         assert_eq!(stem(&file_name(&n, "key"), "key"), Some(n.as_str()));
         assert_eq!(stem(&file_name(&n, "key"), "obj"), None);
         assert_eq!(stem(".lock", "lock"), None);
-    }
-
-    #[test]
-    fn oldest_first_orders_by_time_then_name() {
-        let items = vec![
-            (2, "a".to_string(), 'x'),
-            (1, "b".to_string(), 'y'),
-            (1, "a".to_string(), 'z'),
-        ];
-        assert_eq!(oldest_first(items), vec!['z', 'y', 'x']);
     }
 
     #[test]

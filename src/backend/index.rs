@@ -4,8 +4,9 @@
 //! every key file. A key file is read when its key first signs.
 //!
 //! **A cache, never the truth.** The key and object files are the truth. The index is an
-//! append-only log of JSON lines: a header, then `key`/`obj` records (a new or changed entry)
-//! and `del` records (an entry gone), written with the store's lock held. Every load compares
+//! append-only log of lines, each a JSON record, a space and a check (16 hex digits of the
+//! record's SHA-256, so a flipped bit anywhere is seen): a header, then `key`/`obj` records (a new
+//! or changed entry) and `del` records (an entry gone), written with the store's lock held. Every load compares
 //! the names in the directory listing (one readdir, no file parsed) with the names the index
 //! holds: a file the index does not list is parsed and added, a listed file that is gone is
 //! dropped, and a missing or damaged index is rebuilt from the files. The repair runs under the
@@ -29,7 +30,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::backend::keydir::{KeyDir, KeyDirLock};
-use crate::backend::{BackendError, KeyPurpose, ObjectRecord, RawAttribute, Result, Signer};
+use crate::backend::{
+    BackendError, KeyPurpose, KeyRecord, ObjectRecord, RawAttribute, Result, Signer,
+};
 use crate::encoding;
 
 /// The index file in a key directory.
@@ -84,6 +87,41 @@ pub struct IndexedObject {
     /// The object's attributes.
     #[serde(rename = "a", with = "hex_attributes")]
     pub attributes: Vec<RawAttribute>,
+}
+
+impl IndexedKey {
+    /// The entry of a key kept in a file (no TPM public area).
+    pub fn new(
+        name: &str,
+        id: &[u8],
+        label: &str,
+        purpose: KeyPurpose,
+        public_point: [u8; 65],
+        created: u64,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            id: id.to_vec(),
+            label: label.to_string(),
+            purpose,
+            public_point,
+            created,
+            tpm_public: None,
+        }
+    }
+
+    /// The persistent key this entry lists, signing with `signer`.
+    pub fn to_record(&self, signer: Arc<dyn Signer>) -> KeyRecord {
+        KeyRecord {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            label: self.label.clone(),
+            public_point: self.public_point,
+            purpose: self.purpose,
+            persistent: true,
+            signer,
+        }
+    }
 }
 
 impl IndexedObject {
@@ -187,14 +225,33 @@ pub fn count_key_file_parse(name: &str) {
 /// change marker stays the same, so `load_keys` and `load_objects` read the index once).
 #[derive(Default)]
 pub struct StoreIndex {
-    last: Mutex<Option<(u128, Contents)>>,
+    last: Mutex<Option<(u128, Arc<Contents>)>>,
 }
 
+/// The check of a line's JSON: the first 8 bytes of its SHA-256, as 16 hex digits.
+fn check_of(json: &[u8]) -> String {
+    use sha2::Digest;
+    encoding::hex(&sha2::Sha256::digest(json)[..8])
+}
+
+/// Writes one line: the record's JSON, a space, its check, a newline.
 fn encode_line(record: &impl Serialize, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
     serde_json::to_writer(&mut *out, record)
         .map_err(|e| BackendError::Io(format!("cannot encode an index record: {e}")))?;
+    let check = check_of(&out[start..]);
+    out.push(b' ');
+    out.extend_from_slice(check.as_bytes());
     out.push(b'\n');
     Ok(())
+}
+
+/// The JSON of a whole line (newline included) whose check holds; `None` for a damaged line.
+fn checked(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\n")?;
+    let at = line.iter().rposition(|b| *b == b' ')?;
+    let (json, check) = (&line[..at], &line[at + 1..]);
+    (check == check_of(json).as_bytes()).then_some(json)
 }
 
 fn header() -> Header {
@@ -214,14 +271,20 @@ fn parse(bytes: Option<&[u8]>) -> Parsed {
         return parsed;
     };
     let mut lines = bytes.split_inclusive(|b| *b == b'\n');
-    match lines.next().map(serde_json::from_slice::<Header>) {
+    let header = lines
+        .next()
+        .and_then(checked)
+        .map(serde_json::from_slice::<Header>);
+    match header {
         Some(Ok(h)) if h.format == FORMAT && h.version == VERSION => {}
         _ => return parsed,
     }
     for line in lines {
         let complete = line.ends_with(b"\n");
-        match serde_json::from_slice::<Record>(line) {
-            Ok(_) if !complete => break,
+        let record = checked(line)
+            .ok_or(())
+            .and_then(|json| serde_json::from_slice::<Record>(json).map_err(drop));
+        match record {
             Ok(Record::Key(k)) => {
                 parsed.entries.insert(k.name.clone(), Entry::Key(k));
             }
@@ -328,12 +391,12 @@ fn contents(entries: HashMap<String, Entry>) -> Contents {
 impl StoreIndex {
     /// Every key and object of the store in `dir`, from the index, repaired from the files
     /// where the directory listing disagrees with it.
-    pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Contents> {
+    pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Arc<Contents>> {
         let marker = dir.change_marker();
         if let Ok(last) = self.last.lock() {
             if let (Some(m), Some((at, c))) = (marker, last.as_ref()) {
                 if *at == m {
-                    return Ok(c.clone());
+                    return Ok(Arc::clone(c));
                 }
             }
         }
@@ -344,9 +407,9 @@ impl StoreIndex {
         if !parsed.usable || !diff.is_empty() || compact {
             parsed = self.repair(dir, files)?;
         }
-        let out = contents(parsed.entries);
+        let out = Arc::new(contents(parsed.entries));
         if let (Some(m), Ok(mut last)) = (marker, self.last.lock()) {
-            *last = Some((m, out.clone()));
+            *last = Some((m, Arc::clone(&out)));
         }
         Ok(out)
     }
@@ -357,12 +420,13 @@ impl StoreIndex {
         dir: &KeyDir,
         files: &dyn IndexedFiles,
     ) -> Result<Vec<ObjectRecord>> {
-        let objects = self.load(dir, files)?.objects;
-        Ok(objects
-            .into_iter()
+        let contents = self.load(dir, files)?;
+        Ok(contents
+            .objects
+            .iter()
             .map(|o| ObjectRecord {
-                name: o.name,
-                attributes: o.attributes,
+                name: o.name.clone(),
+                attributes: o.attributes.clone(),
             })
             .collect())
     }
@@ -513,6 +577,26 @@ impl SignerCache {
         }
     }
 
+    /// The records of `keys`, each with its kept signer (or a new one from `make`); signers of
+    /// keys no longer listed (deleted by another process) are dropped.
+    pub fn records(
+        &self,
+        keys: &[IndexedKey],
+        make: impl Fn(&IndexedKey) -> Arc<dyn Signer>,
+    ) -> Vec<KeyRecord> {
+        let records = keys
+            .iter()
+            .map(|k| k.to_record(self.get_or_make(&k.name, &k.public_point, || make(k))))
+            .collect();
+        if let Ok(mut signers) = self.signers.lock() {
+            if signers.len() > keys.len() {
+                let listed: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+                signers.retain(|name, _| listed.contains(name.as_str()));
+            }
+        }
+        records
+    }
+
     /// Drops the signer of a deleted key.
     pub fn forget(&self, name: &str) {
         if let Ok(mut signers) = self.signers.lock() {
@@ -634,5 +718,85 @@ mod hex_attributes {
                     .ok_or_else(|| serde::de::Error::custom("invalid hex"))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, created: u64) -> IndexedKey {
+        IndexedKey {
+            name: name.to_string(),
+            id: vec![1, 2],
+            label: "l \"quoted\" and spaced".into(),
+            purpose: KeyPurpose::Proof,
+            public_point: [4; 65],
+            created,
+            tpm_public: None,
+        }
+    }
+
+    fn log_of(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_line(&header(), &mut out).unwrap();
+        for r in records {
+            encode_line(r, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn records_replay_oldest_first_and_a_torn_tail_is_ignored() {
+        let log = log_of(&[
+            Record::Key(key("b", 2)),
+            Record::Key(key("a", 2)),
+            Record::Key(key("c", 1)),
+            Record::Object(IndexedObject::new("o", 0, &[(1, vec![9])])),
+            Record::Removed("c".into()),
+            Record::Key(key("d", 3)),
+        ]);
+        let parsed = parse(Some(&log));
+        assert!(parsed.usable);
+        assert_eq!(parsed.records, 6);
+        let c = contents(parsed.entries);
+        let names: Vec<_> = c.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "d"], "oldest first, ties by name");
+        assert_eq!(c.keys[0], key("a", 2));
+        assert_eq!(c.objects[0].attributes, vec![(1, vec![9])]);
+        // The last record torn anywhere: dropped, the rest kept.
+        for cut in 1..40 {
+            let parsed = parse(Some(&log[..log.len() - cut]));
+            assert!(parsed.usable, "cut {cut}");
+            let names: Vec<_> = contents(parsed.entries)
+                .keys
+                .iter()
+                .map(|k| k.name.clone())
+                .collect();
+            assert_eq!(names, ["a", "b"], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn any_changed_byte_makes_the_index_unusable() {
+        let log = log_of(&[Record::Key(key("a", 1)), Record::Key(key("b", 1))]);
+        let second_line = log.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let last_line = log.len()
+            - 1
+            - log[..log.len() - 1]
+                .iter()
+                .rev()
+                .position(|b| *b == b'\n')
+                .unwrap();
+        // Every byte but those of the last line (a damaged last line is a torn append).
+        for at in (0..last_line).filter(|i| log[*i] != b'\n') {
+            let mut bad = log.clone();
+            bad[at] ^= 0x01;
+            let parsed = parse(Some(&bad));
+            assert!(
+                !parsed.usable && parsed.entries.is_empty(),
+                "byte {at} (line starting at {second_line})"
+            );
+        }
     }
 }

@@ -32,10 +32,10 @@ use zeroize::Zeroizing;
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
 use self::pin::{PinVault, ScalarSource, SealedSigner, SoftwarePin};
 pub use self::signer::SoftwareSigner;
-use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
-use crate::backend::index::{
-    self, IndexedFiles, IndexedKey, IndexedObject, SignerCache, StoreIndex,
+use crate::backend::file_store::{
+    self, check_name, existing, now, random_name, NamedFiles, SessionKeys,
 };
+use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
     pin::PinGuard, Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass,
@@ -232,47 +232,38 @@ impl SoftwareStore {
         }
     }
 
-    /// The record of a listed key; its signer reads the key file on the first signature (and
-    /// is kept across reloads, so a key's file is read once per process).
-    fn record_of(&self, key: IndexedKey) -> KeyRecord {
-        let signer = self.signers.get_or_make(&key.name, &key.public_point, || {
-            let file = KeyFileRef {
-                dir: Arc::clone(&self.dir),
-                name: key.name.clone(),
-            };
-            match &self.pin {
-                None => Arc::new(SoftwareSigner::from_file(key.public_point, file)),
-                Some(p) => Arc::new(SealedSigner::new(
-                    &key.name,
-                    key.public_point,
-                    ScalarSource::File(file),
-                    p.session().clone(),
-                )),
-            }
-        });
-        KeyRecord {
-            name: key.name,
-            id: key.id,
-            label: key.label,
-            public_point: key.public_point,
-            purpose: key.purpose,
-            persistent: true,
-            signer,
+    /// The signer of a listed key: it reads the key file on the first signature (and is kept
+    /// across reloads, so a key's file is read once per process). In a store with a PIN it
+    /// signs only while the store is logged in.
+    fn new_signer(&self, key: &IndexedKey) -> Arc<dyn Signer> {
+        let file = KeyFileRef {
+            dir: Arc::clone(&self.dir),
+            name: key.name.clone(),
+        };
+        match &self.pin {
+            None => Arc::new(SoftwareSigner::from_file(key.public_point, file)),
+            Some(p) => Arc::new(SealedSigner::new(
+                &key.name,
+                key.public_point,
+                ScalarSource::File(file),
+                p.session().clone(),
+            )),
         }
     }
 }
 
 /// What the index keeps of a key file.
 fn indexed_key(name: &str, file: &KeyFile) -> Option<IndexedKey> {
-    Some(IndexedKey {
-        name: name.to_string(),
-        id: file.id.0.clone(),
-        label: file.label.clone(),
-        purpose: file.purpose,
-        public_point: file.public_point.0.as_slice().try_into().ok()?,
-        created: file.created,
-        tpm_public: None,
-    })
+    let point = file.public_point.0.as_slice().try_into().ok()?;
+    let (id, label) = (&file.id.0, &file.label);
+    Some(IndexedKey::new(
+        name,
+        id,
+        label,
+        file.purpose,
+        point,
+        file.created,
+    ))
 }
 
 fn indexed_object(name: &str, file: ObjectFile) -> IndexedObject {
@@ -312,20 +303,15 @@ fn read_key(dir: &KeyDir, name: &str) -> Result<Option<KeyFile>> {
     }
 }
 
-impl IndexedFiles for SoftwareStore {
-    fn key_name<'a>(&self, file: &'a str) -> Option<&'a str> {
-        file_store::stem(file, KEY_EXT)
-    }
+impl NamedFiles for SoftwareStore {
+    const KEY_EXT: &'static str = KEY_EXT;
+    const OBJECT_EXT: &'static str = OBJ_EXT;
 
-    fn object_name<'a>(&self, file: &'a str) -> Option<&'a str> {
-        file_store::stem(file, OBJ_EXT)
-    }
-
-    fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>> {
+    fn key_entry(&self, name: &str) -> Result<Option<IndexedKey>> {
         Ok(self.read_key(name)?.and_then(|f| indexed_key(name, &f)))
     }
 
-    fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>> {
+    fn object_entry(&self, name: &str) -> Result<Option<IndexedObject>> {
         Ok(self.read_object(name).map(|f| indexed_object(name, f)))
     }
 }
@@ -336,8 +322,8 @@ impl Backend for SoftwareStore {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let keys = self.index.load(&self.dir, self)?.keys;
-        Ok(keys.into_iter().map(|k| self.record_of(k)).collect())
+        let contents = self.index.load(&self.dir, self)?;
+        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

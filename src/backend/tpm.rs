@@ -353,7 +353,7 @@ impl TpmBackend {
     /// Finds the persistent key with this CKA_ID whose public point is `point`.
     fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
         let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
-        for entry in contents.keys {
+        for entry in &contents.keys {
             if entry.id != id || entry.public_point != *point {
                 continue;
             }
@@ -497,28 +497,15 @@ impl TpmBackend {
         })
     }
 
-    /// The record of a key listed from the index; its signer reads the key's files on its
-    /// first signature (kept across reloads).
-    fn listed_record(&self, entry: IndexedKey) -> KeyRecord {
-        let signer = self
-            .signers
-            .get_or_make(&entry.name, &entry.public_point, || {
-                Arc::new(ListedSigner {
-                    device: Arc::clone(&self.device),
-                    files: Arc::clone(&self.dir),
-                    entry: entry.clone(),
-                    key: Default::default(),
-                })
-            });
-        KeyRecord {
-            name: entry.name,
-            id: entry.id,
-            label: entry.label,
-            public_point: entry.public_point,
-            purpose: entry.purpose,
-            persistent: true,
-            signer,
-        }
+    /// The signer of a key listed from the index: it reads the key's files on its first
+    /// signature (kept across reloads).
+    fn new_signer(&self, entry: &IndexedKey) -> Arc<dyn Signer> {
+        Arc::new(ListedSigner {
+            device: Arc::clone(&self.device),
+            files: Arc::clone(&self.dir),
+            entry: entry.clone(),
+            key: Default::default(),
+        })
     }
 
     /// Runs `f` holding the key directory's lock, then counts the change so other processes
@@ -574,8 +561,8 @@ impl Backend for TpmBackend {
     }
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
-        let keys = self.index.load(self.dir.key_dir(), self.dir.as_ref())?.keys;
-        Ok(keys.into_iter().map(|k| self.listed_record(k)).collect())
+        let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
+        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {

@@ -268,13 +268,16 @@ impl Store {
         let mut seen_keys = std::collections::HashSet::new();
         for rec in keys {
             seen_keys.insert(rec.name.clone());
-            let (private, public) = object::key_pair(&rec, class, self.login_required);
             match table.keys.get(&rec.name).copied() {
+                // Most keys did not change: leave their objects (and handles) alone.
+                Some(pair) if unchanged(&table, pair, &rec) => {}
                 None => {
+                    let (private, public) = object::key_pair(&rec, class, self.login_required);
                     table.insert(handles, private);
                     table.insert(handles, public);
                 }
                 Some(pair) => {
+                    let (private, public) = object::key_pair(&rec, class, self.login_required);
                     if let Some(h) = pair.private {
                         table.replace(h, private);
                     }
@@ -323,6 +326,27 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// True when both halves of a key pair already show `rec`: the same label, CKA_ID, purpose,
+/// public point and signer. Building a key pair's objects costs far more than this check, and a
+/// reload after another process's change would otherwise rebuild every key of the store.
+fn unchanged(table: &ObjectTable, pair: PairHandles, rec: &backend::KeyRecord) -> bool {
+    let shows = |h: Option<CK_OBJECT_HANDLE>| {
+        h.and_then(|h| table.get(h)).is_some_and(|o| {
+            o.attrs.get(CKA_LABEL) == Some(rec.label.as_bytes())
+                && o.attrs.get(CKA_ID) == Some(rec.id.as_slice())
+                && o.purpose == rec.purpose
+                && o.public_point == Some(rec.public_point)
+                && o.is_token() == rec.persistent
+        })
+    };
+    let same_signer = pair
+        .private
+        .and_then(|h| table.get(h))
+        .and_then(|o| o.signer.as_ref())
+        .is_some_and(|s| Arc::ptr_eq(s, &rec.signer));
+    shows(pair.private) && shows(pair.public) && same_signer
 }
 
 /// Who is logged in on a slot.

@@ -484,6 +484,21 @@ pub fn spawn_self(test_name: &str, envs: &[(&str, String)]) -> std::process::Chi
     cmd.spawn().expect("spawn child test process")
 }
 
+/// [`spawn_self`], then waits for the child and fails unless it succeeded (its stdout and stderr
+/// in the message).
+pub fn run_self_ok(test_name: &str, envs: &[(&str, String)]) {
+    let out = spawn_self(test_name, envs)
+        .wait_with_output()
+        .expect("wait for the child test process");
+    assert!(
+        out.status.success(),
+        "child {test_name}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()

@@ -480,8 +480,12 @@ impl SoftwarePin {
     fn seal_clear_keys(&self, data_key: &[u8; 32]) -> Result<usize> {
         let lock = self.dir.lock()?;
         let mut sealed = 0;
-        for name in file_store::names(&self.dir, super::KEY_EXT)? {
-            let file_name = file_store::file_name(&name, super::KEY_EXT);
+        let files = self.dir.list()?;
+        let names = files
+            .iter()
+            .filter_map(|f| file_store::stem(f, super::KEY_EXT));
+        for name in names {
+            let file_name = file_store::file_name(name, super::KEY_EXT);
             let Some(bytes) = self.dir.read_limited(&file_name, super::MAX_KEY_FILE)? else {
                 continue;
             };

@@ -125,8 +125,11 @@ fn the_class_follows_the_route() {
 fn a_key_survives_a_reopen_and_signs_after_a_lazy_rebuild() {
     let (tmp, enclave, s) = store(Route::EnclaveBlob);
     let made = s.generate_key(&new_key("ssh", true)).unwrap();
-    let files = s.dir.list().unwrap();
-    assert_eq!(files, vec![format!("{}.sekey", made.name)]);
+    let files = s.dir().list().unwrap();
+    assert_eq!(
+        files,
+        vec![format!("{}.sekey", made.name), "store.index".to_string()]
+    );
 
     // A second store on the same directory (another process) sees the key.
     let dir = KeyDir::open(&tmp.path().join("se")).unwrap();
@@ -173,7 +176,7 @@ fn a_handle_that_rebuilds_another_key_is_refused() {
     let b = s.generate_key(&new_key("b", true)).unwrap();
     // Key a's handle now rebuilds key b: its stored public point no longer matches.
     let handle_of = |name: &str| {
-        KeyFile::decode(&s.dir.read(&format!("{name}.sekey")).unwrap().unwrap())
+        KeyFile::decode(&s.dir().read(&format!("{name}.sekey")).unwrap().unwrap())
             .unwrap()
             .handle
     };
@@ -199,21 +202,22 @@ fn a_handle_that_rebuilds_another_key_is_refused() {
 fn damaged_and_foreign_files_are_skipped() {
     let (_t, _e, s) = store(Route::EnclaveBlob);
     let good = s.generate_key(&new_key("good", true)).unwrap();
-    s.dir
+    s.dir()
         .write_atomic("0123456789abcdef0123456789abcdef.sekey", b"{not json")
         .unwrap();
     // A keychain software key never shows up in an enclave store.
     let mut foreign = KeyFile::decode(
-        &s.dir
+        &s.dir()
             .read(&format!("{}.sekey", good.name))
             .unwrap()
             .unwrap(),
     )
     .unwrap();
     foreign.route = Route::OsKeychain;
-    s.write_key("fedcba9876543210fedcba9876543210", &foreign)
+    s.files
+        .write_key("fedcba9876543210fedcba9876543210", &foreign)
         .unwrap();
-    s.dir.write_atomic("notes.txt", b"hello").unwrap();
+    s.dir().write_atomic("notes.txt", b"hello").unwrap();
     let keys = s.load_keys().unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].name, good.name);
@@ -225,7 +229,12 @@ fn session_keys_are_never_written() {
     let k = s.generate_key(&new_key("tmp", false)).unwrap();
     assert!(!k.persistent);
     assert!(k.name.starts_with(SESSION_PREFIX));
-    assert!(s.dir.list().unwrap().iter().all(|f| !f.ends_with(".sekey")));
+    assert!(s
+        .dir()
+        .list()
+        .unwrap()
+        .iter()
+        .all(|f| !f.ends_with(".sekey")));
     assert!(s.load_keys().unwrap().is_empty());
     s.update_key(&k.name, "renamed", b"x").unwrap();
     s.destroy_key(&k.name).unwrap();
@@ -240,7 +249,7 @@ fn update_and_destroy_change_the_file_and_the_keychain() {
     let keys = s.load_keys().unwrap();
     assert_eq!(keys[0].label, "new");
     assert_eq!(keys[0].id, vec![9, 9]);
-    let handle = KeyFile::decode(&s.dir.read(&format!("{}.sekey", k.name)).unwrap().unwrap())
+    let handle = KeyFile::decode(&s.dir().read(&format!("{}.sekey", k.name)).unwrap().unwrap())
         .unwrap()
         .handle;
     s.destroy_key(&k.name).unwrap();

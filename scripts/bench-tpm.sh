@@ -15,7 +15,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-[ $# -eq 2 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 run_dir=$1 results=$2
 mkdir -p "$run_dir"
 run_dir=$(cd "$run_dir" && pwd)
@@ -94,8 +94,10 @@ ours_tpm_t=(--module "$ours" --token devicekey-tpm --name ours-tpm)
 tpm2_t=(--module "$tpm2_module" --token tpm2bench --pin-env TPM2_PIN --name tpm2-pkcs11)
 measure "$run_dir/tpm.toml" keygen "${ours_tpm_t[@]}" --label bench-sign
 # Our TPM stores of 10 and $tpm_keys keys (this swtpm's keys, so made on every run).
+staging=()
+[ -d /dev/shm ] && staging=(--staging /dev/shm)
 DEVICEKEY_CONFIG=$run_dir/tpm.toml "$bench" scale-prepare --tpm --dir "$run_dir/tpm-scale" \
-  --counts "10,$tpm_keys" $( [ -d /dev/shm ] && echo --staging /dev/shm ) | tee -a "$results"
+  --counts "10,$tpm_keys" "${staging[@]}" | tee -a "$results"
 
 # Cold start up to one signature, and the TPM2_CreatePrimary commands per process (our debug log
 # names each one): the first time before 0x81000001 holds the SRK (each process derives it),

@@ -143,8 +143,10 @@ wrap_t=(--module "$ours" --token devicekey-hsm --name ours-over-softhsm)
 measure "$run_dir/ours.toml" keygen "${ours_t[@]}" --label bench-sign
 measure "$run_dir/ours.toml" keygen "${softhsm_t[@]}" --label bench-sign
 # The scale stores, unless an earlier run made them (store_generation says how long that took).
+staging=()
+[ -d /dev/shm ] && staging=(--staging /dev/shm)
 measure "$run_dir/scale-10.toml" scale-prepare --dir "$bench_dir/scale" \
-  --counts "$(IFS=,; echo "${counts[*]}")" $( [ -d /dev/shm ] && echo --staging /dev/shm )
+  --counts "$(IFS=,; echo "${counts[*]}")" "${staging[@]}"
 
 # The subjects compared by ratio are measured in turns, one run each, so that anything else the
 # machine does in the meantime hits them alike; the report pools the runs of each figure.

@@ -4,11 +4,14 @@
 //! Properties: loading never fails or panics because of a file's contents (a damaged file is
 //! skipped); a key that loads has a 65-byte uncompressed point, and if it signs, the signature
 //! verifies against that point (a damaged file is never taken for a key that signs with some
-//! other scalar); a valid key file next to a damaged one still loads.
+//! other scalar); a valid key file next to a damaged one still loads. The store index
+//! (`store.index`) is fuzzed too: a valid key file next to a damaged or arbitrary index is listed
+//! with the point its file holds, and signs.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use devicekey_pkcs11::backend::index::INDEX_FILE;
 use devicekey_pkcs11::backend::software::SoftwareStore;
 use devicekey_pkcs11::backend::{Backend, KeyPurpose, NewKey};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
@@ -23,6 +26,8 @@ struct Fixture {
     store_dir: PathBuf,
     /// A valid key file written by the store itself.
     valid: Vec<u8>,
+    /// The store index of a store holding only `valid`, named `OTHER`.
+    valid_index: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -43,13 +48,34 @@ fn fixture() -> &'static Fixture {
             })
             .expect("generate");
         let valid = std::fs::read(template.join(format!("{}.key", key.name))).expect("read");
+        let indexed = dir.path().join("indexed");
+        std::fs::create_dir(&indexed).expect("mkdir");
+        std::fs::set_permissions(
+            &indexed,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod 700");
+        write_600(&indexed.join(format!("{OTHER}.key")), &valid);
+        SoftwareStore::open("fuzz", Some(&indexed)).expect("open the indexed store");
+        let valid_index = std::fs::read(indexed.join(INDEX_FILE)).expect("read the index");
         let store_dir = dir.path().join("store");
         Fixture {
             _dir: dir,
             store_dir,
             valid,
+            valid_index,
         }
     })
+}
+
+impl Fixture {
+    /// The public point of the valid key, as its file holds it.
+    fn valid_point(&self) -> [u8; 65] {
+        let v: serde_json::Value = serde_json::from_slice(&self.valid).expect("valid JSON");
+        let hex = v["public_point"].as_str().expect("a public point");
+        let bytes = devicekey_pkcs11::encoding::hex_decode(hex).expect("hex");
+        bytes.try_into().expect("65 bytes")
+    }
 }
 
 /// Applies byte-level damage chosen by `input` to `file`.
@@ -105,7 +131,7 @@ fn clear(dir: &Path) {
 pub fn run(data: &[u8]) {
     let f = fixture();
     let mut input = Input::new(data);
-    let mode = input.below(4);
+    let mode = input.below(6);
     clear(&f.store_dir);
     if std::fs::create_dir(&f.store_dir).is_ok() {
         use std::os::unix::fs::PermissionsExt;
@@ -125,7 +151,20 @@ pub fn run(data: &[u8]) {
                 expect_other = true;
             }
         }
-        _ => write_600(&f.store_dir.join(format!("{NAME}.obj")), input.rest()),
+        3 => write_600(&f.store_dir.join(format!("{NAME}.obj")), input.rest()),
+        // A valid key next to a damaged index, or an arbitrary one.
+        _ => {
+            let index = if mode == 4 {
+                let mut index = f.valid_index.clone();
+                damage(&mut index, &mut input);
+                index
+            } else {
+                input.rest().to_vec()
+            };
+            write_600(&f.store_dir.join(format!("{OTHER}.key")), &f.valid);
+            write_600(&f.store_dir.join(INDEX_FILE), &index);
+            expect_other = true;
+        }
     }
 
     let store = SoftwareStore::open("fuzz", Some(&f.store_dir)).expect("the store opens");
@@ -134,9 +173,13 @@ pub fn run(data: &[u8]) {
         .expect("damaged files never fail the load");
     assert!(keys.len() <= 2);
     if expect_other {
+        let other = keys.iter().find(|k| k.name == OTHER);
+        let other = other.expect("a valid key file next to a damaged one still loads");
+        let point = &f.valid_point();
+        assert_eq!(&other.public_point, point, "listed with its file's point");
         assert!(
-            keys.iter().any(|k| k.name == OTHER),
-            "a valid key file next to a damaged one still loads"
+            other.signer.sign_digest(&[1; 32]).is_ok(),
+            "the valid key signs"
         );
     }
     let digest = [0x5a; 32];

@@ -270,6 +270,8 @@ fn parse(bytes: Option<&[u8]>) -> Parsed {
     let Some(bytes) = bytes else {
         return parsed;
     };
+    // A key's line is about 300 bytes: size the table once instead of growing it.
+    parsed.entries.reserve((bytes.len() / 256).min(1 << 20));
     let mut lines = bytes.split_inclusive(|b| *b == b'\n');
     let header = lines
         .next()
@@ -322,8 +324,10 @@ fn read(dir: &KeyDir) -> Parsed {
 
 /// The names of the key and object files the directory listing shows.
 fn listed(dir: &KeyDir, files: &dyn IndexedFiles) -> Result<(HashSet<String>, HashSet<String>)> {
-    let (mut keys, mut objects) = (HashSet::new(), HashSet::new());
-    for file in dir.list()? {
+    let files_listed = dir.list()?;
+    let mut keys = HashSet::with_capacity(files_listed.len());
+    let mut objects = HashSet::new();
+    for file in files_listed {
         if let Some(n) = files.key_name(&file) {
             keys.insert(n.to_string());
         } else if let Some(n) = files.object_name(&file) {
@@ -584,15 +588,28 @@ impl SignerCache {
         keys: &[IndexedKey],
         make: impl Fn(&IndexedKey) -> Arc<dyn Signer>,
     ) -> Vec<KeyRecord> {
+        let Ok(mut signers) = self.signers.lock() else {
+            return keys.iter().map(|k| k.to_record(make(k))).collect();
+        };
+        let missing = keys.len().saturating_sub(signers.len());
+        signers.reserve(missing);
         let records = keys
             .iter()
-            .map(|k| k.to_record(self.get_or_make(&k.name, &k.public_point, || make(k))))
+            .map(|k| {
+                let signer = match signers.get(&k.name) {
+                    Some((point, signer)) if *point == k.public_point => Arc::clone(signer),
+                    _ => {
+                        let signer = make(k);
+                        signers.insert(k.name.clone(), (k.public_point, Arc::clone(&signer)));
+                        signer
+                    }
+                };
+                k.to_record(signer)
+            })
             .collect();
-        if let Ok(mut signers) = self.signers.lock() {
-            if signers.len() > keys.len() {
-                let listed: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
-                signers.retain(|name, _| listed.contains(name.as_str()));
-            }
+        if signers.len() > keys.len() {
+            let listed: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+            signers.retain(|name, _| listed.contains(name.as_str()));
         }
         records
     }
@@ -672,9 +689,10 @@ mod hex_point {
         s.serialize_str(&encoding::hex(v))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<[u8; 65], D::Error> {
-        let v = hex_str(d)?;
-        match <[u8; 65]>::try_from(v.as_slice()) {
-            Ok(p) if p[0] == 4 => Ok(p),
+        let text = Cow::<str>::deserialize(d)?;
+        let mut point = [0u8; 65];
+        match encoding::hex_decode_into(text.as_bytes(), &mut point) {
+            true if point[0] == 4 => Ok(point),
             _ => Err(serde::de::Error::custom("not a 65-byte SEC1 point")),
         }
     }

@@ -116,8 +116,9 @@ impl AkFile {
     pub const FORMAT: &'static str = "devicekey-tpm-attestation-key";
 }
 
-/// How old a temporary file must be before it counts as left by a crash (writers of this store
-/// take no lock, and a write takes milliseconds).
+/// How old a temporary file must be before it counts as left by a crash. Key, object and index
+/// writes take the directory's lock, but this module does not require it of every writer, and
+/// a write takes milliseconds.
 const STALE_TEMP: Duration = Duration::from_secs(600);
 
 impl KeyFiles {

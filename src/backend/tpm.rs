@@ -27,6 +27,10 @@
 //! **Processes.** After `fork()` the child opens its own connection and never flushes the
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
+//! **PIN** (`login = "pin"`): the PIN becomes each key's authValue, so the TPM refuses to sign
+//! without it and counts wrong PINs in its dictionary-attack counter (see the `pin` module).
+//! Without it, keys have an empty authValue, as before.
+//!
 //! **Attestation** (ATTESTATION.md): [`TpmBackend::attest`] has a key certified (TPM2_Certify)
 //! by the store's attestation key (AK), a restricted P-256 signing key under the TPM's
 //! endorsement key (EK), created once and kept in the key directory (`attestation-key.json`,

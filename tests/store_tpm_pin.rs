@@ -40,8 +40,17 @@ struct Fixture {
 impl Fixture {
     /// A swtpm allowing `max_tries` wrong authorizations (forgiving one per 1000 s).
     fn new(max_tries: u32) -> Self {
+        Self::with(max_tries, Swtpm::start)
+    }
+
+    /// [`Fixture::new`], with swtpm logging every command and response in hex.
+    fn recording_the_bus(max_tries: u32) -> Self {
+        Self::with(max_tries, Swtpm::start_recording_the_bus)
+    }
+
+    fn with(max_tries: u32, start: fn(&Path) -> Swtpm) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let swtpm = Swtpm::start(&tmp.path().join("swtpm"));
+        let swtpm = start(&tmp.path().join("swtpm"));
         let f = Self { tmp, swtpm };
         f.tool(&[
             "tpm2_dictionarylockout",
@@ -86,6 +95,31 @@ impl Fixture {
     fn tool(&self, args: &[&str]) -> String {
         self.try_tool(args)
             .unwrap_or_else(|e| panic!("{args:?} failed: {e}"))
+    }
+
+    /// Every byte swtpm received or sent so far, as its log shows them.
+    fn bus(&self) -> Vec<u8> {
+        let log = std::fs::read_to_string(self.swtpm.log_path()).unwrap();
+        log.lines()
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .map(|t| {
+                        (t.len() == 2)
+                            .then(|| u8::from_str_radix(t, 16).ok())
+                            .flatten()
+                    })
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// The authValue of `pin` under the salt now in `pin.json`.
+    fn auth_of(&self, pin: &[u8]) -> Vec<u8> {
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.keys().join("pin.json")).unwrap()).unwrap();
+        let salt = hex::decode(file["salt"].as_str().unwrap()).unwrap();
+        derive_auth(&salt, pin).to_vec()
     }
 
     /// The TPM's lockout counter and maximum, as `tpm2_getcap properties-variable` prints them.
@@ -348,10 +382,7 @@ fn tpm2_tools_cannot_sign_with_a_key_blob_without_the_pin() {
 
     // With the authValue (HMAC-SHA256 of the PIN keyed by the store's salt) it signs: the
     // refusals above were about the authorization, nothing else.
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(f.keys().join("pin.json")).unwrap()).unwrap();
-    let salt = hex::decode(file["salt"].as_str().unwrap()).unwrap();
-    let auth = format!("hex:{}", hex::encode(&derive_auth(&salt, b"1234")[..]));
+    let auth = format!("hex:{}", hex::encode(f.auth_of(b"1234")));
     sign(Some(&auth)).expect("tpm2_sign with the derived authValue");
     let der = std::fs::read(f.tmp.path().join("tools/sig.der")).unwrap();
     let sig = Signature::from_der(&der).expect("a DER ECDSA signature");
@@ -477,4 +508,52 @@ fn a_pin_change_killed_after_its_commit_leaves_every_key_under_the_new_pin() {
     // Committed, not tidied: every key's new blob is still a side file, the new PIN holds, and
     // the next change finishes the old one first.
     kill_and_recover("commit", 3, 2, b"5678", b"1234", (b"5678", b"2468"));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn neither_the_pin_nor_its_auth_value_crosses_the_bus_in_the_clear() {
+    if !have_tools() {
+        return;
+    }
+    let f = Fixture::recording_the_bus(10);
+    let (first, second) = (&b"correct horse"[..], &b"battery staple"[..]);
+    let (point, first_auth) = {
+        let store = f.open();
+        // TPM2_Create of the check object and of a key, TPM2_Unseal, TPM2_Sign,
+        // TPM2_ObjectChangeAuth: every command that carries or proves an authValue.
+        pin(&store).set_pin(None, first).unwrap();
+        pin(&store).login(first).unwrap();
+        let key = new_key(&store, "k");
+        sign_and_verify(&key, "before the change");
+        let first_auth = f.auth_of(first);
+        pin(&store).set_pin(Some(first), second).unwrap();
+        assert!(pin(&store).login(first).is_err());
+        pin(&store).login(second).unwrap();
+        sign_and_verify(&key, "after the change");
+        (key.public_point, first_auth)
+    };
+    let second_auth = f.auth_of(second);
+    let bus = f.bus();
+    // The recording works: the key's public point came back from TPM2_Create, and the digest
+    // went to TPM2_Sign (in the clear: it is no secret).
+    assert!(
+        contains(&bus, &point[1..33]),
+        "swtpm recorded the responses"
+    );
+    assert!(
+        contains(&bus, &digest("before the change")),
+        "swtpm recorded the commands"
+    );
+    for (what, secret) in [
+        ("the first PIN", first),
+        ("the second PIN", second),
+        ("the first authValue", &first_auth[..]),
+        ("the second authValue", &second_auth[..]),
+    ] {
+        assert!(!contains(&bus, secret), "{what} crossed the bus");
+    }
 }

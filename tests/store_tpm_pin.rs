@@ -38,17 +38,21 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// A swtpm allowing `max_tries` wrong authorizations (forgiving one per 1000 s).
-    fn new(max_tries: u32) -> Self {
+    /// A swtpm allowing `max_tries` wrong authorizations (forgiving one per 1000 s); `None`
+    /// (the test is skipped) without swtpm and tpm2-tools.
+    fn new(max_tries: u32) -> Option<Self> {
         Self::with(max_tries, Swtpm::start)
     }
 
     /// [`Fixture::new`], with swtpm logging every command and response in hex.
-    fn recording_the_bus(max_tries: u32) -> Self {
+    fn recording_the_bus(max_tries: u32) -> Option<Self> {
         Self::with(max_tries, Swtpm::start_recording_the_bus)
     }
 
-    fn with(max_tries: u32, start: fn(&Path) -> Swtpm) -> Self {
+    fn with(max_tries: u32, start: fn(&Path) -> Swtpm) -> Option<Self> {
+        if !testkit::swtpm::have_swtpm_and(TOOLS) {
+            return None;
+        }
         let tmp = tempfile::tempdir().unwrap();
         let swtpm = start(&tmp.path().join("swtpm"));
         let f = Self { tmp, swtpm };
@@ -64,7 +68,7 @@ impl Fixture {
         ]);
         f.tool(&["tpm2_dictionarylockout", "-c"]);
         assert_eq!(f.da(), (0, max_tries));
-        f
+        Some(f)
     }
 
     fn keys(&self) -> PathBuf {
@@ -150,10 +154,6 @@ fn open_store(dir: &Path, tcti: &str) -> TpmBackend {
     TpmBackend::open_with_login(&config, LoginMode::Pin).expect("open the TPM store")
 }
 
-fn have_tools() -> bool {
-    testkit::swtpm::have_swtpm_and(TOOLS)
-}
-
 fn new_key(store: &TpmBackend, label: &str) -> KeyRecord {
     store
         .generate_key(&NewKey {
@@ -218,10 +218,9 @@ fn pin_generation(dir: &Path) -> u64 {
 
 #[test]
 fn wrong_pins_are_counted_by_the_tpm_and_lock_it() {
-    if !have_tools() {
+    let Some(f) = Fixture::new(3) else {
         return;
-    }
-    let f = Fixture::new(3);
+    };
     let store = f.open();
     let status = pin(&store).status().unwrap();
     assert!(!status.initialized);
@@ -293,10 +292,9 @@ fn wrong_pins_are_counted_by_the_tpm_and_lock_it() {
 
 #[test]
 fn a_changed_pin_replaces_the_old_one_for_every_key() {
-    if !have_tools() {
+    let Some(f) = Fixture::new(10) else {
         return;
-    }
-    let f = Fixture::new(10);
+    };
     let store = f.open();
     pin(&store).set_pin(None, b"1234").unwrap();
     pin(&store).login(b"1234").unwrap();
@@ -341,10 +339,9 @@ fn a_changed_pin_replaces_the_old_one_for_every_key() {
 
 #[test]
 fn tpm2_tools_cannot_sign_with_a_key_blob_without_the_pin() {
-    if !have_tools() {
+    let Some(f) = Fixture::new(10) else {
         return;
-    }
-    let f = Fixture::new(10);
+    };
     // Our store is gone before the tools run: swtpm has 3 object slots.
     let (name, point) = {
         let store = f.open();
@@ -470,10 +467,9 @@ fn kill_and_recover(
     fails: &[u8],
     next: (&[u8], &[u8]),
 ) {
-    if !have_tools() {
+    let Some(f) = Fixture::new(10) else {
         return;
-    }
-    let f = Fixture::new(10);
+    };
     let keys = store_with_three_keys(&f);
     kill_a_change_at(&f, stage);
     assert_eq!(files_with(&f.keys(), ".pin2.pem").len(), side_files);
@@ -516,10 +512,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn neither_the_pin_nor_its_auth_value_crosses_the_bus_in_the_clear() {
-    if !have_tools() {
+    let Some(f) = Fixture::recording_the_bus(10) else {
         return;
-    }
-    let f = Fixture::recording_the_bus(10);
+    };
     let (first, second) = (&b"correct horse"[..], &b"battery staple"[..]);
     let (point, first_auth) = {
         let store = f.open();

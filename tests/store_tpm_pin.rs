@@ -44,6 +44,17 @@ impl Fixture {
         Self::with(max_tries, Swtpm::start)
     }
 
+    /// [`Fixture::new`], on a TPM manufactured with EK certificates (attestation).
+    fn with_ek_certificates(max_tries: u32) -> Option<Self> {
+        if !testkit::swtpm::have_swtpm_and(&["swtpm_setup"]) {
+            return None;
+        }
+        Self::with(max_tries, |state| {
+            testkit::swtpm::provision_with_ek_certificates(state);
+            Swtpm::start(state)
+        })
+    }
+
     /// [`Fixture::new`], with swtpm logging every command and response in hex.
     fn recording_the_bus(max_tries: u32) -> Option<Self> {
         Self::with(max_tries, Swtpm::start_recording_the_bus)
@@ -342,14 +353,7 @@ fn tpm2_tools_cannot_sign_with_a_key_blob_without_the_pin() {
     let Some(f) = Fixture::new(10) else {
         return;
     };
-    // Our store is gone before the tools run: swtpm has 3 object slots.
-    let (name, point) = {
-        let store = f.open();
-        pin(&store).set_pin(None, b"1234").unwrap();
-        pin(&store).login(b"1234").unwrap();
-        let key = new_key(&store, "stolen");
-        (key.name.clone(), key.public_point)
-    };
+    let Made { name, point, .. } = keys_under_1234(&f, &["stolen"]).remove(0);
     let pem = f.keys().join(format!("{name}.pem"));
     std::fs::create_dir_all(f.tmp.path().join("tools")).unwrap();
     std::fs::write(f.tmp.path().join("tools/data"), b"signed by tpm2-tools").unwrap();
@@ -422,21 +426,34 @@ fn kill_a_change_at(f: &Fixture, stage: &str) {
     );
 }
 
-/// A store with the PIN 1234 and three keys; their names and points.
-fn store_with_three_keys(f: &Fixture) -> Vec<(String, [u8; 65])> {
+/// A key made by [`keys_under_1234`] (its store closed again).
+struct Made {
+    name: String,
+    id: Vec<u8>,
+    point: [u8; 65],
+}
+
+/// Sets the PIN 1234 on the store, logs in and makes the keys `labels`; closes the store (swtpm
+/// has 3 object slots, and tools may want them).
+fn keys_under_1234(f: &Fixture, labels: &[&str]) -> Vec<Made> {
     let store = f.open();
     pin(&store).set_pin(None, b"1234").unwrap();
     pin(&store).login(b"1234").unwrap();
-    (0..3)
-        .map(|i| {
-            let key = new_key(&store, &format!("k{i}"));
-            (key.name.clone(), key.public_point)
+    labels
+        .iter()
+        .map(|label| {
+            let key = new_key(&store, label);
+            Made {
+                name: key.name.clone(),
+                id: key.id.clone(),
+                point: key.public_point,
+            }
         })
         .collect()
 }
 
 /// Logs in with `pin` in a new store and signs with every key.
-fn every_key_signs_with(f: &Fixture, pin_value: &[u8], expected: &[(String, [u8; 65])]) {
+fn every_key_signs_with(f: &Fixture, pin_value: &[u8], expected: &[Made]) {
     let store = f.open();
     pin(&store).login(pin_value).unwrap();
     let keys = store.load_keys().unwrap();
@@ -444,7 +461,7 @@ fn every_key_signs_with(f: &Fixture, pin_value: &[u8], expected: &[(String, [u8;
     for key in &keys {
         assert!(expected
             .iter()
-            .any(|(n, p)| *n == key.name && *p == key.public_point));
+            .any(|m| m.name == key.name && m.point == key.public_point));
         sign_and_verify(key, "after the kill");
     }
 }
@@ -470,7 +487,7 @@ fn kill_and_recover(
     let Some(f) = Fixture::new(10) else {
         return;
     };
-    let keys = store_with_three_keys(&f);
+    let keys = keys_under_1234(&f, &["k0", "k1", "k2"]);
     kill_a_change_at(&f, stage);
     assert_eq!(files_with(&f.keys(), ".pin2.pem").len(), side_files);
     assert_eq!(pin_generation(&f.keys()), generation);
@@ -551,4 +568,39 @@ fn neither_the_pin_nor_its_auth_value_crosses_the_bus_in_the_clear() {
     ] {
         assert!(!contains(&bus, secret), "{what} crossed the bus");
     }
+}
+
+#[test]
+fn a_pin_key_is_attested_only_after_login() {
+    use devicekey_pkcs11::attest::certify::parse_certify_info;
+    use devicekey_pkcs11::attest::PublicArea;
+    let Some(f) = Fixture::with_ek_certificates(10) else {
+        return;
+    };
+    let Made { id, point, .. } = keys_under_1234(&f, &["attested"]).remove(0);
+    let qualifying = digest("the relying party's nonce");
+
+    // Without login, TPM2_Certify is not even tried: it would cost a try.
+    let store = f.open();
+    let r = store.attest(&id, &point, &qualifying);
+    assert!(matches!(r, Err(BackendError::NotLoggedIn(_))), "{r:?}");
+    assert_eq!(f.da().0, 0);
+
+    pin(&store).login(b"1234").unwrap();
+    let evidence = store
+        .attest(&id, &point, &qualifying)
+        .unwrap()
+        .expect("the store holds the key");
+    let info = parse_certify_info(&evidence.certify_info).unwrap();
+    assert_eq!(info.extra_data, qualifying);
+    let key_area = PublicArea::parse(&evidence.key_public_area).unwrap();
+    assert_eq!(info.name, key_area.name());
+    assert_eq!(key_area.p256_point().unwrap(), point);
+    let ak = PublicArea::parse(&evidence.ak_public_area).unwrap();
+    assert!(verify(
+        &ak.p256_point().unwrap(),
+        &Sha256::digest(&evidence.certify_info).into(),
+        &evidence.signature
+    ));
+    assert_eq!(f.da().0, 0, "no authorization failed");
 }

@@ -413,11 +413,12 @@ impl TpmBackend {
     }
 
     /// Finds the persistent key with this CKA_ID whose public point is `point`, with the PIN
-    /// generation of its blob.
+    /// generation of its blob (the blob under the store's current one, when it has one).
     fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<(TpmKey, u32)>> {
         let id_hex = crate::encoding::hex(id);
+        let current = pin::current_generation(&self.dir)?;
         for name in self.dir.names("key")? {
-            let (meta, pem) = match self.dir.read_key(&name) {
+            let (meta, blob) = match pin::resolve_blob(&self.dir, &name, current) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
@@ -425,8 +426,6 @@ impl TpmBackend {
             if meta.id != id_hex {
                 continue;
             }
-            let blob =
-                KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
             let key = TpmKey::from_blob(&name, &blob)
                 .map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
             check_purpose(&self.dir.path().join(&name), &key, &meta)?;
@@ -508,16 +507,35 @@ impl TpmBackend {
         let Some((key, generation)) = self.find_key(id, point)? else {
             return Ok(None);
         };
-        if generation != 0 {
-            // TPM2_Certify would need the key's authValue: trying without it costs a try
-            // against the dictionary-attack counter.
-            return Err(BackendError::Refused(format!(
-                "the TPM key {} is protected by a PIN; attesting such keys is not supported yet",
-                key.name
-            )));
-        }
+        // TPM2_Certify needs the key's authValue: a PIN key is attested only after login
+        // (trying without it would cost a try against the dictionary-attack counter).
+        let auth = match (&self.pin, generation) {
+            (_, 0) => None,
+            (None, _) => {
+                return Err(BackendError::Refused(format!(
+                    "the TPM key {} is protected by a PIN; set login = \"pin\" on its slot",
+                    key.name
+                )))
+            }
+            (Some(pin), _) => {
+                let (logged_in, auth) = pin.logged_in()?;
+                if logged_in != generation {
+                    return Err(BackendError::NotLoggedIn(format!(
+                        "the TPM key {} is under another PIN than this login's",
+                        key.name
+                    )));
+                }
+                Some(auth)
+            }
+        };
         let (ek_name, ak) = self.attestation_key()?;
-        let certified = self.device.certify(&ek_name, &ak, &key, qualifying);
+        let certified = self.device.certify(
+            &ek_name,
+            &ak,
+            &key,
+            auth.as_ref().map(|a| &a[..]),
+            qualifying,
+        );
         // Give the TPM's object slots back (without a resource manager they are shared with
         // the module's own connection).
         self.device.disconnect();

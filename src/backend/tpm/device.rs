@@ -1202,13 +1202,15 @@ impl Device {
         })
     }
 
-    /// TPM2_Certify of `key` by the AK, with `qualifying` as qualifying data. `ek_name` is the
-    /// name of the EK the AK was made under; the call fails if the TPM's EK is another.
+    /// TPM2_Certify of `key` (authValue `auth`, `None`: empty) by the AK, with `qualifying` as
+    /// qualifying data. `ek_name` is the name of the EK the AK was made under; the call fails if
+    /// the TPM's EK is another.
     pub fn certify(
         &self,
         ek_name: &[u8],
         ak: &AkParts,
         key: &TpmKey,
+        auth: Option<&[u8]>,
         qualifying: &[u8; 32],
     ) -> Result<(Endorsement, Certified)> {
         self.with_conn(|c| {
@@ -1218,7 +1220,7 @@ impl Device {
                     "the attestation key was made under another EK".into(),
                 )));
             }
-            let certified = c.certify(&ek, ak, key, qualifying)?;
+            let certified = c.certify(&ek, ak, key, auth, qualifying)?;
             Ok((ek, certified))
         })
     }

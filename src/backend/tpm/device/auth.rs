@@ -154,6 +154,19 @@ impl Conn {
         what: &'static str,
         op: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
     ) -> Op<T> {
+        self.with_auth_and(object, auth, decrypt, None, what, op)
+    }
+
+    /// [`Conn::with_auth`] for a command whose second authorized handle takes `second`.
+    pub(super) fn with_auth_and<T>(
+        &mut self,
+        object: ObjectHandle,
+        auth: &[u8],
+        decrypt: bool,
+        second: Option<AuthSession>,
+        what: &'static str,
+        op: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    ) -> Op<T> {
         let session = self.pin_session()?;
         let auth = to_auth(auth)?;
         let ctx = self.ctx()?;
@@ -170,7 +183,7 @@ impl Conn {
             "setting an authorization value",
             ctx.tr_set_auth(object, auth),
         )?;
-        let result = ctx.execute_with_session(Some(session), op);
+        let result = ctx.execute_with_sessions((Some(session), second, None), op);
         let _ = ctx.tr_set_auth(object, Auth::default());
         result.map_err(|e| auth_failure(what, e))
     }

@@ -167,7 +167,7 @@ impl SoftwareStore {
                 serial,
                 protection_class: ProtectionClass::OsProtectedNonextractable,
             },
-            dir: Arc::new(dir),
+            dir,
             sessions: SessionKeys::default(),
             index: StoreIndex::default(),
             signers: SignerCache::default(),

@@ -630,12 +630,7 @@ impl Backend for TpmBackend {
         } else {
             random_name("ses")?
         };
-        // A PIN slot's key gets the PIN's authValue, under the directory's lock so that no
-        // PIN change runs meanwhile.
-        let _lock = match &self.pin {
-            Some(_) if request.persistent => Some(self.dir.lock()?),
-            _ => None,
-        };
+        // A PIN slot's key gets the logged-in PIN's authValue.
         let (generation, auth) = match &self.pin {
             Some(pin) => pin.for_new_key()?,
             None => (0, None),
@@ -648,6 +643,16 @@ impl Backend for TpmBackend {
         if request.persistent {
             let mut blob = key.to_blob().map_err(BackendError::Crypto)?;
             blob.empty_auth = generation == 0;
+            // Written under the lock, and only while that PIN generation is the store's: a PIN
+            // change holds the lock while it re-protects the keys it lists.
+            let _lock = match &self.pin {
+                Some(pin) => {
+                    let lock = self.dir.lock()?;
+                    pin.check_generation(generation)?;
+                    Some(lock)
+                }
+                None => None,
+            };
             self.dir.write_key(&name, &blob.to_pem(), &meta)?;
         }
         log::info!("tpm: created key {name}");

@@ -277,7 +277,8 @@ impl TpmPin {
     }
 
     /// The generation and authValue a new key gets: none before a PIN is set; the logged-in
-    /// ones when they are the store's current generation. The caller holds the directory lock.
+    /// ones when they are the store's current generation. The key is written only after
+    /// [`TpmPin::check_generation`], under the directory's lock.
     pub fn for_new_key(&self) -> Result<(u32, Option<AuthValue>)> {
         let Some(file) = read_file(&self.dir)? else {
             return Ok((0, None));
@@ -289,6 +290,18 @@ impl TpmPin {
             ));
         }
         Ok((generation, Some(auth)))
+    }
+
+    /// Whether `generation` is still the store's (call it holding the directory's lock, right
+    /// before writing a key made under it): `NotLoggedIn` after a PIN change.
+    pub fn check_generation(&self, generation: u32) -> Result<()> {
+        if current_generation(&self.dir)? == generation {
+            Ok(())
+        } else {
+            Err(BackendError::NotLoggedIn(
+                "the PIN was changed while the key was made; log in again".into(),
+            ))
+        }
     }
 
     /// Proves `pin` against the check object of `file`; its authValue when right.

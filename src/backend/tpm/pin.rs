@@ -405,6 +405,12 @@ impl TpmPin {
             let (meta, blob) = match resolve_blob(&self.dir, &name, old) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
+                // A damaged key (logged once) is not a key of the store: it does not hold up
+                // the change.
+                Err(BackendError::Refused(why)) => {
+                    log::warn!("tpm: not re-protecting key {name}: {why}");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if meta.pin_generation != old {

@@ -480,27 +480,8 @@ impl TpmBackend {
         let Some((key, generation)) = self.find_key(id, point)? else {
             return Ok(None);
         };
-        // TPM2_Certify needs the key's authValue: a PIN key is attested only after login
-        // (trying without it would cost a try against the dictionary-attack counter).
-        let auth = match (&self.pin, generation) {
-            (_, 0) => None,
-            (None, _) => {
-                return Err(BackendError::Refused(format!(
-                    "the TPM key {} is protected by a PIN; set login = \"pin\" on its slot",
-                    key.name
-                )))
-            }
-            (Some(pin), _) => {
-                let (logged_in, auth) = pin.logged_in()?;
-                if logged_in != generation {
-                    return Err(BackendError::NotLoggedIn(format!(
-                        "the TPM key {} is under another PIN than this login's",
-                        key.name
-                    )));
-                }
-                Some(auth)
-            }
-        };
+        // TPM2_Certify needs the key's authValue.
+        let auth = pin::auth_for(self.pin.as_deref(), &key.name, generation)?;
         let (ek_name, ak) = self.attestation_key()?;
         let certified = self.device.certify(
             &ek_name,

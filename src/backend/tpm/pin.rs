@@ -243,6 +243,32 @@ pub(super) fn sign(
         })
 }
 
+/// The authValue that uses the key `name`, whose blob is under `generation`: none for an empty
+/// one; the logged-in one when it is that generation's. Otherwise an error, before the TPM is
+/// asked (a wrong authValue would cost a try against the dictionary-attack counter).
+pub(super) fn auth_for(
+    pin: Option<&TpmPin>,
+    name: &str,
+    generation: u32,
+) -> Result<Option<AuthValue>> {
+    match (pin, generation) {
+        (_, 0) => Ok(None),
+        (None, _) => Err(BackendError::Refused(format!(
+            "the TPM key {name} is protected by a PIN; set login = \"pin\" on its slot"
+        ))),
+        (Some(pin), _) => {
+            let (logged_in, auth) = pin.logged_in()?;
+            if logged_in != generation {
+                return Err(BackendError::NotLoggedIn(format!(
+                    "the TPM key {name} is under PIN generation {generation}, this login's is \
+                     {logged_in}"
+                )));
+            }
+            Ok(Some(auth))
+        }
+    }
+}
+
 /// Aborts the process at `stage` (a count of keys done, or `commit`) when the debug-build test
 /// hook asks for it.
 fn test_abort_hook(stage: &str) {

@@ -82,7 +82,7 @@ pub use pin::{derive_auth, ABORT_AFTER_ENV, PIN_FILE};
 pub use purpose::{policy_digest, policy_text};
 
 use device::{ak_from_blobs, AkParts, Device, TpmKey};
-use listed::{indexed_key, load_key_file, needs_pin_login, TpmSigner, OWN_BLOB};
+use listed::{indexed_key, load_key_file, TpmSigner, OWN_BLOB};
 use pin::TpmPin;
 use purpose::Binding;
 use store::{random_name, AkFile, KeyFiles, KeyMeta};
@@ -456,22 +456,8 @@ impl TpmBackend {
         let Some((key, generation)) = self.find_key(id, point)? else {
             return Ok(None);
         };
-        // TPM2_Certify needs the key's authValue: a PIN key is attested only after login
-        // (trying without it would cost a try against the dictionary-attack counter).
-        let auth = match (&self.pin, generation) {
-            (_, 0) => None,
-            (None, _) => return Err(needs_pin_login(&key.name)),
-            (Some(pin), _) => {
-                let (logged_in, auth) = pin.logged_in()?;
-                if logged_in != generation {
-                    return Err(BackendError::NotLoggedIn(format!(
-                        "the TPM key {} is under another PIN than this login's",
-                        key.name
-                    )));
-                }
-                Some(auth)
-            }
-        };
+        // TPM2_Certify needs the key's authValue.
+        let auth = pin::auth_for(self.pin.as_deref(), &key.name, generation)?;
         let (ek_name, ak) = self.attestation_key()?;
         let certified = self.device.certify(
             &ek_name,
@@ -554,15 +540,7 @@ impl TpmBackend {
     /// Runs `f` holding the key directory's lock, then counts the change so other processes
     /// reload.
     fn with_lock<T>(&self, f: impl FnOnce(&KeyDirLock) -> Result<T>) -> Result<T> {
-        self.under_lock(self.dir.lock()?, f)
-    }
-
-    /// [`Self::with_lock`] with a lock already taken.
-    fn under_lock<T>(
-        &self,
-        lock: KeyDirLock,
-        f: impl FnOnce(&KeyDirLock) -> Result<T>,
-    ) -> Result<T> {
+        let lock = self.dir.lock()?;
         let result = f(&lock);
         lock.bump();
         result
@@ -628,13 +606,8 @@ impl Backend for TpmBackend {
         } else {
             random_name("ses")?
         };
-        // A PIN slot's key gets the PIN's authValue, under the directory's lock so that no
-        // PIN change runs meanwhile (the same lock then covers the key's files and its index
-        // record).
-        let held = match &self.pin {
-            Some(_) if request.persistent => Some(self.dir.lock()?),
-            _ => None,
-        };
+        // A PIN slot's key gets the logged-in PIN's authValue (TPM2_Create runs outside the
+        // directory's lock).
         let (generation, auth) = match &self.pin {
             Some(pin) => pin.for_new_key()?,
             None => (0, None),
@@ -648,11 +621,13 @@ impl Backend for TpmBackend {
         if request.persistent {
             let mut blob = key.to_blob().map_err(BackendError::Crypto)?;
             blob.empty_auth = generation == 0;
-            let lock = match held {
-                Some(lock) => lock,
-                None => self.dir.lock()?,
-            };
-            self.under_lock(lock, |lock| {
+            // Written under the lock, and only while that PIN generation is the store's: a PIN
+            // change holds the lock while it re-protects the keys it lists. The same lock
+            // covers the key's files and its index record.
+            self.with_lock(|lock| {
+                if let Some(pin) = &self.pin {
+                    pin.check_generation(generation)?;
+                }
                 self.dir.write_key(&name, &blob.to_pem(), &meta)?;
                 index::crash_point("create");
                 self.index.put_key(self.dir.key_dir(), lock, entry.clone());

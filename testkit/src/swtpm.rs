@@ -91,7 +91,9 @@ impl Swtpm {
     }
 
     fn start_with_log_level(state: &Path, level: Option<u32>) -> Self {
-        for _ in 0..20 {
+        // Many tries: the port after a free ephemeral port is often taken by a client socket on
+        // a busy machine (outgoing connections use the neighbouring ports).
+        for _ in 0..500 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())

@@ -35,13 +35,6 @@ pub(super) fn load_key_file(
     Ok((key, meta))
 }
 
-/// Why a key under a PIN generation does not sign (or attest) on a slot without a PIN.
-pub(super) fn needs_pin_login(name: &str) -> BackendError {
-    BackendError::Refused(format!(
-        "the TPM key {name} is protected by a PIN; set login = \"pin\" on its slot"
-    ))
-}
-
 /// What the index keeps of a key.
 pub(super) fn indexed_key(key: &TpmKey, meta: &KeyMeta) -> Result<IndexedKey> {
     use tss_esapi::traits::Marshall;
@@ -130,7 +123,7 @@ impl TpmSigner {
     }
 
     /// The key's blob under PIN generation `generation`: the one kept, else read from the
-    /// key's files and checked against the entry.
+    /// key's files ([`pin::key_under`]) and checked against the entry.
     fn key_under(&self, generation: u32) -> Result<Arc<TpmKey>> {
         let mut kept = self
             .key
@@ -142,7 +135,7 @@ impl TpmSigner {
             }
         }
         let name = &self.entry.name;
-        let (key, meta) = load_key_file(&self.files, name, generation).map_err(|e| match e {
+        let (key, meta) = pin::key_under(&self.files, name, generation).map_err(|e| match e {
             BackendError::NotFound(_) if name.starts_with(super::SESSION_PREFIX) => {
                 BackendError::NotLoggedIn(format!(
                     "the session key {name} was made under another PIN than this login's"
@@ -162,16 +155,6 @@ impl TpmSigner {
                 self.files.path().display()
             )));
         }
-        if meta.pin_generation != generation {
-            return Err(match self.pin {
-                None => needs_pin_login(name),
-                Some(_) => BackendError::NotLoggedIn(format!(
-                    "the TPM key {name} is under another PIN (generation {}, logged in under \
-                     {generation})",
-                    meta.pin_generation
-                )),
-            });
-        }
         let key = Arc::new(key);
         *kept = Some((generation, Arc::clone(&key)));
         Ok(key)
@@ -180,19 +163,9 @@ impl TpmSigner {
 
 impl Signer for TpmSigner {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let Some(pin) = &self.pin else {
-            return self.device.sign(&*self.key_under(0)?, digest);
-        };
-        let (generation, auth) = pin.logged_in()?;
-        let key = self.key_under(generation)?;
-        self.device
-            .sign_with_auth(&key, digest, Some(&auth[..]))
-            .map_err(|e| match e {
-                BackendError::PinIncorrect(why) => BackendError::NotLoggedIn(format!(
-                    "{why}; the PIN was changed elsewhere, log in again"
-                )),
-                e => e,
-            })
+        pin::sign(&self.device, self.pin.as_deref(), digest, |g| {
+            self.key_under(g)
+        })
     }
 
     fn tpm_public_area(&self) -> Option<Vec<u8>> {

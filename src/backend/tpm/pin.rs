@@ -201,6 +201,77 @@ pub(super) fn resolve_blob(dir: &KeyFiles, name: &str, current: u32) -> Result<(
     Ok((meta, blob))
 }
 
+/// The key `name` as its blob under `generation`, read, parsed and checked by the store's one
+/// load path (`listed::load_key_file`), with its metadata; `NotLoggedIn` when the key is under
+/// another PIN generation (its blob would not sign with this one's authValue).
+pub(super) fn key_under(dir: &KeyFiles, name: &str, generation: u32) -> Result<(TpmKey, KeyMeta)> {
+    let (key, meta) = super::listed::load_key_file(dir, name, generation)?;
+    if meta.pin_generation != generation {
+        return Err(BackendError::NotLoggedIn(format!(
+            "the TPM key {name} is under PIN generation {}, not {generation}",
+            meta.pin_generation
+        )));
+    }
+    Ok((key, meta))
+}
+
+/// Signs `digest` as the slot's PIN allows, with the key's blob under a PIN generation that
+/// `key_under` finds. Without a PIN (`pin` is `None`) only a key with an empty authValue
+/// (generation 0) signs; with one, only after login, with the logged-in authValue, and the TPM
+/// is never asked with an authValue that cannot be the key's.
+pub(super) fn sign(
+    device: &Device,
+    pin: Option<&TpmPin>,
+    digest: &[u8; 32],
+    key_under: impl FnOnce(u32) -> Result<Arc<TpmKey>>,
+) -> Result<[u8; 64]> {
+    let Some(pin) = pin else {
+        let key = key_under(0).map_err(|e| match e {
+            BackendError::NotLoggedIn(why) => BackendError::Refused(format!(
+                "{why}: the key is protected by a PIN; set login = \"pin\" on its slot"
+            )),
+            e => e,
+        })?;
+        return device.sign(&key, digest);
+    };
+    let (generation, auth) = pin.logged_in()?;
+    let key = key_under(generation)?;
+    device
+        .sign_with_auth(&key, digest, Some(&auth[..]))
+        .map_err(|e| match e {
+            BackendError::PinIncorrect(why) => BackendError::NotLoggedIn(format!(
+                "{why}; the PIN was changed elsewhere, log in again"
+            )),
+            e => e,
+        })
+}
+
+/// The authValue that uses the key `name`, whose blob is under `generation`: none for an empty
+/// one; the logged-in one when it is that generation's. Otherwise an error, before the TPM is
+/// asked (a wrong authValue would cost a try against the dictionary-attack counter).
+pub(super) fn auth_for(
+    pin: Option<&TpmPin>,
+    name: &str,
+    generation: u32,
+) -> Result<Option<AuthValue>> {
+    match (pin, generation) {
+        (_, 0) => Ok(None),
+        (None, _) => Err(BackendError::Refused(format!(
+            "the TPM key {name} is protected by a PIN; set login = \"pin\" on its slot"
+        ))),
+        (Some(pin), _) => {
+            let (logged_in, auth) = pin.logged_in()?;
+            if logged_in != generation {
+                return Err(BackendError::NotLoggedIn(format!(
+                    "the TPM key {name} is under PIN generation {generation}, this login's is \
+                     {logged_in}"
+                )));
+            }
+            Ok(Some(auth))
+        }
+    }
+}
+
 /// Aborts the process at `stage` (a count of keys done, or `commit`) when the debug-build test
 /// hook asks for it.
 fn test_abort_hook(stage: &str) {
@@ -235,7 +306,8 @@ impl TpmPin {
     }
 
     /// The generation and authValue a new key gets: none before a PIN is set; the logged-in
-    /// ones when they are the store's current generation. The caller holds the directory lock.
+    /// ones when they are the store's current generation. The key is written only after
+    /// [`TpmPin::check_generation`], under the directory's lock.
     pub fn for_new_key(&self) -> Result<(u32, Option<AuthValue>)> {
         let Some(file) = read_file(&self.dir)? else {
             return Ok((0, None));
@@ -247,6 +319,18 @@ impl TpmPin {
             ));
         }
         Ok((generation, Some(auth)))
+    }
+
+    /// Whether `generation` is still the store's (call it holding the directory's lock, right
+    /// before writing a key made under it): `NotLoggedIn` after a PIN change.
+    pub fn check_generation(&self, generation: u32) -> Result<()> {
+        if current_generation(&self.dir)? == generation {
+            Ok(())
+        } else {
+            Err(BackendError::NotLoggedIn(
+                "the PIN was changed while the key was made; log in again".into(),
+            ))
+        }
     }
 
     /// Proves `pin` against the check object of `file`; its authValue when right.
@@ -350,6 +434,12 @@ impl TpmPin {
             let (meta, blob) = match resolve_blob(&self.dir, &name, old) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
+                // A damaged key (logged once) is not a key of the store: it does not hold up
+                // the change.
+                Err(BackendError::Refused(why)) => {
+                    log::warn!("tpm: not re-protecting key {name}: {why}");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if meta.pin_generation != old {

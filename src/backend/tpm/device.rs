@@ -969,6 +969,11 @@ impl Device {
     /// Opens a connection and derives the SRK; `flush_first` empties the TPM's transient
     /// objects first (after it ran out of object memory).
     fn connect(&self, flush_first: bool) -> Result<Conn> {
+        // OpenSSL is initialised fully (once per process) before the TSS library first uses
+        // it (it makes and frees OpenSSL library contexts of its own). Without this, after
+        // opening a persistent SRK, the host process could no longer build an EC public key
+        // (`pkcs11-tool --read-object --type pubkey`: "cannot create EVP_PKEY").
+        openssl::init();
         let conf = TctiNameConf::from_str(&self.tcti).map_err(|_| {
             BackendError::Unusable(format!(
                 "bad TPM TCTI {:?}; use device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd",

@@ -10,7 +10,7 @@
 //! The store lists its keys from its index (`store.index`, the `index` module), which keeps each
 //! key's CKA_ID, label, purpose (as bound into the TPM object), public point and public area:
 //! opening the store reads no blob, and a key's files are read, parsed and checked on its first
-//! signature (`listed`).
+//! signature (`listed`), under the PIN generation of the login.
 //!
 //! **The SRK is derived, not persisted.** Each connection runs TPM2_CreatePrimary with the TCG
 //! standard ECC P-256 storage template. The TPM derives the same key from the owner seed every
@@ -31,6 +31,13 @@
 //! **Processes.** After `fork()` the child opens its own connection and never flushes the
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
+//! **PIN** (`login = "pin"`): the PIN becomes each key's authValue, so the TPM refuses to sign
+//! without it and counts wrong PINs in its dictionary-attack counter (see the `pin` module).
+//! Without it, keys have an empty authValue, as before. A PIN change gives each key a new blob
+//! and changes nothing the index keeps (the public area stays the same), so the index is left
+//! as it is and no key file is parsed again at the next load; a key's signer reads its new blob
+//! at its next signature under the new login.
+//!
 //! **Attestation** (ATTESTATION.md): [`TpmBackend::attest`] has a key certified (TPM2_Certify)
 //! by the store's attestation key (AK), a restricted P-256 signing key under the TPM's
 //! endorsement key (EK), created once and kept in the key directory (`attestation-key.json`,
@@ -49,6 +56,7 @@ mod device;
 mod ekcert;
 mod keyfile;
 mod listed;
+mod pin;
 mod purpose;
 mod slot;
 mod store;
@@ -58,21 +66,24 @@ use std::sync::Arc;
 
 use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
 use crate::backend::keydir::KeyDirLock;
+use crate::backend::pin::PinGuard;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     Signer, StoreInfo,
 };
-use crate::config::TpmSlot;
+use crate::config::{LoginMode, TpmSlot};
 
 pub use device::{
-    is_simulator, name_of, Identity, PersistOutcome, SrkSource, CACHE_SIZE, PERSISTENT_EK,
+    is_simulator, name_of, Identity, Lockout, PersistOutcome, SrkSource, CACHE_SIZE, PERSISTENT_EK,
     PERSISTENT_SRK,
 };
 pub use keyfile::{KeyBlob, KeyFileError};
+pub use pin::{derive_auth, ABORT_AFTER_ENV, PIN_FILE};
 pub use purpose::{policy_digest, policy_text};
 
 use device::{ak_from_blobs, AkParts, Device, TpmKey};
-use listed::{indexed_key, load_key_file, ListedSigner};
+use listed::{indexed_key, load_key_file, TpmSigner, OWN_BLOB};
+use pin::TpmPin;
 use purpose::Binding;
 use store::{random_name, AkFile, KeyFiles, KeyMeta};
 
@@ -213,23 +224,6 @@ pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
     Device::persist_srk(tcti, owner_auth)
 }
 
-/// Signs with one TPM key.
-struct TpmSigner {
-    device: Arc<Device>,
-    key: Arc<TpmKey>,
-}
-
-impl Signer for TpmSigner {
-    fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        self.device.sign(&self.key, digest)
-    }
-
-    fn tpm_public_area(&self) -> Option<Vec<u8>> {
-        use tss_esapi::traits::Marshall;
-        self.key.public.marshall().ok()
-    }
-}
-
 /// The TPM's part of a key's attestation evidence (ATTESTATION.md): everything but the SPKI.
 #[derive(Clone, Debug)]
 pub struct Evidence {
@@ -252,6 +246,8 @@ pub struct TpmBackend {
     info: StoreInfo,
     dir: Arc<KeyFiles>,
     device: Arc<Device>,
+    /// The user PIN, for a slot with `login = "pin"`.
+    pin: Option<Arc<TpmPin>>,
     identity: Identity,
     allow_simulator: bool,
     index: StoreIndex,
@@ -271,13 +267,19 @@ fn truncate(s: &str, max: usize) -> String {
 impl TpmBackend {
     /// Opens the store of a `[[slot]] backend = "tpm"`.
     pub fn from_slot(slot: &TpmSlot) -> Result<Self> {
-        Self::open(&TpmConfig::from_slot(slot))
+        Self::open_with_login(&TpmConfig::from_slot(slot), slot.login)
     }
 
     /// Opens the key directory (creating it owner-only) and connects to the TPM, which must
-    /// answer: its identity decides the class.
+    /// answer: its identity decides the class. No user PIN (`login = "none"`).
     pub fn open(config: &TpmConfig) -> Result<Self> {
-        let dir = KeyFiles::open(&config.dir)?;
+        Self::open_with_login(config, LoginMode::None)
+    }
+
+    /// [`TpmBackend::open`], with a user PIN when `login` is [`LoginMode::Pin`]: it becomes
+    /// each key's authValue (see the `pin` module).
+    pub fn open_with_login(config: &TpmConfig, login: LoginMode) -> Result<Self> {
+        let dir = Arc::new(KeyFiles::open(&config.dir)?);
         let device = Arc::new(Device::new(&config.tcti));
         let identity = device.identity()?;
         let class = class_for(&identity, config.allow_simulator);
@@ -304,10 +306,13 @@ impl TpmBackend {
             config.tcti,
             class.as_str()
         );
+        let pin = (login == LoginMode::Pin)
+            .then(|| Arc::new(TpmPin::new(Arc::clone(&dir), Arc::clone(&device))));
         let store = Self {
             info,
-            dir: Arc::new(dir),
+            dir,
             device,
+            pin,
             identity,
             allow_simulator: config.allow_simulator,
             index: StoreIndex::default(),
@@ -350,20 +355,27 @@ impl TpmBackend {
         self.device.signatures()
     }
 
-    /// Finds the persistent key with this CKA_ID whose public point is `point`.
-    fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
+    /// Finds the persistent key with this CKA_ID whose public point is `point` (looked up in
+    /// the index, only its files read), with the blob under the store's current PIN generation
+    /// when it has one, and the generation that blob is under.
+    fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<(TpmKey, u32)>> {
         let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
+        let mut current = None;
         for entry in &contents.keys {
             if entry.id != id || entry.public_point != *point {
                 continue;
             }
-            let (key, _) = match load_key_file(&self.dir, &entry.name) {
+            let generation = match current {
+                Some(g) => g,
+                None => *current.insert(pin::current_generation(&self.dir)?),
+            };
+            let (key, meta) = match load_key_file(&self.dir, &entry.name, generation) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
             if key.public_point().as_ref() == Some(point) {
-                return Ok(Some(key));
+                return Ok(Some((key, meta.pin_generation)));
             }
         }
         Ok(None)
@@ -437,11 +449,19 @@ impl TpmBackend {
         point: &[u8; 65],
         qualifying: &[u8; 32],
     ) -> Result<Option<Evidence>> {
-        let Some(key) = self.find_key(id, point)? else {
+        let Some((key, generation)) = self.find_key(id, point)? else {
             return Ok(None);
         };
+        // TPM2_Certify needs the key's authValue.
+        let auth = pin::auth_for(self.pin.as_deref(), &key.name, generation)?;
         let (ek_name, ak) = self.attestation_key()?;
-        let certified = self.device.certify(&ek_name, &ak, &key, qualifying);
+        let certified = self.device.certify(
+            &ek_name,
+            &ak,
+            &key,
+            auth.as_ref().map(|a| &a[..]),
+            qualifying,
+        );
         // Give the TPM's object slots back (without a resource manager they are shared with
         // the module's own connection).
         self.device.disconnect();
@@ -479,33 +499,38 @@ impl TpmBackend {
         self.device.disconnect();
     }
 
-    fn record(&self, key: TpmKey, meta: &KeyMeta, persistent: bool) -> Result<KeyRecord> {
-        let public_point = key.public_point().ok_or_else(|| {
-            BackendError::Crypto(format!("{} is not a P-256 signing key", key.name))
-        })?;
-        Ok(KeyRecord {
-            name: key.name.clone(),
-            id: meta.id_bytes()?,
-            label: meta.label.clone(),
-            public_point,
-            purpose: meta.purpose,
-            persistent,
-            signer: Arc::new(TpmSigner {
-                device: Arc::clone(&self.device),
-                key: Arc::new(key),
-            }),
-        })
+    /// The one signer of a TPM key (see [`TpmSigner`]); `loaded` is its blob when the caller
+    /// has it (a key just created), with the PIN generation it is under.
+    fn new_signer(&self, entry: &IndexedKey, loaded: Option<(u32, TpmKey)>) -> Arc<dyn Signer> {
+        Arc::new(TpmSigner::new(
+            Arc::clone(&self.device),
+            Arc::clone(&self.dir),
+            self.pin.clone(),
+            entry.clone(),
+            loaded,
+        ))
     }
 
-    /// The signer of a key listed from the index: it reads the key's files on its first
-    /// signature (kept across reloads).
-    fn new_signer(&self, entry: &IndexedKey) -> Arc<dyn Signer> {
-        Arc::new(ListedSigner {
-            device: Arc::clone(&self.device),
-            files: Arc::clone(&self.dir),
-            entry: entry.clone(),
-            key: Default::default(),
-        })
+    /// The signer of a stored key, kept across reloads (by name and public point), so that
+    /// its files are read once, not at every reload.
+    fn kept_signer(&self, entry: &IndexedKey, loaded: Option<(u32, TpmKey)>) -> Arc<dyn Signer> {
+        self.signers
+            .get_or_make(&entry.name, &entry.public_point, || {
+                self.new_signer(entry, loaded)
+            })
+    }
+
+    /// The record of a key listed from the index (or just created, with its blob).
+    fn record(&self, entry: IndexedKey, signer: Arc<dyn Signer>, persistent: bool) -> KeyRecord {
+        KeyRecord {
+            name: entry.name,
+            id: entry.id,
+            label: entry.label,
+            public_point: entry.public_point,
+            purpose: entry.purpose,
+            persistent,
+            signer,
+        }
     }
 
     /// Runs `f` holding the key directory's lock, then counts the change so other processes
@@ -562,7 +587,9 @@ impl Backend for TpmBackend {
 
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         let contents = self.index.load(self.dir.key_dir(), self.dir.as_ref())?;
-        Ok(self.signers.records(&contents.keys, |k| self.new_signer(k)))
+        Ok(self
+            .signers
+            .records(&contents.keys, |k| self.new_signer(k, None)))
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
@@ -571,20 +598,42 @@ impl Backend for TpmBackend {
         } else {
             random_name("ses")?
         };
-        let key = self.device.create(&name, request.purpose)?;
-        let meta = KeyMeta::new(&request.id, &request.label, request.purpose);
+        // A PIN slot's key gets the logged-in PIN's authValue (TPM2_Create runs outside the
+        // directory's lock).
+        let (generation, auth) = match &self.pin {
+            Some(pin) => pin.for_new_key()?,
+            None => (0, None),
+        };
+        let key = self
+            .device
+            .create(&name, request.purpose, auth.as_ref().map(|a| &a[..]))?;
+        let mut meta = KeyMeta::new(&request.id, &request.label, request.purpose);
+        meta.pin_generation = generation;
+        let entry = indexed_key(&key, &meta)?;
         if request.persistent {
-            let blob = key.to_blob().map_err(BackendError::Crypto)?;
-            let entry = indexed_key(&key, &meta)?;
+            let mut blob = key.to_blob().map_err(BackendError::Crypto)?;
+            blob.empty_auth = generation == 0;
+            // Written under the lock, and only while that PIN generation is the store's: a PIN
+            // change holds the lock while it re-protects the keys it lists. The same lock
+            // covers the key's files and its index record.
             self.with_lock(|lock| {
+                if let Some(pin) = &self.pin {
+                    pin.check_generation(generation)?;
+                }
                 self.dir.write_key(&name, &blob.to_pem(), &meta)?;
                 index::crash_point("create");
-                self.index.put_key(self.dir.key_dir(), lock, entry);
+                self.index.put_key(self.dir.key_dir(), lock, entry.clone());
                 Ok(())
             })?;
         }
         log::info!("tpm: created key {name}");
-        self.record(key, &meta, request.persistent)
+        let loaded = Some((generation, key));
+        let signer = if request.persistent {
+            self.kept_signer(&entry, loaded)
+        } else {
+            self.new_signer(&entry, loaded)
+        };
+        Ok(self.record(entry, signer, request.persistent))
     }
 
     fn update_key(&self, name: &str, label: &str, id: &[u8]) -> Result<()> {
@@ -592,7 +641,7 @@ impl Backend for TpmBackend {
             return Ok(());
         }
         self.with_lock(|lock| {
-            let (key, mut meta) = load_key_file(&self.dir, name)?;
+            let (key, mut meta) = load_key_file(&self.dir, name, OWN_BLOB)?;
             meta.label = label.to_string();
             meta.id = crate::encoding::hex(id);
             self.index.forget(self.dir.key_dir(), lock, name)?;
@@ -662,5 +711,9 @@ impl Backend for TpmBackend {
 
     fn change_marker(&self) -> Option<u128> {
         self.dir.change_marker()
+    }
+
+    fn pin(&self) -> Option<&dyn PinGuard> {
+        self.pin.as_deref().map(|p| p as &dyn PinGuard)
     }
 }

@@ -32,6 +32,15 @@ pub struct KeyMeta {
     pub label: String,
     /// What the key may be used for.
     pub purpose: KeyPurpose,
+    /// The PIN generation the blob (`<name>.pem`) is protected under: 0 for an empty
+    /// authValue (no PIN), else the generation in the store's `pin.json` (see the `pin`
+    /// module). Written only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pin_generation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl KeyMeta {
@@ -45,6 +54,7 @@ impl KeyMeta {
             id: hex(id),
             label: label.into(),
             purpose,
+            pin_generation: 0,
         }
     }
 

@@ -50,12 +50,27 @@ impl Env {
         std::fs::write(self.config_path(), text).unwrap();
     }
 
+    /// Rewrites the config: `slots` (where `@KEYS@` is this environment's key directory), then
+    /// `[server]` with `extra_server`.
+    pub fn set_config(&self, slots: &str, extra_server: &str) {
+        let keys = self.dir.path().join("keys");
+        let slots = slots.replace("@KEYS@", &keys.display().to_string());
+        self.write_config(&format!("{slots}\n[server]\n{extra_server}\n"));
+    }
+
+    /// Writes `text` to `name` in this environment's directory, mode 0600 (a PIN file).
+    pub fn secret_file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
     fn base(extra_server: &str, slots: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let env = Env { vars: vec![], dir };
-        let keys = env.dir.path().join("keys");
-        let slots = slots.replace("@KEYS@", &keys.display().to_string());
-        env.write_config(&format!("{slots}\n[server]\n{extra_server}\n"));
+        env.set_config(slots, extra_server);
         let mut env = env;
         env.vars.push((
             "DEVICEKEY_CONFIG".into(),
@@ -100,6 +115,12 @@ impl Env {
             extra_server,
             "[[slot]]\nbackend = \"software\"\ndir = \"@KEYS@\"\n",
         )
+    }
+
+    /// Server over our own module with one software slot labelled `label` that has
+    /// `login = "pin"` (no PIN yet: `devicekey pin set --slot LABEL --pin-file F`).
+    pub fn ours_software_pin(label: &str, extra_server: &str) -> Self {
+        Self::base(extra_server, &software_pin_slot(label))
     }
 
     /// Server over our own module with a software slot and a pkcs11 slot wrapping SoftHSM
@@ -183,6 +204,11 @@ impl Env {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// A `[[slot]]` of the software store in the environment's key directory with `login = "pin"`.
+pub fn software_pin_slot(label: &str) -> String {
+    format!("[[slot]]\nlabel = \"{label}\"\nbackend = \"software\"\ndir = \"@KEYS@\"\nlogin = \"pin\"\n")
 }
 
 pub fn rand_bytes() -> [u8; 16] {

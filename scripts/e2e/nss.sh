@@ -68,17 +68,8 @@ tstclnt_get() {
   printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$'
 }
 
-s_server_start() { # s_server_start NAME: a server that asks for and verifies our certificate
-  PORT=$(free_port)
-  start_bg "$1" openssl s_server -accept "127.0.0.1:$PORT" -www -naccept 1 \
-    -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/nssclient.pem"
-  SERVER_PID=$BG_PID
-  wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
-}
-
 check_tstclnt_client_auth() {
-  s_server_start srv1
+  s_server_start srv1 "$T/nssclient.pem"
   tstclnt_get "$PORT"
   expect "HTTP/1.0 200 ok"
   expect "Client certificate"
@@ -89,7 +80,7 @@ check_tstclnt_client_auth() {
 }
 
 negative_tstclnt() {
-  s_server_start srv2
+  s_server_start srv2 "$T/nssclient.pem"
   tstclnt_get "$PORT"
   # The server's certificate was not the problem (tstclnt blames "server cert" for any failure).
   reject "SEC_ERROR_UNTRUSTED_ISSUER"

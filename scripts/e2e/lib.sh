@@ -556,11 +556,13 @@ ssh_accepted_since() {
     { cat "$S/sshd.log"; fail "sshd did not log ${2:-a} login with key $FPR"; }
 }
 
-# start_ssh_agent: an ssh-agent for this check on $T/agent.sock (SSH_AUTH_SOCK exported) that
-# loads PKCS#11 modules from the directory of MODULE (its real path) only.
+# start_ssh_agent MODULE: an ssh-agent for this check on $T/agent.sock (SSH_AUTH_SOCK exported,
+# pid in $AGENT_PID) that loads PKCS#11 modules from the directory of MODULE (its real path) only.
 start_ssh_agent() {
   local sock=$T/agent.sock
+  rm -f "$sock"
   start_bg ssh-agent ssh-agent -D -a "$sock" -P "$(dirname "$(realpath "$1")")/*"
+  AGENT_PID=$BG_PID
   for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
   [ -S "$sock" ] || fail "ssh-agent did not start: $(cat "$T/ssh-agent.out")"
   export SSH_AUTH_SOCK=$sock
@@ -576,4 +578,16 @@ s_server_start() {
   # shellcheck disable=SC2034 # used by the scripts that source this file
   SERVER_PID=$BG_PID
   wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
+}
+
+# tstclnt_get PORT [PIN]: NSS's tstclnt GETs the page of the server on PORT with the certificate
+# $NICK of the NSS database $DB and its key (the token's PIN given with -w; none by default);
+# output in $OUT.
+tstclnt_get() {
+  [ -f "$T/get.txt" ] || printf 'GET / HTTP/1.0\r\n\r\n' >"$T/get.txt"
+  echo "\$ tstclnt -h 127.0.0.1 -p $1 -d sql:$DB -n $NICK -w <PIN> -a localhost"
+  OUT=$(timeout -k 5 "$TIMEOUT" tstclnt -h 127.0.0.1 -p "$1" -d "sql:$DB" -n "$NICK" -w "${2:-}" \
+    -a localhost <"$T/get.txt" 2>&1)
+  echo "(exit $?)"
+  printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$'
 }

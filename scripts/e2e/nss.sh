@@ -17,7 +17,6 @@ DB=$T/nssdb
 NICK="$TOKEN_LABEL:nssclient"
 mkdir -p "$DB"
 echo >"$T/pwfile"
-printf 'GET / HTTP/1.0\r\n\r\n' >"$T/get.txt"
 
 # NSS messages that mean a module is incomplete or wrong.
 # The module's own warnings (stderr, DEVICEKEY_LOG=warn) count too.
@@ -57,15 +56,6 @@ check_certutil_K() {
   run certutil -K -h "$TOKEN_LABEL" -d "sql:$DB" -f "$T/pwfile"
   expect_re "<[ 0-9]+> ec +01 +nssclient"
   reject_re "$NSS_ERRORS|no keys found"
-}
-
-# tstclnt_get PORT: tstclnt with the token's certificate and key; output in $OUT.
-tstclnt_get() {
-  echo "\$ tstclnt -h 127.0.0.1 -p $1 -d sql:$DB -n $NICK -a localhost"
-  OUT=$(timeout -k 5 "$TIMEOUT" tstclnt -h 127.0.0.1 -p "$1" -d "sql:$DB" -n "$NICK" -w "" \
-    -a localhost <"$T/get.txt" 2>&1)
-  echo "(exit $?)"
-  printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$'
 }
 
 check_tstclnt_client_auth() {

@@ -132,10 +132,12 @@ pub struct SoftwareSlot {
     /// Whether the token asks for a user PIN.
     #[serde(default)]
     pub login: LoginMode,
+    /// With `login = "pin"`: wrong PINs allowed in a row before the PIN locks (default 10).
+    pub pin_tries: Option<u32>,
 }
 
 impl SoftwareSlot {
-    const FIELDS: &'static [&'static str] = &["label", "dir", "login"];
+    const FIELDS: &'static [&'static str] = &["label", "dir", "login", "pin_tries"];
 }
 
 /// `backend = "tpm"`: keys in a TPM 2.0.
@@ -268,6 +270,16 @@ impl SlotConfig {
             Self::Pkcs11(s) => &s.label,
             Self::SecureEnclave(s) => &s.label,
             Self::Broken(s) => &s.label,
+        }
+    }
+
+    /// Whether the slot asks for a user PIN (`login`; stores without the option have none).
+    pub fn login(&self) -> LoginMode {
+        match self {
+            Self::Software(s) => s.login,
+            Self::Tpm(s) => s.login,
+            Self::Pkcs11(s) => s.login,
+            Self::SecureEnclave(_) | Self::Broken(_) => LoginMode::None,
         }
     }
 
@@ -669,6 +681,7 @@ mod tests {
                 label: "devicekey".into(),
                 dir: None,
                 login: LoginMode::None,
+                pin_tries: None,
             })
         );
         let tpm = cfg!(all(feature = "tpm", target_os = "linux"))
@@ -715,6 +728,7 @@ mod tests {
                 label: "devicekey".into(),
                 dir: Some("/tmp/x".into()),
                 login: LoginMode::None,
+                pin_tries: None,
             })
         );
         assert_eq!(

@@ -6,13 +6,16 @@
 //! - `<name>.key`: one key pair (JSON, see [`format::KeyFile`]), mode 0600;
 //! - `<name>.obj`: one stored non-key object (JSON, see [`format::ObjectFile`]), mode 0600;
 //! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes;
+//! - `pin`: the PIN file of a store with `login = "pin"` (see the `pin` module): the data key
+//!   that seals every scalar, wrapped under an Argon2id key of the PIN, and the wrong-try count;
 //! - `.<name>.<ext>.<random>.tmp`: a file being written; never loaded, removed when stale.
 //!
 //! `<name>` is 32 lowercase hex digits (16 random bytes). Writes are atomic (temporary file,
 //! fsync, rename, fsync of the directory) and made holding the lock. Session keys
 //! (`persistent = false`) live only in memory.
 
-mod format;
+pub(crate) mod format;
+pub mod pin;
 mod signer;
 mod slot;
 #[cfg(test)]
@@ -24,12 +27,13 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use self::format::{Hex, KeyFile, ObjectFile, Scalar};
+use self::pin::{PinVault, ScalarSource, SealedSigner, SoftwarePin};
 pub use self::signer::SoftwareSigner;
 use crate::backend::file_store::{self, check_name, existing, now, random_name, SessionKeys};
 use crate::backend::keydir::KeyDir;
 use crate::backend::{
-    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
-    StoreInfo,
+    pin::PinGuard, Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass,
+    RawAttribute, Result, Signer, StoreInfo,
 };
 
 const KEY_EXT: &str = "key";
@@ -39,11 +43,27 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Objects hold certificates; allow generous sizes.
 const MAX_OBJ_FILE: u64 = 16 * 1024 * 1024;
 
+/// The PIN options of a store with `login = "pin"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinOptions {
+    /// Wrong tries allowed in a row before the PIN locks.
+    pub max_tries: u32,
+}
+
+impl Default for PinOptions {
+    fn default() -> Self {
+        Self {
+            max_tries: pin::DEFAULT_MAX_TRIES,
+        }
+    }
+}
+
 /// The software key store.
 pub struct SoftwareStore {
     info: StoreInfo,
-    dir: KeyDir,
+    dir: Arc<KeyDir>,
     sessions: SessionKeys,
+    pin: Option<SoftwarePin>,
 }
 
 impl std::fmt::Debug for SoftwareStore {
@@ -57,13 +77,31 @@ impl std::fmt::Debug for SoftwareStore {
 
 impl SoftwareStore {
     /// Opens (creating it if missing) the store in `dir`, or in
-    /// [`crate::config::default_data_dir`] when `dir` is `None`.
+    /// [`crate::config::default_data_dir`] when `dir` is `None`, without a PIN.
     pub fn open(label: &str, dir: Option<&Path>) -> Result<SoftwareStore> {
+        Self::open_with(label, dir, None)
+    }
+
+    /// [`Self::open`], with a user PIN when `pin` is given (`login = "pin"`). A store without
+    /// a PIN refuses a directory that has a PIN file: its keys are sealed under that PIN.
+    pub fn open_with(
+        label: &str,
+        dir: Option<&Path>,
+        pin: Option<PinOptions>,
+    ) -> Result<SoftwareStore> {
         let wanted = match dir {
             Some(d) => d.to_path_buf(),
             None => crate::config::default_data_dir(),
         };
-        let dir = KeyDir::open(&wanted)?;
+        let dir = Arc::new(KeyDir::open(&wanted)?);
+        if pin.is_none() && PinVault::exists_in(&dir)? {
+            return Err(BackendError::Unusable(format!(
+                "slot {label:?}: {} has a PIN file, so its keys are sealed under a PIN, but the \
+                 slot says login = \"none\"; fix: set login = \"pin\" on the slot",
+                dir.path().join(pin::PIN_FILE).display()
+            )));
+        }
+        let pin = pin.map(|o| SoftwarePin::new(dir.clone(), o.max_tries));
         let serial = file_store::serial_of(&dir);
         let store = SoftwareStore {
             info: StoreInfo {
@@ -75,6 +113,7 @@ impl SoftwareStore {
             },
             dir,
             sessions: SessionKeys::default(),
+            pin,
         };
         // Every writer holds the lock while its temporary file exists, so any temporary file
         // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
@@ -155,21 +194,39 @@ impl SoftwareStore {
         }
     }
 
-    fn record_of(name: String, file: KeyFile) -> KeyRecord {
+    /// The record of a key file; `None` (logged) for a sealed key in a store without a PIN.
+    fn record_of(&self, name: String, file: KeyFile) -> Option<KeyRecord> {
         let mut public_point = [0u8; 65];
         public_point.copy_from_slice(&file.public_point.0);
-        KeyRecord {
+        let signer: Arc<dyn Signer> = match (&self.pin, file.private_scalar, file.sealed_scalar) {
+            (Some(p), clear, sealed) => {
+                let source = match (clear, sealed) {
+                    (_, Some(s)) => ScalarSource::Sealed(s),
+                    (Some(c), None) => ScalarSource::Clear(c.0),
+                    (None, None) => return None,
+                };
+                Arc::new(SealedSigner::new(
+                    &name,
+                    public_point,
+                    source,
+                    p.session().clone(),
+                ))
+            }
+            (None, Some(clear), _) => Arc::new(SoftwareSigner::deferred(public_point, clear.0)),
+            (None, None, _) => {
+                log::warn!("skipping key {name}: it is sealed under a PIN and the slot has none");
+                return None;
+            }
+        };
+        Some(KeyRecord {
             name,
             id: file.id.0,
             label: file.label,
             public_point,
             purpose: file.purpose,
             persistent: true,
-            signer: Arc::new(SoftwareSigner::deferred(
-                public_point,
-                file.private_scalar.0,
-            )),
-        }
+            signer,
+        })
     }
 }
 
@@ -181,32 +238,52 @@ impl Backend for SoftwareStore {
     fn load_keys(&self) -> Result<Vec<KeyRecord>> {
         file_store::load_all(&self.dir, KEY_EXT, |name| {
             let file = self.read_key(&name)?;
-            Ok(file.map(|f| (f.created, Self::record_of(name, f))))
+            Ok(file.and_then(|f| Some((f.created, self.record_of(name, f)?))))
         })
     }
 
     fn generate_key(&self, request: &NewKey) -> Result<KeyRecord> {
         let generated = SoftwareSigner::generate()?;
+        let name = random_name()?;
+        // With a PIN the scalar is sealed at once, and the key signs only while logged in.
+        let (sealed, signer): (_, Arc<dyn Signer>) = match &self.pin {
+            None => (None, Arc::new(generated.signer)),
+            Some(p) => {
+                let sealed = p.session().seal_scalar(&name, &generated.scalar)?;
+                let source = ScalarSource::Sealed(sealed.clone());
+                let signer =
+                    SealedSigner::new(&name, generated.public_point, source, p.session().clone());
+                (Some(sealed), Arc::new(signer))
+            }
+        };
         let record = KeyRecord {
-            name: random_name()?,
+            name,
             id: request.id.clone(),
             label: request.label.clone(),
             public_point: generated.public_point,
             purpose: request.purpose,
             persistent: true,
-            signer: Arc::new(generated.signer),
+            signer,
         };
         if !request.persistent {
             return self.sessions.add(record);
         }
         let file = KeyFile {
             format: format::KEY_FORMAT.to_string(),
-            version: format::VERSION,
+            version: if sealed.is_some() {
+                format::SEALED_VERSION
+            } else {
+                format::VERSION
+            },
             id: Hex(request.id.clone()),
             label: request.label.clone(),
             purpose: request.purpose,
             public_point: Hex(generated.public_point.to_vec()),
-            private_scalar: Scalar(generated.scalar),
+            private_scalar: match sealed {
+                Some(_) => None,
+                None => Some(Scalar(generated.scalar)),
+            },
+            sealed_scalar: sealed,
             created: now(),
         };
         let bytes = file
@@ -239,6 +316,9 @@ impl Backend for SoftwareStore {
         }
         check_name(name)?;
         self.with_lock(|| self.remove(name, KEY_EXT))?;
+        if let Some(p) = &self.pin {
+            p.session().forget(name);
+        }
         log::info!("destroyed key {name}");
         Ok(())
     }
@@ -275,6 +355,10 @@ impl Backend for SoftwareStore {
 
     fn change_marker(&self) -> Option<u128> {
         self.dir.change_marker()
+    }
+
+    fn pin(&self) -> Option<&dyn PinGuard> {
+        self.pin.as_ref().map(|p| p as &dyn PinGuard)
     }
 }
 

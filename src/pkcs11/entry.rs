@@ -290,8 +290,8 @@ entry! {
                 ulSessionCount: ti.session_count as CK_ULONG,
                 ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
                 ulRwSessionCount: ti.rw_session_count as CK_ULONG,
-                ulMaxPinLen: 255,
-                ulMinPinLen: 0,
+                ulMaxPinLen: ti.max_pin_len as CK_ULONG,
+                ulMinPinLen: ti.min_pin_len as CK_ULONG,
                 ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
                 ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
                 ulTotalPrivateMemory: CK_UNAVAILABLE_INFORMATION,
@@ -429,6 +429,25 @@ entry! {
             // SAFETY: NULL (with length 0) or `ulPinLen` readable bytes per the caller.
             let pin = unsafe { memory::input(pPin, ulPinLen) }?;
             rv(t.login(hSession, userType, pin))
+        })
+    }
+}
+
+entry! {
+    /// `C_SetPIN`: the user PIN of a slot with `login = "pin"`.
+    fn C_SetPIN(
+        hSession: CK_SESSION_HANDLE,
+        pOldPin: *mut CK_UTF8CHAR,
+        ulOldLen: CK_ULONG,
+        pNewPin: *mut CK_UTF8CHAR,
+        ulNewLen: CK_ULONG,
+    ) {
+        with_token(NAME, |t| {
+            // SAFETY: NULL (with length 0) or `ulOldLen` readable bytes per the caller.
+            let old = unsafe { memory::input(pOldPin, ulOldLen) }?;
+            // SAFETY: NULL (with length 0) or `ulNewLen` readable bytes per the caller.
+            let new = unsafe { memory::input(pNewPin, ulNewLen) }?;
+            rv(t.set_pin(hSession, old, new))
         })
     }
 }

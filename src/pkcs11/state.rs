@@ -99,6 +99,7 @@ pub fn finalize() -> Result<(), CK_RV> {
     let _guard = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
     match STATE.load_full() {
         Some(s) if s.generation == generation() => {
+            s.token.finalize();
             STATE.store(None);
             Ok(())
         }

@@ -32,7 +32,6 @@ macro_rules! not_supported {
 not_supported! {
     C_InitToken(CK_SLOT_ID, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR);
     C_InitPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG);
-    C_SetPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
     C_CopyObject(
         CK_SESSION_HANDLE,
         CK_OBJECT_HANDLE,

@@ -56,6 +56,10 @@ pub struct TokenInfo {
     pub session_count: usize,
     /// Open read-write sessions.
     pub rw_session_count: usize,
+    /// ulMinPinLen.
+    pub min_pin_len: usize,
+    /// ulMaxPinLen.
+    pub max_pin_len: usize,
 }
 
 /// What C_GetSessionInfo reports.
@@ -175,19 +179,54 @@ impl Token {
         slot::require(self.slots.get(s.slot).and_then(Slot::opened))
     }
 
-    /// The store of a session's slot and whether the session is read-write.
-    fn session_store_rw(&self, h: CK_SESSION_HANDLE) -> Result<(Arc<Store>, bool)> {
+    /// The session, the store of its slot, and whether the session is read-write.
+    fn session_store_rw(&self, h: CK_SESSION_HANDLE) -> Result<(Arc<SessionEntry>, Arc<Store>)> {
         let s = self.session(h)?;
-        Ok((self.session_store(&s)?, s.rw))
+        let store = self.session_store(&s)?;
+        Ok((s, store))
     }
 
-    /// Finds an object visible from a session.
+    /// Finds an object of the store, visible or not.
     fn object(&self, store: &Store, h: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
         store
             .objects()?
             .get(h)
             .cloned()
             .ok_or(Error::rv(CKR_OBJECT_HANDLE_INVALID))
+    }
+
+    /// True when the CKA_PRIVATE objects of a session's slot are out of reach: a slot with a PIN
+    /// and no user logged in. A slot without a PIN shows every object, as it always did.
+    fn private_hidden(&self, s: &SessionEntry, store: &Store) -> Result<bool> {
+        if !store.login_required {
+            return Ok(false);
+        }
+        let slot = self.slots.get(s.slot).ok_or(Error::rv(CKR_GENERAL_ERROR))?;
+        Ok(slot.login_state()? != Login::User)
+    }
+
+    /// An object of the session's store; a CKA_PRIVATE one while no user is logged in on a
+    /// slot with a PIN fails with `hidden`.
+    fn visible_object(
+        &self,
+        s: &SessionEntry,
+        store: &Store,
+        h: CK_OBJECT_HANDLE,
+        hidden: CK_RV,
+    ) -> Result<Arc<Object>> {
+        let o = self.object(store, h)?;
+        if o.attrs.get_bool(CKA_PRIVATE) && self.private_hidden(s, store)? {
+            return fail(hidden);
+        }
+        Ok(o)
+    }
+
+    /// `CKR_USER_NOT_LOGGED_IN` on a slot with a PIN and no user logged in.
+    fn require_user(&self, s: &SessionEntry, store: &Store) -> Result<()> {
+        if self.private_hidden(s, store)? {
+            return fail(CKR_USER_NOT_LOGGED_IN);
+        }
+        Ok(())
     }
 
     /// C_GetSlotList.
@@ -238,6 +277,18 @@ impl Token {
                 }
             }
         }
+        let (flags, min_pin_len, max_pin_len) = match store.backend.pin() {
+            None => (
+                CKF_RNG | CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED,
+                0,
+                255,
+            ),
+            Some(guard) => (
+                CKF_RNG | CKF_TOKEN_INITIALIZED | CKF_LOGIN_REQUIRED | pin_flags(&guard.status()?),
+                crate::backend::pin::MIN_PIN_LEN,
+                crate::backend::pin::MAX_PIN_LEN,
+            ),
+        };
         Ok(TokenInfo {
             label: store.info.label.clone(),
             // Every token of this module is ours, whatever device is behind it: the model names
@@ -245,9 +296,11 @@ impl Token {
             manufacturer: crate::vendor::DEVICEKEY_MANUFACTURER.to_string(),
             model: store.info.protection_class.token_model().to_string(),
             serial: store.info.serial.clone(),
-            flags: CKF_RNG | CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED,
+            flags,
             session_count: count,
             rw_session_count: rw,
+            min_pin_len,
+            max_pin_len,
         })
     }
 
@@ -352,8 +405,23 @@ impl Token {
         let any_left = self.sessions()?.values().any(|s| s.slot == slot_index);
         if !any_left {
             slot.set_login(Login::Public)?;
+            if let Some(store) = slot.pin_store() {
+                if let Some(guard) = store.backend.pin() {
+                    guard.logout();
+                }
+            }
         }
         Ok(())
+    }
+
+    /// C_Finalize: every store with a PIN forgets what it unlocked.
+    pub fn finalize(&self) {
+        for slot in &self.slots {
+            if let Some(guard) = slot.pin_store().as_deref().and_then(|s| s.backend.pin()) {
+                guard.logout();
+            }
+            let _ = slot.set_login(Login::Public);
+        }
     }
 
     /// C_GetSessionInfo.
@@ -379,20 +447,31 @@ impl Token {
     }
 
     /// C_Login. With no PIN configured any PIN is accepted: the token needs no login, but some
-    /// tools always log in.
-    pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, _pin: &[u8]) -> Result<()> {
+    /// tools always log in. A slot with a PIN checks it through its store's guard, and has no
+    /// security officer.
+    pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: &[u8]) -> Result<()> {
         let slot_index = self.session(h)?.slot;
         let slot = self
             .slots
             .get(slot_index)
             .ok_or(Error::rv(CKR_GENERAL_ERROR))?;
         let current = slot.login_state()?;
+        let pin_store = slot.pin_store();
         match user {
             CKU_USER => match current {
                 Login::User => fail(CKR_USER_ALREADY_LOGGED_IN),
                 Login::So => fail(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
-                Login::Public => slot.set_login(Login::User),
+                Login::Public => {
+                    if let Some(store) = &pin_store {
+                        user_login(store, pin)?;
+                    }
+                    slot.set_login(Login::User)
+                }
             },
+            CKU_SO if pin_store.is_some() => {
+                log::info!("C_Login: a slot with a PIN has no security officer");
+                fail(CKR_USER_TYPE_INVALID)
+            }
             CKU_SO => match current {
                 Login::So => fail(CKR_USER_ALREADY_LOGGED_IN),
                 Login::User => fail(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
@@ -422,7 +501,30 @@ impl Token {
         if slot.login_state()? == Login::Public {
             return fail(CKR_USER_NOT_LOGGED_IN);
         }
-        slot.set_login(Login::Public)
+        slot.set_login(Login::Public)?;
+        if let Some(guard) = slot.pin_store().as_deref().and_then(|s| s.backend.pin()) {
+            guard.logout();
+        }
+        Ok(())
+    }
+
+    /// C_SetPIN: changes the user PIN of a slot with a PIN, in a read-write session (public or
+    /// user, as the spec says; the old PIN is checked and a wrong one costs a try). A slot
+    /// without a PIN has none to change.
+    pub fn set_pin(&self, h: CK_SESSION_HANDLE, old: &[u8], new: &[u8]) -> Result<()> {
+        let entry = self.session(h)?;
+        let store = self.session_store(&entry)?;
+        let Some(guard) = store.backend.pin() else {
+            return fail(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        if !entry.rw {
+            return fail(CKR_SESSION_READ_ONLY);
+        }
+        check_pin_len(new)?;
+        check_pin_usable(guard)?;
+        guard.set_pin(Some(old), new)?;
+        log::info!("slot \"{}\": user PIN changed", store.info.label);
+        Ok(())
     }
 
     /// C_FindObjectsInit.
@@ -433,7 +535,15 @@ impl Token {
             }
             let store = self.session_store(entry)?;
             store.refresh(&self.handles)?;
-            let results = store.objects()?.find(template);
+            let mut results = store.objects()?.find(template);
+            if self.private_hidden(entry, &store)? {
+                let table = store.objects()?;
+                results.retain(|h| {
+                    table
+                        .get(*h)
+                        .is_some_and(|o| !o.attrs.get_bool(CKA_PRIVATE))
+                });
+            }
             s.find = Some(session::FindState { results, pos: 0 });
             Ok(())
         })
@@ -465,8 +575,8 @@ impl Token {
 
     /// The object behind a handle, for C_GetAttributeValue and C_GetObjectSize.
     pub fn get_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
-        let store = self.session_store(&*self.session(h)?)?;
-        self.object(&store, obj)
+        let (entry, store) = self.session_store_rw(h)?;
+        self.visible_object(&entry, &store, obj, CKR_OBJECT_HANDLE_INVALID)
     }
 
     /// C_GetObjectSize: the bytes of its attributes.
@@ -482,8 +592,9 @@ impl Token {
         obj: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<()> {
-        let (store, rw) = self.session_store_rw(h)?;
-        let o = self.object(&store, obj)?;
+        let (entry, store) = self.session_store_rw(h)?;
+        let rw = entry.rw;
+        let o = self.visible_object(&entry, &store, obj, CKR_USER_NOT_LOGGED_IN)?;
         for (t, _) in template {
             match *t {
                 CKA_LABEL => {}
@@ -541,8 +652,12 @@ impl Token {
         h: CK_SESSION_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let (store, rw) = self.session_store_rw(h)?;
+        let (entry, store) = self.session_store_rw(h)?;
+        let rw = entry.rw;
         let attrs = object::parse_create(template)?;
+        if attrs.get_bool(CKA_PRIVATE) {
+            self.require_user(&entry, &store)?;
+        }
         let class = attrs
             .get_ulong(CKA_CLASS)
             .ok_or(Error::rv(CKR_TEMPLATE_INCOMPLETE))?;
@@ -563,8 +678,9 @@ impl Token {
     /// C_DestroyObject. Destroying a private key deletes the key pair from the store; its public
     /// half stays visible until the module is finalized.
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> Result<()> {
-        let (store, rw) = self.session_store_rw(h)?;
-        let o = self.object(&store, obj)?;
+        let (entry, store) = self.session_store_rw(h)?;
+        let rw = entry.rw;
+        let o = self.visible_object(&entry, &store, obj, CKR_USER_NOT_LOGGED_IN)?;
         if o.is_token() && !rw {
             return fail(CKR_SESSION_READ_ONLY);
         }
@@ -591,10 +707,12 @@ impl Token {
         public: &Template,
         private: &Template,
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
-        let (store, rw) = self.session_store_rw(h)?;
+        let (entry, store) = self.session_store_rw(h)?;
+        let rw = entry.rw;
         if mech != CKM_EC_KEY_PAIR_GEN {
             return fail(CKR_MECHANISM_INVALID);
         }
+        self.require_user(&entry, &store)?;
         let req = object::parse_keygen(public, private)?;
         if req.persistent && !rw {
             return fail(CKR_SESSION_READ_ONLY);
@@ -618,7 +736,8 @@ impl Token {
             purpose: req.purpose,
             persistent: req.persistent,
         })?;
-        let (mut priv_obj, mut pub_obj) = object::key_pair(&rec, store.info.protection_class);
+        let (mut priv_obj, mut pub_obj) =
+            object::key_pair(&rec, store.info.protection_class, store.login_required);
         if !req.persistent {
             priv_obj.owner_session = Some(h);
             pub_obj.owner_session = Some(h);
@@ -631,8 +750,26 @@ impl Token {
 
     fn key_for(&self, s: &SessionEntry, key: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
         let store = self.session_store(s)?;
-        self.object(&store, key)
-            .map_err(|_| Error::rv(CKR_KEY_HANDLE_INVALID))
+        let o = self
+            .object(&store, key)
+            .map_err(|_| Error::rv(CKR_KEY_HANDLE_INVALID))?;
+        if o.attrs.get_bool(CKA_PRIVATE) && self.private_hidden(s, &store)? {
+            return fail(CKR_USER_NOT_LOGGED_IN);
+        }
+        Ok(o)
+    }
+
+    /// Ends a sign operation whose slot was logged out since C_SignInit (the store refuses too;
+    /// this answers the same for every store).
+    fn sign_allowed(&self, entry: &SessionEntry, s: &mut Session) -> Result<()> {
+        if s.sign.is_some() {
+            let store = self.session_store(entry)?;
+            if self.private_hidden(entry, &store)? {
+                s.sign = None;
+                return fail(CKR_USER_NOT_LOGGED_IN);
+            }
+        }
+        Ok(())
     }
 
     fn proof_check(&self) -> impl Fn(&[u8]) -> Result<()> + '_ {
@@ -671,17 +808,26 @@ impl Token {
 
     /// C_Sign.
     pub fn sign(&self, h: CK_SESSION_HANDLE, data: &[u8], out: Capacity) -> Result<Output> {
-        self.with_session(h, |_, s| s.sign(data, out, &self.proof_check()))
+        self.with_session(h, |e, s| {
+            self.sign_allowed(e, s)?;
+            s.sign(data, out, &self.proof_check())
+        })
     }
 
     /// C_SignUpdate.
     pub fn sign_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
-        self.with_session(h, |_, s| s.sign_update(data))
+        self.with_session(h, |e, s| {
+            self.sign_allowed(e, s)?;
+            s.sign_update(data)
+        })
     }
 
     /// C_SignFinal.
     pub fn sign_final(&self, h: CK_SESSION_HANDLE, out: Capacity) -> Result<Output> {
-        self.with_session(h, |_, s| s.sign_final(out, &self.proof_check()))
+        self.with_session(h, |e, s| {
+            self.sign_allowed(e, s)?;
+            s.sign_final(out, &self.proof_check())
+        })
     }
 
     /// C_VerifyInit.
@@ -758,6 +904,56 @@ impl Token {
         self.session(h)?;
         fail(CKR_RANDOM_SEED_NOT_SUPPORTED)
     }
+}
+
+/// The token flags of a PIN's state.
+fn pin_flags(status: &crate::backend::pin::PinStatus) -> CK_FLAGS {
+    let mut flags = 0;
+    if status.initialized {
+        flags |= CKF_USER_PIN_INITIALIZED;
+    }
+    if status.locked {
+        flags |= CKF_USER_PIN_LOCKED;
+    } else if let Some(left) = status.tries_left {
+        if left == 1 {
+            flags |= CKF_USER_PIN_FINAL_TRY;
+        }
+        if left < status.max_tries {
+            flags |= CKF_USER_PIN_COUNT_LOW;
+        }
+    }
+    flags
+}
+
+/// `CKR_PIN_LEN_RANGE` unless the PIN's length is within the token's bounds.
+fn check_pin_len(pin: &[u8]) -> Result<()> {
+    use crate::backend::pin::{MAX_PIN_LEN, MIN_PIN_LEN};
+    if (MIN_PIN_LEN..=MAX_PIN_LEN).contains(&pin.len()) {
+        Ok(())
+    } else {
+        fail(CKR_PIN_LEN_RANGE)
+    }
+}
+
+/// C_Login(CKU_USER) on a slot with a PIN: checked by the store's guard.
+fn user_login(store: &Store, pin: &[u8]) -> Result<()> {
+    let guard = store.backend.pin().ok_or(Error::rv(CKR_GENERAL_ERROR))?;
+    check_pin_len(pin)?;
+    check_pin_usable(guard)?;
+    guard.login(pin)?;
+    Ok(())
+}
+
+/// `CKR_USER_PIN_NOT_INITIALIZED` before a PIN is set, `CKR_PIN_LOCKED` once it is locked.
+fn check_pin_usable(guard: &dyn crate::backend::pin::PinGuard) -> Result<()> {
+    let status = guard.status()?;
+    if !status.initialized {
+        return fail(CKR_USER_PIN_NOT_INITIALIZED);
+    }
+    if status.locked {
+        return fail(CKR_PIN_LOCKED);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

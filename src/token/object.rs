@@ -128,9 +128,10 @@ pub fn check_ec_params(params: Option<&[u8]>) -> Result<()> {
     }
 }
 
-/// The private and public objects of a key pair. CKA_PRIVATE is false on both: the token needs
-/// no login, and OpenSSH and NSS enumerate keys before logging in.
-pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
+/// The private and public objects of a key pair. The public key is never CKA_PRIVATE (OpenSSH
+/// and NSS enumerate keys before logging in); the private key is CKA_PRIVATE exactly when the
+/// slot has a PIN (`login_required`).
+pub fn key_pair(rec: &KeyRecord, class: ProtectionClass, login_required: bool) -> (Object, Object) {
     let origin = Origin::Key(rec.name.clone());
     let mut common = Attributes::new();
     common
@@ -175,7 +176,7 @@ pub fn key_pair(rec: &KeyRecord, class: ProtectionClass) -> (Object, Object) {
     };
     private
         .set_ulong(CKA_CLASS, CKO_PRIVATE_KEY)
-        .set_bool(CKA_PRIVATE, false)
+        .set_bool(CKA_PRIVATE, login_required)
         .set(CKA_UNIQUE_ID, format!("{}.private", rec.name).into_bytes())
         .set_bool(CKA_SIGN, true)
         .set_bool(CKA_VERIFY, false)

@@ -14,7 +14,7 @@ use super::attributes::Attributes;
 use super::error::{fail, Error, Result};
 use super::object::{self, Object, Origin};
 use crate::backend::{self, Backend, StoreInfo};
-use crate::config::SlotConfig;
+use crate::config::{LoginMode, SlotConfig};
 
 /// Module-wide object handle counter (handles are never reused within one C_Initialize).
 pub struct Handles(AtomicU64);
@@ -206,6 +206,8 @@ pub struct Store {
     pub backend: Arc<dyn Backend>,
     /// Its identity.
     pub info: StoreInfo,
+    /// `login = "pin"`: private keys are CKA_PRIVATE, hidden and unusable until C_Login.
+    pub login_required: bool,
     objects: RwLock<ObjectTable>,
     /// The store's change marker at the last reload, behind the lock that orders changes:
     /// a reload and a change of ours (backend write + table update) never interleave.
@@ -217,6 +219,7 @@ impl Store {
         let info = backend.info().clone();
         let store = Self {
             info,
+            login_required: backend.pin().is_some(),
             objects: RwLock::new(ObjectTable::default()),
             marker: Mutex::new(backend.change_marker()),
             backend,
@@ -265,7 +268,7 @@ impl Store {
         let mut seen_keys = std::collections::HashSet::new();
         for rec in keys {
             seen_keys.insert(rec.name.clone());
-            let (private, public) = object::key_pair(&rec, class);
+            let (private, public) = object::key_pair(&rec, class, self.login_required);
             match table.keys.get(&rec.name).copied() {
                 None => {
                     table.insert(handles, private);
@@ -382,6 +385,7 @@ impl Slot {
         // Said once at error level; retries after that only at debug level.
         let first = matches!(*guard, StoreState::Untried);
         let opened = backend::open(&self.config)
+            .and_then(|b| self.check_login(b))
             .map_err(|e| {
                 if first {
                     log::error!("slot \"{}\" has no token: {e}", self.label);
@@ -406,6 +410,25 @@ impl Slot {
                 Err(e)
             }
         }
+    }
+
+    /// Refuses a store that cannot enforce the slot's `login = "pin"`: no silent fallback to a
+    /// token without a PIN.
+    fn check_login(&self, backend: Arc<dyn Backend>) -> backend::Result<Arc<dyn Backend>> {
+        if self.config.login() == LoginMode::Pin && backend.pin().is_none() {
+            return Err(backend::BackendError::Unusable(format!(
+                "slot \"{}\" has login = \"pin\", but the {} store has no PIN support; \
+                 fix: remove `login` from the slot, or use a store that supports it",
+                self.label,
+                self.config.kind()
+            )));
+        }
+        Ok(backend)
+    }
+
+    /// The PIN guard of the slot's store, when the store is open and has one.
+    pub fn pin_store(&self) -> Option<Arc<Store>> {
+        self.opened().filter(|s| s.login_required)
     }
 
     /// The store if it is already open.

@@ -1,5 +1,10 @@
 //! On-disk formats of the software key store: one JSON document per key (`<name>.key`) and per
-//! stored object (`<name>.obj`), each with a `format` name and a `version`.
+//! stored object (`<name>.obj`), each with a `format` name and a `version`, and the PIN file
+//! (`pin`) of a store with `login = "pin"`.
+//!
+//! A key file of version 1 holds its scalar in the clear (`private_scalar`); one of version 2
+//! (a store with a PIN) holds it sealed (`sealed_scalar`: AES-256-GCM under the store's data key,
+//! see the `pin` module), and older code refuses it by its version instead of misreading it.
 //!
 //! Every buffer that holds private scalar bytes (the file contents, the hex text, the decoded
 //! scalar) is a [`Zeroizing`] buffer.
@@ -16,8 +21,12 @@ use crate::encoding;
 pub const KEY_FORMAT: &str = "devicekey-software-key";
 /// The `format` value of an object file.
 pub const OBJECT_FORMAT: &str = "devicekey-software-object";
-/// The only version written and read so far.
+/// The version of object files and of key files with a clear scalar.
 pub const VERSION: u32 = 1;
+/// The version of key files with a sealed scalar.
+pub const SEALED_VERSION: u32 = 2;
+/// The `format` value of the PIN file.
+pub const PIN_FORMAT: &str = "devicekey-software-pin";
 
 /// A P-256 private scalar, big-endian, 32 bytes; hex in the file. It lives on the heap from the
 /// moment it is decoded, so moving a `KeyFile` or a `Scalar` around moves a pointer and leaves no
@@ -44,10 +53,75 @@ pub struct KeyFile {
     pub purpose: KeyPurpose,
     /// SEC1 uncompressed public point (65 bytes).
     pub public_point: Hex,
-    /// The private scalar.
-    pub private_scalar: Scalar,
+    /// The private scalar in the clear (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_scalar: Option<Scalar>,
+    /// The private scalar sealed under the store's data key (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_scalar: Option<Sealed>,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+}
+
+/// AES-256-GCM output: a 96-bit nonce and the ciphertext with its 128-bit tag.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// The nonce (12 bytes, random).
+    pub nonce: Hex,
+    /// Ciphertext followed by the tag.
+    pub ciphertext: Hex,
+}
+
+/// The Argon2id parameters and salt that turn a PIN into a key-encryption key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Kdf {
+    /// Always `"argon2id"` (version 0x13).
+    pub algorithm: String,
+    /// Memory cost in KiB.
+    pub memory_kib: u32,
+    /// Passes over the memory.
+    pub passes: u32,
+    /// Lanes.
+    pub lanes: u32,
+    /// Random salt (16 bytes).
+    pub salt: Hex,
+}
+
+/// The PIN file of a store with `login = "pin"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinFile {
+    /// Always [`PIN_FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// How the key-encryption key is derived from the PIN.
+    pub kdf: Kdf,
+    /// The store's data key (32 bytes) sealed under the key-encryption key.
+    pub wrapped_key: Sealed,
+    /// Wrong PINs in a row (counted before each check finishes, reset by a right one).
+    pub failures: u32,
+}
+
+impl PinFile {
+    /// The JSON text.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        json_line(self)
+    }
+
+    /// Parses and checks a PIN file.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let p: PinFile = parse_checked(bytes, |p: &PinFile| (&p.format, p.version), PIN_FORMAT)?;
+        if p.kdf.algorithm != "argon2id" {
+            return Err(format!(
+                "key derivation {:?} is not argon2id",
+                p.kdf.algorithm
+            ));
+        }
+        Ok(p)
+    }
 }
 
 /// One stored non-key object.
@@ -145,7 +219,24 @@ impl KeyFile {
     /// Parses and checks a key file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let k: KeyFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        check_header(&k.format, k.version, KEY_FORMAT)?;
+        if k.format != KEY_FORMAT {
+            return Err(format!("format is {:?}, not {KEY_FORMAT:?}", k.format));
+        }
+        match (k.version, &k.private_scalar, &k.sealed_scalar) {
+            (VERSION, Some(_), None) | (SEALED_VERSION, None, Some(_)) => {}
+            (VERSION | SEALED_VERSION, _, _) => {
+                return Err(format!(
+                    "version {} needs exactly its {} field",
+                    k.version,
+                    if k.version == VERSION {
+                        "private_scalar"
+                    } else {
+                        "sealed_scalar"
+                    }
+                ))
+            }
+            (v, _, _) => return Err(format!("unsupported version {v}")),
+        }
         if k.public_point.0.len() != 65 || k.public_point.0[0] != 4 {
             return Err("public point is not 65-byte uncompressed SEC1".into());
         }
@@ -156,17 +247,36 @@ impl KeyFile {
 impl ObjectFile {
     /// The JSON text.
     pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let mut v = serde_json::to_vec(self)?;
-        v.push(b'\n');
-        Ok(v)
+        json_line(self)
     }
 
     /// Parses and checks an object file.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let o: ObjectFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        check_header(&o.format, o.version, OBJECT_FORMAT)?;
-        Ok(o)
+        parse_checked(
+            bytes,
+            |o: &ObjectFile| (&o.format, o.version),
+            OBJECT_FORMAT,
+        )
     }
+}
+
+/// A document as one line of JSON and a newline.
+fn json_line<T: Serialize>(doc: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut v = serde_json::to_vec(doc)?;
+    v.push(b'\n');
+    Ok(v)
+}
+
+/// Parses a document and checks its `format` tag and `version` (read by `header`).
+fn parse_checked<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    header: impl Fn(&T) -> (&String, u32),
+    want: &str,
+) -> Result<T, String> {
+    let doc: T = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let (format, version) = header(&doc);
+    check_header(format, version, want)?;
+    Ok(doc)
 }
 
 /// Checks a file's `format` tag and `version`.
@@ -192,7 +302,8 @@ mod tests {
             label: "k".into(),
             purpose: KeyPurpose::General,
             public_point: Hex([4u8; 65].to_vec()),
-            private_scalar: Scalar(Box::new(Zeroizing::new([0xab; 32]))),
+            private_scalar: Some(Scalar(Box::new(Zeroizing::new([0xab; 32])))),
+            sealed_scalar: None,
             created: 1,
         };
         serde_json::from_slice(&file.to_bytes().unwrap()).unwrap()
@@ -203,7 +314,7 @@ mod tests {
         let good = key_json();
         let parsed = KeyFile::parse(good.to_string().as_bytes()).unwrap();
         assert_eq!(parsed.id, Hex(vec![1, 2]));
-        assert_eq!(**parsed.private_scalar.0, [0xab; 32]);
+        assert_eq!(**parsed.private_scalar.unwrap().0, [0xab; 32]);
         for (field, value, reason) in [
             ("id", serde_json::json!("0g"), "invalid hex"),
             ("id", serde_json::json!(5), "a hex string"),
@@ -218,6 +329,13 @@ mod tests {
                 "not 64 hex digits",
             ),
             ("private_scalar", serde_json::json!(5), "64 hex digits"),
+            (
+                "sealed_scalar",
+                serde_json::json!({"nonce": "00", "ciphertext": "00"}),
+                "exactly its private_scalar",
+            ),
+            ("version", serde_json::json!(2), "exactly its sealed_scalar"),
+            ("version", serde_json::json!(3), "unsupported version 3"),
         ] {
             let mut v = good.clone();
             v[field] = value;

@@ -106,7 +106,7 @@ impl SoftwareSigner {
         let scalar = slot
             .as_ref()
             .ok_or_else(|| BackendError::Crypto("private key unavailable".into()))?;
-        let key = scrubbed(|| build_key(&self.public_point, scalar))?;
+        let key = build_checked(&self.public_point, scalar)?;
         *slot = None;
         Ok(self.key.get_or_init(|| key))
     }
@@ -162,21 +162,31 @@ fn build_key(public_point: &[u8; 65], scalar: &[u8; 32]) -> Result<EcKey<Private
     Ok(key)
 }
 
+/// [`build_key`] with the stack it used wiped afterwards (for the store with a PIN, whose
+/// scalars come out of their sealed form on first use).
+pub(super) fn build_checked(public_point: &[u8; 65], scalar: &[u8; 32]) -> Result<EcKey<Private>> {
+    scrubbed(|| build_key(public_point, scalar))
+}
+
 impl Signer for SoftwareSigner {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let key = self.key()?;
-        let sig = EcdsaSig::sign(digest, key).map_err(|e| crypto("ECDSA signing", e))?;
-        let r = sig
-            .r()
-            .to_vec_padded(32)
-            .map_err(|e| crypto("encoding r", e))?;
-        let s = sig
-            .s()
-            .to_vec_padded(32)
-            .map_err(|e| crypto("encoding s", e))?;
-        let mut out = [0u8; 64];
-        out[..32].copy_from_slice(&r);
-        out[32..].copy_from_slice(&s);
-        Ok(out)
+        sign_with(self.key()?, digest)
     }
+}
+
+/// Signs a digest with a parsed key; raw `r‖s`, each half left-padded.
+pub(super) fn sign_with(key: &EcKey<Private>, digest: &[u8; 32]) -> Result<[u8; 64]> {
+    let sig = EcdsaSig::sign(digest, key).map_err(|e| crypto("ECDSA signing", e))?;
+    let r = sig
+        .r()
+        .to_vec_padded(32)
+        .map_err(|e| crypto("encoding r", e))?;
+    let s = sig
+        .s()
+        .to_vec_padded(32)
+        .map_err(|e| crypto("encoding s", e))?;
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(&r);
+    out[32..].copy_from_slice(&s);
+    Ok(out)
 }

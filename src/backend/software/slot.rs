@@ -3,16 +3,22 @@
 
 use std::sync::Arc;
 
-use super::SoftwareStore;
+use super::{PinOptions, SoftwareStore};
 use crate::backend::{
     split_fix, Backend, BackendError, Diagnosis, ProtectionClass, Result, SlotStore,
 };
-use crate::config::SoftwareSlot;
+use crate::config::{LoginMode, SoftwareSlot};
 
 impl SoftwareStore {
     /// Opens the store of a `[[slot]] backend = "software"`.
     pub fn from_slot(slot: &SoftwareSlot) -> Result<SoftwareStore> {
-        SoftwareStore::open(&slot.label, slot.dir.as_deref())
+        let pin = match slot.login {
+            LoginMode::None => None,
+            LoginMode::Pin => Some(PinOptions {
+                max_tries: slot.pin_tries.unwrap_or(super::pin::DEFAULT_MAX_TRIES),
+            }),
+        };
+        SoftwareStore::open_with(&slot.label, slot.dir.as_deref(), pin)
     }
 }
 

@@ -148,6 +148,24 @@ impl Env {
         cmd
     }
 
+    /// `devicekey create --json` of a proof key that an OS-protected slot may hold (a software
+    /// slot); asserts success and returns the key's JSON.
+    pub fn cli_create_os_protected(&self) -> Value {
+        let args = [
+            "create",
+            "--account-user-id",
+            ACCOUNT,
+            "--client-id",
+            CLIENT,
+            "--policy",
+            "allow-os-protected-nonextractable",
+            "--json",
+        ];
+        let (code, out, err) = self.cli(&args, None);
+        assert_eq!(code, 0, "devicekey create: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.stderr")).unwrap_or_default()
     }
@@ -282,6 +300,31 @@ impl Server {
         assert!(r.get("error").is_none(), "{r}");
         self.send(&json!({"method": "initialized"}));
         r
+    }
+
+    /// `device/key/create` of a proof key that an OS-protected slot may hold; its result.
+    pub fn create_os_protected(&mut self) -> Value {
+        let r = self.request(
+            "device/key/create",
+            json!({"accountUserId": ACCOUNT, "clientId": CLIENT,
+                   "protectionPolicy": "allow_os_protected_nonextractable"}),
+        );
+        result(&r).clone()
+    }
+
+    /// `device/key/sign` of `payload` with the key `info` (a create or public result) describes;
+    /// the signature must verify ([`verify_sign_result`], scratch files in `dir`).
+    pub fn sign_verified(&mut self, dir: &Path, info: &Value, payload: &Value) {
+        let r = self.request(
+            "device/key/sign",
+            json!({"keyId": info["keyId"], "payload": payload}),
+        );
+        verify_sign_result(
+            dir,
+            info["publicKeySpkiDerBase64"].as_str().unwrap(),
+            result(&r),
+            &canonical_bytes(payload),
+        );
     }
 
     /// Closes stdin and waits for the exit code.

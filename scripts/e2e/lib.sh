@@ -549,11 +549,22 @@ ssh_login_fails() {
   reject "devicekey-ssh-ok"
 }
 
-# ssh_accepted_since LINE [HOW]: the sshd log has a publickey login with our key after line LINE;
-# fails the check otherwise (HOW says which login, for the message).
-ssh_accepted_since() {
-  sed -n "$(($1 + 1)),\$p" "$S/sshd.log" | grep "Accepted publickey for $USER_NAME" | grep -qF "ECDSA $FPR" ||
-    { cat "$S/sshd.log"; fail "sshd did not log ${2:-a} login with key $FPR"; }
+# ssh_key_login HOW [SSH ARGS...]: ssh_login, and the sshd log shows that login made with our key
+# ($FPR); HOW names the login in the message ("a", "an agent").
+ssh_key_login() {
+  local how=$1 before
+  shift
+  before=$(wc -l <"$S/sshd.log")
+  ssh_login "$@"
+  sed -n "$((before + 1)),\$p" "$S/sshd.log" | grep "Accepted publickey for $USER_NAME" | grep -qF "ECDSA $FPR" ||
+    { cat "$S/sshd.log"; fail "sshd did not log $how login with key $FPR"; }
+}
+
+# ssh_agent_login: the agent at $SSH_AUTH_SOCK holds our key, and ssh logs in through it.
+ssh_agent_login() {
+  run ssh-add -l
+  expect "256 $FPR"
+  ssh_key_login "an agent" -o IdentityAgent="$SSH_AUTH_SOCK"
 }
 
 # start_ssh_agent MODULE: an ssh-agent for this check on $T/agent.sock (SSH_AUTH_SOCK exported,
@@ -562,6 +573,7 @@ start_ssh_agent() {
   local sock=$T/agent.sock
   rm -f "$sock"
   start_bg ssh-agent ssh-agent -D -a "$sock" -P "$(dirname "$(realpath "$1")")/*"
+  # shellcheck disable=SC2034 # used by the scripts that source this file
   AGENT_PID=$BG_PID
   for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
   [ -S "$sock" ] || fail "ssh-agent did not start: $(cat "$T/ssh-agent.out")"

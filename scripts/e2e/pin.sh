@@ -118,10 +118,7 @@ wrong_pkcs11_tool() {
 
 check_ssh_I() {
   askpass "$PIN"
-  local before
-  before=$(wc -l <"$S/sshd.log")
-  ssh_login -I "$MODULE"
-  ssh_accepted_since "$before"
+  ssh_key_login a -I "$MODULE"
 }
 
 wrong_ssh_I() {
@@ -134,12 +131,7 @@ check_ssh_agent() {
   askpass "$PIN"
   run setsid -w ssh-add -s "$MODULE"
   expect "Card added"
-  run ssh-add -l
-  expect "256 $FPR"
-  local before
-  before=$(wc -l <"$S/sshd.log")
-  ssh_login -o IdentityAgent="$SSH_AUTH_SOCK"
-  ssh_accepted_since "$before" "an agent"
+  ssh_agent_login
   stop_bg "$AGENT_PID"
 }
 
@@ -225,10 +217,19 @@ mkdir -p "$T/classes"
 setup_step "javac" javac -d "$T/classes" "$E2E_ROOT/tests/java/DeviceKeyCheck.java"
 head -c 4096 /dev/urandom >"$T/payload.bin"
 
+# keytool_list RUN PIN / java_sign RUN PIN: `keytool -list` of the token, and DeviceKeyCheck
+# signing payload.bin into java.sig, with PIN, through RUN (run; run_fails for a wrong PIN).
+keytool_list() {
+  "$1" keytool -list -keystore NONE -storetype PKCS11 -addprovider SunPKCS11 -providerArg "$CFG" -storepass "$2"
+}
+java_sign() {
+  "$1" env DEVICEKEY_E2E_PIN="$2" java -cp "$T/classes" DeviceKeyCheck sign "$CFG" pinkey "$T/payload.bin" java.sig
+}
+
 check_java() {
-  run keytool -list -keystore NONE -storetype PKCS11 -addprovider SunPKCS11 -providerArg "$CFG" -storepass "$PIN"
+  keytool_list run "$PIN"
   expect "pinkey, PrivateKeyEntry,"
-  run env DEVICEKEY_E2E_PIN="$PIN" java -cp "$T/classes" DeviceKeyCheck sign "$CFG" pinkey "$T/payload.bin" java.sig
+  java_sign run "$PIN"
   expect "verify: OK"
   expect "sign: OK"
   run openssl dgst -sha256 -verify "$T/pinkey.pub.pem" -signature java.sig "$T/payload.bin"
@@ -236,10 +237,12 @@ check_java() {
 }
 
 wrong_java() {
-  run_fails keytool -list -keystore NONE -storetype PKCS11 -addprovider SunPKCS11 -providerArg "$CFG" -storepass "$WRONG_PIN"
+  keytool_list run_fails "$WRONG_PIN"
   reject "PrivateKeyEntry"
-  run_fails env DEVICEKEY_E2E_PIN="$WRONG_PIN" java -cp "$T/classes" DeviceKeyCheck sign "$CFG" pinkey "$T/payload.bin" bad.sig
+  rm -f java.sig
+  java_sign run_fails "$WRONG_PIN"
   reject "sign: OK"
+  [ ! -s java.sig ] || fail "Java wrote a signature"
 }
 
 sshd_setup "$T/pinkey.pub.pem"

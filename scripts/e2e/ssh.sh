@@ -27,10 +27,7 @@ check_keygen_D() {
 }
 
 check_ssh_I() {
-  local before
-  before=$(wc -l <"$S/sshd.log")
-  ssh_login -I "$MODULE"
-  ssh_accepted_since "$before"
+  ssh_key_login a -I "$MODULE"
 }
 
 check_ssh_agent() {
@@ -40,12 +37,7 @@ check_ssh_agent() {
   chmod 700 "$T/askpass"
   run env SSH_ASKPASS="$T/askpass" SSH_ASKPASS_REQUIRE=force DISPLAY=:0 setsid -w ssh-add -s "$INSTALLED_MODULE"
   expect "Card added"
-  run ssh-add -l
-  expect "256 $FPR"
-  local before
-  before=$(wc -l <"$S/sshd.log")
-  ssh_login -o IdentityAgent="$SSH_AUTH_SOCK"
-  ssh_accepted_since "$before" "an agent"
+  ssh_agent_login
   run ssh-add -e "$INSTALLED_MODULE"
 }
 

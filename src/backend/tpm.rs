@@ -27,6 +27,10 @@
 //! **Processes.** After `fork()` the child opens its own connection and never flushes the
 //! parent's objects; a dropped connection is reopened once by the next call.
 //!
+//! **PIN** (`login = "pin"`): the PIN becomes each key's authValue, so the TPM refuses to sign
+//! without it and counts wrong PINs in its dictionary-attack counter (see the `pin` module).
+//! Without it, keys have an empty authValue, as before.
+//!
 //! **Attestation** (ATTESTATION.md): [`TpmBackend::attest`] has a key certified (TPM2_Certify)
 //! by the store's attestation key (AK), a restricted P-256 signing key under the TPM's
 //! endorsement key (EK), created once and kept in the key directory (`attestation-key.json`,
@@ -44,27 +48,31 @@
 mod device;
 mod ekcert;
 mod keyfile;
+mod pin;
 mod purpose;
 mod slot;
 mod store;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use crate::backend::pin::PinGuard;
 use crate::backend::{
     Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
     Signer, StoreInfo,
 };
-use crate::config::TpmSlot;
+use crate::config::{LoginMode, TpmSlot};
 
 pub use device::{
-    is_simulator, name_of, Identity, PersistOutcome, SrkSource, CACHE_SIZE, PERSISTENT_EK,
+    is_simulator, name_of, Identity, Lockout, PersistOutcome, SrkSource, CACHE_SIZE, PERSISTENT_EK,
     PERSISTENT_SRK,
 };
 pub use keyfile::{KeyBlob, KeyFileError};
+pub use pin::{derive_auth, ABORT_AFTER_ENV, PIN_FILE};
 pub use purpose::{policy_digest, policy_text};
 
 use device::{ak_from_blobs, AkParts, Device, TpmKey};
+use pin::TpmPin;
 use purpose::Binding;
 use store::{random_name, AkFile, KeyFiles, KeyMeta};
 
@@ -208,17 +216,75 @@ pub fn persist_srk(tcti: &str, owner_auth: &[u8]) -> Result<PersistOutcome> {
 /// Signs with one TPM key.
 struct TpmSigner {
     device: Arc<Device>,
-    key: Arc<TpmKey>,
+    /// The PIN generation of the blob, and the blob.
+    key: Mutex<(u32, Arc<TpmKey>)>,
+    /// The store's key directory, to find the key's blob after a PIN change.
+    dir: Arc<KeyFiles>,
+    /// The slot's PIN (`login = "pin"`).
+    pin: Option<Arc<TpmPin>>,
+}
+
+impl TpmSigner {
+    fn cached(&self) -> Result<(u32, Arc<TpmKey>)> {
+        let guard = self
+            .key
+            .lock()
+            .map_err(|_| BackendError::Unusable("a TPM key's lock is poisoned".into()))?;
+        Ok((guard.0, Arc::clone(&guard.1)))
+    }
+
+    /// The key's blob under `generation`, read again from the store when the cached one is
+    /// under another (the PIN was changed since the key was loaded).
+    fn key_under(&self, generation: u32) -> Result<Arc<TpmKey>> {
+        let (cached, key) = self.cached()?;
+        if cached == generation {
+            return Ok(key);
+        }
+        let (meta, blob) = pin::resolve_blob(&self.dir, &key.name, generation)?;
+        if meta.pin_generation != generation {
+            return Err(BackendError::NotLoggedIn(format!(
+                "the TPM key {} is under another PIN (generation {}, logged in under {generation})",
+                key.name, meta.pin_generation
+            )));
+        }
+        let fresh = Arc::new(
+            TpmKey::from_blob(&key.name, &blob)
+                .map_err(|e| BackendError::Io(format!("{}: {e}", key.name)))?,
+        );
+        if let Ok(mut guard) = self.key.lock() {
+            *guard = (generation, Arc::clone(&fresh));
+        }
+        Ok(fresh)
+    }
 }
 
 impl Signer for TpmSigner {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        self.device.sign(&self.key, digest)
+        let Some(pin) = &self.pin else {
+            let (generation, key) = self.cached()?;
+            if generation != 0 {
+                return Err(BackendError::Refused(format!(
+                    "the TPM key {} is protected by a PIN; set login = \"pin\" on its slot",
+                    key.name
+                )));
+            }
+            return self.device.sign(&key, digest);
+        };
+        let (generation, auth) = pin.logged_in()?;
+        let key = self.key_under(generation)?;
+        self.device
+            .sign_with_auth(&key, digest, Some(&auth[..]))
+            .map_err(|e| match e {
+                BackendError::PinIncorrect(why) => BackendError::NotLoggedIn(format!(
+                    "{why}; the PIN was changed elsewhere, log in again"
+                )),
+                e => e,
+            })
     }
 
     fn tpm_public_area(&self) -> Option<Vec<u8>> {
         use tss_esapi::traits::Marshall;
-        self.key.public.marshall().ok()
+        self.cached().ok()?.1.public.marshall().ok()
     }
 }
 
@@ -242,8 +308,10 @@ pub struct Evidence {
 /// The TPM key store.
 pub struct TpmBackend {
     info: StoreInfo,
-    dir: KeyFiles,
+    dir: Arc<KeyFiles>,
     device: Arc<Device>,
+    /// The user PIN, for a slot with `login = "pin"`.
+    pin: Option<Arc<TpmPin>>,
     identity: Identity,
     allow_simulator: bool,
 }
@@ -265,13 +333,19 @@ fn truncate(s: &str, max: usize) -> String {
 impl TpmBackend {
     /// Opens the store of a `[[slot]] backend = "tpm"`.
     pub fn from_slot(slot: &TpmSlot) -> Result<Self> {
-        Self::open(&TpmConfig::from_slot(slot))
+        Self::open_with_login(&TpmConfig::from_slot(slot), slot.login)
     }
 
     /// Opens the key directory (creating it owner-only) and connects to the TPM, which must
-    /// answer: its identity decides the class.
+    /// answer: its identity decides the class. No user PIN (`login = "none"`).
     pub fn open(config: &TpmConfig) -> Result<Self> {
-        let dir = KeyFiles::open(&config.dir)?;
+        Self::open_with_login(config, LoginMode::None)
+    }
+
+    /// [`TpmBackend::open`], with a user PIN when `login` is [`LoginMode::Pin`]: it becomes
+    /// each key's authValue (see the `pin` module).
+    pub fn open_with_login(config: &TpmConfig, login: LoginMode) -> Result<Self> {
+        let dir = Arc::new(KeyFiles::open(&config.dir)?);
         let device = Arc::new(Device::new(&config.tcti));
         let identity = device.identity()?;
         let class = class_for(&identity, config.allow_simulator);
@@ -298,10 +372,13 @@ impl TpmBackend {
             config.tcti,
             class.as_str()
         );
+        let pin = (login == LoginMode::Pin)
+            .then(|| Arc::new(TpmPin::new(Arc::clone(&dir), Arc::clone(&device))));
         Ok(Self {
             info,
             dir,
             device,
+            pin,
             identity,
             allow_simulator: config.allow_simulator,
         })
@@ -335,11 +412,13 @@ impl TpmBackend {
         self.device.signatures()
     }
 
-    /// Finds the persistent key with this CKA_ID whose public point is `point`.
-    fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<TpmKey>> {
+    /// Finds the persistent key with this CKA_ID whose public point is `point`, with the PIN
+    /// generation of its blob (the blob under the store's current one, when it has one).
+    fn find_key(&self, id: &[u8], point: &[u8; 65]) -> Result<Option<(TpmKey, u32)>> {
         let id_hex = crate::encoding::hex(id);
+        let current = pin::current_generation(&self.dir)?;
         for name in self.dir.names("key")? {
-            let (meta, pem) = match self.dir.read_key(&name) {
+            let (meta, blob) = match pin::resolve_blob(&self.dir, &name, current) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
@@ -347,13 +426,11 @@ impl TpmBackend {
             if meta.id != id_hex {
                 continue;
             }
-            let blob =
-                KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
             let key = TpmKey::from_blob(&name, &blob)
                 .map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
             check_purpose(&self.dir.path().join(&name), &key, &meta)?;
             if key.public_point().as_ref() == Some(point) {
-                return Ok(Some(key));
+                return Ok(Some((key, meta.pin_generation)));
             }
         }
         Ok(None)
@@ -427,11 +504,38 @@ impl TpmBackend {
         point: &[u8; 65],
         qualifying: &[u8; 32],
     ) -> Result<Option<Evidence>> {
-        let Some(key) = self.find_key(id, point)? else {
+        let Some((key, generation)) = self.find_key(id, point)? else {
             return Ok(None);
         };
+        // TPM2_Certify needs the key's authValue: a PIN key is attested only after login
+        // (trying without it would cost a try against the dictionary-attack counter).
+        let auth = match (&self.pin, generation) {
+            (_, 0) => None,
+            (None, _) => {
+                return Err(BackendError::Refused(format!(
+                    "the TPM key {} is protected by a PIN; set login = \"pin\" on its slot",
+                    key.name
+                )))
+            }
+            (Some(pin), _) => {
+                let (logged_in, auth) = pin.logged_in()?;
+                if logged_in != generation {
+                    return Err(BackendError::NotLoggedIn(format!(
+                        "the TPM key {} is under another PIN than this login's",
+                        key.name
+                    )));
+                }
+                Some(auth)
+            }
+        };
         let (ek_name, ak) = self.attestation_key()?;
-        let certified = self.device.certify(&ek_name, &ak, &key, qualifying);
+        let certified = self.device.certify(
+            &ek_name,
+            &ak,
+            &key,
+            auth.as_ref().map(|a| &a[..]),
+            qualifying,
+        );
         // Give the TPM's object slots back (without a resource manager they are shared with
         // the module's own connection).
         self.device.disconnect();
@@ -470,6 +574,7 @@ impl TpmBackend {
     }
 
     fn record(&self, key: TpmKey, meta: &KeyMeta, persistent: bool) -> Result<KeyRecord> {
+        let generation = meta.pin_generation;
         let public_point = key.public_point().ok_or_else(|| {
             BackendError::Crypto(format!("{} is not a P-256 signing key", key.name))
         })?;
@@ -482,14 +587,16 @@ impl TpmBackend {
             persistent,
             signer: Arc::new(TpmSigner {
                 device: Arc::clone(&self.device),
-                key: Arc::new(key),
+                key: Mutex::new((generation, Arc::new(key))),
+                dir: Arc::clone(&self.dir),
+                pin: self.pin.clone(),
             }),
         })
     }
 
     fn load_key(&self, name: &str) -> Result<KeyRecord> {
-        let (meta, pem) = self.dir.read_key(name)?;
-        let blob = KeyBlob::from_pem(&pem).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
+        let current = pin::current_generation(&self.dir)?;
+        let (meta, blob) = pin::resolve_blob(&self.dir, name, current)?;
         let key =
             TpmKey::from_blob(name, &blob).map_err(|e| BackendError::Io(format!("{name}: {e}")))?;
         check_purpose(&self.dir.path().join(name), &key, &meta)?;
@@ -550,10 +657,24 @@ impl Backend for TpmBackend {
         } else {
             random_name("ses")?
         };
-        let key = self.device.create(&name, request.purpose)?;
-        let meta = KeyMeta::new(&request.id, &request.label, request.purpose);
+        // A PIN slot's key gets the PIN's authValue, under the directory's lock so that no
+        // PIN change runs meanwhile.
+        let _lock = match &self.pin {
+            Some(_) if request.persistent => Some(self.dir.lock()?),
+            _ => None,
+        };
+        let (generation, auth) = match &self.pin {
+            Some(pin) => pin.for_new_key()?,
+            None => (0, None),
+        };
+        let key = self
+            .device
+            .create(&name, request.purpose, auth.as_ref().map(|a| &a[..]))?;
+        let mut meta = KeyMeta::new(&request.id, &request.label, request.purpose);
+        meta.pin_generation = generation;
         if request.persistent {
-            let blob = key.to_blob().map_err(BackendError::Crypto)?;
+            let mut blob = key.to_blob().map_err(BackendError::Crypto)?;
+            blob.empty_auth = generation == 0;
             self.dir.write_key(&name, &blob.to_pem(), &meta)?;
         }
         log::info!("tpm: created key {name}");
@@ -607,5 +728,9 @@ impl Backend for TpmBackend {
 
     fn change_marker(&self) -> Option<u128> {
         self.dir.change_marker()
+    }
+
+    fn pin(&self) -> Option<&dyn PinGuard> {
+        self.pin.as_deref().map(|p| p as &dyn PinGuard)
     }
 }

@@ -76,6 +76,21 @@ pub fn provision_with_ek_certificates(state: &Path) {
 impl Swtpm {
     /// Starts swtpm with its state in `state` on a free port.
     pub fn start(state: &Path) -> Self {
+        Self::start_with_log_level(state, None)
+    }
+
+    /// Starts swtpm like [`Swtpm::start`], logging every command and response it exchanges, in
+    /// hex, to [`Swtpm::log_path`] (swtpm's log level 20): what a bus sniffer would see.
+    pub fn start_recording_the_bus(state: &Path) -> Self {
+        Self::start_with_log_level(state, Some(20))
+    }
+
+    /// swtpm's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.state.join("swtpm.log")
+    }
+
+    fn start_with_log_level(state: &Path, level: Option<u32>) -> Self {
         for _ in 0..20 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -84,7 +99,7 @@ impl Swtpm {
             if port == u16::MAX || !port_pair_free(port) {
                 continue;
             }
-            if let Some(s) = Self::start_on(state, port) {
+            if let Some(s) = Self::start_on_with(state, port, level) {
                 return s;
             }
         }
@@ -93,7 +108,12 @@ impl Swtpm {
 
     /// Starts swtpm on `port` (control port `port + 1`); `None` if it could not start there.
     pub fn start_on(state: &Path, port: u16) -> Option<Self> {
+        Self::start_on_with(state, port, None)
+    }
+
+    fn start_on_with(state: &Path, port: u16, level: Option<u32>) -> Option<Self> {
         std::fs::create_dir_all(state).expect("swtpm state dir");
+        let level = level.map(|l| format!(",level={l}")).unwrap_or_default();
         let pidfile = state.join("swtpm.pid");
         let _ = std::fs::remove_file(&pidfile);
         let status = Command::new("swtpm")
@@ -110,7 +130,7 @@ impl Swtpm {
             .arg("--pid")
             .arg(format!("file={}", pidfile.display()))
             .arg("--log")
-            .arg(format!("file={}", state.join("swtpm.log").display()))
+            .arg(format!("file={}{level}", state.join("swtpm.log").display()))
             .arg("--daemon")
             .output()
             .expect("cannot run swtpm (is it installed? scripts/setup.sh installs it)");

@@ -29,7 +29,7 @@ use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCode;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
 use tss_esapi::constants::{CapabilityType, PropertyTag, StartupType};
-use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
@@ -47,8 +47,10 @@ use tss_esapi::{Context, TctiNameConf};
 use zeroize::Zeroizing;
 
 mod attest;
+mod auth;
 
 pub use attest::{ak_from_blobs, name_of, AkParts, Certified, Endorsement, PERSISTENT_EK};
+pub use auth::Lockout;
 
 use super::keyfile::KeyBlob;
 use super::purpose::{binding, policy_digest, Binding};
@@ -87,14 +89,19 @@ pub struct TpmKey {
     pub private: Private,
     /// The public key, to check every signature before it leaves (`None`: not a P-256 key).
     verifying: Option<PointVerifier>,
+    /// What the connection's cache knows the loaded object by: the name and a hash of the
+    /// private area, so that a blob re-protected under another authValue is loaded anew.
+    cache_id: String,
 }
 
 impl TpmKey {
     /// A key from its parts.
     pub fn new(name: &str, public: Public, private: Private) -> Self {
         let verifying = public_point(&public).and_then(|p| PointVerifier::new(&p));
+        let private_hash = Sha256::digest(private.value());
         Self {
             name: name.to_string(),
+            cache_id: format!("{name}@{}", crate::encoding::hex(&private_hash[..8])),
             public,
             private,
             verifying,
@@ -125,6 +132,7 @@ impl TpmKey {
         Ok(KeyBlob {
             public: tpm2b(&public)?,
             private: tpm2b(self.private.value())?,
+            empty_auth: true,
         })
     }
 
@@ -324,18 +332,26 @@ fn bound_attributes() -> ObjectAttributesBuilder {
         .with_user_with_auth(true)
 }
 
+/// The start of every template we build: an object of `algorithm` with SHA-256 names and
+/// `attributes`.
+fn public_builder(
+    algorithm: PublicAlgorithm,
+    attributes: ObjectAttributesBuilder,
+) -> tss_esapi::Result<PublicBuilder> {
+    Ok(PublicBuilder::new()
+        .with_public_algorithm(algorithm)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes.build()?))
+}
+
 /// The public template of the SRK: the TCG standard ECC P-256 storage key (AES-128-CFB, no
 /// unique data), the same that the tpm2 OpenSSL provider and engine derive for parent 0x40000001.
 fn srk_template() -> tss_esapi::Result<Public> {
     let attributes = bound_attributes()
         .with_no_da(true)
         .with_restricted(true)
-        .with_decrypt(true)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
+        .with_decrypt(true);
+    public_builder(PublicAlgorithm::Ecc, attributes)?
         .with_ecc_parameters(
             PublicEccParametersBuilder::new_restricted_decryption_key(
                 SymmetricDefinitionObject::AES_128_CFB,
@@ -410,11 +426,8 @@ fn with_owner_auth<T>(
 /// named at each TPM2_Sign), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign, and
 /// the purpose bound as its `authPolicy` (see the `purpose` module).
 fn key_template(purpose: KeyPurpose) -> tss_esapi::Result<Public> {
-    let attributes = bound_attributes().with_sign_encrypt(true).build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
+    let attributes = bound_attributes().with_sign_encrypt(true);
+    public_builder(PublicAlgorithm::Ecc, attributes)?
         .with_ecc_parameters(PublicEccParameters::new(
             SymmetricDefinitionObject::Null,
             EccScheme::Null,
@@ -434,8 +447,10 @@ struct Conn {
     /// Where `srk` came from (a persistent SRK is closed, never flushed).
     srk_source: SrkSource,
     srk_fingerprint: [u8; 8],
-    /// Loaded signing keys, most recently used first.
+    /// Loaded signing keys by [`TpmKey::cache_id`], most recently used first.
     loaded: VecDeque<(String, KeyHandle)>,
+    /// The salted HMAC session of PIN-protected keys, once started (see the `auth` module).
+    pin_session: Option<AuthSession>,
     /// The connection failed: do not send it anything more.
     dead: bool,
     /// The EK attestation uses, once found.
@@ -462,9 +477,14 @@ impl Drop for Conn {
                 .srk
                 .take()
                 .into_iter()
-                .chain(self.loaded.drain(..).map(|(_, h)| h));
-            for h in handles {
-                let mut object = ObjectHandle::from(h);
+                .map(ObjectHandle::from)
+                .chain(self.loaded.drain(..).map(|(_, h)| ObjectHandle::from(h)))
+                .chain(
+                    self.pin_session
+                        .take()
+                        .map(|s| ObjectHandle::from(SessionHandle::from(s))),
+                );
+            for mut object in handles {
                 let _ = ctx.tr_close(&mut object);
             }
         }
@@ -740,7 +760,7 @@ impl Conn {
 
     /// The handle of a loaded key, loading it (and evicting the least recently used) if needed.
     fn ensure_loaded(&mut self, key: &TpmKey) -> Op<KeyHandle> {
-        if let Some(pos) = self.loaded.iter().position(|(n, _)| *n == key.name) {
+        if let Some(pos) = self.loaded.iter().position(|(n, _)| *n == key.cache_id) {
             if let Some(entry) = self.loaded.remove(pos) {
                 let handle = entry.1;
                 self.loaded.push_front(entry);
@@ -771,19 +791,26 @@ impl Conn {
             }
             Err(e) => return Err(Fail::Tss("loading the key (TPM2_Load)", e)),
         };
-        self.loaded.push_front((key.name.clone(), handle));
+        self.loaded.push_front((key.cache_id.clone(), handle));
         Ok(handle)
     }
 
+    /// Flushes every loaded object of the key `name` (whatever its private area).
     fn forget(&mut self, name: &str) {
-        if let Some(pos) = self.loaded.iter().position(|(n, _)| n == name) {
+        while let Some(pos) = self
+            .loaded
+            .iter()
+            .position(|(id, _)| id.split('@').next() == Some(name))
+        {
             if let Some((_, h)) = self.loaded.remove(pos) {
                 self.flush(h);
             }
         }
     }
 
-    fn sign(&mut self, key: &TpmKey, digest_bytes: &[u8; 32]) -> Op<[u8; 64]> {
+    /// TPM2_Sign; `auth` is the key's authValue (through the salted session), `None` for a
+    /// key with an empty one (a password session, as ever).
+    fn sign(&mut self, key: &TpmKey, digest_bytes: &[u8; 32], auth: Option<&[u8]>) -> Op<[u8; 64]> {
         let handle = self.ensure_loaded(key)?;
         let digest = tss(
             "preparing the digest",
@@ -800,15 +827,22 @@ impl Conn {
         let scheme = SignatureScheme::EcDsa {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
-        let ctx = self.ctx()?;
         // One line per command sent (tests count them: a length query must send none).
         log::debug!("tpm: TPM2_Sign with {}", key.name);
-        let signature = tss(
-            "signing (TPM2_Sign)",
-            ctx.execute_with_session(Some(AuthSession::Password), |c| {
-                c.sign(handle, digest, scheme, ticket)
-            }),
-        )?;
+        let signature = match auth {
+            Some(auth) => {
+                self.with_auth(handle.into(), auth, false, "signing (TPM2_Sign)", |c| {
+                    c.sign(handle, digest, scheme, ticket)
+                })?
+            }
+            None => tss(
+                "signing (TPM2_Sign)",
+                self.ctx()?
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.sign(handle, digest, scheme, ticket)
+                    }),
+            )?,
+        };
         let Signature::EcDsa(sig) = signature else {
             return Err(Fail::Other(BackendError::Crypto(
                 "the TPM returned a non-ECDSA signature".into(),
@@ -840,16 +874,26 @@ impl Conn {
         Ok(out)
     }
 
-    fn create(&mut self, purpose: KeyPurpose) -> Op<(Public, Private)> {
+    /// TPM2_Create of a signing key; `auth` is its authValue (sent encrypted, through the
+    /// salted session), `None` for an empty one.
+    fn create(&mut self, purpose: KeyPurpose, auth: Option<&[u8]>) -> Op<(Public, Private)> {
         let template = tss("building the key template", key_template(purpose))?;
         let srk = self.srk()?;
-        let ctx = self.ctx()?;
-        let result = tss(
-            "creating a key (TPM2_Create)",
-            ctx.execute_with_session(Some(AuthSession::Password), |c| {
-                c.create(srk, template, None, None, None, None)
-            }),
-        )?;
+        let result = match auth {
+            Some(auth) => {
+                let auth = tss("preparing the key's authorization", Auth::try_from(auth))?;
+                self.with_auth(srk.into(), &[], true, "creating a key (TPM2_Create)", |c| {
+                    c.create(srk, template, Some(auth), None, None, None)
+                })?
+            }
+            None => tss(
+                "creating a key (TPM2_Create)",
+                self.ctx()?
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.create(srk, template, None, None, None, None)
+                    }),
+            )?,
+        };
         Ok((result.out_public, result.out_private))
     }
 }
@@ -952,6 +996,7 @@ impl Device {
             srk_source: SrkSource::Derived(String::new()),
             srk_fingerprint: [0; 8],
             loaded: VecDeque::new(),
+            pin_session: None,
             dead: false,
             endorsement: None,
             owner_auth: self.owner_auth.clone(),
@@ -1089,16 +1134,29 @@ impl Device {
         self.with_conn(|c| c.identity(&tcti))
     }
 
-    /// Creates a P-256 signing key under the SRK, its purpose bound into its public area.
-    pub fn create(&self, name: &str, purpose: KeyPurpose) -> Result<TpmKey> {
-        let (public, private) = self.with_conn(|c| c.create(purpose))?;
+    /// Creates a P-256 signing key under the SRK, its purpose bound into its public area and
+    /// `auth` as its authValue (`None`: empty).
+    pub fn create(&self, name: &str, purpose: KeyPurpose, auth: Option<&[u8]>) -> Result<TpmKey> {
+        let (public, private) = self.with_conn(|c| c.create(purpose, auth))?;
         Ok(TpmKey::new(name, public, private))
     }
 
-    /// Signs a digest (ECDSA, SHA-256 scheme); returns raw `r‖s`.
+    /// Signs a digest (ECDSA, SHA-256 scheme) with a key whose authValue is empty; returns raw
+    /// `r‖s`.
     pub fn sign(&self, key: &TpmKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        self.sign_with_auth(key, digest, None)
+    }
+
+    /// Signs a digest with a key whose authValue is `auth` (`None`: empty). A wrong authValue
+    /// is `PinIncorrect`, a TPM in lockout `PinLocked`; neither is retried.
+    pub fn sign_with_auth(
+        &self,
+        key: &TpmKey,
+        digest: &[u8; 32],
+        auth: Option<&[u8]>,
+    ) -> Result<[u8; 64]> {
         let start = Instant::now();
-        let sig = self.with_conn(|c| c.sign(key, digest))?;
+        let sig = self.with_conn(|c| c.sign(key, digest, auth))?;
         self.signatures.fetch_add(1, Ordering::Relaxed);
         log::debug!(
             "tpm: signed with {} in {:.1} ms",
@@ -1106,6 +1164,29 @@ impl Device {
             start.elapsed().as_secs_f64() * 1e3
         );
         Ok(sig)
+    }
+
+    /// The key's private area re-protected under the authValue `new` (TPM2_ObjectChangeAuth,
+    /// authorized with `old`); the same key, another blob.
+    pub fn change_auth(&self, key: &TpmKey, old: &[u8], new: &[u8]) -> Result<TpmKey> {
+        let private = self.with_conn(|c| c.change_auth(key, old, new))?;
+        Ok(TpmKey::new(&key.name, key.public.clone(), private))
+    }
+
+    /// Creates a PIN check object with authValue `auth` (see the `auth` module).
+    pub fn create_check(&self, name: &str, auth: &[u8]) -> Result<TpmKey> {
+        let (public, private) = self.with_conn(|c| c.create_check(auth))?;
+        Ok(TpmKey::new(name, public, private))
+    }
+
+    /// Proves `auth` against a PIN check object, under the TPM's dictionary-attack counter.
+    pub fn verify_check(&self, check: &TpmKey, auth: &[u8]) -> Result<()> {
+        self.with_conn(|c| c.verify_check(check, auth))
+    }
+
+    /// The TPM's dictionary-attack state.
+    pub fn lockout(&self) -> Result<Lockout> {
+        self.with_conn(Conn::lockout)
     }
 
     /// The EK attestation uses and its certificates (found once per connection).
@@ -1121,13 +1202,15 @@ impl Device {
         })
     }
 
-    /// TPM2_Certify of `key` by the AK, with `qualifying` as qualifying data. `ek_name` is the
-    /// name of the EK the AK was made under; the call fails if the TPM's EK is another.
+    /// TPM2_Certify of `key` (authValue `auth`, `None`: empty) by the AK, with `qualifying` as
+    /// qualifying data. `ek_name` is the name of the EK the AK was made under; the call fails if
+    /// the TPM's EK is another.
     pub fn certify(
         &self,
         ek_name: &[u8],
         ak: &AkParts,
         key: &TpmKey,
+        auth: Option<&[u8]>,
         qualifying: &[u8; 32],
     ) -> Result<(Endorsement, Certified)> {
         self.with_conn(|c| {
@@ -1137,7 +1220,7 @@ impl Device {
                     "the attestation key was made under another EK".into(),
                 )));
             }
-            let certified = c.certify(&ek, ak, key, qualifying)?;
+            let certified = c.certify(&ek, ak, key, auth, qualifying)?;
             Ok((ek, certified))
         })
     }

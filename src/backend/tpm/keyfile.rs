@@ -38,6 +38,9 @@ pub struct KeyBlob {
     pub public: Vec<u8>,
     /// TPM2B_PRIVATE, marshalled (the private area, encrypted by the parent).
     pub private: Vec<u8>,
+    /// `emptyAuth`: the key's authValue is empty. False for the keys of a PIN slot, whose
+    /// authValue is derived from the PIN (other tools then know they need one).
+    pub empty_auth: bool,
 }
 
 /// Why a key file could not be read.
@@ -80,11 +83,14 @@ fn der_uint(value: u32) -> Vec<u8> {
 }
 
 impl KeyBlob {
-    /// The DER encoding (emptyAuth = TRUE, parent = the owner SRK).
+    /// The DER encoding (emptyAuth = TRUE when the authValue is empty, else absent; parent =
+    /// the owner SRK).
     pub fn to_der(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.public.len() + self.private.len() + 32);
         body.extend_from_slice(&OID_LOADABLE_KEY);
-        body.extend_from_slice(&tlv(0xa0, &[0x01, 0x01, 0xff]));
+        if self.empty_auth {
+            body.extend_from_slice(&tlv(0xa0, &[0x01, 0x01, 0xff]));
+        }
         body.extend_from_slice(&der_uint(PARENT_OWNER));
         body.extend_from_slice(&tlv(0x04, &self.public));
         body.extend_from_slice(&tlv(0x04, &self.private));
@@ -127,7 +133,8 @@ impl KeyBlob {
     }
 
     /// Parses the DER encoding. Keys with a policy, an import secret or a parent other than the
-    /// owner SRK are refused: this store neither creates nor needs them.
+    /// owner SRK are refused: this store neither creates nor needs them. Whether the key has an
+    /// authValue is reported (`empty_auth`); the caller decides whether it knows it.
     pub fn from_der(der: &[u8]) -> Result<Self, KeyFileError> {
         let mut outer = Reader(der);
         let body = outer.expect(0x30)?;
@@ -152,9 +159,6 @@ impl KeyBlob {
                 _ => {}
             }
         }
-        if !empty_auth {
-            return Err(bad("keys with an authorization value are not supported"));
-        }
         let parent = r.expect(0x02)?;
         let parent = parse_uint(parent)?;
         if parent != PARENT_OWNER && parent != 0 {
@@ -169,7 +173,11 @@ impl KeyBlob {
         }
         check_tpm2b(&public, "pubkey")?;
         check_tpm2b(&private, "privkey")?;
-        Ok(Self { public, private })
+        Ok(Self {
+            public,
+            private,
+            empty_auth,
+        })
     }
 }
 
@@ -244,7 +252,11 @@ mod tests {
         public.truncate(5);
         let mut private = vec![0x00, 200];
         private.extend(std::iter::repeat(7u8).take(200));
-        KeyBlob { public, private }
+        KeyBlob {
+            public,
+            private,
+            empty_auth: true,
+        }
     }
 
     #[test]
@@ -254,6 +266,14 @@ mod tests {
         assert!(pem.starts_with("-----BEGIN TSS2 PRIVATE KEY-----\n"));
         assert!(pem.lines().all(|l| l.len() <= 64));
         assert_eq!(KeyBlob::from_pem(&format!("comment\n{pem}")).unwrap(), b);
+        // A key with an authValue: emptyAuth is left out, and read back as false.
+        let with_auth = KeyBlob {
+            empty_auth: false,
+            ..b
+        };
+        let der = with_auth.to_der();
+        assert!(!der.windows(5).any(|w| w == [0xa0, 0x03, 0x01, 0x01, 0xff]));
+        assert_eq!(KeyBlob::from_der(&der).unwrap(), with_auth);
     }
 
     #[test]

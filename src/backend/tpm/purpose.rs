@@ -9,9 +9,10 @@
 //!
 //! The digests are not the result of any sequence of policy commands anyone knows, so the
 //! policy path of these keys is unusable; the keys are used, as before, through `userWithAuth`
-//! with an empty authorization value. That is why the binding holds against everything that
-//! reaches the key only through PKCS#11 or JSON-RPC, and not against code running as the same
-//! user: such code can load the blob with tpm2-tools and sign whatever it likes.
+//! with their authorization value: empty, or derived from the slot's PIN (`login = "pin"`). That
+//! is why the binding holds against everything that reaches the key only through PKCS#11 or
+//! JSON-RPC, and not against code running as the same user: without a PIN such code can load the
+//! blob with tpm2-tools and sign whatever it likes (with one, it needs the PIN).
 //!
 //! Keys created before the binding existed have an empty `authPolicy`: their purpose lives only
 //! in the sidecar, where anyone who can edit the file can turn proof into general, so they are

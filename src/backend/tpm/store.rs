@@ -31,6 +31,15 @@ pub struct KeyMeta {
     pub label: String,
     /// What the key may be used for.
     pub purpose: KeyPurpose,
+    /// The PIN generation the blob (`<name>.pem`) is protected under: 0 for an empty
+    /// authValue (no PIN), else the generation in the store's `pin.json` (see the `pin`
+    /// module). Written only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pin_generation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl KeyMeta {
@@ -44,6 +53,7 @@ impl KeyMeta {
             id: hex(id),
             label: label.into(),
             purpose,
+            pin_generation: 0,
         }
     }
 
@@ -124,6 +134,11 @@ impl KeyFiles {
     /// The directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The key directory itself, for the PIN's files (see the `pin` module).
+    pub(super) fn key_dir(&self) -> &KeyDir {
+        &self.dir
     }
 
     /// Reads a file; `NotFound` when it is absent or refused (the key directory logs why).

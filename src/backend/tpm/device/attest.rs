@@ -406,13 +406,15 @@ impl Conn {
         })
     }
 
-    /// TPM2_Certify of `key` by the AK, with `qualifying` as qualifying data; the result is
-    /// checked (attested name, signature) before it is returned.
+    /// TPM2_Certify of `key` (whose authValue is `auth`, `None`: empty) by the AK, with
+    /// `qualifying` as qualifying data; the result is checked (attested name, signature) before
+    /// it is returned.
     pub(super) fn certify(
         &mut self,
         ek: &Endorsement,
         ak_parts: &AkParts,
         key: &super::TpmKey,
+        auth: Option<&[u8]>,
         qualifying: &[u8; 32],
     ) -> Op<Certified> {
         let ak_verifier = ak_point(&ak_parts.public)
@@ -426,19 +428,32 @@ impl Conn {
         let ak_handle = self.load_ak(ek, ak_parts)?;
         let result = (|| {
             let key_handle = self.ensure_loaded(key)?;
-            let ctx = self.ctx()?;
             log::debug!("tpm: TPM2_Certify of {} by the AK", key.name);
-            tss(
-                "certifying the key (TPM2_Certify)",
-                ctx.execute_with_sessions(
-                    (
-                        Some(AuthSession::Password),
-                        Some(AuthSession::Password),
-                        None,
-                    ),
-                    |c| c.certify(key_handle.into(), ak_handle, data, SignatureScheme::Null),
+            let what = "certifying the key (TPM2_Certify)";
+            let certify = |c: &mut tss_esapi::Context| {
+                c.certify(key_handle.into(), ak_handle, data, SignatureScheme::Null)
+            };
+            match auth {
+                Some(auth) => self.with_auth_and(
+                    key_handle.into(),
+                    auth,
+                    false,
+                    Some(AuthSession::Password),
+                    what,
+                    certify,
                 ),
-            )
+                None => tss(
+                    what,
+                    self.ctx()?.execute_with_sessions(
+                        (
+                            Some(AuthSession::Password),
+                            Some(AuthSession::Password),
+                            None,
+                        ),
+                        certify,
+                    ),
+                ),
+            }
         })();
         self.flush(ak_handle);
         let (attest, signature) = result?;

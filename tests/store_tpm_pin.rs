@@ -604,3 +604,17 @@ fn a_pin_key_is_attested_only_after_login() {
     ));
     assert_eq!(f.da().0, 0, "no authorization failed");
 }
+
+#[test]
+fn sessions_left_by_killed_processes_do_not_block_the_pin() {
+    let Some(f) = Fixture::new(10) else {
+        return;
+    };
+    let keys = keys_under_1234(&f, &["k0", "k1"]);
+    // Each killed change leaves its salted session loaded in the TPM (no resource manager):
+    // more than the TPM has room for.
+    for _ in 0..4 {
+        kill_a_change_at(&f, "1");
+    }
+    every_key_signs_with(&f, b"1234", &keys);
+}

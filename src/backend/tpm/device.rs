@@ -27,7 +27,9 @@ use crate::backend::verify::PointVerifier;
 use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCode;
-use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
+use tss_esapi::constants::tss::{
+    TPM2_LOADED_SESSION_FIRST, TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST,
+};
 use tss_esapi::constants::{CapabilityType, PropertyTag, StartupType};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
@@ -532,26 +534,35 @@ impl Conn {
         }
     }
 
-    /// Flushes every transient object the TPM lists, before we load anything of our own. Only
-    /// used when the TPM is out of object memory: behind a resource manager we see only our own
-    /// objects (none); on swtpm or a bare TPM the objects there were leaked by processes that
-    /// died, or belong to another client, which reconnects when its handles go stale.
+    /// Flushes every transient object and loaded session the TPM lists, before we load
+    /// anything of our own. Only used when the TPM is out of object or session memory: behind a
+    /// resource manager we see only our own (none); on swtpm or a bare TPM the ones there were
+    /// leaked by processes that died, or belong to another client, which reconnects when its
+    /// handles go stale.
     fn flush_transient(&mut self) -> Op<()> {
         if self.srk.is_some() || !self.loaded.is_empty() {
             return Ok(());
         }
-        let list = self.handles("listing transient objects", TPM2_TRANSIENT_FIRST, 64)?;
+        let mut list = self.handles("listing transient objects", TPM2_TRANSIENT_FIRST, 64)?;
+        // Sessions too (the salted sessions of PIN slots): without a resource manager, those of
+        // a process that died stay loaded.
+        if self.pin_session.is_none() {
+            list.extend(self.handles("listing loaded sessions", TPM2_LOADED_SESSION_FIRST, 64)?);
+        }
         let ctx = self.ctx()?;
         for handle in list {
-            if !matches!(handle, TpmHandle::Transient(_)) {
+            if !matches!(
+                handle,
+                TpmHandle::Transient(_) | TpmHandle::HmacSession(_) | TpmHandle::PolicySession(_)
+            ) {
                 continue;
             }
             let result = ctx
                 .tr_from_tpm_public(handle)
                 .and_then(|object| ctx.flush_context(object));
             match result {
-                Ok(()) => log::warn!("tpm: TPM full; flushed transient object {handle:?}"),
-                Err(e) => log::warn!("tpm: cannot flush transient object {handle:?}: {e}"),
+                Ok(()) => log::warn!("tpm: TPM full; flushed {handle:?}"),
+                Err(e) => log::warn!("tpm: cannot flush {handle:?}: {e}"),
             }
         }
         Ok(())

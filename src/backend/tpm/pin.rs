@@ -41,7 +41,7 @@ use zeroize::Zeroizing;
 
 use super::device::{Device, TpmKey};
 use super::keyfile::KeyBlob;
-use super::store::{KeyFiles, KeyMeta};
+use super::store::{name_of, KeyFiles, KeyMeta};
 use crate::backend::pin::{PinGuard, PinStatus, MAX_PIN_LEN, MIN_PIN_LEN};
 use crate::backend::{BackendError, Result};
 use crate::encoding::{hex, hex_decode};
@@ -340,7 +340,11 @@ impl TpmPin {
             .to_blob()
             .map_err(BackendError::Crypto)?;
         let mut done = 0;
-        for name in self.dir.names("key")? {
+        let names: Vec<String> = (self.dir.key_dir().list()?.iter())
+            .filter_map(|f| name_of(f, "key"))
+            .map(str::to_string)
+            .collect();
+        for name in names {
             let (meta, blob) = match resolve_blob(&self.dir, &name, old) {
                 Ok(found) => found,
                 Err(BackendError::NotFound(_)) => continue,

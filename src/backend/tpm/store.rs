@@ -80,6 +80,13 @@ pub fn random_name(prefix: &str) -> Result<String> {
     Ok(format!("{prefix}-{}", hex(&bytes)))
 }
 
+/// `<prefix>-<hex>` when `file_name` is that name's `.json` file.
+pub fn name_of<'a>(file_name: &'a str, prefix: &str) -> Option<&'a str> {
+    file_name
+        .strip_suffix(".json")
+        .filter(|n| valid_name(n, prefix))
+}
+
 fn valid_name(name: &str, prefix: &str) -> bool {
     name.len() == prefix.len() + 33
         && name.starts_with(prefix)
@@ -136,11 +143,6 @@ impl KeyFiles {
         self.dir.path()
     }
 
-    /// The key directory itself, for the PIN's files (see the `pin` module).
-    pub(super) fn key_dir(&self) -> &KeyDir {
-        &self.dir
-    }
-
     /// Reads a file; `NotFound` when it is absent or refused (the key directory logs why).
     fn read(&self, file_name: &str) -> Result<Zeroizing<Vec<u8>>> {
         self.dir
@@ -166,6 +168,11 @@ impl KeyFiles {
             .filter(|n| valid_name(n, prefix))
             .map(str::to_string)
             .collect())
+    }
+
+    /// The key directory (for the store index).
+    pub fn key_dir(&self) -> &KeyDir {
+        &self.dir
     }
 
     /// Writes a key: blob first, then the metadata that commits it.

@@ -2,11 +2,12 @@
 # End to end: the user PIN, seen from the consumers. The script's slot gets `login = "pin"` after
 # its key and certificate are made, and `devicekey pin set --pin-file` gives it a PIN (re-protecting
 # the key that is there). Without a login the token shows the public key and the certificate but no
-# private key. Then each consumer logs in its own way: `ssh -I` and `ssh-add -s` (with an ssh-agent
-# for the test) read the PIN from SSH_ASKPASS and log in to a throwaway sshd; the OpenSSL engine
-# (libp11) takes `pin-value` in the pkcs11: URI; NSS `certutil -K` takes `-f pinfile` and `tstclnt`
-# `-w` for TLS client authentication; `p11tool --test-sign` takes GNUTLS_PIN; Java (SunPKCS11) the
-# PIN given to KeyStore.load (keytool's -storepass). Every signature is verified outside the token.
+# private key. Then each consumer logs in its own way: `ssh -I` and `ssh-add -s` (with an
+# ssh-agent for the test) read the PIN from SSH_ASKPASS and log in to a throwaway sshd; the OpenSSL
+# engine (libp11) and the OpenSSL 3 provider (pkcs11-provider) take `pin-value` in the pkcs11:
+# URI; NSS `certutil -K` takes `-f pinfile` and `tstclnt` `-w` for TLS client authentication;
+# `p11tool --test-sign` takes GNUTLS_PIN; Java (SunPKCS11) the PIN given to KeyStore.load
+# (keytool's -storepass). Every signature is verified outside the token.
 # Each consumer has a wrong-PIN control: it fails, and the store counted the wrong try (software
 # store: one try fewer in `devicekey pin status`; TPM store: the TPM's TPM2_PT_LOCKOUT_COUNTER
 # moved). On the TPM store the throwaway swtpm's dictionary-attack limit is raised first and the
@@ -145,27 +146,42 @@ wrong_ssh_agent() {
   stop_bg "$AGENT_PID"
 }
 
-# engine_sign PIN: the OpenSSL engine signs the digest with pin-value=PIN in the key's URI.
+head -c 1000 /dev/urandom >"$T/msg"
+setup_step "digest" openssl dgst -sha256 -binary -out "$T/msg.sha256" "$T/msg"
+MODULES_DIR=$(openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"$/\1/p')
+PROVIDER=${MODULES_DIR:-/usr/lib/x86_64-linux-gnu/ossl-modules}/pkcs11.so
+
+# engine_sign RUN PIN / provider_sign RUN PIN: the OpenSSL engine (libp11) / the OpenSSL 3 provider
+# (pkcs11-provider, after the default provider) signs the digest into sig.der with pin-value=PIN
+# in the key's URI, through RUN (run; run_fails for a wrong PIN).
 engine_sign() {
-  run env PKCS11_MODULE_PATH="$MODULE" openssl pkeyutl -engine pkcs11 -keyform engine -sign \
-    -inkey "$KEY_URI;pin-value=$1" -in "$T/msg.sha256" -out sig.der
+  "$1" env PKCS11_MODULE_PATH="$MODULE" openssl pkeyutl -engine pkcs11 -keyform engine -sign \
+    -inkey "$KEY_URI;pin-value=$2" -in "$T/msg.sha256" -out sig.der
+}
+provider_sign() {
+  "$1" env PKCS11_PROVIDER_MODULE="$MODULE" openssl pkeyutl -provider default -provider pkcs11 -sign \
+    -inkey "$KEY_URI;pin-value=$2" -in "$T/msg.sha256" -out sig.der
 }
 
-check_openssl_engine() {
-  head -c 1000 /dev/urandom >msg
-  run openssl dgst -sha256 -binary -out "$T/msg.sha256" msg
-  engine_sign "$PIN"
+# check_openssl_sign HOW: HOW (engine_sign or provider_sign) signs with the PIN, and openssl
+# verifies with the public key the token reported.
+check_openssl_sign() {
+  "$1" run "$PIN"
   run openssl pkeyutl -verify -pubin -inkey "$T/pinkey.pub.pem" -in "$T/msg.sha256" -sigfile sig.der
   expect "Signature Verified Successfully"
 }
 
-wrong_openssl_engine() {
-  [ -f "$T/msg.sha256" ] || fail "no digest from openssl_engine"
+# wrong_openssl_sign HOW: with the wrong PIN nothing is signed.
+wrong_openssl_sign() {
   rm -f sig.der
-  run_fails env PKCS11_MODULE_PATH="$MODULE" openssl pkeyutl -engine pkcs11 -keyform engine -sign \
-    -inkey "$KEY_URI;pin-value=$WRONG_PIN" -in "$T/msg.sha256" -out sig.der
-  [ ! -s sig.der ] || fail "the engine wrote a signature"
+  "$1" run_fails "$WRONG_PIN"
+  [ ! -s sig.der ] || fail "openssl wrote a signature"
 }
+
+check_openssl_engine() { check_openssl_sign engine_sign; }
+wrong_openssl_engine() { wrong_openssl_sign engine_sign; }
+check_openssl_provider() { check_openssl_sign provider_sign; }
+wrong_openssl_provider() { wrong_openssl_sign provider_sign; }
 
 DB=$T/nssdb
 NICK="$TOKEN_LABEL:pinkey"
@@ -257,6 +273,12 @@ check ssh_agent_askpass check_ssh_agent
 wrong_pin wrong_pin_ssh_agent wrong_ssh_agent
 check openssl_engine_pin_value check_openssl_engine
 wrong_pin wrong_pin_openssl_engine wrong_openssl_engine
+if [ -f "$PROVIDER" ]; then
+  check openssl_provider_pin_value check_openssl_provider
+  wrong_pin wrong_pin_openssl_provider wrong_openssl_provider
+else
+  skip openssl_provider_pin_value "pkcs11-provider is not installed ($PROVIDER)"
+fi
 check nss_pinfile_and_tstclnt check_nss
 wrong_pin wrong_pin_nss wrong_nss
 check p11tool_gnutls_pin check_p11tool

@@ -184,6 +184,18 @@ fn refusals_with_their_messages() {
     );
     assert!(err.contains(&message), "{err}");
 
+    // Not a regular file, or far longer than a PIN.
+    let (code, _, err) = set(&env, SLOT, Some(Path::new("/dev/zero")));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("the PIN file /dev/zero is not a regular file"),
+        "{err}"
+    );
+    let long = env.secret_file("long.txt", &"7".repeat(5000));
+    let (code, _, err) = set(&env, SLOT, Some(&long));
+    assert_eq!(code, 2);
+    assert!(err.contains("is longer than 4096 bytes"), "{err}");
+
     // No terminal and no file: a usage error that names the option.
     let (code, _, err) = set(&env, SLOT, None);
     assert_eq!(code, 2);

@@ -1,7 +1,8 @@
 //! `devicekey serve` on a slot with `login = "pin"`: the server logs in at start with the PIN
 //! that `[server]` names (`pin_env` or `pin_file`) and then creates, shows and signs as on any
 //! slot; without a PIN source, or with a wrong PIN, it stops before answering anything, with a
-//! message that names the PIN's source and never the PIN.
+//! message that names the PIN's source and never the PIN. On the software store, and once on a
+//! TPM slot (swtpm), where the PIN is each key's authValue.
 
 use serde_json::json;
 use testkit::rpc::*;
@@ -40,11 +41,16 @@ fn env_with_pin(extra_server: &str) -> Env {
 
 /// `create`, `public` and `sign` over the running server; the signature verifies.
 fn create_public_sign(env: &Env) {
+    create_public_sign_as(env, "dk_osn_");
+}
+
+/// [`create_public_sign`], the key id starting with `prefix` (its protection class).
+fn create_public_sign_as(env: &Env, prefix: &str) {
     let mut server = env.serve();
     server.initialize();
     let info = server.create_os_protected();
     let key_id = info["keyId"].as_str().unwrap().to_string();
-    assert!(key_id.starts_with("dk_osn_"), "{info}");
+    assert!(key_id.starts_with(prefix), "{info}");
     let r = server.request("device/key/public", json!({"keyId": key_id}));
     assert_eq!(
         result(&r)["publicKeySpkiDerBase64"],
@@ -137,4 +143,47 @@ fn wrong_pin_stops_the_server_at_start_naming_the_source_not_the_pin() {
     );
     env.vars.push((PIN_ENV.into(), PIN.into()));
     create_public_sign(&env);
+}
+
+#[test]
+fn tpm_slot_with_a_pin_serves_and_refuses_a_wrong_pin() {
+    if !testkit::swtpm::have_swtpm() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let tpm = testkit::swtpm::Swtpm::start(state.path());
+    let slot = format!(
+        "[[slot]]\nlabel = \"{SLOT}\"\nbackend = \"tpm\"\ntcti = \"{}\"\ndir = \"@KEYS@\"\nallow_simulator = true\nlogin = \"pin\"\n",
+        tpm.tcti()
+    );
+    let mut env = Env::ours_software_pin(SLOT, "");
+    env.set_config(&slot, "");
+    let file = env.secret_file("pin.txt", PIN);
+    let (code, out, err) = env.cli(
+        &[
+            "pin",
+            "set",
+            "--slot",
+            SLOT,
+            "--pin-file",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "pin set: {out}{err}");
+
+    let wrong = env.secret_file("wrong.txt", WRONG_PIN);
+    env.set_config(&slot, &format!("pin_file = \"{}\"", wrong.display()));
+    let server = env.serve();
+    assert_eq!(server.finish(), 1);
+    let log = env.log();
+    assert!(
+        log.contains(&format!("rejected the PIN from file {}", wrong.display())),
+        "{log}"
+    );
+    assert!(!log.contains(WRONG_PIN) && !log.contains(PIN), "{log}");
+
+    env.set_config(&slot, &format!("pin_env = \"{PIN_ENV}\""));
+    env.vars.push((PIN_ENV.into(), PIN.into()));
+    create_public_sign_as(&env, "dk_tpm_");
 }

@@ -23,20 +23,16 @@ fn env_with_pin(extra_server: &str) -> Env {
     // The debug build's cheap Argon2id cost (written in the store at `pin set`).
     env.vars
         .push(("DEVICEKEY_TEST_CHEAP_PIN_KDF".into(), "1".into()));
-    let file = env.secret_file("pin.txt", PIN);
-    let (code, out, err) = env.cli(
-        &[
-            "pin",
-            "set",
-            "--slot",
-            SLOT,
-            "--pin-file",
-            file.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "pin set: {out}{err}");
+    pin_set(&env);
     env
+}
+
+/// `devicekey pin set --slot SLOT --pin-file F` with `PIN` in F.
+fn pin_set(env: &Env) {
+    let file = env.secret_file("pin.txt", PIN);
+    let args = ["pin", "set", "--slot", SLOT, "--pin-file"];
+    let (code, out, err) = env.cli(&[&args[..], &[file.to_str().unwrap()]].concat(), None);
+    assert_eq!(code, 0, "pin set: {out}{err}");
 }
 
 /// `create`, `public` and `sign` over the running server; the signature verifies.
@@ -158,19 +154,7 @@ fn tpm_slot_with_a_pin_serves_and_refuses_a_wrong_pin() {
     );
     let mut env = Env::ours_software_pin(SLOT, "");
     env.set_config(&slot, "");
-    let file = env.secret_file("pin.txt", PIN);
-    let (code, out, err) = env.cli(
-        &[
-            "pin",
-            "set",
-            "--slot",
-            SLOT,
-            "--pin-file",
-            file.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "pin set: {out}{err}");
+    pin_set(&env);
 
     let wrong = env.secret_file("wrong.txt", WRONG_PIN);
     env.set_config(&slot, &format!("pin_file = \"{}\"", wrong.display()));

@@ -618,3 +618,28 @@ fn sessions_left_by_killed_processes_do_not_block_the_pin() {
     }
     every_key_signs_with(&f, b"1234", &keys);
 }
+
+#[test]
+fn a_slot_without_login_refuses_pin_keys_without_asking_the_tpm() {
+    let Some(f) = Fixture::new(10) else {
+        return;
+    };
+    keys_under_1234(&f, &["guarded"]);
+    // The same directory opened as a slot with login = "none".
+    let config = TpmConfig {
+        label: "devicekey-tpm".into(),
+        dir: f.keys(),
+        tcti: f.swtpm.tcti(),
+        allow_simulator: true,
+    };
+    let store = TpmBackend::open(&config).unwrap();
+    assert!(store.pin().is_none());
+    let keys = store.load_keys().unwrap();
+    assert_eq!(keys.len(), 1, "the key is listed");
+    let r = keys[0].signer.sign_digest(&digest("no PIN slot"));
+    assert!(
+        matches!(&r, Err(BackendError::Refused(why)) if why.contains("login = \"pin\"")),
+        "{r:?}"
+    );
+    assert_eq!(f.da().0, 0, "the TPM was not asked");
+}

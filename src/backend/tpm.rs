@@ -240,17 +240,7 @@ impl TpmSigner {
         if cached == generation {
             return Ok(key);
         }
-        let (meta, blob) = pin::resolve_blob(&self.dir, &key.name, generation)?;
-        if meta.pin_generation != generation {
-            return Err(BackendError::NotLoggedIn(format!(
-                "the TPM key {} is under another PIN (generation {}, logged in under {generation})",
-                key.name, meta.pin_generation
-            )));
-        }
-        let fresh = Arc::new(
-            TpmKey::from_blob(&key.name, &blob)
-                .map_err(|e| BackendError::Io(format!("{}: {e}", key.name)))?,
-        );
+        let fresh = Arc::new(pin::key_under(&self.dir, &key.name, generation)?);
         if let Ok(mut guard) = self.key.lock() {
             *guard = (generation, Arc::clone(&fresh));
         }
@@ -260,26 +250,9 @@ impl TpmSigner {
 
 impl Signer for TpmSigner {
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let Some(pin) = &self.pin else {
-            let (generation, key) = self.cached()?;
-            if generation != 0 {
-                return Err(BackendError::Refused(format!(
-                    "the TPM key {} is protected by a PIN; set login = \"pin\" on its slot",
-                    key.name
-                )));
-            }
-            return self.device.sign(&key, digest);
-        };
-        let (generation, auth) = pin.logged_in()?;
-        let key = self.key_under(generation)?;
-        self.device
-            .sign_with_auth(&key, digest, Some(&auth[..]))
-            .map_err(|e| match e {
-                BackendError::PinIncorrect(why) => BackendError::NotLoggedIn(format!(
-                    "{why}; the PIN was changed elsewhere, log in again"
-                )),
-                e => e,
-            })
+        pin::sign(&self.device, self.pin.as_deref(), digest, |g| {
+            self.key_under(g)
+        })
     }
 
     fn tpm_public_area(&self) -> Option<Vec<u8>> {

@@ -199,6 +199,50 @@ pub(super) fn resolve_blob(dir: &KeyFiles, name: &str, current: u32) -> Result<(
     Ok((meta, blob))
 }
 
+/// The key `name` as its blob under `generation`; `NotLoggedIn` when the key is under another
+/// PIN generation (its blob would not sign with this one's authValue).
+pub(super) fn key_under(dir: &KeyFiles, name: &str, generation: u32) -> Result<TpmKey> {
+    let (meta, blob) = resolve_blob(dir, name, generation)?;
+    if meta.pin_generation != generation {
+        return Err(BackendError::NotLoggedIn(format!(
+            "the TPM key {name} is under PIN generation {}, not {generation}",
+            meta.pin_generation
+        )));
+    }
+    TpmKey::from_blob(name, &blob).map_err(|e| BackendError::Io(format!("{name}: {e}")))
+}
+
+/// Signs `digest` as the slot's PIN allows, with the key's blob under a PIN generation that
+/// `key_under` finds. Without a PIN (`pin` is `None`) only a key with an empty authValue
+/// (generation 0) signs; with one, only after login, with the logged-in authValue, and the TPM
+/// is never asked with an authValue that cannot be the key's.
+pub(super) fn sign(
+    device: &Device,
+    pin: Option<&TpmPin>,
+    digest: &[u8; 32],
+    key_under: impl FnOnce(u32) -> Result<Arc<TpmKey>>,
+) -> Result<[u8; 64]> {
+    let Some(pin) = pin else {
+        let key = key_under(0).map_err(|e| match e {
+            BackendError::NotLoggedIn(why) => BackendError::Refused(format!(
+                "{why}: the key is protected by a PIN; set login = \"pin\" on its slot"
+            )),
+            e => e,
+        })?;
+        return device.sign(&key, digest);
+    };
+    let (generation, auth) = pin.logged_in()?;
+    let key = key_under(generation)?;
+    device
+        .sign_with_auth(&key, digest, Some(&auth[..]))
+        .map_err(|e| match e {
+            BackendError::PinIncorrect(why) => BackendError::NotLoggedIn(format!(
+                "{why}; the PIN was changed elsewhere, log in again"
+            )),
+            e => e,
+        })
+}
+
 /// Aborts the process at `stage` (a count of keys done, or `commit`) when the debug-build test
 /// hook asks for it.
 fn test_abort_hook(stage: &str) {

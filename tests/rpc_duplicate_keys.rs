@@ -106,12 +106,7 @@ fn a_repeated_key_in_the_params_is_refused() {
     server.send_raw(b"{\"method\":\"initialized\",\"params\":{\"a\":1,\"a\":2}}\n");
     assert!(server.silent_for(std::time::Duration::from_millis(300)));
     // Without the repetition the key is made, bound to the one account.
-    let r = server.request(
-        "device/key/create",
-        json!({"accountUserId": ACCOUNT, "clientId": CLIENT,
-               "protectionPolicy": "allow_os_protected_nonextractable"}),
-    );
-    result(&r);
+    server.create_os_protected();
     let keys = keys_listed(&env);
     assert_eq!(keys.len(), 1);
     assert_eq!(
@@ -127,12 +122,10 @@ fn a_repeated_key_in_the_sign_payload_is_refused_and_nothing_is_signed() {
     let env = Env::ours_software("");
     let mut server = env.serve();
     server.initialize();
-    let r = server.request(
-        "device/key/create",
-        json!({"accountUserId": ACCOUNT, "clientId": CLIENT,
-               "protectionPolicy": "allow_os_protected_nonextractable"}),
-    );
-    let key_id = result(&r)["keyId"].as_str().unwrap().to_string();
+    let key_id = server.create_os_protected()["keyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // A proxy reading the first targetOrigin sees evil.example; serde_json alone would have
     // signed for chatgpt.com. Also a repeated type, and a repeated keyId in the params.

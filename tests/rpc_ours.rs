@@ -103,21 +103,7 @@ fn proof_keys_refuse_arbitrary_data_through_pkcs11_tool() {
         return;
     }
     let env = Env::ours_software("");
-    let (code, out, err) = env.cli(
-        &[
-            "create",
-            "--account-user-id",
-            ACCOUNT,
-            "--client-id",
-            CLIENT,
-            "--policy",
-            "allow-os-protected-nonextractable",
-            "--json",
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let info = env.cli_create_os_protected();
     let key_id = info["keyId"].as_str().unwrap().to_string();
     // pkcs11-tool picks the signing key by CKA_ID (it ignores --label there).
     let key_hex = id_hex(&key_id);

@@ -120,16 +120,7 @@ fn keys_and_bindings_survive_a_restart() {
     let r = server.request("device/key/public", json!({"keyId": key_id}));
     assert_eq!(result(&r), &info);
     let payload = enrollment_payload();
-    let r = server.request(
-        "device/key/sign",
-        json!({"keyId": key_id, "payload": payload}),
-    );
-    verify_sign_result(
-        env.dir.path(),
-        info["publicKeySpkiDerBase64"].as_str().unwrap(),
-        result(&r),
-        &canonical_bytes(&payload),
-    );
+    server.sign_verified(env.dir.path(), &info, &payload);
     let mut other = payload.clone();
     other["clientId"] = json!("x");
     let r = server.request(

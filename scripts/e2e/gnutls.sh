@@ -48,17 +48,8 @@ cli_get() {
   printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$|TLSv1|SSLv3'
 }
 
-s_server_start() {
-  PORT=$(free_port)
-  start_bg "$1" openssl s_server -accept "127.0.0.1:$PORT" -www -naccept 1 \
-    -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/gnutlsclient.pem"
-  SERVER_PID=$BG_PID
-  wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
-}
-
 check_gnutls_cli_client_auth() {
-  s_server_start srv1
+  s_server_start srv1 "$T/gnutlsclient.pem"
   cli_get
   expect "Status: The certificate is trusted."
   expect "Handshake was completed"
@@ -73,7 +64,7 @@ negative_gnutls() {
   # By CKA_ID only: the replacement key of the softhsm control has no CKA_LABEL through our token.
   KEY_URI="pkcs11:token=$TOKEN_LABEL;id=%01;type=private"
   run_fails p11tool --provider "$MODULE" --test-sign "$KEY_URI"
-  s_server_start srv2
+  s_server_start srv2 "$T/gnutlsclient.pem"
   cli_get
   expect "Status: The certificate is trusted."
   reject "HTTP/1.0 200 ok"

@@ -44,17 +44,8 @@ check_sign_verify() {
   expect "Verified OK"
 }
 
-s_server_start() {
-  PORT=$(free_port)
-  start_bg "$1" openssl s_server -accept "127.0.0.1:$PORT" -www -naccept 1 \
-    -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/javaclient.pem"
-  SERVER_PID=$BG_PID
-  wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
-}
-
 check_tls_client_auth() {
-  s_server_start srv1
+  s_server_start srv1 "$T/javaclient.pem"
   javacheck tls "$CFG" javaclient "$T/softserver.pem" localhost "$PORT"
   expect "handshake: TLSv1.3"
   expect "HTTP/1.0 200 ok"
@@ -68,7 +59,7 @@ check_tls_client_auth() {
 negative_java() {
   run_fails java -cp "$T/classes" DeviceKeyCheck sign "$CFG" javaclient "$T/payload.bin" "$T/bad.sig"
   reject "sign: OK"
-  s_server_start srv2
+  s_server_start srv2 "$T/javaclient.pem"
   echo "\$ java DeviceKeyCheck tls ... (must not get the page)"
   OUT=$(timeout -k 5 "$TIMEOUT" java -cp "$T/classes" DeviceKeyCheck tls "$CFG" javaclient \
     "$T/softserver.pem" localhost "$PORT" </dev/null 2>&1)

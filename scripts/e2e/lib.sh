@@ -508,3 +508,98 @@ PermitRootLogin $3
 LogLevel VERBOSE
 EOF
 }
+
+# sshd_setup PUB_PEM: a throwaway sshd for one token key (not started: start_sshd), in $S
+# ($T/sshd) on port $PORT, as the user $USER_NAME. PUB_PEM (NAME.pub.pem) is the key's public key:
+# its OpenSSH form goes to NAME.ssh.pub ($SSH_PUB), its fingerprint to $FPR. $SSH_OPTS are the
+# client's options (this host key only, no password, no prompt of ssh's own).
+sshd_setup() {
+  SSHD=$(command -v sshd)
+  USER_NAME=$(id -un)
+  PORT=$(free_port)
+  S=$T/sshd
+  mkdir -p "$S" /run/sshd 2>/dev/null
+  chmod 700 "$S"
+  setup_step "sshd host key" ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
+  write_sshd_config "$S" "$PORT" prohibit-password
+  printf '[127.0.0.1]:%s %s\n' "$PORT" "$(cut -d' ' -f1,2 "$S/host_key.pub")" >"$T/known_hosts"
+  SSH_PUB=${1%.pub.pem}.ssh.pub
+  setup_step "public key" ssh-keygen -i -m PKCS8 -f "$1"
+  ssh-keygen -i -m PKCS8 -f "$1" >"$SSH_PUB"
+  FPR=$(ssh-keygen -l -E sha256 -f "$SSH_PUB" | awk '{print $2}')
+  SSH_OPTS=(-F /dev/null -p "$PORT" -o UserKnownHostsFile="$T/known_hosts" -o GlobalKnownHostsFile=/dev/null
+    -o StrictHostKeyChecking=yes -o BatchMode=yes -o PasswordAuthentication=no
+    -o KbdInteractiveAuthentication=no -o ConnectTimeout=10 -o LogLevel=ERROR)
+}
+
+start_sshd() {
+  start_bg sshd "$SSHD" -D -f "$S/sshd_config" -E "$S/sshd.log"
+  wait_port "$PORT" 10 || abort "sshd did not start: $(cat "$S/sshd.log" "$T/sshd.out" 2>/dev/null)"
+}
+
+# ssh_login [SSH ARGS...]: run a command over ssh with no TTY (setsid -w, stdin /dev/null).
+ssh_login() {
+  run setsid -w ssh "${SSH_OPTS[@]}" "$@" "$USER_NAME@127.0.0.1" 'echo devicekey-ssh-ok $((6 * 7))'
+  expect "devicekey-ssh-ok 42"
+}
+
+# ssh_login_fails [SSH ARGS...]: the same login must fail.
+ssh_login_fails() {
+  run_fails setsid -w ssh "${SSH_OPTS[@]}" "$@" "$USER_NAME@127.0.0.1" 'echo devicekey-ssh-ok'
+  reject "devicekey-ssh-ok"
+}
+
+# ssh_key_login HOW [SSH ARGS...]: ssh_login, and the sshd log shows that login made with our key
+# ($FPR); HOW names the login in the message ("a", "an agent").
+ssh_key_login() {
+  local how=$1 before
+  shift
+  before=$(wc -l <"$S/sshd.log")
+  ssh_login "$@"
+  sed -n "$((before + 1)),\$p" "$S/sshd.log" | grep "Accepted publickey for $USER_NAME" | grep -qF "ECDSA $FPR" ||
+    { cat "$S/sshd.log"; fail "sshd did not log $how login with key $FPR"; }
+}
+
+# ssh_agent_login: the agent at $SSH_AUTH_SOCK holds our key, and ssh logs in through it.
+ssh_agent_login() {
+  run ssh-add -l
+  expect "256 $FPR"
+  ssh_key_login "an agent" -o IdentityAgent="$SSH_AUTH_SOCK"
+}
+
+# start_ssh_agent MODULE: an ssh-agent for this check on $T/agent.sock (SSH_AUTH_SOCK exported,
+# pid in $AGENT_PID) that loads PKCS#11 modules from the directory of MODULE (its real path) only.
+start_ssh_agent() {
+  local sock=$T/agent.sock
+  rm -f "$sock"
+  start_bg ssh-agent ssh-agent -D -a "$sock" -P "$(dirname "$(realpath "$1")")/*"
+  # shellcheck disable=SC2034 # used by the scripts that source this file
+  AGENT_PID=$BG_PID
+  for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+  [ -S "$sock" ] || fail "ssh-agent did not start: $(cat "$T/ssh-agent.out")"
+  export SSH_AUTH_SOCK=$sock
+}
+
+# s_server_start NAME CLIENT_CERT: `openssl s_server` on a new $PORT (pid in $SERVER_PID) with the
+# software server key, asking for a client certificate and verifying it against CLIENT_CERT.
+s_server_start() {
+  PORT=$(free_port)
+  start_bg "$1" openssl s_server -accept "127.0.0.1:$PORT" -www -naccept 1 \
+    -key "$T/softserver.key" -cert "$T/softserver.pem" \
+    -Verify 1 -verify_return_error -CAfile "$2"
+  # shellcheck disable=SC2034 # used by the scripts that source this file
+  SERVER_PID=$BG_PID
+  wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
+}
+
+# tstclnt_get PORT [PIN]: NSS's tstclnt GETs the page of the server on PORT with the certificate
+# $NICK of the NSS database $DB and its key (the token's PIN given with -w; none by default);
+# output in $OUT.
+tstclnt_get() {
+  [ -f "$T/get.txt" ] || printf 'GET / HTTP/1.0\r\n\r\n' >"$T/get.txt"
+  echo "\$ tstclnt -h 127.0.0.1 -p $1 -d sql:$DB -n $NICK -w <PIN> -a localhost"
+  OUT=$(timeout -k 5 "$TIMEOUT" tstclnt -h 127.0.0.1 -p "$1" -d "sql:$DB" -n "$NICK" -w "${2:-}" \
+    -a localhost <"$T/get.txt" 2>&1)
+  echo "(exit $?)"
+  printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$'
+}

@@ -17,7 +17,6 @@ DB=$T/nssdb
 NICK="$TOKEN_LABEL:nssclient"
 mkdir -p "$DB"
 echo >"$T/pwfile"
-printf 'GET / HTTP/1.0\r\n\r\n' >"$T/get.txt"
 
 # NSS messages that mean a module is incomplete or wrong.
 # The module's own warnings (stderr, DEVICEKEY_LOG=warn) count too.
@@ -59,26 +58,8 @@ check_certutil_K() {
   reject_re "$NSS_ERRORS|no keys found"
 }
 
-# tstclnt_get PORT: tstclnt with the token's certificate and key; output in $OUT.
-tstclnt_get() {
-  echo "\$ tstclnt -h 127.0.0.1 -p $1 -d sql:$DB -n $NICK -a localhost"
-  OUT=$(timeout -k 5 "$TIMEOUT" tstclnt -h 127.0.0.1 -p "$1" -d "sql:$DB" -n "$NICK" -w "" \
-    -a localhost <"$T/get.txt" 2>&1)
-  echo "(exit $?)"
-  printf '%s\n' "$OUT" | grep -vE '^[A-Za-z0-9+/=]{64}$'
-}
-
-s_server_start() { # s_server_start NAME: a server that asks for and verifies our certificate
-  PORT=$(free_port)
-  start_bg "$1" openssl s_server -accept "127.0.0.1:$PORT" -www -naccept 1 \
-    -key "$T/softserver.key" -cert "$T/softserver.pem" \
-    -Verify 1 -verify_return_error -CAfile "$T/nssclient.pem"
-  SERVER_PID=$BG_PID
-  wait_port "$PORT" 15 || { cat "$T/$1.out"; fail "s_server did not start"; }
-}
-
 check_tstclnt_client_auth() {
-  s_server_start srv1
+  s_server_start srv1 "$T/nssclient.pem"
   tstclnt_get "$PORT"
   expect "HTTP/1.0 200 ok"
   expect "Client certificate"
@@ -89,7 +70,7 @@ check_tstclnt_client_auth() {
 }
 
 negative_tstclnt() {
-  s_server_start srv2
+  s_server_start srv2 "$T/nssclient.pem"
   tstclnt_get "$PORT"
   # The server's certificate was not the problem (tstclnt blames "server cert" for any failure).
   reject "SEC_ERROR_UNTRUSTED_ISSUER"

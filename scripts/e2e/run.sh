@@ -4,7 +4,7 @@
 #   scripts/e2e/run.sh [STORE...] [TEST...]
 #     STORE: software softhsm tpm (default: all three, or E2E_BACKENDS)
 #     TEST:  pkcs11tool openssl-engine ssh openssl-tls nss chromium gnutls java p11kit p11kit-remote
-#            openssl-provider git-signing package (default: all)
+#            openssl-provider git-signing package pin (default: all)
 #
 # Installs what the tests need when it is missing (the packages of scripts/setup.sh, plus
 # `chromium` and a JDK with javac and keytool), builds the release module when it is missing, then
@@ -22,7 +22,7 @@ set -uo pipefail
 
 E2E=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$E2E/../.." && pwd)
-ALL=(pkcs11tool openssl-engine ssh openssl-tls nss chromium gnutls java p11kit p11kit-remote openssl-provider git-signing package)
+ALL=(pkcs11tool openssl-engine ssh openssl-tls nss chromium gnutls java p11kit p11kit-remote openssl-provider git-signing package pin)
 TESTS=()
 STORES=()
 for arg in "$@"; do

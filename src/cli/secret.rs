@@ -7,20 +7,41 @@ use zeroize::Zeroizing;
 
 use super::{Result, ToolError};
 
-/// The contents of `path`, without a trailing newline; refused when the file is open to group or
-/// others. `what` names the secret in messages ("the PIN file").
+/// The longest secret file read, in bytes (a PIN has at most 256; an owner authorization less).
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// The contents of `path`, without a trailing newline; refused when it is not a regular file,
+/// when it is open to group or others, or when it is longer than a secret can be. `what` names the
+/// secret in messages ("the PIN file"). The checks are made on the opened file, so what is read
+/// is what was checked.
 pub fn from_file(what: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let mut text = std::fs::read(path)
-        .map(Zeroizing::new)
-        .map_err(|source| ToolError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
-    if mode & 0o077 != 0 {
+    let io = |source| ToolError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(ToolError::Usage(format!(
+            "{what} {} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
         return Err(ToolError::Usage(format!(
             "{what} {} is open to others; chmod 600 it",
+            path.display()
+        )));
+    }
+    let mut text = Zeroizing::new(Vec::new());
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(ToolError::Usage(format!(
+            "{what} {} is longer than {MAX_SECRET_FILE} bytes",
             path.display()
         )));
     }

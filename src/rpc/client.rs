@@ -117,6 +117,8 @@ struct TokenSlot {
     label: String,
     class: ProtectionClass,
     ours: bool,
+    /// The token reports CKF_LOGIN_REQUIRED (the pool logs in with the `[server]` PIN).
+    login_required: bool,
     ecdsa_sha256: bool,
     token: Token,
 }
@@ -295,6 +297,7 @@ fn load_module(spec: &ModuleSpec) -> Result<(Arc<ModuleClient>, Vec<TokenSlot>)>
             label,
             class,
             ours,
+            login_required: info.login_required(),
             ecdsa_sha256: mechanisms.contains(&MechanismType::ECDSA_SHA256),
         });
     }
@@ -343,6 +346,24 @@ impl TokenClient {
             policy: ProofPolicy::from_config(config),
             inventory: Mutex::new(None),
         })
+    }
+
+    /// A client for `devicekey serve`: as [`TokenClient::new`], then loads the modules and logs in
+    /// to every token of our module that wants a login (a `login = "pin"` slot), so that a
+    /// missing or wrong PIN stops the server before it answers anything. The error names where
+    /// the PIN came from, never the PIN. A module that is missing is left to the first request,
+    /// which reports it; a foreign token's PIN is tried at its first use, as before.
+    pub fn for_server(config: &ServerConfig) -> Result<Self> {
+        let client = Self::new(config)?;
+        if client.specs.iter().any(|s| !s.path.exists()) {
+            return Ok(client);
+        }
+        let inv = client.inventory()?;
+        for slot in inv.slots.iter().filter(|s| s.ours && s.login_required) {
+            Self::on_token(slot, "login", |_| Ok(()))?;
+            log::info!("token {:?}: logged in", slot.label);
+        }
+        Ok(client)
     }
 
     /// A client from the config found as the module finds it.

@@ -29,7 +29,7 @@ pub use server::{serve, KeyService, ServeOptions};
 
 /// Serves stdin/stdout with the config found as the module finds it. Returns at end of input.
 pub fn serve_stdio(config: &crate::config::Config) -> Result<(), DeviceKeyError> {
-    let client = attest::WithAttestation::new(TokenClient::new(&config.server)?, config);
+    let client = attest::WithAttestation::new(TokenClient::for_server(&config.server)?, config);
     let options = ServeOptions::from_config(&config.server);
     serve(
         std::io::stdin().lock(),

@@ -238,8 +238,10 @@ pub fn serve_socket(
 ) -> Result<(), DeviceKeyError> {
     // Taken first, before a PKCS#11 module loaded by the client can start threads.
     let activated = super::activation::activated_listener(&socket.path)?;
-    let client =
-        super::attest::WithAttestation::new(super::TokenClient::new(&config.server)?, config);
+    let client = super::attest::WithAttestation::new(
+        super::TokenClient::for_server(&config.server)?,
+        config,
+    );
     let options = ServeOptions::from_config(&config.server);
     let listener = match activated {
         Some(listener) => {

@@ -50,12 +50,27 @@ impl Env {
         std::fs::write(self.config_path(), text).unwrap();
     }
 
+    /// Rewrites the config: `slots` (where `@KEYS@` is this environment's key directory), then
+    /// `[server]` with `extra_server`.
+    pub fn set_config(&self, slots: &str, extra_server: &str) {
+        let keys = self.dir.path().join("keys");
+        let slots = slots.replace("@KEYS@", &keys.display().to_string());
+        self.write_config(&format!("{slots}\n[server]\n{extra_server}\n"));
+    }
+
+    /// Writes `text` to `name` in this environment's directory, mode 0600 (a PIN file).
+    pub fn secret_file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
     fn base(extra_server: &str, slots: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let env = Env { vars: vec![], dir };
-        let keys = env.dir.path().join("keys");
-        let slots = slots.replace("@KEYS@", &keys.display().to_string());
-        env.write_config(&format!("{slots}\n[server]\n{extra_server}\n"));
+        env.set_config(slots, extra_server);
         let mut env = env;
         env.vars.push((
             "DEVICEKEY_CONFIG".into(),
@@ -102,6 +117,12 @@ impl Env {
         )
     }
 
+    /// Server over our own module with one software slot labelled `label` that has
+    /// `login = "pin"` (no PIN yet: `devicekey pin set --slot LABEL --pin-file F`).
+    pub fn ours_software_pin(label: &str, extra_server: &str) -> Self {
+        Self::base(extra_server, &software_pin_slot(label))
+    }
+
     /// Server over our own module with a software slot and a pkcs11 slot wrapping SoftHSM
     /// declared `hardware_tpm`.
     pub fn ours_with_softhsm_slot(extra_server: &str) -> Self {
@@ -125,6 +146,24 @@ impl Env {
         cmd.env("XDG_DATA_HOME", self.dir.path().join("data"));
         cmd.env("XDG_CONFIG_HOME", self.dir.path().join("config"));
         cmd
+    }
+
+    /// `devicekey create --json` of a proof key that an OS-protected slot may hold (a software
+    /// slot); asserts success and returns the key's JSON.
+    pub fn cli_create_os_protected(&self) -> Value {
+        let args = [
+            "create",
+            "--account-user-id",
+            ACCOUNT,
+            "--client-id",
+            CLIENT,
+            "--policy",
+            "allow-os-protected-nonextractable",
+            "--json",
+        ];
+        let (code, out, err) = self.cli(&args, None);
+        assert_eq!(code, 0, "devicekey create: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     }
 
     pub fn log(&self) -> String {
@@ -183,6 +222,11 @@ impl Env {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// A `[[slot]]` of the software store in the environment's key directory with `login = "pin"`.
+pub fn software_pin_slot(label: &str) -> String {
+    format!("[[slot]]\nlabel = \"{label}\"\nbackend = \"software\"\ndir = \"@KEYS@\"\nlogin = \"pin\"\n")
 }
 
 pub fn rand_bytes() -> [u8; 16] {
@@ -256,6 +300,31 @@ impl Server {
         assert!(r.get("error").is_none(), "{r}");
         self.send(&json!({"method": "initialized"}));
         r
+    }
+
+    /// `device/key/create` of a proof key that an OS-protected slot may hold; its result.
+    pub fn create_os_protected(&mut self) -> Value {
+        let r = self.request(
+            "device/key/create",
+            json!({"accountUserId": ACCOUNT, "clientId": CLIENT,
+                   "protectionPolicy": "allow_os_protected_nonextractable"}),
+        );
+        result(&r).clone()
+    }
+
+    /// `device/key/sign` of `payload` with the key `info` (a create or public result) describes;
+    /// the signature must verify ([`verify_sign_result`], scratch files in `dir`).
+    pub fn sign_verified(&mut self, dir: &Path, info: &Value, payload: &Value) {
+        let r = self.request(
+            "device/key/sign",
+            json!({"keyId": info["keyId"], "payload": payload}),
+        );
+        verify_sign_result(
+            dir,
+            info["publicKeySpkiDerBase64"].as_str().unwrap(),
+            result(&r),
+            &canonical_bytes(payload),
+        );
     }
 
     /// Closes stdin and waits for the exit code.

@@ -8,7 +8,9 @@
 //   java DeviceKeyCheck.java tls CONFIG ALIAS SERVER_CERT_PEM HOST PORT
 //       TLS client authentication with the token key: connects, sends a GET, prints the response.
 //
-// CONFIG is a SunPKCS11 configuration file (name, library). The token needs no login.
+// CONFIG is a SunPKCS11 configuration file (name, library). A token that needs a login gets the
+// PIN from the environment variable DEVICEKEY_E2E_PIN, given to KeyStore.load (SunPKCS11 logs in
+// with it); without the variable no PIN is given.
 // Exit status: 0 success, 1 a check failed, 2 usage.
 
 import java.io.ByteArrayOutputStream;
@@ -47,7 +49,8 @@ public final class DeviceKeyCheck {
 
     private static KeyStore tokenKeyStore(Provider p) throws Exception {
         KeyStore ks = KeyStore.getInstance("PKCS11", p);
-        ks.load(null, null); // no PIN: the token needs no login
+        String pin = System.getenv("DEVICEKEY_E2E_PIN");
+        ks.load(null, pin == null ? null : pin.toCharArray());
         return ks;
     }
 

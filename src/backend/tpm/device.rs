@@ -451,8 +451,10 @@ struct Conn {
     srk_fingerprint: [u8; 8],
     /// Loaded signing keys by [`TpmKey::cache_id`], most recently used first.
     loaded: VecDeque<(String, KeyHandle)>,
-    /// The salted HMAC session of PIN-protected keys, once started (see the `auth` module).
+    /// The HMAC session of PIN-protected keys, once started (see the `auth` module).
     pin_session: Option<AuthSession>,
+    /// False when that session could not be salted (see `Conn::pin_session`).
+    pin_session_salted: bool,
     /// The connection failed: do not send it anything more.
     dead: bool,
     /// The EK attestation uses, once found.
@@ -1007,6 +1009,7 @@ impl Device {
             srk_fingerprint: [0; 8],
             loaded: VecDeque::new(),
             pin_session: None,
+            pin_session_salted: false,
             dead: false,
             endorsement: None,
             owner_auth: self.owner_auth.clone(),

@@ -118,29 +118,50 @@ fn check_template() -> tss_esapi::Result<Public> {
 impl Conn {
     /// The connection's salted HMAC session, started on first use (salt encrypted to the SRK,
     /// AES-128-CFB parameter encryption, SHA-256). It lives as long as the connection.
+    ///
+    /// When the TSS library cannot make the salt in this process (its OpenSSL EC methods were
+    /// replaced: `openssl -engine pkcs11` makes an engine the default for everything, and that
+    /// engine cannot make the ephemeral key), the session is an unsalted HMAC session, with a
+    /// warning: the authValue still never crosses the bus (only HMACs keyed with it do), but a
+    /// recording of the bus could be used to test PIN guesses offline, and no command that
+    /// carries a new authValue runs through it (see [`Conn::with_auth_and`]).
     fn pin_session(&mut self) -> Op<AuthSession> {
         if let Some(session) = self.pin_session {
             return Ok(session);
         }
         let srk = self.srk()?;
         let ctx = self.ctx()?;
-        let session = tss(
-            "starting a salted HMAC session (TPM2_StartAuthSession)",
+        let start = |ctx: &mut Context, salt_key| {
             ctx.start_auth_session(
-                Some(srk),
+                salt_key,
                 None,
                 None,
                 SessionType::Hmac,
                 SymmetricDefinition::AES_128_CFB,
                 HashingAlgorithm::Sha256,
-            ),
-        )?
-        .ok_or_else(|| {
-            Fail::Other(BackendError::Refused(
-                "the TPM started no HMAC session".into(),
-            ))
-        })?;
+            )
+        };
+        let (started, salted) = match start(ctx, Some(srk)) {
+            // An error of the TSS library itself (layer 7), not the TPM's answer.
+            Err(e) if raw_rc(&e) >> 16 == 7 => {
+                log::warn!(
+                    "tpm: cannot salt the PIN session in this process ({e}; an OpenSSL engine \
+                     may have replaced the EC methods); using an unsalted HMAC session: the PIN \
+                     still never crosses the bus, but a recording of it could be used to test \
+                     guesses offline"
+                );
+                (start(ctx, None), false)
+            }
+            other => (other, true),
+        };
+        let session = tss("starting an HMAC session (TPM2_StartAuthSession)", started)?
+            .ok_or_else(|| {
+                Fail::Other(BackendError::Refused(
+                    "the TPM started no HMAC session".into(),
+                ))
+            })?;
         self.pin_session = Some(session);
+        self.pin_session_salted = salted;
         Ok(session)
     }
 
@@ -168,6 +189,14 @@ impl Conn {
         op: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
     ) -> Op<T> {
         let session = self.pin_session()?;
+        if decrypt && !self.pin_session_salted {
+            return Err(Fail::Other(BackendError::Refused(format!(
+                "{what}: a new authorization value would cross the bus under an unsalted \
+                 session; this process cannot salt one (an OpenSSL engine replaced its EC \
+                 methods). Fix: make keys and change the PIN from another program, e.g. \
+                 pkcs11-tool or `devicekey pin change`"
+            ))));
+        }
         let auth = to_auth(auth)?;
         let ctx = self.ctx()?;
         let (attributes, mask) = SessionAttributesBuilder::new()

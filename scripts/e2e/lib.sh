@@ -132,7 +132,7 @@ reject_re() {
 # (the module at warn level, libtss2 on stderr); a process whose objects were flushed meanwhile
 # reconnects. These lines are about the TPM's memory, not about the consumer under test. With the
 # kernel resource manager (/dev/tpmrm0, the default TCTI) they do not occur.
-TPM_RECOVERY_NOISE='^(WARNING:esys:.*Received TPM Error *$|ERROR:esys:.*ErrorCode \(0x00000(902|910|18b|1cb)\) *$|devicekey\[[0-9]+\] WARN: tpm: (TPM full; flushed transient object |out of object memory while loading a key|TPM out of object memory \(|connection to swtpm:[^ ]* lost or stale \())'
+TPM_RECOVERY_NOISE='^(WARNING:esys:.*Received TPM Error *$|ERROR:esys:.*ErrorCode \(0x00000(902|910|18b|1cb)\) *$|devicekey\[[0-9]+\] WARN: tpm: (TPM full; flushed (transient object|session) |out of object memory while loading a key|TPM out of object memory \(|connection to swtpm:[^ ]* lost or stale \())'
 
 # ---------------------------------------------------------------------------------------------
 # Checks and the summary.

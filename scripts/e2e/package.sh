@@ -94,7 +94,10 @@ check_proxy_reaches_token() {
   expect "token label        : $TOKEN_LABEL"
   run pkcs11-tool --module "$PROXY" --token-label "$TOKEN_LABEL" -O
   expect "label:      pkgkey"
-  reject_re 'warning|error|failed'
+  # The proxy also loads every other module registered on the machine, and some print errors of
+  # their own (tpm2-pkcs11 when no TPM answers at its default TCTI): what must be clean is ours
+  # (its log lines), the token's answers and p11-kit's own messages.
+  reject_re '^devicekey\[|CKR_|^p11-kit:'
   head -c 500 /dev/urandom >data.bin
   openssl dgst -sha256 -binary -out data.sha256 data.bin
   run pkcs11-tool --module "$PROXY" --token-label "$TOKEN_LABEL" --sign -m ECDSA --id 01 \

@@ -562,9 +562,14 @@ impl Conn {
             let result = ctx
                 .tr_from_tpm_public(handle)
                 .and_then(|object| ctx.flush_context(object));
+            let what = match handle {
+                TpmHandle::Transient(_) => "transient object",
+                _ => "session",
+            };
+            let raw = u32::from(handle);
             match result {
-                Ok(()) => log::warn!("tpm: TPM full; flushed {handle:?}"),
-                Err(e) => log::warn!("tpm: cannot flush {handle:?}: {e}"),
+                Ok(()) => log::warn!("tpm: TPM full; flushed {what} {raw:#x}"),
+                Err(e) => log::warn!("tpm: cannot flush {what} {raw:#x}: {e}"),
             }
         }
         Ok(())

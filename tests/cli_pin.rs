@@ -57,6 +57,21 @@ fn status(env: &Env) -> String {
     out
 }
 
+/// `devicekey doctor`'s line about the PIN slot's user PIN.
+fn doctor_pin_line(env: &Env) -> String {
+    let (_, out, _) = cli(env, &["doctor"]);
+    let block = out
+        .split("\n\n")
+        .find(|b| b.starts_with("slot ") && b.lines().next().unwrap().ends_with(SLOT))
+        .unwrap_or_else(|| panic!("no block for slot {SLOT} in:\n{out}"));
+    block
+        .lines()
+        .find(|l| l.trim_start().starts_with("user PIN:"))
+        .unwrap_or_else(|| panic!("no user PIN line in:\n{block}"))
+        .trim()
+        .to_string()
+}
+
 /// Signs `payload` with `key_id` through the CLI, with `pin` in the `[server]` PIN variable.
 fn sign_with(
     env: &mut Env,
@@ -100,6 +115,10 @@ fn set_status_change_on_a_slot_with_a_key() {
         out.contains(&format!("slot {SLOT:?}: PIN not set")),
         "{out}"
     );
+    assert_eq!(
+        doctor_pin_line(&env),
+        format!("user PIN:         not set yet; set it with `devicekey pin set --slot {SLOT}`")
+    );
 
     let pin_file = env.secret_file("pin.txt", &format!("{PIN}\n"));
     let (code, out, _) = set(&env, SLOT, Some(&pin_file));
@@ -109,6 +128,10 @@ fn set_status_change_on_a_slot_with_a_key() {
     assert!(
         out.contains(&format!("slot {SLOT:?}: PIN set, tries left 10 of 10")),
         "{out}"
+    );
+    assert_eq!(
+        doctor_pin_line(&env),
+        "user PIN:         set; wrong tries left: 10 of 10"
     );
     // A second `set` is refused: that is what `change` is for.
     let (code, _, err) = set(&env, SLOT, Some(&pin_file));
@@ -149,6 +172,10 @@ fn set_status_change_on_a_slot_with_a_key() {
     );
     let out = status(&env);
     assert!(out.contains("PIN set, tries left 9 of 10"), "{out}");
+    assert_eq!(
+        doctor_pin_line(&env),
+        "user PIN:         set; wrong tries left: 9 of 10"
+    );
     let (code, _, err) = sign(&mut env, &key_id, PIN);
     assert_eq!(code, 0, "{err}");
 

@@ -102,6 +102,8 @@ pub struct SlotReport {
     pub detail: String,
     /// What to do when not reachable.
     pub fix: Option<String>,
+    /// The user PIN's state, for a slot with `login = "pin"` whose store opened.
+    pub pin: Option<String>,
 }
 
 /// What `devicekey doctor` found.
@@ -201,6 +203,9 @@ impl fmt::Display for DoctorReport {
             if s.reachable {
                 writeln!(f, "  reachable:        yes")?;
                 writeln!(f, "  found:            {}", s.detail)?;
+                if let Some(pin) = &s.pin {
+                    writeln!(f, "  user PIN:         {pin}")?;
+                }
             } else {
                 writeln!(f, "  reachable:        NO")?;
                 writeln!(f, "  problem:          {}", s.detail)?;
@@ -245,7 +250,10 @@ fn config_fix(e: &ConfigError) -> String {
 
 fn check_slot(index: usize, slot: &SlotConfig) -> SlotReport {
     let d = crate::backend::diagnose(slot);
+    let pin =
+        (d.reachable && slot.login() == crate::config::LoginMode::Pin).then(|| pin_state(slot));
     SlotReport {
+        pin,
         index,
         label: slot.label().to_string(),
         backend: slot.kind(),
@@ -253,6 +261,29 @@ fn check_slot(index: usize, slot: &SlotConfig) -> SlotReport {
         reachable: d.reachable,
         detail: d.detail,
         fix: d.fix,
+    }
+}
+
+/// What the store says of its user PIN, in one line (never the PIN).
+fn pin_state(slot: &SlotConfig) -> String {
+    let status = crate::backend::open(slot).and_then(|store| match store.pin() {
+        Some(guard) => guard.status().map(Some),
+        None => Ok(None),
+    });
+    match status {
+        Ok(Some(s)) if !s.initialized => format!(
+            "not set yet; set it with `devicekey pin set --slot {}`",
+            slot.label()
+        ),
+        Ok(Some(s)) => {
+            let tries = s
+                .tries_left
+                .map_or("unknown".to_string(), |t| format!("{t} of {}", s.max_tries));
+            let locked = if s.locked { "; LOCKED" } else { "" };
+            format!("set; wrong tries left: {tries}{locked}")
+        }
+        Ok(None) => "the store has no PIN support".to_string(),
+        Err(e) => format!("unknown ({e})"),
     }
 }
 

@@ -22,6 +22,27 @@ fn port_pair_free(port: u16) -> bool {
     a.is_ok() && b.is_ok()
 }
 
+/// A port to try for swtpm's pair: a random one below the kernel's ephemeral range, where no
+/// outgoing connection takes the port next to it (on a busy machine thousands of sockets in
+/// TIME_WAIT fill the ephemeral range); an ephemeral one when that range starts too low.
+fn candidate_port() -> u16 {
+    use std::hash::BuildHasher;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10000;
+    if ephemeral_low > LOW + 1000 {
+        let span = u64::from(ephemeral_low - 2 - LOW);
+        let random = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+        return LOW + (random % span) as u16;
+    }
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
 /// True when swtpm can be run.
 pub fn available() -> bool {
     Command::new("swtpm")
@@ -91,13 +112,8 @@ impl Swtpm {
     }
 
     fn start_with_log_level(state: &Path, level: Option<u32>) -> Self {
-        // Many tries: the port after a free ephemeral port is often taken by a client socket on
-        // a busy machine (outgoing connections use the neighbouring ports).
         for _ in 0..500 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("no free port");
+            let port = candidate_port();
             if port == u16::MAX || !port_pair_free(port) {
                 continue;
             }

@@ -34,7 +34,8 @@ fn candidate_port() -> u16 {
     const LOW: u16 = 10000;
     if ephemeral_low > LOW + 1000 {
         let span = u64::from(ephemeral_low - 2 - LOW);
-        let random = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+        let random =
+            std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
         return LOW + (random % span) as u16;
     }
     TcpListener::bind("127.0.0.1:0")

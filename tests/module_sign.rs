@@ -471,66 +471,32 @@ fn digest_length_query_and_too_small_keep_operation_alive() {
     let data = b"abc";
     let mut out = [0xAAu8; 64];
     let mut len: CK_ULONG = 0;
+    let digest = |buf: *mut u8, len: &mut CK_ULONG| -> CK_RV {
+        // SAFETY: `data` is 3 readable bytes; `buf` is NULL or `out` (64 writable bytes), and
+        // every call passes a `len` of at most 64.
+        unsafe { ck!(C_Digest)(s.handle(), data.as_ptr() as *mut u8, 3, buf, len) }
+    };
     // SAFETY: live mechanism and buffers of the stated lengths throughout.
     unsafe {
         assert_rv!(
-            ck!(C_Digest)(
-                s.handle(),
-                data.as_ptr() as *mut u8,
-                3,
-                out.as_mut_ptr(),
-                &mut len
-            ),
+            digest(out.as_mut_ptr(), &mut len),
             CKR_OPERATION_NOT_INITIALIZED
         );
         assert_rv!(ck!(C_DigestInit)(s.handle(), &mut m), CKR_OK);
         assert_rv!(ck!(C_DigestInit)(s.handle(), &mut m), CKR_OPERATION_ACTIVE);
         len = 0;
-        assert_rv!(
-            ck!(C_Digest)(
-                s.handle(),
-                data.as_ptr() as *mut u8,
-                3,
-                ptr::null_mut(),
-                &mut len
-            ),
-            CKR_OK
-        );
+        assert_rv!(digest(ptr::null_mut(), &mut len), CKR_OK);
         assert_eq!(len, 48);
         len = 20;
-        assert_rv!(
-            ck!(C_Digest)(
-                s.handle(),
-                data.as_ptr() as *mut u8,
-                3,
-                out.as_mut_ptr(),
-                &mut len
-            ),
-            CKR_BUFFER_TOO_SMALL
-        );
+        assert_rv!(digest(out.as_mut_ptr(), &mut len), CKR_BUFFER_TOO_SMALL);
         assert_eq!(len, 48);
         assert!(out[20..].iter().all(|&b| b == 0xAA), "wrote past 20 bytes");
         len = 64;
-        assert_rv!(
-            ck!(C_Digest)(
-                s.handle(),
-                data.as_ptr() as *mut u8,
-                3,
-                out.as_mut_ptr(),
-                &mut len
-            ),
-            CKR_OK
-        );
+        assert_rv!(digest(out.as_mut_ptr(), &mut len), CKR_OK);
         assert_eq!(len, 48);
         assert_eq!(&out[..48], &sha2::Sha384::digest(data)[..]);
         assert_rv!(
-            ck!(C_Digest)(
-                s.handle(),
-                data.as_ptr() as *mut u8,
-                3,
-                out.as_mut_ptr(),
-                &mut len
-            ),
+            digest(out.as_mut_ptr(), &mut len),
             CKR_OPERATION_NOT_INITIALIZED
         );
     }

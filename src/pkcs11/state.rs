@@ -74,10 +74,6 @@ pub fn token() -> Result<Arc<Token>, CK_RV> {
 pub fn initialize() -> Result<(), CK_RV> {
     let _guard = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
     register_atfork()?;
-    // OpenSSL (and its config) is set up here, before any store runs: left to its first use
-    // inside a store (the TPM library opening a persistent SRK, say), the late setup spoiled the
-    // caller's own OpenSSL work in progress (pkcs11-tool then failed to decode an EC public key).
-    openssl::init();
     let generation = generation();
     if let Some(old) = STATE.load_full() {
         if old.generation == generation {

@@ -103,6 +103,14 @@ pub struct PinFile {
     pub wrapped_key: Sealed,
     /// Wrong PINs in a row (counted before each check finishes, reset by a right one).
     pub failures: u32,
+    /// Key files may still hold their scalar in the clear (a first PIN was set and not every key
+    /// was sealed yet): the next login seals them. Absent in older files, which means true.
+    #[serde(default = "clear_keys_may_be_left")]
+    pub clear_keys_left: bool,
+}
+
+fn clear_keys_may_be_left() -> bool {
+    true
 }
 
 impl PinFile {

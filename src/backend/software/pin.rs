@@ -11,8 +11,9 @@
 //! **Changing the PIN** rewrites the PIN file alone (a new salt, the same data key), atomically:
 //! a crash leaves either the old PIN or the new one. **Setting a first PIN** on a store whose keys
 //! are in the clear writes the PIN file first, then seals each key file atomically; a key still in
-//! the clear (a crash half-way) is sealed at the next login. Every key is usable at every moment:
-//! sealed ones with the PIN, clear ones as before.
+//! the clear (a crash half-way) is sealed at the next login. The PIN file says sealing is
+//! unfinished until every key is sealed, so no other login reads a key file. Every key is usable
+//! at every moment: sealed ones with the PIN, clear ones as before.
 //!
 //! **Wrong tries** are counted in the PIN file, under the store lock, *before* the Argon2id work
 //! starts (killing a process in the middle of a check does not give the try back), and reset by
@@ -194,6 +195,7 @@ fn new_pin_file(pin: &[u8], data_key: &[u8; 32]) -> Result<PinFile> {
         wrapped_key: seal(&kek, WRAP_AAD, &data_key[..])?,
         kdf,
         failures: 0,
+        clear_keys_left: true,
     })
 }
 
@@ -318,11 +320,29 @@ impl PinVault {
     /// a new salt, one atomic write of the PIN file. Returns the data key.
     pub fn change(&self, old: &[u8], new: &[u8]) -> Result<DataKey> {
         let data_key = self.unlock(old)?;
-        let file = new_pin_file(new, &data_key)?;
+        let mut file = new_pin_file(new, &data_key)?;
         let _lock = self.dir.lock()?;
-        self.read()?.ok_or_else(Self::not_set)?;
+        file.clear_keys_left = self.read()?.ok_or_else(Self::not_set)?.clear_keys_left;
         self.write(&file)?;
         Ok(data_key)
+    }
+
+    /// True when key files may still hold their scalar in the clear (see
+    /// [`PinFile::clear_keys_left`]); false also when no PIN is set.
+    pub fn clear_keys_left(&self) -> Result<bool> {
+        Ok(self.read()?.is_some_and(|f| f.clear_keys_left))
+    }
+
+    /// Records that every key file is sealed (after [`SoftwarePin`] sealed them all).
+    fn all_sealed(&self) -> Result<()> {
+        let _lock = self.dir.lock()?;
+        match self.read()? {
+            Some(mut file) if file.clear_keys_left => {
+                file.clear_keys_left = false;
+                self.write(&file)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -475,6 +495,16 @@ impl SoftwarePin {
         &self.session
     }
 
+    /// Seals the keys left in the clear when the PIN file says there may be some, then records
+    /// that there are none.
+    fn seal_if_needed(&self, data_key: &[u8; 32]) -> Result<()> {
+        if self.vault.clear_keys_left()? {
+            self.seal_clear_keys(data_key)?;
+            self.vault.all_sealed()?;
+        }
+        Ok(())
+    }
+
     /// Seals every key file still holding its scalar in the clear, each atomically. Returns how
     /// many it sealed.
     fn seal_clear_keys(&self, data_key: &[u8; 32]) -> Result<usize> {
@@ -521,7 +551,8 @@ impl PinGuard for SoftwarePin {
 
     fn login(&self, pin: &[u8]) -> Result<()> {
         let data_key = self.vault.unlock(pin)?;
-        if let Err(e) = self.seal_clear_keys(&data_key) {
+        // Only when a first PIN's sealing was cut short: otherwise no key file is read here.
+        if let Err(e) = self.seal_if_needed(&data_key) {
             log::warn!("keys left in the clear after login (sealed at the next one): {e}");
         }
         self.session.set(data_key)
@@ -536,8 +567,7 @@ impl PinGuard for SoftwarePin {
             None => self.vault.set_first(new)?,
             Some(old) => self.vault.change(old, new)?,
         };
-        self.seal_clear_keys(&data_key)?;
-        Ok(())
+        self.seal_if_needed(&data_key)
     }
 }
 

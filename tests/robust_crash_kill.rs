@@ -238,6 +238,42 @@ fn check_matches_its_file(dir: &Path, key: &devicekey_pkcs11::backend::KeyRecord
     );
 }
 
+/// Every key file on disk is found by a lookup of its label and of its CKA_ID (the lookup
+/// hints miss nothing, whatever the kill interrupted). Returns whether the directory's stamp
+/// was still valid before the lookups (the kill landed outside a change), so the first lookups
+/// trusted the hints without a full check.
+fn check_lookups(dir: &Path, at: &str) -> bool {
+    use devicekey_pkcs11::backend::LookupAttribute;
+    let stamped = devicekey_pkcs11::backend::keydir::KeyDir::open(dir)
+        .unwrap()
+        .stamp_valid();
+    let store = SoftwareStore::open("crash", Some(dir))
+        .unwrap_or_else(|e| panic!("{at}: the store does not open: {e}"));
+    for path in files_with(dir, |n| n.ends_with(".key")) {
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let name = stem.as_str();
+        let text = std::fs::read(&path).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let label = parsed["label"].as_str().unwrap().as_bytes().to_vec();
+        let id = hex_decode(parsed["id"].as_str().unwrap());
+        for (attribute, value) in [(LookupAttribute::Label, label), (LookupAttribute::Id, id)] {
+            let found = store.lookup(attribute, &value).unwrap().expect("a lookup");
+            assert!(
+                found.keys.iter().any(|k| k.name == name),
+                "{at}: a lookup by {attribute:?} misses key {name} (stamp valid: {stamped})"
+            );
+        }
+    }
+    stamped
+}
+
+fn hex_decode(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 #[test]
 fn sigkill_during_key_creation_loses_nothing() {
     let kills = scaled(200, 20);
@@ -248,6 +284,7 @@ fn sigkill_during_key_creation_loses_nothing() {
     let mut reported = Reported::default();
     let mut checked_signing: std::collections::BTreeSet<String> = Default::default();
     let (mut created, mut updated, mut deleted, mut torn, mut unreported) = (0, 0, 0, 0, 0);
+    let mut stamped_runs = 0;
     let mut aborted: BTreeMap<&str, usize> = BTreeMap::new();
     let started = Instant::now();
     for k in 0..kills {
@@ -268,16 +305,19 @@ fn sigkill_during_key_creation_loses_nothing() {
             *aborted.entry(point).or_default() += 1;
         }
         let at = format!("seed {seed} run {k} (crash point {crash_at:?})");
+        if check_lookups(&dir, &at) {
+            stamped_runs += 1;
+        }
 
         let store = SoftwareStore::open("crash", Some(&dir))
             .unwrap_or_else(|e| panic!("{at}: the store does not open: {e}"));
-        assert!(
-            files_with(&dir, |n| n.ends_with(".tmp")).is_empty(),
-            "opening removes stale temporary files"
-        );
         let keys = store
             .load_keys()
             .unwrap_or_else(|e| panic!("{at}: the store does not load: {e}"));
+        assert!(
+            files_with(&dir, |n| n.ends_with(".tmp")).is_empty(),
+            "the first load after a crash removes stale temporary files"
+        );
         let on_disk = files_with(&dir, |n| n.ends_with(".key")).len();
         assert_eq!(
             keys.len(),
@@ -328,7 +368,9 @@ fn sigkill_during_key_creation_loses_nothing() {
          and {deleted} deletes reported, {} keys in the store, 0 reported keys lost, 0 reported \
          deletes undone, 0 stale index entries, {unreported} created but killed before \
          reporting, {torn} runs left a temporary file (removed at open, never loaded), 0 damaged \
-         key files; aborts between a key file and its index record: {aborted:?}",
+         key files; aborts between a key file and its index record: {aborted:?}; every key \
+         file found by a lookup of its label and CKA_ID after every run ({stamped_runs} runs \
+         left a valid stamp, so those lookups trusted the hints)",
         started.elapsed(),
         keys.len(),
     );

@@ -23,17 +23,23 @@
 //! index instead of gluing a record to it. When the log holds many more records than entries it
 //! is rewritten compactly (atomically).
 
+mod hints;
+
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
-    BackendError, KeyPurpose, KeyRecord, ObjectRecord, RawAttribute, Result, Signer,
+    BackendError, Found, KeyPurpose, KeyRecord, LookupAttribute, ObjectRecord, RawAttribute,
+    Result, Signer,
 };
 use crate::encoding;
+pub use hints::is_bucket_file;
+use hints::{Hint, Kind};
 
 /// The index file in a key directory.
 pub const INDEX_FILE: &str = "store.index";
@@ -124,7 +130,32 @@ impl IndexedKey {
     }
 }
 
+impl IndexedKey {
+    /// True when the key's label (or CKA_ID) is `value`.
+    pub fn holds(&self, attribute: LookupAttribute, value: &[u8]) -> bool {
+        match attribute {
+            LookupAttribute::Label => self.label.as_bytes() == value,
+            LookupAttribute::Id => self.id == value,
+        }
+    }
+}
+
 impl IndexedObject {
+    /// True when the object's CKA_LABEL (or CKA_ID) is `value`.
+    pub fn holds(&self, attribute: LookupAttribute, value: &[u8]) -> bool {
+        self.attributes
+            .iter()
+            .any(|(t, v)| LookupAttribute::of_type(*t) == Some(attribute) && v == value)
+    }
+
+    /// The object as the token gets it.
+    pub fn to_record(&self) -> ObjectRecord {
+        ObjectRecord {
+            name: self.name.clone(),
+            attributes: self.attributes.clone(),
+        }
+    }
+
     /// An object entry.
     pub fn new(name: &str, created: u64, attributes: &[RawAttribute]) -> Self {
         Self {
@@ -167,6 +198,13 @@ impl Entry {
         }
     }
 
+    fn hints(&self) -> Vec<Hint> {
+        match self {
+            Entry::Key(k) => Hint::of_key(k).to_vec(),
+            Entry::Object(o) => Hint::of_object(o),
+        }
+    }
+
     fn sort_key(&self) -> (u64, &str) {
         match self {
             Entry::Key(k) => (k.created, &k.name),
@@ -186,6 +224,11 @@ pub trait IndexedFiles {
     fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>>;
     /// Parses an object file; `None` when it is absent or damaged (the store logs why).
     fn parse_object(&self, name: &str) -> Result<Option<IndexedObject>>;
+    /// How old a temporary file must be before a full check removes it (`None`: any, because
+    /// every writer of the store holds the lock while its temporary file exists).
+    fn stale_temp_age(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Every key and object of a store, oldest first (ties by name).
@@ -311,6 +354,13 @@ fn parse(bytes: Option<&[u8]>) -> Parsed {
     parsed
 }
 
+impl Parsed {
+    /// True when the log holds many more records than entries.
+    fn needs_compaction(&self) -> bool {
+        self.records > 2 * self.entries.len() + SLACK
+    }
+}
+
 /// Reads and parses the index; a file that cannot be read counts as absent (it is rebuilt).
 fn read(dir: &KeyDir) -> Parsed {
     match dir.read_limited(INDEX_FILE, MAX_INDEX) {
@@ -393,8 +443,9 @@ fn contents(entries: HashMap<String, Entry>) -> Contents {
 }
 
 impl StoreIndex {
-    /// Every key and object of the store in `dir`, from the index, repaired from the files
-    /// where the directory listing disagrees with it.
+    /// Every key and object of the store in `dir`, from the index. While the directory's stamp
+    /// is valid that is the index alone; otherwise a full check compares the index with the
+    /// directory listing, repairs it from the files where they disagree, and stamps.
     pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Arc<Contents>> {
         let marker = dir.change_marker();
         if let Ok(last) = self.last.lock() {
@@ -404,13 +455,14 @@ impl StoreIndex {
                 }
             }
         }
-        let (keys, objects) = listed(dir, files)?;
-        let mut parsed = read(dir);
-        let diff = Diff::of(&parsed, &keys, &objects);
-        let compact = parsed.records > 2 * parsed.entries.len() + SLACK;
-        if !parsed.usable || !diff.is_empty() || compact {
-            parsed = self.repair(dir, files)?;
-        }
+        let trusted = dir
+            .stamp_valid()
+            .then(|| read(dir))
+            .filter(|p| p.usable && !p.needs_compaction());
+        let parsed = match trusted {
+            Some(p) => p,
+            None => self.check(dir, files)?,
+        };
         let out = Arc::new(contents(parsed.entries));
         if let (Some(m), Ok(mut last)) = (marker, self.last.lock()) {
             *last = Some((m, Arc::clone(&out)));
@@ -428,11 +480,71 @@ impl StoreIndex {
         Ok(contents
             .objects
             .iter()
-            .map(|o| ObjectRecord {
-                name: o.name.clone(),
-                attributes: o.attributes.clone(),
-            })
+            .map(IndexedObject::to_record)
             .collect())
+    }
+
+    /// The keys and objects whose CKA_LABEL (or CKA_ID) is `value`. While the stamp is valid,
+    /// from the hints and the candidates' own files (the index is not read); otherwise from a
+    /// full check, which also stamps for the next lookup.
+    pub fn lookup(
+        &self,
+        dir: &KeyDir,
+        files: &dyn IndexedFiles,
+        attribute: LookupAttribute,
+        value: &[u8],
+    ) -> Result<(Vec<IndexedKey>, Vec<IndexedObject>)> {
+        let candidates = match dir.stamp_valid() {
+            true => hints::candidates(dir, attribute, value)?,
+            false => None,
+        };
+        let Some(candidates) = candidates else {
+            if dir.stamp_valid() {
+                // A damaged bucket under a valid stamp: clear the stamp so the check below
+                // rebuilds the hints.
+                log::warn!(
+                    "the lookup hints of {} are damaged; rebuilding them",
+                    dir.path().display()
+                );
+                dir.lock()?.taint();
+            }
+            let all = self.load(dir, files)?;
+            let keys = all.keys.iter().filter(|k| k.holds(attribute, value));
+            let objects = all.objects.iter().filter(|o| o.holds(attribute, value));
+            return Ok((keys.cloned().collect(), objects.cloned().collect()));
+        };
+        let (mut keys, mut objects) = (Vec::new(), Vec::new());
+        for (kind, name) in candidates {
+            match kind {
+                Kind::Key => keys.extend(files.parse_key(&name)?),
+                Kind::Object => objects.extend(files.parse_object(&name)?),
+            }
+        }
+        keys.retain(|k| k.holds(attribute, value));
+        objects.retain(|o| o.holds(attribute, value));
+        keys.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        objects.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok((keys, objects))
+    }
+
+    /// [`Self::lookup`] as the token gets it: each key with its kept signer (or a new one from
+    /// `make`).
+    pub fn found(
+        &self,
+        dir: &KeyDir,
+        files: &dyn IndexedFiles,
+        signers: &SignerCache,
+        make: impl Fn(&IndexedKey) -> Arc<dyn Signer>,
+        (attribute, value): (LookupAttribute, &[u8]),
+    ) -> Result<Found> {
+        let (keys, objects) = self.lookup(dir, files, attribute, value)?;
+        Ok(Found {
+            keys: keys
+                .iter()
+                .map(|k| k.to_record(signers.get_or_make(&k.name, &k.public_point, || make(k))))
+                .collect(),
+            objects: objects.iter().map(IndexedObject::to_record).collect(),
+        })
     }
 
     /// Builds the index when the directory has none (a new store, or one made before the
@@ -444,19 +556,34 @@ impl StoreIndex {
         Ok(())
     }
 
-    /// Under the lock: reads the listing and the index again (a writer may just have finished),
-    /// parses the files the index lacks, and writes the result back.
-    fn repair(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Parsed> {
+    /// The full check, under the lock: reads the listing and the index (unless another process
+    /// just stamped), parses the files the index lacks, writes the index back, makes the hints
+    /// hold every entry, and vouches for the result so the lock's release stamps it. Without the
+    /// lock (a read-only file system...) the listing and the files still give the right answer,
+    /// and nothing is written.
+    fn check(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Parsed> {
         let lock = match dir.lock() {
             Ok(l) => Some(l),
             Err(e) => {
                 log::warn!(
-                    "cannot lock {} to repair its index: {e}",
+                    "cannot lock {} to check its index: {e}",
                     dir.path().display()
                 );
                 None
             }
         };
+        if lock.is_some() && dir.stamp_valid() {
+            let parsed = read(dir);
+            if parsed.usable && !parsed.needs_compaction() {
+                return Ok(parsed);
+            }
+        }
+        if lock.is_some() {
+            dir.remove_stale_temp_files(files.stale_temp_age());
+        }
+        if let (Some(lock), Some(mtime)) = (&lock, dir.mtime_ns()) {
+            lock.vouch(mtime);
+        }
         let (keys, objects) = listed(dir, files)?;
         let mut parsed = read(dir);
         let diff = Diff::of(&parsed, &keys, &objects);
@@ -484,7 +611,7 @@ impl StoreIndex {
                 }
             }
         }
-        if diff.unknown_keys.len() + diff.unknown_objects.len() + diff.gone.len() > 0 {
+        if !diff.is_empty() {
             log::info!(
                 "index of {}: {} new or changed file(s) parsed, {} gone{}",
                 dir.path().display(),
@@ -500,8 +627,7 @@ impl StoreIndex {
         let Some(lock) = lock else {
             return Ok(parsed);
         };
-        let compact = parsed.records > 2 * parsed.entries.len() + SLACK;
-        let written = if !parsed.usable || compact {
+        let written = if !parsed.usable || parsed.needs_compaction() {
             rewrite(dir, &lock, &parsed.entries)
         } else if added.is_empty() && diff.gone.is_empty() {
             Ok(())
@@ -510,23 +636,33 @@ impl StoreIndex {
             let records: Vec<Record> = gone.chain(added).collect();
             append(dir, &lock, &records)
         };
-        if let Err(e) = written {
-            log::warn!(
-                "cannot write the index of {} (the keys are listed anyway): {e}",
+        let all_hints: Vec<Hint> = parsed.entries.values().flat_map(Entry::hints).collect();
+        let hinted = written.and_then(|()| hints::rebuild(dir, &lock, &all_hints));
+        match hinted {
+            Ok(n) if n > 0 => log::info!(
+                "lookup hints of {}: {n} bucket(s) rewritten",
                 dir.path().display()
-            );
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                lock.taint();
+                log::warn!(
+                    "cannot write the index or hints of {} (the keys are listed anyway): {e}",
+                    dir.path().display()
+                );
+            }
         }
         Ok(parsed)
     }
 
     /// Records a new or changed key. Call with the lock held, after its file is written.
     pub fn put_key(&self, dir: &KeyDir, lock: &KeyDirLock, key: IndexedKey) {
-        record(dir, lock, &Record::Key(key));
+        put(dir, lock, Entry::Key(key));
     }
 
     /// Records a new or changed object. Call with the lock held, after its file is written.
     pub fn put_object(&self, dir: &KeyDir, lock: &KeyDirLock, object: IndexedObject) {
-        record(dir, lock, &Record::Object(object));
+        put(dir, lock, Entry::Object(object));
     }
 
     /// Records that `name` is gone, or about to change: call with the lock held, after removing
@@ -535,8 +671,21 @@ impl StoreIndex {
     /// change the file, or the index would list stale contents.
     pub fn forget(&self, dir: &KeyDir, lock: &KeyDirLock, name: &str) -> Result<()> {
         let r = append(dir, lock, &[Record::Removed(name.to_string())]);
-        r.or_else(|e| invalidate(dir, &e))
+        r.or_else(|e| invalidate(dir, lock, &e))
     }
+}
+
+/// Records an entry: its hints first, then its index record. A failure clears the stamp, so the
+/// next lookup makes a full check instead of trusting what could not be written.
+fn put(dir: &KeyDir, lock: &KeyDirLock, entry: Entry) {
+    if let Err(e) = hints::add(dir, lock, &entry.hints()) {
+        log::warn!(
+            "cannot write the lookup hints of {}: {e}",
+            dir.path().display()
+        );
+        lock.taint();
+    }
+    record(dir, lock, &entry.record());
 }
 
 /// A test hook for the crash tests: when `DEVICEKEY_TEST_CRASH_AT` names `point` (debug builds
@@ -625,14 +774,16 @@ impl SignerCache {
 /// Appends one record; on failure the index is removed (the next load rebuilds it).
 fn record(dir: &KeyDir, lock: &KeyDirLock, record: &Record) {
     if let Err(e) = append(dir, lock, std::slice::from_ref(record)) {
-        if let Err(e) = invalidate(dir, &e) {
+        if let Err(e) = invalidate(dir, lock, &e) {
             log::warn!("{e}");
         }
     }
 }
 
-/// Removes the index after a failed write, so that no stale index survives.
-fn invalidate(dir: &KeyDir, why: &BackendError) -> Result<()> {
+/// Removes the index after a failed write, so that no stale index survives, and clears the
+/// stamp so the next load makes a full check.
+fn invalidate(dir: &KeyDir, lock: &KeyDirLock, why: &BackendError) -> Result<()> {
+    lock.taint();
     log::warn!(
         "cannot update the index of {} ({why}); removing it, the next load rebuilds it",
         dir.path().display()

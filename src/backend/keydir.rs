@@ -24,6 +24,17 @@
 //! **Change marker**: the directory's mtime and a counter in `.lock` (bumped by
 //! [`KeyDirLock::bump`]), so another process's change is seen even within one mtime tick.
 //!
+//! **Stamp**: `.lock` also holds the directory's mtime and inode as they were when the store's
+//! caches (its index and lookup hints) last matched its files. Opening a store compares it with
+//! the directory (one `fstat`, one 32-byte read) instead of listing the directory. Every file
+//! created, replaced or removed changes the directory's mtime, so a file added, replaced or
+//! removed by anything else makes the stamp stale and the next lookup checks the whole
+//! directory. A holder of the lock carries the stamp over its own changes: each rename or
+//! removal through this module checks the mtime before and after, and the stamp is written
+//! when the lock is released only when every change in between was one of its own. What this
+//! cannot tell apart: a change made by hand within the same clock tick (a few milliseconds)
+//! right after a change of devicekey's.
+//!
 //! [`diagnose`] reports the same problems, each with its fix, without opening anything.
 
 use std::collections::HashSet;
@@ -31,7 +42,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rustix::fd::OwnedFd;
@@ -45,8 +56,17 @@ mod policy;
 pub use policy::diagnose;
 use policy::{ancestor_problem, dir_problem, file_problem};
 
-/// The lock file: held with `flock` around changes; its first 8 bytes count the changes.
+/// The lock file: held with `flock` around changes; its first 8 bytes count the changes, the
+/// next [`STAMP_LEN`] hold the stamp.
 const LOCK_FILE: &str = ".lock";
+/// Where the stamp is in `.lock`.
+const STAMP_AT: u64 = 8;
+/// The stamp: a tag, the directory's mtime (ns) and inode, and a check of those.
+const STAMP_LEN: usize = 32;
+const STAMP_TAG: &[u8; 8] = b"dkstamp1";
+/// How long after the directory's last change a full check may write a stamp: a change made
+/// later is then sure to get another mtime, whatever the clock's tick.
+const STAMP_SETTLED: Duration = Duration::from_millis(100);
 /// The suffix of temporary files.
 const TMP_SUFFIX: &str = ".tmp";
 /// The largest file [`KeyDir::read`] accepts.
@@ -66,6 +86,16 @@ pub struct KeyDir {
     ino: u64,
     /// A read-only handle on `.lock`, to read the change counter without taking the lock.
     counter: Mutex<Option<File>>,
+    /// While this process holds the lock: the stamp carried over its own changes.
+    chain: Arc<Mutex<Chain>>,
+}
+
+/// The stamp a lock holder carries: `expected` is the mtime the directory has after this
+/// holder's last change, `None` once something else changed it (or nothing vouched for it).
+#[derive(Default)]
+struct Chain {
+    start: Option<u64>,
+    expected: Option<u64>,
 }
 
 crate::redact::debug_shows!(KeyDir: path);
@@ -74,9 +104,55 @@ crate::redact::debug_shows!(KeyDir: path);
 pub struct KeyDirLock {
     file: File,
     path: PathBuf,
+    ino: u64,
+    chain: Arc<Mutex<Chain>>,
+}
+
+impl Drop for KeyDirLock {
+    /// Writes the stamp carried over this holder's changes, before the lock is released.
+    fn drop(&mut self) {
+        let Ok(mut chain) = self.chain.lock() else {
+            return;
+        };
+        let chain = std::mem::take(&mut *chain);
+        if let Some(mtime) = chain.expected.filter(|m| chain.start != Some(*m)) {
+            self.write_stamp(&encode_stamp(mtime, self.ino));
+        }
+    }
 }
 
 impl KeyDirLock {
+    /// Says the caches may no longer match the files (a cache write failed): the stamp is
+    /// cleared now, so the next lookup checks the whole directory.
+    pub fn taint(&self) {
+        if let Ok(mut chain) = self.chain.lock() {
+            *chain = Chain::default();
+        }
+        self.write_stamp(&[0; STAMP_LEN]);
+    }
+
+    /// Called by a full check, with the directory's mtime taken under this lock before it
+    /// listed the directory: from now on the caches it writes match the files as of `mtime`.
+    /// Ignored when `mtime` is too recent for a later change to be sure to move it.
+    pub fn vouch(&self, mtime: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if now.saturating_sub(mtime) < STAMP_SETTLED.as_nanos() as u64 {
+            log::debug!("{}: changed too recently to stamp", self.path.display());
+            return;
+        }
+        if let Ok(mut chain) = self.chain.lock() {
+            chain.expected = Some(mtime);
+        }
+    }
+
+    fn write_stamp(&self, stamp: &[u8; STAMP_LEN]) {
+        if let Err(e) = self.file.write_all_at(stamp, STAMP_AT) {
+            log::debug!("cannot write the stamp in {}: {e}", self.path.display());
+        }
+    }
+
     /// Counts one change in `.lock`, so other processes' [`KeyDir::change_marker`] moves.
     pub fn bump(&self) {
         let mut count = [0u8; 8];
@@ -263,6 +339,7 @@ impl KeyDir {
             dev: st.st_dev,
             ino: st.st_ino,
             counter: Mutex::new(None),
+            chain: Arc::new(Mutex::new(Chain::default())),
         };
         dir.open_counter();
         Ok(dir)
@@ -375,22 +452,29 @@ impl KeyDir {
         let target = self.path.join(name);
         let tmp = format!(".{name}.{}{TMP_SUFFIX}", random_hex()?);
         let written = (|| -> std::io::Result<()> {
-            let fd = rustix::fs::openat(
-                &self.fd,
-                tmp.as_str(),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )?;
+            let fd = self.own_change(|| {
+                rustix::fs::openat(
+                    &self.fd,
+                    tmp.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+            })?;
             // The umask may have removed bits; make the mode exactly 0600.
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600))?;
             let mut f = File::from(fd);
             f.write_all(bytes)?;
             f.sync_all()?;
-            rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
+            self.own_change(|| rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name))?;
             Ok(())
         })();
         if let Err(e) = written {
-            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
+            let _ =
+                self.own_change(|| rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty()));
             return Err(io_err("cannot write", &target, &e));
         }
         self.sync()
@@ -447,7 +531,7 @@ impl KeyDir {
     pub fn remove(&self, name: &str) -> Result<()> {
         check_name(name)?;
         self.verify_identity()?;
-        match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+        match self.own_change(|| rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())) {
             Ok(()) => self.sync(),
             Err(rustix::io::Errno::NOENT) => Err(BackendError::NotFound(name.to_string())),
             Err(e) => Err(io_err("cannot remove", &self.path.join(name), &errno_io(e))),
@@ -496,10 +580,68 @@ impl KeyDir {
         if self.counter.lock().is_ok_and(|c| c.is_none()) {
             self.open_counter();
         }
+        let file = File::from(fd);
+        let mut stamp = [0u8; STAMP_LEN];
+        let stamped = match file.read_at(&mut stamp, STAMP_AT) {
+            Ok(STAMP_LEN) => decode_stamp(&stamp, self.ino),
+            _ => None,
+        };
+        // The holder carries the stamp only when it still matches the directory.
+        let mtime = self.mtime_ns();
+        if let Ok(mut chain) = self.chain.lock() {
+            *chain = Chain {
+                start: stamped,
+                expected: stamped.filter(|s| mtime == Some(*s)),
+            };
+        }
         Ok(KeyDirLock {
-            file: File::from(fd),
+            file,
             path,
+            ino: self.ino,
+            chain: Arc::clone(&self.chain),
         })
+    }
+
+    /// The directory's mtime in nanoseconds.
+    pub fn mtime_ns(&self) -> Option<u64> {
+        let st = rustix::fs::fstat(&self.fd).ok()?;
+        let ns = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
+        u64::try_from(ns).ok()
+    }
+
+    /// True when the stamp in `.lock` matches the directory: nothing but devicekey changed the
+    /// directory since its caches last matched the files (see the module's doc).
+    pub fn stamp_valid(&self) -> bool {
+        let mut stamp = [0u8; STAMP_LEN];
+        let read = self.counter.lock().ok().and_then(|c| {
+            c.as_ref()
+                .and_then(|f| f.read_at(&mut stamp, STAMP_AT).ok())
+        });
+        if read != Some(STAMP_LEN) {
+            return false;
+        }
+        match (decode_stamp(&stamp, self.ino), self.mtime_ns()) {
+            (Some(s), Some(m)) => s == m,
+            _ => false,
+        }
+    }
+
+    /// Runs one change of a directory entry (rename, unlink) and carries the stamp over it when
+    /// the directory's mtime before it was the one expected.
+    fn own_change<T>(
+        &self,
+        change: impl FnOnce() -> rustix::io::Result<T>,
+    ) -> rustix::io::Result<T> {
+        let before = self.mtime_ns();
+        let r = change();
+        let after = self.mtime_ns();
+        if let Ok(mut chain) = self.chain.lock() {
+            chain.expected = match (chain.expected, before, after) {
+                (Some(e), Some(b), Some(a)) if e == b => Some(a),
+                _ => None,
+            };
+        }
+        r
     }
 
     /// Opens the read-only handle on `.lock` when the file exists.
@@ -571,6 +713,24 @@ impl KeyDir {
         let count = if n == 8 { u64::from_le_bytes(count) } else { 0 };
         Some((u128::from(mtime_ns) << 64) | u128::from(count))
     }
+}
+
+/// The stamp of a directory with this mtime and inode.
+fn encode_stamp(mtime: u64, ino: u64) -> [u8; STAMP_LEN] {
+    use sha2::Digest;
+    let mut out = [0u8; STAMP_LEN];
+    out[..8].copy_from_slice(STAMP_TAG);
+    out[8..16].copy_from_slice(&mtime.to_le_bytes());
+    out[16..24].copy_from_slice(&ino.to_le_bytes());
+    let check = sha2::Sha256::digest(&out[..24]);
+    out[24..].copy_from_slice(&check[..8]);
+    out
+}
+
+/// The mtime a stamp holds, when it is whole and made for the directory with inode `ino`.
+fn decode_stamp(stamp: &[u8; STAMP_LEN], ino: u64) -> Option<u64> {
+    let mtime = u64::from_le_bytes(stamp[8..16].try_into().ok()?);
+    (encode_stamp(mtime, ino) == *stamp).then_some(mtime)
 }
 
 #[cfg(test)]

@@ -264,6 +264,45 @@ pub struct ObjectRecord {
     pub attributes: Vec<RawAttribute>,
 }
 
+/// An attribute a store can look its keys and objects up by without reading all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LookupAttribute {
+    /// CKA_LABEL.
+    Label,
+    /// CKA_ID.
+    Id,
+}
+
+impl LookupAttribute {
+    /// The lookup attribute of a PKCS#11 attribute type, if it is one.
+    pub fn of_type(t: cryptoki_sys::CK_ATTRIBUTE_TYPE) -> Option<Self> {
+        match t {
+            cryptoki_sys::CKA_LABEL => Some(Self::Label),
+            cryptoki_sys::CKA_ID => Some(Self::Id),
+            _ => None,
+        }
+    }
+}
+
+/// What a lookup found: the persistent keys and objects that hold the value now.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The key pairs.
+    pub keys: Vec<KeyRecord>,
+    /// The stored objects.
+    pub objects: Vec<ObjectRecord>,
+}
+
+impl LookupAttribute {
+    /// The PKCS#11 attribute type.
+    pub fn attribute_type(self) -> cryptoki_sys::CK_ATTRIBUTE_TYPE {
+        match self {
+            Self::Label => cryptoki_sys::CKA_LABEL,
+            Self::Id => cryptoki_sys::CKA_ID,
+        }
+    }
+}
+
 /// A key store.
 pub trait Backend: Send + Sync {
     /// Who the store is.
@@ -283,6 +322,14 @@ pub trait Backend: Send + Sync {
 
     /// Every persistent non-key object in the store.
     fn load_objects(&self) -> Result<Vec<ObjectRecord>>;
+
+    /// The persistent keys and objects whose CKA_LABEL (or CKA_ID) is `value`, found without
+    /// reading the whole store. `None` when the store cannot do better than
+    /// [`Backend::load_keys`] and [`Backend::load_objects`].
+    fn lookup(&self, attribute: LookupAttribute, value: &[u8]) -> Result<Option<Found>> {
+        let _ = (attribute, value);
+        Ok(None)
+    }
 
     /// Stores a new persistent object; returns its name.
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String>;

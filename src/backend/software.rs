@@ -38,8 +38,8 @@ use crate::backend::file_store::{
 use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
-    pin::PinGuard, Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass,
-    RawAttribute, Result, Signer, StoreInfo,
+    pin::PinGuard, Backend, BackendError, Found, KeyRecord, LookupAttribute, NewKey, ObjectRecord,
+    ProtectionClass, RawAttribute, Result, Signer, StoreInfo,
 };
 
 const KEY_EXT: &str = "key";
@@ -166,12 +166,8 @@ impl SoftwareStore {
             signers: SignerCache::default(),
             pin,
         };
-        // Every writer holds the lock while its temporary file exists, so any temporary file
-        // seen under the lock is stale. Cleaning up changes nothing visible, so it leaves the
-        // change counter alone.
-        let lock = store.dir.lock()?;
-        store.dir.remove_stale_temp_files(None);
-        drop(lock);
+        // Temporary files left by a crash are removed by the index's full check, which the
+        // crash makes the next lookup run (the temporary file changed the directory).
         if let Err(e) = store.index.create_if_missing(&store.dir, &store) {
             log::warn!("no index for {}: {e}", store.dir.path().display());
         }
@@ -432,6 +428,15 @@ impl Backend for SoftwareStore {
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
         self.index.load_objects(&self.dir, self)
+    }
+
+    fn lookup(&self, attribute: LookupAttribute, value: &[u8]) -> Result<Option<Found>> {
+        let make = |k: &IndexedKey| self.new_signer(k);
+        let query = (attribute, value);
+        let found = self
+            .index
+            .found(&self.dir, self, &self.signers, make, query)?;
+        Ok(Some(found))
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

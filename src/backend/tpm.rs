@@ -68,8 +68,8 @@ use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreI
 use crate::backend::keydir::KeyDirLock;
 use crate::backend::pin::PinGuard;
 use crate::backend::{
-    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, ProtectionClass, RawAttribute, Result,
-    Signer, StoreInfo,
+    Backend, BackendError, Found, KeyRecord, LookupAttribute, NewKey, ObjectRecord,
+    ProtectionClass, RawAttribute, Result, Signer, StoreInfo,
 };
 use crate::config::{LoginMode, TpmSlot};
 
@@ -671,6 +671,13 @@ impl Backend for TpmBackend {
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
         self.index
             .load_objects(self.dir.key_dir(), self.dir.as_ref())
+    }
+
+    fn lookup(&self, attribute: LookupAttribute, value: &[u8]) -> Result<Option<Found>> {
+        let (dir, files) = (self.dir.key_dir(), self.dir.as_ref());
+        let make = |k: &IndexedKey| self.new_signer(k, None);
+        let found = (self.index).found(dir, files, &self.signers, make, (attribute, value))?;
+        Ok(Some(found))
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

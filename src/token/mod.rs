@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use cryptoki_sys::*;
 
-use crate::backend::NewKey;
+use crate::backend::{LookupAttribute, NewKey};
 use crate::config::Config;
 use crate::proof::ProofPolicy;
 use attributes::{find, Template};
@@ -232,7 +232,7 @@ impl Token {
     /// C_GetSlotList.
     pub fn slot_list(&self, token_present: bool) -> Vec<CK_SLOT_ID> {
         (0..self.slots.len())
-            .filter(|i| !token_present || self.slots[*i].store(&self.handles).is_ok())
+            .filter(|i| !token_present || self.slots[*i].store().is_ok())
             .map(|i| i as CK_SLOT_ID)
             .collect()
     }
@@ -240,7 +240,7 @@ impl Token {
     /// C_GetSlotInfo.
     pub fn slot_info(&self, id: CK_SLOT_ID) -> Result<SlotInfo> {
         let slot = self.slot(id)?;
-        let present = slot.store(&self.handles).is_ok();
+        let present = slot.store().is_ok();
         let mut flags = 0;
         if present {
             flags |= CKF_TOKEN_PRESENT;
@@ -267,7 +267,7 @@ impl Token {
     /// C_GetTokenInfo.
     pub fn token_info(&self, id: CK_SLOT_ID) -> Result<TokenInfo> {
         let slot = self.slot(id)?;
-        let store = slot.store(&self.handles)?;
+        let store = slot.store()?;
         let (mut count, mut rw) = (0, 0);
         for s in self.sessions()?.values() {
             if s.slot as CK_SLOT_ID == id {
@@ -329,7 +329,7 @@ impl Token {
         if flags & CKF_SERIAL_SESSION == 0 {
             return fail(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
         }
-        slot.store(&self.handles)?;
+        slot.store()?;
         let rw = flags & CKF_RW_SESSION != 0;
         if !rw && slot.login_state()? == Login::So {
             return fail(CKR_SESSION_READ_WRITE_SO_EXISTS);
@@ -534,7 +534,16 @@ impl Token {
                 return fail(CKR_OPERATION_ACTIVE);
             }
             let store = self.session_store(entry)?;
-            store.refresh(&self.handles)?;
+            let indexed = template
+                .iter()
+                .find_map(|(t, v)| Some((LookupAttribute::of_type(*t)?, v)));
+            let looked_up = match indexed {
+                Some((attribute, value)) => store.look_up(&self.handles, attribute, value)?,
+                None => false,
+            };
+            if !looked_up {
+                store.refresh(&self.handles)?;
+            }
             let mut results = store.objects()?.find(template);
             if self.private_hidden(entry, &store)? {
                 let table = store.objects()?;

@@ -1,10 +1,12 @@
 //! Slots: one key store each, opened on first use, with the table of its objects.
 //!
-//! The object table maps handles to immutable objects. It is filled from the store when the
-//! slot opens and merged again when the store says another process changed it, so handles stay
-//! stable for objects that did not change.
+//! The object table maps handles to immutable objects. Opening a slot loads none: a search by
+//! CKA_LABEL or CKA_ID asks the store for the objects that hold that value (a store with lookup
+//! hints answers without reading the rest), and any other search loads every object, again
+//! whenever the store says another process changed it. Either way the answer is merged into the
+//! table by the store's names, so handles stay stable for objects that did not change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -13,7 +15,7 @@ use cryptoki_sys::*;
 use super::attributes::Attributes;
 use super::error::{fail, Error, Result};
 use super::object::{self, Object, Origin};
-use crate::backend::{self, Backend, StoreInfo};
+use crate::backend::{self, Backend, LookupAttribute, StoreInfo};
 use crate::config::{LoginMode, SlotConfig};
 
 /// Module-wide object handle counter (handles are never reused within one C_Initialize).
@@ -209,23 +211,29 @@ pub struct Store {
     /// `login = "pin"`: private keys are CKA_PRIVATE, hidden and unusable until C_Login.
     pub login_required: bool,
     objects: RwLock<ObjectTable>,
-    /// The store's change marker at the last reload, behind the lock that orders changes:
-    /// a reload and a change of ours (backend write + table update) never interleave.
-    marker: Mutex<Option<u128>>,
+    /// What the table holds of the store, behind the lock that orders changes: a reload and a
+    /// change of ours (backend write + table update) never interleave.
+    loaded: Mutex<Loaded>,
+}
+
+/// How much of the store the table holds.
+#[derive(Default)]
+pub struct Loaded {
+    /// True once every persistent object was loaded ...
+    complete: bool,
+    /// ... as of this change marker of the store.
+    marker: Option<u128>,
 }
 
 impl Store {
-    fn open(backend: Arc<dyn Backend>, handles: &Handles) -> Result<Self> {
-        let info = backend.info().clone();
-        let store = Self {
-            info,
+    fn open(backend: Arc<dyn Backend>) -> Self {
+        Self {
+            info: backend.info().clone(),
             login_required: backend.pin().is_some(),
             objects: RwLock::new(ObjectTable::default()),
-            marker: Mutex::new(backend.change_marker()),
+            loaded: Mutex::new(Loaded::default()),
             backend,
-        };
-        store.reload(handles)?;
-        Ok(store)
+        }
     }
 
     /// Read access to the objects.
@@ -244,48 +252,124 @@ impl Store {
 
     /// Takes the lock that orders changes to the store: hold it across a backend write and the
     /// matching table update, so a concurrent reload never sees one without the other.
-    pub fn changes(&self) -> Result<MutexGuard<'_, Option<u128>>> {
-        self.marker.lock().map_err(|_| Error::rv(CKR_GENERAL_ERROR))
+    pub fn changes(&self) -> Result<MutexGuard<'_, Loaded>> {
+        self.loaded.lock().map_err(|_| Error::rv(CKR_GENERAL_ERROR))
     }
 
-    /// Reloads when another process changed the store.
+    /// Loads every persistent object, the first time and again when another process changed
+    /// the store.
     pub fn refresh(&self, handles: &Handles) -> Result<()> {
-        let mut marker = self.changes()?;
+        let mut loaded = self.changes()?;
         let now = self.backend.change_marker();
-        if now.is_some() && *marker != now {
+        if !loaded.complete || (now.is_some() && loaded.marker != now) {
             self.reload(handles)?;
-            *marker = now;
+            *loaded = Loaded {
+                complete: true,
+                marker: now,
+            };
         }
         Ok(())
+    }
+
+    /// Brings the table up to date for a search that names `attribute` = `value`: asks the
+    /// store for the persistent objects that hold it now. False when the store has no lookup
+    /// (then the caller loads everything).
+    pub fn look_up(
+        &self,
+        handles: &Handles,
+        attribute: LookupAttribute,
+        value: &[u8],
+    ) -> Result<bool> {
+        let loaded = self.changes()?;
+        let current = loaded.marker.is_some() && loaded.marker == self.backend.change_marker();
+        if loaded.complete && current {
+            return Ok(true);
+        }
+        let Some(found) = self.backend.lookup(attribute, value)? else {
+            return Ok(false);
+        };
+        let mut table = self.objects_mut()?;
+        let mut seen = HashSet::new();
+        for rec in found.keys {
+            seen.insert(rec.name.clone());
+            self.merge_key(&mut table, handles, rec);
+        }
+        for rec in found.objects {
+            seen.insert(rec.name.clone());
+            self.merge_object(&mut table, handles, rec);
+        }
+        // What the table shows with that value and the store no longer has with it: deleted,
+        // or changed, by another process.
+        let template = [(attribute.attribute_type(), value.to_vec())];
+        let stale: Vec<_> = table
+            .find(&template)
+            .into_iter()
+            .filter(|h| {
+                table.get(*h).is_some_and(|o| {
+                    o.is_token()
+                        && match &o.origin {
+                            Origin::Key(name) | Origin::Stored(name) => !seen.contains(name),
+                            Origin::Session(_) => false,
+                        }
+                })
+            })
+            .collect();
+        for h in stale {
+            table.remove(h);
+        }
+        Ok(true)
+    }
+
+    /// Shows a persistent key pair in the table: new objects for a new key, the same handles
+    /// for a known one.
+    fn merge_key(&self, table: &mut ObjectTable, handles: &Handles, rec: backend::KeyRecord) {
+        let class = self.info.protection_class;
+        match table.keys.get(&rec.name).copied() {
+            // Most keys did not change: leave their objects (and handles) alone.
+            Some(pair) if unchanged(table, pair, &rec) => {}
+            None => {
+                let (private, public) = object::key_pair(&rec, class, self.login_required);
+                table.insert(handles, private);
+                table.insert(handles, public);
+            }
+            Some(pair) => {
+                let (private, public) = object::key_pair(&rec, class, self.login_required);
+                if let Some(h) = pair.private {
+                    table.replace(h, private);
+                }
+                if let Some(h) = pair.public {
+                    table.replace(h, public);
+                }
+            }
+        }
+    }
+
+    /// Shows a stored object in the table, under its known handle when it has one.
+    fn merge_object(&self, table: &mut ObjectTable, handles: &Handles, rec: backend::ObjectRecord) {
+        let mut attrs = Attributes::from_list(&rec.attributes);
+        let Some(class) = attrs.get_ulong(CKA_CLASS) else {
+            log::warn!("stored object {} has no CKA_CLASS; skipped", rec.name);
+            return;
+        };
+        object::complete(class, &mut attrs);
+        let obj = object::stored(class, attrs, Origin::Stored(rec.name.clone()));
+        match table.stored.get(&rec.name).copied() {
+            None => {
+                table.insert(handles, obj);
+            }
+            Some(h) => table.replace(h, obj),
+        }
     }
 
     /// Merges the store's persistent keys and objects into the table.
     fn reload(&self, handles: &Handles) -> Result<()> {
         let keys = self.backend.load_keys()?;
         let stored = self.backend.load_objects()?;
-        let class = self.info.protection_class;
         let mut table = self.objects_mut()?;
-        let mut seen_keys = std::collections::HashSet::new();
+        let mut seen_keys = HashSet::new();
         for rec in keys {
             seen_keys.insert(rec.name.clone());
-            match table.keys.get(&rec.name).copied() {
-                // Most keys did not change: leave their objects (and handles) alone.
-                Some(pair) if unchanged(&table, pair, &rec) => {}
-                None => {
-                    let (private, public) = object::key_pair(&rec, class, self.login_required);
-                    table.insert(handles, private);
-                    table.insert(handles, public);
-                }
-                Some(pair) => {
-                    let (private, public) = object::key_pair(&rec, class, self.login_required);
-                    if let Some(h) = pair.private {
-                        table.replace(h, private);
-                    }
-                    if let Some(h) = pair.public {
-                        table.replace(h, public);
-                    }
-                }
-            }
+            self.merge_key(&mut table, handles, rec);
         }
         let vanished: Vec<_> = table
             .keys
@@ -298,22 +382,10 @@ impl Store {
         for h in vanished {
             table.remove(h);
         }
-        let mut seen_objects = std::collections::HashSet::new();
+        let mut seen_objects = HashSet::new();
         for rec in stored {
             seen_objects.insert(rec.name.clone());
-            let mut attrs = Attributes::from_list(&rec.attributes);
-            let Some(class) = attrs.get_ulong(CKA_CLASS) else {
-                log::warn!("stored object {} has no CKA_CLASS; skipped", rec.name);
-                continue;
-            };
-            object::complete(class, &mut attrs);
-            let obj = object::stored(class, attrs, Origin::Stored(rec.name.clone()));
-            match table.stored.get(&rec.name).copied() {
-                None => {
-                    table.insert(handles, obj);
-                }
-                Some(h) => table.replace(h, obj),
-            }
+            self.merge_object(&mut table, handles, rec);
         }
         let vanished: Vec<_> = table
             .stored
@@ -396,7 +468,7 @@ impl Slot {
     /// The opened store, opening it now if needed. A store that failed to open answers with that
     /// failure for a moment, then is tried again, so a device that comes back is picked up
     /// without a retry (and a log line) on every call.
-    pub fn store(&self, handles: &Handles) -> Result<Arc<Store>> {
+    pub fn store(&self) -> Result<Arc<Store>> {
         let mut guard = self
             .store
             .lock()
@@ -418,11 +490,7 @@ impl Slot {
                 }
                 Error::rv(CKR_TOKEN_NOT_PRESENT)
             })
-            .and_then(|backend| {
-                Store::open(backend, handles).inspect_err(|_| {
-                    log::error!("slot \"{}\": cannot load its keys", self.label);
-                })
-            });
+            .map(Store::open);
         match opened {
             Ok(store) => {
                 let store = Arc::new(store);

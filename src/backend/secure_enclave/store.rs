@@ -17,7 +17,8 @@ use crate::backend::file_store::{
 use crate::backend::index::{self, IndexedKey, IndexedObject, SignerCache, StoreIndex};
 use crate::backend::keydir::{KeyDir, KeyDirLock};
 use crate::backend::{
-    Backend, BackendError, KeyRecord, NewKey, ObjectRecord, RawAttribute, Result, Signer, StoreInfo,
+    Backend, BackendError, Found, KeyRecord, LookupAttribute, NewKey, ObjectRecord, RawAttribute,
+    Result, Signer, StoreInfo,
 };
 use crate::encoding::POINT_LEN;
 
@@ -375,6 +376,13 @@ impl Backend for EnclaveStore {
 
     fn load_objects(&self) -> Result<Vec<ObjectRecord>> {
         self.index.load_objects(self.dir(), &*self.files)
+    }
+
+    fn lookup(&self, attribute: LookupAttribute, value: &[u8]) -> Result<Option<Found>> {
+        let make = |k: &IndexedKey| self.new_signer(k);
+        let query = (attribute, value);
+        let found = (self.index).found(self.dir(), &*self.files, &self.signers, make, query)?;
+        Ok(Some(found))
     }
 
     fn store_object(&self, attributes: &[RawAttribute]) -> Result<String> {

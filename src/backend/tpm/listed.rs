@@ -61,6 +61,10 @@ impl IndexedFiles for KeyFiles {
         name_of(file, "obj")
     }
 
+    fn stale_temp_age(&self) -> Option<std::time::Duration> {
+        Some(KeyFiles::stale_temp_age())
+    }
+
     fn parse_key(&self, name: &str) -> Result<Option<IndexedKey>> {
         match load_key_file(self, name, OWN_BLOB).and_then(|(key, meta)| indexed_key(&key, &meta)) {
             Ok(k) => Ok(Some(k)),

@@ -132,12 +132,16 @@ impl AkFile {
 const STALE_TEMP: Duration = Duration::from_secs(600);
 
 impl KeyFiles {
-    /// Opens the key directory (see [`KeyDir::open`] for what is refused) and removes
-    /// temporary files left by a crash.
+    /// Opens the key directory (see [`KeyDir::open`] for what is refused). Temporary files
+    /// left by a crash are removed by the store index's full check.
     pub fn open(path: &Path) -> Result<Self> {
         let dir = KeyDir::open(path)?;
-        dir.remove_stale_temp_files(Some(STALE_TEMP));
         Ok(Self { dir })
+    }
+
+    /// How old a temporary file must be before it counts as left by a crash.
+    pub fn stale_temp_age() -> Duration {
+        STALE_TEMP
     }
 
     /// The directory.

@@ -223,7 +223,13 @@ pub struct Loaded {
     complete: bool,
     /// ... as of this change marker of the store.
     marker: Option<u128>,
+    /// The values looked up since, each with the change marker it was looked up at: while the
+    /// store's marker stays the same, the table already shows what the store holds.
+    looked_up: HashMap<(LookupAttribute, Vec<u8>), u128>,
 }
+
+/// How many looked-up values [`Loaded`] remembers before it starts over.
+const LOOKUPS_KEPT: usize = 4096;
 
 impl Store {
     fn open(backend: Arc<dyn Backend>) -> Self {
@@ -266,6 +272,7 @@ impl Store {
             *loaded = Loaded {
                 complete: true,
                 marker: now,
+                looked_up: HashMap::new(),
             };
         }
         Ok(())
@@ -280,14 +287,24 @@ impl Store {
         attribute: LookupAttribute,
         value: &[u8],
     ) -> Result<bool> {
-        let loaded = self.changes()?;
-        let current = loaded.marker.is_some() && loaded.marker == self.backend.change_marker();
-        if loaded.complete && current {
-            return Ok(true);
+        let mut loaded = self.changes()?;
+        let marker = self.backend.change_marker();
+        let query = (attribute, value.to_vec());
+        if let Some(m) = marker {
+            let all_loaded = loaded.complete && loaded.marker == marker;
+            if all_loaded || loaded.looked_up.get(&query) == Some(&m) {
+                return Ok(true);
+            }
         }
         let Some(found) = self.backend.lookup(attribute, value)? else {
             return Ok(false);
         };
+        if let Some(m) = marker {
+            if loaded.looked_up.len() >= LOOKUPS_KEPT {
+                loaded.looked_up.clear();
+            }
+            loaded.looked_up.insert(query, m);
+        }
         let mut table = self.objects_mut()?;
         let mut seen = HashSet::new();
         for rec in found.keys {

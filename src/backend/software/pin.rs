@@ -222,7 +222,7 @@ impl PinVault {
 
     /// True when `dir` holds a PIN file.
     pub fn exists_in(dir: &KeyDir) -> Result<bool> {
-        Ok(dir.list()?.iter().any(|n| n == PIN_FILE))
+        dir.exists(PIN_FILE)
     }
 
     /// The PIN file, `None` when there is none. A damaged file is an error, never "no PIN".

@@ -6,11 +6,19 @@
 //! **A cache, never the truth.** The key and object files are the truth. The index is an
 //! append-only log of lines, each a JSON record, a space and a check (16 hex digits of the
 //! record's SHA-256, so a flipped bit anywhere is seen): a header, then `key`/`obj` records (a new
-//! or changed entry) and `del` records (an entry gone), written with the store's lock held. Every load compares
-//! the names in the directory listing (one readdir, no file parsed) with the names the index
-//! holds: a file the index does not list is parsed and added, a listed file that is gone is
-//! dropped, and a missing or damaged index is rebuilt from the files. The repair runs under the
-//! lock and is written back (best effort: on a read-only file system it stays in memory).
+//! or changed entry) and `del` records (an entry gone), written with the store's lock held.
+//!
+//! **When it is checked.** While the directory's stamp (see the `keydir` module) is valid,
+//! nothing but devicekey changed the directory since the index last matched it, and a load reads
+//! the index alone. Otherwise a load makes a full check under the lock: it compares the names in
+//! the directory listing (one readdir, no file parsed) with the names the index holds, parses and
+//! adds a file the index does not list, drops a listed file that is gone, rebuilds a missing or
+//! damaged index, makes the lookup hints (the `hints` module) hold every entry, and stamps (best
+//! effort: on a read-only file system the result stays in memory).
+//!
+//! **Lookups** by CKA_LABEL or CKA_ID read no index at all while the stamp is valid: one bucket
+//! of hints names the candidates, and each candidate's own file is parsed and kept if it holds
+//! the value.
 //!
 //! **The invariant that makes names enough.** Whenever a file's contents may differ from its
 //! entry, the index does not list it: a change first appends `del <name>` (when the name is

@@ -8,7 +8,10 @@
 //! - `store.index`: what listing the keys and objects needs, so opening the store parses no key
 //!   file (a cache of the files, checked against the directory listing on every load: see the
 //!   `index` module); a key file is read when its key first signs;
-//! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes;
+//! - `store.hint.XX`: lookup hints, which names may hold a given label or CKA_ID (see the
+//!   `index` module), so a search by either reads one of these and the candidates' key files;
+//! - `.lock`: held with `flock` around every change; its first 8 bytes count the changes, the
+//!   next 32 hold the stamp that vouches for the index and hints (see the `keydir` module);
 //! - `pin`: the PIN file of a store with `login = "pin"` (see the `pin` module): the data key
 //!   that seals every scalar, wrapped under an Argon2id key of the PIN, and the wrong-try count;
 //! - `.<name>.<ext>.<random>.tmp`: a file being written; never loaded, removed when stale.

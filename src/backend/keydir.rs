@@ -767,6 +767,83 @@ mod tests {
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
     }
 
+    /// Sets a directory's mtime two seconds back, so a full check may stamp it.
+    fn settle(path: &Path) {
+        let old = std::time::SystemTime::now() - Duration::from_secs(2);
+        File::open(path).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn the_stamp_is_carried_over_own_changes_only() {
+        let (_tmp, path) = crate::test_support::scratch("keys");
+        let kd = KeyDir::open(&path).unwrap();
+        drop(kd.lock().unwrap());
+        assert!(!kd.stamp_valid(), "a new directory has no stamp");
+
+        // A full check vouches only for a directory that has not changed for a while.
+        let lock = kd.lock().unwrap();
+        lock.vouch(kd.mtime_ns().unwrap());
+        drop(lock);
+        assert!(
+            !kd.stamp_valid(),
+            "a change just now is too recent to stamp"
+        );
+        settle(&path);
+        let lock = kd.lock().unwrap();
+        lock.vouch(kd.mtime_ns().unwrap());
+        drop(lock);
+        assert!(kd.stamp_valid());
+        // Another opener of the same directory reads the same stamp.
+        assert!(KeyDir::open(&path).unwrap().stamp_valid());
+
+        // Own changes under the lock keep it.
+        let lock = kd.lock().unwrap();
+        kd.write_atomic("a.key", b"a").unwrap();
+        kd.write_atomic("b.key", b"b").unwrap();
+        kd.remove("a.key").unwrap();
+        assert!(!kd.stamp_valid(), "stale until the lock is released");
+        drop(lock);
+        assert!(kd.stamp_valid(), "carried over the holder's own changes");
+
+        // A change by anything else, outside or inside a holder's changes, makes it stale.
+        std::fs::write(path.join("c.key"), b"c").unwrap();
+        assert!(!kd.stamp_valid());
+        settle(&path);
+        let lock = kd.lock().unwrap();
+        lock.vouch(kd.mtime_ns().unwrap());
+        kd.write_atomic("d.key", b"d").unwrap();
+        std::fs::write(path.join("e.key"), b"e").unwrap();
+        kd.write_atomic("f.key", b"f").unwrap();
+        drop(lock);
+        assert!(!kd.stamp_valid(), "a foreign change between two own ones");
+
+        // Tainted: cleared at once, whatever the holder changes next.
+        settle(&path);
+        let lock = kd.lock().unwrap();
+        lock.vouch(kd.mtime_ns().unwrap());
+        drop(lock);
+        assert!(kd.stamp_valid());
+        let lock = kd.lock().unwrap();
+        lock.taint();
+        assert!(!kd.stamp_valid());
+        kd.write_atomic("g.key", b"g").unwrap();
+        drop(lock);
+        assert!(!kd.stamp_valid());
+
+        // A copy of the directory (another inode) does not inherit the stamp.
+        settle(&path);
+        let lock = kd.lock().unwrap();
+        lock.vouch(kd.mtime_ns().unwrap());
+        drop(lock);
+        let copy = path.with_file_name("copy");
+        std::fs::create_dir(&copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::copy(path.join(LOCK_FILE), copy.join(LOCK_FILE)).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        File::open(&copy).unwrap().set_modified(mtime).unwrap();
+        assert!(!KeyDir::open(&copy).unwrap().stamp_valid());
+    }
+
     #[test]
     fn names_are_checked() {
         for bad in ["", ".", "..", ".lock", "../x", "a/b", ".hidden"] {

@@ -200,19 +200,31 @@ fn encode_all<'a>(hints: impl IntoIterator<Item = &'a Hint>) -> Vec<u8> {
 }
 
 /// Adds hints (call with the lock held, before the lock is released with the change they
-/// describe). A bucket with a torn last line is rewritten whole.
+/// describe). A hint the bucket already holds is not added again (a relabel keeps its CKA_ID's
+/// hint; a label used again keeps its old one), so buckets grow with the values ever held, not
+/// with the number of changes. A bucket with a torn last line is rewritten whole; a damaged one
+/// is an error (the caller clears the stamp, and the next full check rebuilds it).
 pub fn add(dir: &KeyDir, _lock: &KeyDirLock, hints: &[Hint]) -> Result<()> {
     for (file, hints) in by_bucket(hints) {
-        let bytes = encode_all(hints.iter().copied());
-        if !dir.exists(&file)? {
-            dir.write_atomic(&file, &bytes)?;
-        } else if dir.append_line(&file, &bytes).is_err() {
-            let mut kept = match read_bucket(dir, &file)? {
-                Some(old) => encode_all(&old),
-                None => Vec::new(),
-            };
-            kept.extend_from_slice(&bytes);
-            dir.write_atomic(&file, &kept)?;
+        let Some(bytes) = dir.read_limited(&file, MAX_BUCKET)? else {
+            if dir.exists(&file)? {
+                return Err(BackendError::Io(format!("{file} is refused")));
+            }
+            dir.write_atomic(&file, &encode_all(hints.iter().copied()))?;
+            continue;
+        };
+        let held =
+            parse_bucket(&bytes).map_err(|()| BackendError::Io(format!("{file} is damaged")))?;
+        let known: HashSet<&Hint> = held.iter().collect();
+        let mut new: Vec<&Hint> = hints.into_iter().filter(|h| !known.contains(h)).collect();
+        new.dedup();
+        if new.is_empty() {
+            continue;
+        }
+        if bytes.ends_with(b"\n") {
+            dir.append_line(&file, &encode_all(new.iter().copied()))?;
+        } else {
+            dir.write_atomic(&file, &encode_all(held.iter().chain(new.iter().copied())))?;
         }
     }
     Ok(())
@@ -277,6 +289,52 @@ mod tests {
         bad[3] ^= 0x01;
         bad.extend_from_slice(&line);
         assert_eq!(parse_bucket(&bad), Err(()));
+    }
+
+    #[test]
+    fn a_hint_is_added_once_a_torn_tail_is_mended_and_a_damaged_bucket_refused() {
+        let (_tmp, path) = crate::test_support::scratch("keys");
+        let dir = KeyDir::open(&path).unwrap();
+        let lock = dir.lock().unwrap();
+        let hint = Hint::new(LookupAttribute::Label, b"ssh", Kind::Key, "n1");
+        let file = bucket_file(hint.hash);
+        let bucket = || dir.read(&file).unwrap().unwrap().to_vec();
+        add(&dir, &lock, std::slice::from_ref(&hint)).unwrap();
+        add(&dir, &lock, &[hint.clone(), hint.clone()]).unwrap();
+        assert_eq!(
+            parse_bucket(&bucket()),
+            Ok(vec![hint.clone()]),
+            "added once"
+        );
+        let found = candidates(&dir, LookupAttribute::Label, b"ssh").unwrap();
+        assert_eq!(found, Some(vec![(Kind::Key, "n1".to_string())]));
+        // A writer killed mid-append: the next add rewrites the bucket without the torn line.
+        let mut torn = bucket();
+        torn.extend_from_slice(b"0123 k n");
+        dir.write_atomic(&file, &torn).unwrap();
+        let other = Hint {
+            name: "n2".into(),
+            ..hint.clone()
+        };
+        add(&dir, &lock, std::slice::from_ref(&other)).unwrap();
+        assert_eq!(
+            parse_bucket(&bucket()),
+            Ok(vec![hint.clone(), other.clone()])
+        );
+        // A damaged line: refused, never rewritten with only the new hint.
+        let mut bad = bucket();
+        bad[2] ^= 0x01;
+        dir.write_atomic(&file, &bad).unwrap();
+        let third = Hint {
+            name: "n3".into(),
+            ..hint
+        };
+        assert!(add(&dir, &lock, &[third]).is_err());
+        assert_eq!(bucket(), bad);
+        assert_eq!(
+            candidates(&dir, LookupAttribute::Label, b"ssh").unwrap(),
+            None
+        );
     }
 
     #[test]

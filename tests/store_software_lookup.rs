@@ -478,3 +478,38 @@ fn the_stores_own_changes_carry_the_stamp_and_a_file_added_by_hand_breaks_it() {
         assert_eq!(key_names(&found), [key.name.as_str()], "{label}");
     }
 }
+
+/// A store instance that already read the whole store (its contents are cached for the current
+/// change marker) still rebuilds a bucket damaged in place at its next lookup: the damage moves
+/// no marker, so the repair must not answer from that cache alone.
+#[test]
+fn a_long_lived_store_repairs_a_damaged_bucket_at_once() {
+    let _serial = serial();
+    let (_tmp, dir) = scratch();
+    let store = open(&dir);
+    let key = store.generate_key(&request("long-lived")).unwrap();
+    stamped(&dir);
+    assert_eq!(
+        store.load_keys().unwrap().len(),
+        1,
+        "the whole store, cached"
+    );
+    let bucket = bucket_of(&dir, Label, b"long-lived");
+    let line = key_hint(Label, b"long-lived", &key.name);
+    let bytes = fs::read(&bucket).unwrap();
+    let at = (bytes.len() - line.len() / 2) as u64;
+    let in_place = fs::OpenOptions::new().write(true).open(&bucket).unwrap();
+    in_place.write_at(b"#", at).unwrap();
+    assert!(!bucket_whole(&fs::read(&bucket).unwrap()));
+    let found = store
+        .lookup(Label, b"long-lived")
+        .unwrap()
+        .expect("a lookup");
+    assert_eq!(key_names(&found), [key.name.as_str()]);
+    let repaired = fs::read(&bucket).unwrap();
+    assert!(
+        bucket_whole(&repaired),
+        "the same lookup rebuilt the bucket"
+    );
+    assert!(String::from_utf8_lossy(&repaired).contains(&line));
+}

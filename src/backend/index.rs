@@ -455,8 +455,19 @@ impl StoreIndex {
     /// is valid that is the index alone; otherwise a full check compares the index with the
     /// directory listing, repairs it from the files where they disagree, and stamps.
     pub fn load(&self, dir: &KeyDir, files: &dyn IndexedFiles) -> Result<Arc<Contents>> {
+        self.load_with(dir, files, false)
+    }
+
+    /// [`Self::load`]; with `fresh`, not from what this process read last (whose marker may not
+    /// have moved when a cache file was damaged in place).
+    fn load_with(
+        &self,
+        dir: &KeyDir,
+        files: &dyn IndexedFiles,
+        fresh: bool,
+    ) -> Result<Arc<Contents>> {
         let marker = dir.change_marker();
-        if let Ok(last) = self.last.lock() {
+        if let (false, Ok(last)) = (fresh, self.last.lock()) {
             if let (Some(m), Some((at, c))) = (marker, last.as_ref()) {
                 if *at == m {
                     return Ok(Arc::clone(c));
@@ -507,16 +518,17 @@ impl StoreIndex {
             false => None,
         };
         let Some(candidates) = candidates else {
-            if dir.stamp_valid() {
-                // A damaged bucket under a valid stamp: clear the stamp so the check below
-                // rebuilds the hints.
+            // A damaged bucket under a valid stamp: clear the stamp so the check below rebuilds
+            // the hints now.
+            let damaged = dir.stamp_valid();
+            if damaged {
                 log::warn!(
                     "the lookup hints of {} are damaged; rebuilding them",
                     dir.path().display()
                 );
                 dir.lock()?.taint();
             }
-            let all = self.load(dir, files)?;
+            let all = self.load_with(dir, files, damaged)?;
             let keys = all.keys.iter().filter(|k| k.holds(attribute, value));
             let objects = all.objects.iter().filter(|o| o.holds(attribute, value));
             return Ok((keys.cloned().collect(), objects.cloned().collect()));

@@ -513,3 +513,29 @@ fn a_long_lived_store_repairs_a_damaged_bucket_at_once() {
     );
     assert!(String::from_utf8_lossy(&repaired).contains(&line));
 }
+
+/// A relabel forgets the key's name in the index before it rewrites the key file. From then
+/// until the new entry is recorded no valid stamp may be on disk (a crash would leave a stamp
+/// vouching for an index that lacks a key whose file is there), and a change that never
+/// completes (its file write failed, say on a full disk) leaves no stamp when the lock is
+/// released, so the next listing makes a full check and lists the key again.
+#[test]
+fn an_index_change_in_flight_leaves_no_valid_stamp() {
+    use devicekey_pkcs11::backend::index::StoreIndex;
+    let _serial = serial();
+    let (_tmp, dir) = scratch();
+    let key = open(&dir).generate_key(&request("in-flight")).unwrap();
+    stamped(&dir);
+    let kd = KeyDir::open(&dir).unwrap();
+    let lock = kd.lock().unwrap();
+    StoreIndex::default().forget(&kd, &lock, &key.name).unwrap();
+    assert!(
+        !stamp_valid(&dir),
+        "a crash here must not leave a stamp for an index that lacks the key"
+    );
+    drop(lock);
+    assert!(!stamp_valid(&dir), "an unfinished change leaves no stamp");
+    let keys = open(&dir).load_keys().unwrap();
+    assert_eq!(keys.len(), 1, "the full check lists the key again");
+    assert_eq!(keys[0].name, key.name);
+}

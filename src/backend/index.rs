@@ -213,6 +213,13 @@ impl Entry {
         }
     }
 
+    fn name(&self) -> &str {
+        match self {
+            Entry::Key(k) => &k.name,
+            Entry::Object(o) => &o.name,
+        }
+    }
+
     fn sort_key(&self) -> (u64, &str) {
         match self {
             Entry::Key(k) => (k.created, &k.name),
@@ -685,13 +692,26 @@ impl StoreIndex {
         put(dir, lock, Entry::Object(object));
     }
 
-    /// Records that `name` is gone, or about to change: call with the lock held, after removing
-    /// its file, or before rewriting it (so a crash in between leaves a name the index lacks).
-    /// Fails only when the index could neither be updated nor removed: then the caller must not
-    /// change the file, or the index would list stale contents.
+    /// Records that `name` is about to change: call with the lock held, before rewriting its
+    /// file (so a crash in between leaves a name the index lacks), then [`Self::put_key`] or
+    /// [`Self::put_object`] it. Until then the index lacks a name whose file is there, which
+    /// only a full check finds, so the change stays open on the lock and no stamp vouches for
+    /// the index meanwhile. Fails only when the index could neither be updated nor removed:
+    /// then the caller must not change the file, or the index would list stale contents.
     pub fn forget(&self, dir: &KeyDir, lock: &KeyDirLock, name: &str) -> Result<()> {
+        lock.open_change(name);
         let r = append(dir, lock, &[Record::Removed(name.to_string())]);
         r.or_else(|e| invalidate(dir, lock, &e))
+    }
+
+    /// Records that `name` is gone: call with the lock held, after removing its file. A
+    /// failure is only logged: the file is gone, so a full check drops the name anyway.
+    pub fn removed(&self, dir: &KeyDir, lock: &KeyDirLock, name: &str) {
+        if let Err(e) = append(dir, lock, &[Record::Removed(name.to_string())]) {
+            if let Err(e) = invalidate(dir, lock, &e) {
+                log::warn!("{e}");
+            }
+        }
     }
 }
 
@@ -706,6 +726,7 @@ fn put(dir: &KeyDir, lock: &KeyDirLock, entry: Entry) {
         lock.taint();
     }
     record(dir, lock, &entry.record());
+    lock.close_change(entry.name());
 }
 
 /// A test hook for the crash tests: when `DEVICEKEY_TEST_CRASH_AT` names `point` (debug builds

@@ -31,9 +31,12 @@
 //! removed by anything else makes the stamp stale and the next lookup checks the whole
 //! directory. A holder of the lock carries the stamp over its own changes: each rename or
 //! removal through this module checks the mtime before and after, and the stamp is written
-//! when the lock is released only when every change in between was one of its own. What this
-//! cannot tell apart: a change made by hand within the same clock tick (a few milliseconds)
-//! right after a change of devicekey's.
+//! when the lock is released only when every change in between was one of its own. A change
+//! that makes the caches disagree with the files without touching the directory (the index
+//! forgetting a name before its file is rewritten) clears the stamp on disk first and keeps it
+//! from being written until the change is closed ([`KeyDirLock::open_change`]), so a crash in
+//! between leaves no stamp. What this cannot tell apart: a change made by hand within the same
+//! clock tick (a few milliseconds) right after a change of devicekey's.
 //!
 //! [`diagnose`] reports the same problems, each with its fix, without opening anything.
 
@@ -96,6 +99,11 @@ pub struct KeyDir {
 struct Chain {
     start: Option<u64>,
     expected: Option<u64>,
+    /// The stamp in `.lock` was cleared for a change made in place (see
+    /// [`KeyDirLock::open_change`]).
+    cleared: bool,
+    /// The names whose change is open: no stamp is written while there is one.
+    open: HashSet<String>,
 }
 
 crate::redact::debug_shows!(KeyDir: path);
@@ -115,7 +123,8 @@ impl Drop for KeyDirLock {
             return;
         };
         let chain = std::mem::take(&mut *chain);
-        if let Some(mtime) = chain.expected.filter(|m| chain.start != Some(*m)) {
+        let expected = chain.expected.filter(|_| chain.open.is_empty());
+        if let Some(mtime) = expected.filter(|m| chain.start != Some(*m)) {
             self.write_stamp(&encode_stamp(mtime, self.ino));
         }
     }
@@ -129,6 +138,36 @@ impl KeyDirLock {
             *chain = Chain::default();
         }
         self.write_stamp(&[0; STAMP_LEN]);
+    }
+
+    /// Says the caches are about to disagree with the files about `name` without the directory
+    /// changing (the index forgets a name before its file is rewritten): the stamp in `.lock` is
+    /// cleared (and synced) first, so a crash before the change is closed leaves no valid stamp
+    /// behind, and no stamp is written on release until [`Self::close_change`] says the caches
+    /// show `name` again. A change that fails half-way (a full disk) stays open, so the next
+    /// lookup makes a full check.
+    pub fn open_change(&self, name: &str) {
+        let Ok(mut chain) = self.chain.lock() else {
+            return;
+        };
+        chain.open.insert(name.to_string());
+        if chain.cleared {
+            return;
+        }
+        chain.cleared = true;
+        chain.start = None;
+        self.write_stamp(&[0; STAMP_LEN]);
+        if let Err(e) = self.file.sync_data() {
+            log::warn!("cannot sync {}: {e}", self.path.display());
+            chain.expected = None;
+        }
+    }
+
+    /// Closes what [`Self::open_change`] opened: the caches show `name` as its file is again.
+    pub fn close_change(&self, name: &str) {
+        if let Ok(mut chain) = self.chain.lock() {
+            chain.open.remove(name);
+        }
     }
 
     /// Called by a full check, with the directory's mtime taken under this lock before it
@@ -592,6 +631,8 @@ impl KeyDir {
             *chain = Chain {
                 start: stamped,
                 expected: stamped.filter(|s| mtime == Some(*s)),
+                cleared: false,
+                open: HashSet::new(),
             };
         }
         Ok(KeyDirLock {

@@ -210,9 +210,7 @@ impl SoftwareStore {
     /// Drops a removed file's name from the index (call with the lock held). A failure is only
     /// logged: the file is gone, so the next load drops the name anyway.
     fn forget_removed(&self, lock: &KeyDirLock, name: &str) {
-        if let Err(e) = self.index.forget(&self.dir, lock, name) {
-            log::warn!("{e}");
-        }
+        self.index.removed(&self.dir, lock, name);
     }
 
     fn read_key(&self, name: &str) -> Result<Option<KeyFile>> {

@@ -545,9 +545,7 @@ impl TpmBackend {
     /// Drops a removed file's name from the index (call with the lock held); a failure is only
     /// logged: the file is gone, so the next load drops the name anyway.
     fn forget_removed(&self, lock: &KeyDirLock, name: &str) {
-        if let Err(e) = self.index.forget(self.dir.key_dir(), lock, name) {
-            log::warn!("tpm: {e}");
-        }
+        self.index.removed(self.dir.key_dir(), lock, name);
     }
 }
 

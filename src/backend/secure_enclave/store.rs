@@ -173,9 +173,7 @@ impl EnclaveStore {
     /// Drops a removed file's name from the index (with the lock held); a failure is only
     /// logged: the file is gone, so the next load drops the name anyway.
     fn forget_removed(&self, lock: &KeyDirLock, name: &str) {
-        if let Err(e) = self.index.forget(self.dir(), lock, name) {
-            log::warn!("{e}");
-        }
+        self.index.removed(self.dir(), lock, name);
     }
 
     /// The signer of a listed key: it reads the key file and rebuilds the key on first use.

@@ -31,7 +31,10 @@
 //! removed by anything else makes the stamp stale and the next lookup checks the whole
 //! directory. A holder of the lock carries the stamp over its own changes: each rename or
 //! removal through this module checks the mtime before and after, and the stamp is written
-//! when the lock is released only when every change in between was one of its own. A change
+//! when the lock is released only when every change in between was one of its own. Before its
+//! first change the holder clears the stamp on disk (a change within the clock tick of the
+//! directory's last one does not move the mtime, so a crash mid-change must not find the old
+//! stamp still matching). A change
 //! that makes the caches disagree with the files without touching the directory (the index
 //! forgetting a name before its file is rewritten) clears the stamp on disk first and keeps it
 //! from being written until the change is closed ([`KeyDirLock::open_change`]), so a crash in
@@ -104,6 +107,29 @@ struct Chain {
     cleared: bool,
     /// The names whose change is open: no stamp is written while there is one.
     open: HashSet<String>,
+    /// A handle on `.lock` to clear the stamp with.
+    writer: Option<File>,
+}
+
+impl Chain {
+    /// Clears the stamp on disk (and syncs it) before this holder's first change, so a crash
+    /// anywhere before the release leaves no stamp: a change within the clock tick of the
+    /// directory's last one does not move its mtime, so the mtime alone cannot show it.
+    fn clear_on_disk(&mut self) {
+        if self.expected.is_none() || self.cleared {
+            return;
+        }
+        self.cleared = true;
+        self.start = None;
+        let cleared = self.writer.as_ref().map(|f| {
+            f.write_all_at(&[0; STAMP_LEN], STAMP_AT)
+                .and_then(|()| f.sync_data())
+        });
+        if !matches!(cleared, Some(Ok(()))) {
+            log::debug!("cannot clear the stamp; none is written on release");
+            self.expected = None;
+        }
+    }
 }
 
 crate::redact::debug_shows!(KeyDir: path);
@@ -147,19 +173,9 @@ impl KeyDirLock {
     /// show `name` again. A change that fails half-way (a full disk) stays open, so the next
     /// lookup makes a full check.
     pub fn open_change(&self, name: &str) {
-        let Ok(mut chain) = self.chain.lock() else {
-            return;
-        };
-        chain.open.insert(name.to_string());
-        if chain.cleared {
-            return;
-        }
-        chain.cleared = true;
-        chain.start = None;
-        self.write_stamp(&[0; STAMP_LEN]);
-        if let Err(e) = self.file.sync_data() {
-            log::warn!("cannot sync {}: {e}", self.path.display());
-            chain.expected = None;
+        if let Ok(mut chain) = self.chain.lock() {
+            chain.open.insert(name.to_string());
+            chain.clear_on_disk();
         }
     }
 
@@ -535,6 +551,9 @@ impl KeyDir {
     pub fn append_line(&self, name: &str, bytes: &[u8]) -> Result<()> {
         check_name(name)?;
         self.verify_identity()?;
+        if let Ok(mut chain) = self.chain.lock() {
+            chain.clear_on_disk();
+        }
         let path = self.path.join(name);
         let fd = match rustix::fs::openat(
             &self.fd,
@@ -633,6 +652,7 @@ impl KeyDir {
                 expected: stamped.filter(|s| mtime == Some(*s)),
                 cleared: false,
                 open: HashSet::new(),
+                writer: file.try_clone().ok(),
             };
         }
         Ok(KeyDirLock {
@@ -673,15 +693,17 @@ impl KeyDir {
         &self,
         change: impl FnOnce() -> rustix::io::Result<T>,
     ) -> rustix::io::Result<T> {
+        let Ok(mut chain) = self.chain.lock() else {
+            return change();
+        };
+        chain.clear_on_disk();
         let before = self.mtime_ns();
         let r = change();
         let after = self.mtime_ns();
-        if let Ok(mut chain) = self.chain.lock() {
-            chain.expected = match (chain.expected, before, after) {
-                (Some(e), Some(b), Some(a)) if e == b => Some(a),
-                _ => None,
-            };
-        }
+        chain.expected = match (chain.expected, before, after) {
+            (Some(e), Some(b), Some(a)) if e == b => Some(a),
+            _ => None,
+        };
         r
     }
 
@@ -840,11 +862,20 @@ mod tests {
         // Own changes under the lock keep it.
         let lock = kd.lock().unwrap();
         kd.write_atomic("a.key", b"a").unwrap();
-        kd.write_atomic("b.key", b"b").unwrap();
+        kd.write_atomic("b.key", b"b\n").unwrap();
         kd.remove("a.key").unwrap();
         assert!(!kd.stamp_valid(), "stale until the lock is released");
         drop(lock);
         assert!(kd.stamp_valid(), "carried over the holder's own changes");
+
+        // A holder's first change clears the stamp on disk even when the directory's mtime
+        // does not move (an append in place here; a rename within the clock tick of the last
+        // change alike), so a crash before the release leaves none.
+        let lock = kd.lock().unwrap();
+        kd.append_line("b.key", b"more\n").unwrap();
+        assert!(!kd.stamp_valid(), "cleared before the first change");
+        drop(lock);
+        assert!(kd.stamp_valid(), "written again on release");
 
         // A change by anything else, outside or inside a holder's changes, makes it stale.
         std::fs::write(path.join("c.key"), b"c").unwrap();

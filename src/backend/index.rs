@@ -707,11 +707,7 @@ impl StoreIndex {
     /// Records that `name` is gone: call with the lock held, after removing its file. A
     /// failure is only logged: the file is gone, so a full check drops the name anyway.
     pub fn removed(&self, dir: &KeyDir, lock: &KeyDirLock, name: &str) {
-        if let Err(e) = append(dir, lock, &[Record::Removed(name.to_string())]) {
-            if let Err(e) = invalidate(dir, lock, &e) {
-                log::warn!("{e}");
-            }
-        }
+        record(dir, lock, &Record::Removed(name.to_string()));
     }
 }
 

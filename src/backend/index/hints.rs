@@ -152,9 +152,10 @@ fn parse_bucket(bytes: &[u8]) -> std::result::Result<Vec<Hint>, ()> {
 }
 
 /// Reads a bucket: its hints, `Some(empty)` when the bucket is absent, `None` when it is
-/// damaged or refused (the caller rebuilds the hints). A torn last line is damage too: a lookup trusts a bucket only while the stamp is valid, and no append of devicekey's is
-/// ever torn then (every change renames a file before it appends hints, which makes the stamp
-/// stale until the change is done), so a torn tail under a valid stamp was cut by something else.
+/// damaged or refused (the caller rebuilds the hints). A torn last line is damage too: a lookup
+/// trusts a bucket only while the stamp is valid, and an append of devicekey's is never torn
+/// then (a lock holder clears the stamp before its first change and writes it again only when
+/// the change is done), so a torn tail under a valid stamp was cut by something else.
 fn read_bucket(dir: &KeyDir, file: &str) -> Result<Option<Vec<Hint>>> {
     match dir.read_limited(file, MAX_BUCKET)? {
         Some(bytes) if !bytes.is_empty() && !bytes.ends_with(b"\n") => Ok(None),

@@ -190,6 +190,22 @@ impl ObjectTable {
         }
     }
 
+    /// Removes the persistent objects among `handles` whose store name is not in `kept`.
+    fn remove_gone(&mut self, handles: Vec<CK_OBJECT_HANDLE>, kept: &HashSet<String>) {
+        for h in handles {
+            let gone = self.objects.get(&h).is_some_and(|o| {
+                o.is_token()
+                    && match &o.origin {
+                        Origin::Key(name) | Origin::Stored(name) => !kept.contains(name),
+                        Origin::Session(_) => false,
+                    }
+            });
+            if gone {
+                self.remove(h);
+            }
+        }
+    }
+
     /// Removes every object owned by a session; returns the removed objects.
     pub fn remove_session(&mut self, session: CK_SESSION_HANDLE) -> Vec<Arc<Object>> {
         let gone: Vec<_> = self
@@ -317,23 +333,8 @@ impl Store {
         }
         // What the table shows with that value and the store no longer has with it: deleted,
         // or changed, by another process.
-        let template = [(attribute.attribute_type(), value.to_vec())];
-        let stale: Vec<_> = table
-            .find(&template)
-            .into_iter()
-            .filter(|h| {
-                table.get(*h).is_some_and(|o| {
-                    o.is_token()
-                        && match &o.origin {
-                            Origin::Key(name) | Origin::Stored(name) => !seen.contains(name),
-                            Origin::Session(_) => false,
-                        }
-                })
-            })
-            .collect();
-        for h in stale {
-            table.remove(h);
-        }
+        let shown = table.find(&[(attribute.attribute_type(), value.to_vec())]);
+        table.remove_gone(shown, &seen);
         Ok(true)
     }
 
@@ -378,41 +379,26 @@ impl Store {
         }
     }
 
-    /// Merges the store's persistent keys and objects into the table.
+    /// Merges the store's persistent keys and objects into the table, and drops those the
+    /// store no longer has (deleted by another process).
     fn reload(&self, handles: &Handles) -> Result<()> {
         let keys = self.backend.load_keys()?;
         let stored = self.backend.load_objects()?;
+        let names: HashSet<String> = keys
+            .iter()
+            .map(|k| &k.name)
+            .chain(stored.iter().map(|o| &o.name))
+            .cloned()
+            .collect();
         let mut table = self.objects_mut()?;
-        let mut seen_keys = HashSet::new();
         for rec in keys {
-            seen_keys.insert(rec.name.clone());
             self.merge_key(&mut table, handles, rec);
         }
-        let vanished: Vec<_> = table
-            .keys
-            .iter()
-            .filter(|(name, _)| !seen_keys.contains(*name))
-            .flat_map(|(_, p)| [p.private, p.public])
-            .flatten()
-            .filter(|h| table.get(*h).is_some_and(|o| o.is_token()))
-            .collect();
-        for h in vanished {
-            table.remove(h);
-        }
-        let mut seen_objects = HashSet::new();
         for rec in stored {
-            seen_objects.insert(rec.name.clone());
             self.merge_object(&mut table, handles, rec);
         }
-        let vanished: Vec<_> = table
-            .stored
-            .iter()
-            .filter(|(name, _)| !seen_objects.contains(*name))
-            .map(|(_, h)| *h)
-            .collect();
-        for h in vanished {
-            table.remove(h);
-        }
+        let all: Vec<_> = table.objects.keys().copied().collect();
+        table.remove_gone(all, &names);
         Ok(())
     }
 }
